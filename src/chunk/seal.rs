@@ -1,0 +1,196 @@
+//! Convergent encryption of one chunk.
+//!
+//! The envelope is `ciphertext ‖ tag`: AES-256-GCM under the chunk key with
+//! a fixed all-zero nonce. A fixed nonce is safe only because a key encrypts
+//! exactly one plaintext: the key is SHA-256(salt ‖ plaintext).
+
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use super::{ChunkId, Salt};
+
+/// Bytes an envelope adds to its plaintext (the GCM tag).
+pub const ENVELOPE_OVERHEAD: usize = 16;
+
+/// Bound into every chunk's authentication, so an envelope of another format
+/// version never opens as this one.
+const CHUNK_AAD: &[u8] = b"lazyblk chunk v1";
+
+/// The key of one chunk: SHA-256(salt ‖ plaintext).
+#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
+pub struct ChunkKey(pub [u8; 32]);
+
+impl std::fmt::Debug for ChunkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChunkKey(..)")
+    }
+}
+
+/// A sealed chunk, ready to store under `id`.
+#[derive(Debug)]
+pub struct SealedChunk {
+    pub id: ChunkId,
+    pub key: ChunkKey,
+    pub envelope: Vec<u8>,
+}
+
+/// Why an envelope was refused. Both variants are integrity failures: the
+/// bytes are not the chunk the manifest names.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error("chunk {expected}: content hashes to {actual}")]
+    IdMismatch { expected: ChunkId, actual: ChunkId },
+    #[error("chunk {id}: envelope of {len} bytes is shorter than its tag")]
+    Truncated { id: ChunkId, len: usize },
+    #[error("chunk {id}: authentication tag does not match its key")]
+    Authentication { id: ChunkId },
+}
+
+fn aead_key(key: &ChunkKey) -> LessSafeKey {
+    // A 32-byte slice is always a valid AES-256 key.
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key.0).expect("AES-256 key is 32 bytes"))
+}
+
+/// Derives the convergent key of `plaintext` under `salt`.
+pub fn chunk_key(salt: &Salt, plaintext: &[u8]) -> ChunkKey {
+    let mut hasher = Sha256::new();
+    hasher.update(salt.0);
+    hasher.update(plaintext);
+    ChunkKey(hasher.finalize().into())
+}
+
+/// Seals `plaintext`: derives its key, encrypts, names the envelope.
+pub fn seal_chunk(salt: &Salt, plaintext: &[u8]) -> SealedChunk {
+    let key = chunk_key(salt, plaintext);
+    let mut envelope = Vec::with_capacity(plaintext.len() + ENVELOPE_OVERHEAD);
+    envelope.extend_from_slice(plaintext);
+    let tag = aead_key(&key)
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key([0; 12]),
+            Aad::from(CHUNK_AAD),
+            &mut envelope,
+        )
+        .expect("a chunk is far below the AES-GCM length limit");
+    envelope.extend_from_slice(tag.as_ref());
+    SealedChunk {
+        id: ChunkId::of_envelope(&envelope),
+        key,
+        envelope,
+    }
+}
+
+/// Opens an envelope fetched under `id`: checks that it hashes to `id`
+/// before decrypting, then authenticates and decrypts with `key`.
+///
+/// The id check is what stops a forged chunk: anyone who knows a popular
+/// chunk's plaintext knows its key and could make a valid tag for other bytes,
+/// but not bytes that hash to the name in a manifest.
+pub fn open_chunk(
+    id: &ChunkId,
+    key: &ChunkKey,
+    mut envelope: Vec<u8>,
+) -> Result<Vec<u8>, ChunkError> {
+    let actual = ChunkId::of_envelope(&envelope);
+    if !bool::from(actual.0.ct_eq(&id.0)) {
+        return Err(ChunkError::IdMismatch {
+            expected: *id,
+            actual,
+        });
+    }
+    if envelope.len() < ENVELOPE_OVERHEAD {
+        return Err(ChunkError::Truncated {
+            id: *id,
+            len: envelope.len(),
+        });
+    }
+    let plaintext_len = aead_key(key)
+        .open_in_place(
+            Nonce::assume_unique_for_key([0; 12]),
+            Aad::from(CHUNK_AAD),
+            &mut envelope,
+        )
+        .map_err(|_| ChunkError::Authentication { id: *id })?
+        .len();
+    envelope.truncate(plaintext_len);
+    Ok(envelope)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn salt(b: u8) -> Salt {
+        Salt([b; 32])
+    }
+
+    #[test]
+    fn same_plaintext_same_salt_gives_same_object() {
+        let a = seal_chunk(&salt(1), b"hello chunk");
+        let b = seal_chunk(&salt(1), b"hello chunk");
+        assert_eq!(a.id, b.id);
+        assert_eq!(a.envelope, b.envelope);
+        assert_eq!(a.key, b.key);
+    }
+
+    #[test]
+    fn different_salt_gives_different_object() {
+        let a = seal_chunk(&salt(1), b"hello chunk");
+        let b = seal_chunk(&salt(2), b"hello chunk");
+        assert_ne!(a.id, b.id);
+        assert_ne!(a.key, b.key);
+    }
+
+    #[test]
+    fn envelope_holds_no_plaintext() {
+        let plaintext = b"MARKER-MARKER-MARKER-MARKER".repeat(100);
+        let sealed = seal_chunk(&salt(3), &plaintext);
+        assert!(!sealed.envelope.windows(27).any(|w| w == &plaintext[..27]));
+    }
+
+    #[test]
+    fn wrong_key_is_refused() {
+        let sealed = seal_chunk(&salt(1), b"data");
+        let err = open_chunk(&sealed.id, &ChunkKey([9; 32]), sealed.envelope).unwrap_err();
+        assert!(matches!(err, ChunkError::Authentication { .. }), "{err}");
+    }
+
+    #[test]
+    fn forged_envelope_with_valid_tag_is_refused_by_name() {
+        // Someone who knows the plaintext knows the key and can seal other
+        // bytes under it; only the name check catches that.
+        let genuine = seal_chunk(&salt(1), b"popular chunk");
+        let mut forged = b"evil chunk!!!".to_vec();
+        let tag = aead_key(&genuine.key)
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key([0; 12]),
+                Aad::from(CHUNK_AAD),
+                &mut forged,
+            )
+            .unwrap();
+        forged.extend_from_slice(tag.as_ref());
+        let err = open_chunk(&genuine.id, &genuine.key, forged).unwrap_err();
+        assert!(matches!(err, ChunkError::IdMismatch { .. }), "{err}");
+    }
+
+    proptest! {
+        #[test]
+        fn seal_open_round_trip(data in proptest::collection::vec(any::<u8>(), 0..4096), s in any::<u8>()) {
+            let sealed = seal_chunk(&salt(s), &data);
+            prop_assert_eq!(sealed.envelope.len(), data.len() + ENVELOPE_OVERHEAD);
+            let opened = open_chunk(&sealed.id, &sealed.key, sealed.envelope.clone()).unwrap();
+            prop_assert_eq!(opened, data);
+        }
+
+        #[test]
+        fn any_flipped_bit_is_rejected(data in proptest::collection::vec(any::<u8>(), 1..2048), bit in any::<proptest::sample::Index>()) {
+            let sealed = seal_chunk(&salt(7), &data);
+            let mut envelope = sealed.envelope.clone();
+            let bit = bit.index(envelope.len() * 8);
+            envelope[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(open_chunk(&sealed.id, &sealed.key, envelope).is_err());
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! The run directory and control socket shared by every frontend.
+#![forbid(unsafe_code)]

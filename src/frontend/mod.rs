@@ -1,0 +1,1 @@
+//! Frontends: how the engine is presented to the kernel.

@@ -1,0 +1,28 @@
+//! lazyblk: container images as chunked, convergently encrypted disk images,
+//! served lazily as block devices.
+//!
+//! The modules follow the data path:
+//!
+//! ```text
+//! image file ──chunk──▶ sealed chunks + manifest ──store──▶ chunk store
+//!                                                            │
+//!   reader ◀── frontend (FUSE, ublk) ◀── engine ◀── cache ◀──┘ (fetch on miss)
+//! ```
+//!
+//! * [`chunk`]: cutting an image into chunks, convergent encryption, chunk
+//!   names and the sealed manifest. Pure: no I/O.
+//! * [`store`]: the [`store::ChunkStore`] trait and its engines.
+//! * [`transfer`]: `push` (image → store) and `export` (store → image).
+//! * [`cache`]: the per-device sparse data file and persistent present-bitmap.
+//! * [`engine`]: the block engine serving reads and writes at byte offsets.
+//! * [`frontend`]: how the engine is presented to the kernel (FUSE today).
+//! * [`daemon`]: the run directory and control socket shared by all frontends.
+
+pub mod cache;
+pub mod chunk;
+pub mod daemon;
+pub mod engine;
+pub mod error;
+pub mod frontend;
+pub mod store;
+pub mod transfer;

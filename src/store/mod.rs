@@ -1,0 +1,93 @@
+//! Chunk stores: where sealed chunks and manifests live.
+//!
+//! A store only ever sees ciphertext and names. It is untrusted for
+//! integrity: whoever reads a chunk checks it against its name (see
+//! [`crate::chunk::open_chunk`]).
+//!
+//! Engines sit side by side behind [`ChunkStore`]: [`dir`] today; HTTP and S3
+//! engines fit the same trait.
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::chunk::ChunkId;
+use crate::error::ErrorKind;
+
+pub mod dir;
+
+/// A failed store operation, with what it was doing and on which object.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("chunk {id} not found in {store}")]
+    ChunkNotFound { store: String, id: ChunkId },
+    #[error("manifest {name:?} not found in {store}")]
+    ManifestNotFound { store: String, name: String },
+    #[error("{op} {object} in {store}")]
+    Io {
+        op: &'static str,
+        store: String,
+        object: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid store {spec:?}: {reason}")]
+    InvalidSpec { spec: String, reason: String },
+    #[error("invalid manifest name {name:?}: {reason}")]
+    InvalidName { name: String, reason: String },
+}
+
+impl StoreError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::ChunkNotFound { .. } | StoreError::ManifestNotFound { .. } => {
+                ErrorKind::NotFound
+            }
+            StoreError::Io { .. } => ErrorKind::Io,
+            StoreError::InvalidSpec { .. } | StoreError::InvalidName { .. } => ErrorKind::Invalid,
+        }
+    }
+}
+
+/// Where sealed chunks (by [`ChunkId`]) and sealed manifests (by name) are kept.
+///
+/// Every method may be called concurrently. `put` of a chunk that exists is
+/// a cheap no-op: chunks are content-addressed, so the bytes are the same.
+#[async_trait]
+pub trait ChunkStore: Send + Sync + std::fmt::Debug {
+    /// The sealed envelope stored under `id`, unverified.
+    async fn get(&self, id: &ChunkId) -> Result<Bytes, StoreError>;
+    /// Stores `envelope` under `id`. When this returns the chunk is durable
+    /// and whole; a reader never sees part of it.
+    async fn put(&self, id: &ChunkId, envelope: Bytes) -> Result<(), StoreError>;
+    /// Which of `ids` the store lacks, in the order given: one round trip
+    /// for a whole batch.
+    async fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, StoreError>;
+    /// Every chunk id in the store, in no particular order.
+    async fn list(&self) -> Result<Vec<ChunkId>, StoreError>;
+    /// Removes a chunk; removing an absent chunk is not an error.
+    async fn delete(&self, id: &ChunkId) -> Result<(), StoreError>;
+    /// Stores a sealed manifest under `name`, replacing any previous one atomically.
+    async fn put_manifest(&self, name: &str, manifest: Bytes) -> Result<(), StoreError>;
+    /// The sealed manifest stored under `name`.
+    async fn get_manifest(&self, name: &str) -> Result<Bytes, StoreError>;
+    /// How the store was named by the user, for messages.
+    fn describe(&self) -> String;
+}
+
+/// Opens the store a user named on the command line.
+///
+/// A plain path is a directory store (created if absent).
+pub fn open_store(spec: &str) -> Result<Arc<dyn ChunkStore>, StoreError> {
+    if let Some((scheme, _)) = spec.split_once("://") {
+        return Err(StoreError::InvalidSpec {
+            spec: spec.to_owned(),
+            reason: format!(
+                "no store engine for scheme {scheme:?} in this build; give a directory path"
+            ),
+        });
+    }
+    dir::DirStore::open(spec.as_ref())
+}

@@ -1,0 +1,2 @@
+//! Moving images between a file and a store: `push` and `export`.
+#![forbid(unsafe_code)]
