@@ -183,8 +183,9 @@ fn manifest_object(name: &str) -> String {
     format!("manifest {name:?}")
 }
 
-/// Removes a temp file unless it was renamed into place.
-struct TempGuard(Option<PathBuf>);
+/// Removes a temp file unless it was renamed into place (then set the
+/// path to `None`).
+pub(crate) struct TempGuard(pub(crate) Option<PathBuf>);
 
 impl Drop for TempGuard {
     fn drop(&mut self) {
@@ -215,7 +216,7 @@ fn write_durably(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
 }
 
 /// Makes a directory's entries (a rename, a new file, a removal) durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
@@ -453,11 +454,7 @@ mod tests {
         fs::write(prefix.join("README"), b"stray").unwrap();
         // A valid id in the wrong prefix directory is not where get looks.
         let other = id(2).to_hex();
-        let wrong = if other[..2] == hex[..2] {
-            id(3)
-        } else {
-            id(2)
-        };
+        let wrong = if other[..2] == hex[..2] { id(3) } else { id(2) };
         fs::write(prefix.join(wrong.to_hex()), b"misplaced").unwrap();
         assert_eq!(store.list().await.unwrap(), [id(1)]);
     }
