@@ -63,9 +63,16 @@ pub fn chunk_key(salt: &Salt, plaintext: &[u8]) -> ChunkKey {
 
 /// Seals `plaintext`: derives its key, encrypts, names the envelope.
 pub fn seal_chunk(salt: &Salt, plaintext: &[u8]) -> SealedChunk {
-    let key = chunk_key(salt, plaintext);
     let mut envelope = Vec::with_capacity(plaintext.len() + ENVELOPE_OVERHEAD);
     envelope.extend_from_slice(plaintext);
+    seal_chunk_in_place(salt, envelope)
+}
+
+/// Seals the plaintext held in `buf`, which becomes the envelope. With
+/// [`ENVELOPE_OVERHEAD`] spare capacity nothing is allocated or copied, so a
+/// caller that reuses buffers pays for the crypto alone.
+pub fn seal_chunk_in_place(salt: &Salt, mut envelope: Vec<u8>) -> SealedChunk {
+    let key = chunk_key(salt, &envelope);
     let tag = aead_key(&key)
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key([0; 12]),
@@ -133,6 +140,18 @@ mod tests {
         assert_eq!(a.id, b.id);
         assert_eq!(a.envelope, b.envelope);
         assert_eq!(a.key, b.key);
+    }
+
+    #[test]
+    fn sealing_in_place_matches_and_reuses_the_buffer() {
+        let mut buf = Vec::with_capacity(11 + ENVELOPE_OVERHEAD);
+        buf.extend_from_slice(b"hello chunk");
+        let ptr = buf.as_ptr();
+        let in_place = seal_chunk_in_place(&salt(1), buf);
+        let copied = seal_chunk(&salt(1), b"hello chunk");
+        assert_eq!(in_place.envelope, copied.envelope);
+        assert_eq!((in_place.id, &in_place.key), (copied.id, &copied.key));
+        assert_eq!(in_place.envelope.as_ptr(), ptr);
     }
 
     #[test]

@@ -6,13 +6,18 @@
 //! chunks window k−1 added are checked against the store with one `missing`
 //! call and the missing ones uploaded, a bounded number at a time. The
 //! manifest is sealed and stored after the last upload.
+//!
+//! Each chunk is read into a buffer with room for its tag and sealed in
+//! place; buffers come back to a pool once sealed as zero or duplicate, or
+//! once uploaded. Fresh memory would cost more in page faults than the
+//! sealing itself (measured: 1.1 s of 3 s CPU per GiB).
 
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -25,8 +30,8 @@ use super::{
     CONCURRENCY,
 };
 use crate::chunk::{
-    is_zero, seal_chunk, validate_chunk_size, validate_salt_domain, ChunkId, Manifest,
-    ManifestEntry, Salt, SealedChunk, TenantKey,
+    is_zero, seal_chunk_in_place, validate_chunk_size, validate_salt_domain, ChunkId, Manifest,
+    ManifestEntry, Salt, SealedChunk, TenantKey, ENVELOPE_OVERHEAD,
 };
 use crate::store::{validate_manifest_name, ChunkStore, StoreError};
 
@@ -83,40 +88,46 @@ pub(super) async fn push_windowed(
     let mut entries = Vec::with_capacity(usize::try_from(report.chunks_total).unwrap_or(0));
     let mut seen = HashSet::new();
     let mut to_upload: Vec<(ChunkId, Bytes)> = Vec::new();
-    let mut spare = None;
+    let pool = BufferPool::new(chunk_size as usize + ENVELOPE_OVERHEAD);
     let mut offset = 0;
-    let mut next = Some(start_read(&file, image, 0, window.min(image_size), None));
+    let mut next = Some(start_read(
+        &file,
+        image,
+        &pool,
+        0,
+        window.min(image_size),
+        chunk_size,
+    ));
     progress(0, image_size);
 
     while let Some(reading) = next.take() {
-        let buf = join_blocking("reading the image", reading).await?;
-        let end = offset + buf.len() as u64;
+        let buffers = join_blocking("reading the image", reading).await?;
+        let end = offset + buffers.iter().map(|b| b.len() as u64).sum::<u64>();
         if end < image_size {
             let len = window.min(image_size - end);
-            next = Some(start_read(&file, image, end, len, spare.take()));
+            next = Some(start_read(&file, image, &pool, end, len, chunk_size));
         }
         let salt = Arc::clone(&salt);
         let (sealed, uploaded) = tokio::join!(
-            on_rayon("sealing chunks", move || seal_window(
-                buf, chunk_size, &salt
-            )),
-            upload(&*store, std::mem::take(&mut to_upload)),
+            on_rayon("sealing chunks", move || seal_window(buffers, &salt)),
+            upload(&*store, &pool, std::mem::take(&mut to_upload)),
         );
         uploaded?.add_to(&mut report);
         // Every chunk before this window is stored now.
         progress(offset, image_size);
 
-        let (buf, sealed) = sealed?;
-        spare = Some(buf);
-        for chunk in sealed {
+        for chunk in sealed? {
             match chunk {
-                None => {
+                Sealed::Zero(buffer) => {
+                    pool.give(buffer);
                     report.chunks_zero += 1;
                     entries.push(ManifestEntry::Zero);
                 }
-                Some(SealedChunk { id, key, envelope }) => {
+                Sealed::Chunk(SealedChunk { id, key, envelope }) => {
                     if seen.insert(id) {
                         to_upload.push((id, Bytes::from(envelope)));
+                    } else {
+                        pool.give(envelope);
                     }
                     entries.push(ManifestEntry::Chunk { id, key });
                 }
@@ -124,7 +135,7 @@ pub(super) async fn push_windowed(
         }
         offset = end;
     }
-    upload(&*store, to_upload).await?.add_to(&mut report);
+    upload(&*store, &pool, to_upload).await?.add_to(&mut report);
     report.chunks_distinct = seen.len() as u64;
 
     let manifest = Manifest {
@@ -197,34 +208,41 @@ async fn open_image(path: &Path) -> Result<(File, u64), TransferError> {
     .await
 }
 
-/// Starts reading `len` bytes at `offset` into `spare` (or a new buffer).
+/// Starts reading `len` bytes at `offset`, one pool buffer per chunk.
 fn start_read(
     file: &Arc<File>,
     path: &Path,
+    pool: &BufferPool,
     offset: u64,
     len: u64,
-    spare: Option<Vec<u8>>,
-) -> JoinHandle<Result<Vec<u8>, TransferError>> {
-    let file = Arc::clone(file);
-    let path = path.to_owned();
+    chunk_size: u64,
+) -> JoinHandle<Result<Vec<Vec<u8>>, TransferError>> {
+    let (file, path, pool) = (Arc::clone(file), path.to_owned(), pool.clone());
     tokio::task::spawn_blocking(move || {
-        let len = len as usize; // at most one window
-        let mut buf = match spare {
-            Some(mut buf) => {
-                buf.resize(len, 0);
-                buf
-            }
-            None => vec![0; len],
-        };
-        file.read_exact_at(&mut buf, offset).map_err(|source| {
-            let source = if source.kind() == io::ErrorKind::UnexpectedEof {
-                shrunk(offset, len)
-            } else {
-                source
-            };
-            TransferError::ReadImage { path, source }
-        })?;
-        Ok(buf)
+        let mut buffers = Vec::with_capacity(len.div_ceil(chunk_size) as usize);
+        let mut at = offset;
+        while at < offset + len {
+            let chunk_len = chunk_size.min(offset + len - at) as usize;
+            let mut buffer = pool.take();
+            // A reused buffer is longer than any chunk: truncating it first
+            // means only a new buffer gets zeroed before the read.
+            buffer.truncate(chunk_len);
+            buffer.resize(chunk_len, 0);
+            file.read_exact_at(&mut buffer, at).map_err(|source| {
+                let source = if source.kind() == io::ErrorKind::UnexpectedEof {
+                    shrunk(at, chunk_len)
+                } else {
+                    source
+                };
+                TransferError::ReadImage {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            buffers.push(buffer);
+            at += chunk_len as u64;
+        }
+        Ok(buffers)
     })
 }
 
@@ -238,14 +256,66 @@ fn shrunk(offset: u64, len: usize) -> io::Error {
     )
 }
 
-/// Seals one window's chunks in parallel; `None` marks an all-zero chunk.
-/// Hands the buffer back for the next read.
-fn seal_window(buf: Vec<u8>, chunk_size: u64, salt: &Salt) -> (Vec<u8>, Vec<Option<SealedChunk>>) {
-    let sealed = buf
-        .par_chunks(chunk_size as usize)
-        .map(|plain| (!is_zero(plain)).then(|| seal_chunk(salt, plain)))
-        .collect();
-    (buf, sealed)
+/// One chunk of a window after sealing.
+enum Sealed {
+    /// All zeros: not sealed; the buffer goes back to the pool.
+    Zero(Vec<u8>),
+    Chunk(SealedChunk),
+}
+
+/// Seals one window's chunks in parallel.
+fn seal_window(buffers: Vec<Vec<u8>>, salt: &Salt) -> Vec<Sealed> {
+    buffers
+        .into_par_iter()
+        .map(|buffer| {
+            if is_zero(&buffer) {
+                Sealed::Zero(buffer)
+            } else {
+                Sealed::Chunk(seal_chunk_in_place(salt, buffer))
+            }
+        })
+        .collect()
+}
+
+/// Chunk buffers, each with room for a whole envelope, reused across
+/// windows. It holds at most as many buffers as were ever in flight.
+#[derive(Clone)]
+struct BufferPool {
+    free: Arc<Mutex<Vec<Vec<u8>>>>,
+    capacity: usize,
+}
+
+impl BufferPool {
+    fn new(capacity: usize) -> BufferPool {
+        BufferPool {
+            free: Arc::default(),
+            capacity,
+        }
+    }
+
+    fn take(&self) -> Vec<u8> {
+        let reused = self
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        reused.unwrap_or_else(|| Vec::with_capacity(self.capacity))
+    }
+
+    fn give(&self, buffer: Vec<u8>) {
+        if buffer.capacity() >= self.capacity {
+            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+            free.push(buffer);
+        }
+    }
+
+    /// Takes back an envelope's buffer unless the store still holds a
+    /// reference to it.
+    fn reclaim(&self, envelope: Bytes) {
+        if let Ok(buffer) = envelope.try_into_mut() {
+            self.give(buffer.into());
+        }
+    }
 }
 
 /// Counts from uploading one batch of chunks new to this push.
@@ -267,6 +337,7 @@ impl Uploaded {
 /// Asks the store once which of `batch` it lacks and uploads those.
 async fn upload(
     store: &dyn ChunkStore,
+    pool: &BufferPool,
     batch: Vec<(ChunkId, Bytes)>,
 ) -> Result<Uploaded, TransferError> {
     let mut counts = Uploaded {
@@ -283,10 +354,17 @@ async fn upload(
         .map_err(TransferError::QueryMissing)?
         .into_iter()
         .collect();
-    futures::stream::iter(batch.into_iter().filter(|(id, _)| missing.contains(id)))
+    let (absent, present): (Vec<_>, Vec<_>) =
+        batch.into_iter().partition(|(id, _)| missing.contains(id));
+    for (_, envelope) in present {
+        pool.reclaim(envelope);
+    }
+    futures::stream::iter(absent)
         .map(|(id, envelope)| async move {
             let len = envelope.len() as u64;
-            store.put(&id, envelope).await.map(|()| len)
+            store.put(&id, envelope.clone()).await?;
+            pool.reclaim(envelope);
+            Ok(len)
         })
         .buffer_unordered(CONCURRENCY)
         .try_for_each(|len| {
