@@ -65,27 +65,34 @@ pub fn chunk_key(salt: &Salt, plaintext: &[u8]) -> ChunkKey {
 pub fn seal_chunk(salt: &Salt, plaintext: &[u8]) -> SealedChunk {
     let mut envelope = Vec::with_capacity(plaintext.len() + ENVELOPE_OVERHEAD);
     envelope.extend_from_slice(plaintext);
-    seal_chunk_in_place(salt, envelope)
+    envelope.extend_from_slice(&[0; ENVELOPE_OVERHEAD]);
+    let (body, tag) = envelope.split_at_mut(plaintext.len());
+    let tag = <&mut [u8; ENVELOPE_OVERHEAD]>::try_from(tag).expect("the tail is the tag's size");
+    let (id, key) = seal_chunk_in_place(salt, body, tag);
+    SealedChunk { id, key, envelope }
 }
 
-/// Seals the plaintext held in `buf`, which becomes the envelope. With
-/// [`ENVELOPE_OVERHEAD`] spare capacity nothing is allocated or copied, so a
-/// caller that reuses buffers pays for the crypto alone.
-pub fn seal_chunk_in_place(salt: &Salt, mut envelope: Vec<u8>) -> SealedChunk {
-    let key = chunk_key(salt, &envelope);
-    let tag = aead_key(&key)
+/// Seals `plaintext` in place and writes its tag to `tag`; the envelope is
+/// then `plaintext ‖ tag`. A caller that keeps its own (reused, aligned)
+/// buffers seals without allocating or copying.
+pub fn seal_chunk_in_place(
+    salt: &Salt,
+    plaintext: &mut [u8],
+    tag: &mut [u8; ENVELOPE_OVERHEAD],
+) -> (ChunkId, ChunkKey) {
+    let key = chunk_key(salt, plaintext);
+    let sealed_tag = aead_key(&key)
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key([0; 12]),
             Aad::from(CHUNK_AAD),
-            &mut envelope,
+            plaintext,
         )
         .expect("a chunk is far below the AES-GCM length limit");
-    envelope.extend_from_slice(tag.as_ref());
-    SealedChunk {
-        id: ChunkId::of_envelope(&envelope),
-        key,
-        envelope,
-    }
+    tag.copy_from_slice(sealed_tag.as_ref());
+    let mut name = Sha256::new();
+    name.update(&*plaintext);
+    name.update(&tag[..]);
+    (ChunkId(name.finalize().into()), key)
 }
 
 /// Opens an envelope fetched under `id`: checks that it hashes to `id`
@@ -143,15 +150,14 @@ mod tests {
     }
 
     #[test]
-    fn sealing_in_place_matches_and_reuses_the_buffer() {
-        let mut buf = Vec::with_capacity(11 + ENVELOPE_OVERHEAD);
-        buf.extend_from_slice(b"hello chunk");
-        let ptr = buf.as_ptr();
-        let in_place = seal_chunk_in_place(&salt(1), buf);
+    fn sealing_in_place_matches_sealing_a_copy() {
+        let mut body = *b"hello chunk";
+        let mut tag = [0; ENVELOPE_OVERHEAD];
+        let (id, key) = seal_chunk_in_place(&salt(1), &mut body, &mut tag);
         let copied = seal_chunk(&salt(1), b"hello chunk");
-        assert_eq!(in_place.envelope, copied.envelope);
-        assert_eq!((in_place.id, &in_place.key), (copied.id, &copied.key));
-        assert_eq!(in_place.envelope.as_ptr(), ptr);
+        assert_eq!([&body[..], &tag[..]].concat(), copied.envelope);
+        assert_eq!((id, &key), (copied.id, &copied.key));
+        assert_eq!(id, ChunkId::of_envelope(&copied.envelope));
     }
 
     #[test]

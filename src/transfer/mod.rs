@@ -23,6 +23,7 @@ use crate::chunk::{ChunkError, ManifestError};
 use crate::error::ErrorKind;
 use crate::store::StoreError;
 
+mod buffer;
 mod export;
 mod push;
 

@@ -1,37 +1,30 @@
 //! Push: an image file or block device → sealed chunks and a sealed
 //! manifest in a store.
 //!
-//! The image is read in windows of whole chunks. While window k+1 is read
-//! (blocking pool), window k is sealed (rayon, one chunk per task) and the
-//! chunks window k−1 added are checked against the store with one `missing`
-//! call and the missing ones uploaded, a bounded number at a time. The
-//! manifest is sealed and stored after the last upload.
-//!
-//! Each chunk is read into a buffer with room for its tag and sealed in
-//! place; buffers come back to a pool once sealed as zero or duplicate, or
-//! once uploaded. Fresh memory would cost more in page faults than the
-//! sealing itself (measured: 1.1 s of 3 s CPU per GiB).
+//! The image is cut in windows of whole chunks. While window k is read and
+//! sealed on rayon (each chunk read by the thread that seals it, into a
+//! pooled buffer, sealed in place), the chunks window k−1 added are checked
+//! against the store with one `missing` call and the missing ones uploaded,
+//! a bounded number at a time. The manifest is sealed and stored after the
+//! last upload.
 
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use rayon::prelude::*;
-use tokio::task::JoinHandle;
 
-use super::{
-    blocking, join_blocking, on_rayon, Progress, PushOptions, PushReport, TransferError,
-    CONCURRENCY,
-};
+use super::buffer::{BufferPool, ChunkBuffer};
+use super::{blocking, on_rayon, Progress, PushOptions, PushReport, TransferError, CONCURRENCY};
 use crate::chunk::{
-    is_zero, seal_chunk_in_place, validate_chunk_size, validate_salt_domain, ChunkId, Manifest,
-    ManifestEntry, Salt, SealedChunk, TenantKey, ENVELOPE_OVERHEAD,
+    is_zero, seal_chunk_in_place, validate_chunk_size, validate_salt_domain, ChunkId, ChunkKey,
+    Manifest, ManifestEntry, Salt, TenantKey,
 };
 use crate::store::{validate_manifest_name, ChunkStore, StoreError};
 
@@ -88,54 +81,51 @@ pub(super) async fn push_windowed(
     let mut entries = Vec::with_capacity(usize::try_from(report.chunks_total).unwrap_or(0));
     let mut seen = HashSet::new();
     let mut to_upload: Vec<(ChunkId, Bytes)> = Vec::new();
-    let pool = BufferPool::new(chunk_size as usize + ENVELOPE_OVERHEAD);
+    let pool = BufferPool::new(chunk_size as usize);
     let mut offset = 0;
-    let mut next = Some(start_read(
-        &file,
-        image,
-        &pool,
-        0,
-        window.min(image_size),
-        chunk_size,
-    ));
     progress(0, image_size);
 
-    while let Some(reading) = next.take() {
-        let buffers = join_blocking("reading the image", reading).await?;
-        let end = offset + buffers.iter().map(|b| b.len() as u64).sum::<u64>();
-        if end < image_size {
-            let len = window.min(image_size - end);
-            next = Some(start_read(&file, image, &pool, end, len, chunk_size));
-        }
-        let salt = Arc::clone(&salt);
+    while offset < image_size {
+        let len = window.min(image_size - offset);
+        let (file, path, pool_ref, salt) = (
+            Arc::clone(&file),
+            image.to_owned(),
+            pool.clone(),
+            Arc::clone(&salt),
+        );
+        let window = Window {
+            offset,
+            len,
+            chunk_size,
+        };
         let (sealed, uploaded) = tokio::join!(
-            on_rayon("sealing chunks", move || seal_window(buffers, &salt)),
-            upload(&*store, &pool, std::mem::take(&mut to_upload)),
+            on_rayon("sealing chunks", move || {
+                read_and_seal(&file, &path, &pool_ref, window, &salt)
+            }),
+            upload(&*store, std::mem::take(&mut to_upload)),
         );
         uploaded?.add_to(&mut report);
         // Every chunk before this window is stored now.
         progress(offset, image_size);
 
-        for chunk in sealed? {
+        for chunk in sealed?? {
             match chunk {
-                Sealed::Zero(buffer) => {
-                    pool.give(buffer);
+                Sealed::Zero => {
                     report.chunks_zero += 1;
                     entries.push(ManifestEntry::Zero);
                 }
-                Sealed::Chunk(SealedChunk { id, key, envelope }) => {
+                Sealed::Chunk { id, key, envelope } => {
+                    // A repeat's buffer goes back to the pool as it drops.
                     if seen.insert(id) {
-                        to_upload.push((id, Bytes::from(envelope)));
-                    } else {
-                        pool.give(envelope);
+                        to_upload.push((id, Bytes::from_owner(envelope)));
                     }
                     entries.push(ManifestEntry::Chunk { id, key });
                 }
             }
         }
-        offset = end;
+        offset += len;
     }
-    upload(&*store, &pool, to_upload).await?.add_to(&mut report);
+    upload(&*store, to_upload).await?.add_to(&mut report);
     report.chunks_distinct = seen.len() as u64;
 
     let manifest = Manifest {
@@ -208,41 +198,74 @@ async fn open_image(path: &Path) -> Result<(File, u64), TransferError> {
     .await
 }
 
-/// Starts reading `len` bytes at `offset`, one pool buffer per chunk.
-fn start_read(
-    file: &Arc<File>,
-    path: &Path,
-    pool: &BufferPool,
+/// A run of whole chunks of the image (the last may be short).
+#[derive(Clone, Copy)]
+struct Window {
     offset: u64,
     len: u64,
     chunk_size: u64,
-) -> JoinHandle<Result<Vec<Vec<u8>>, TransferError>> {
-    let (file, path, pool) = (Arc::clone(file), path.to_owned(), pool.clone());
-    tokio::task::spawn_blocking(move || {
-        let mut buffers = Vec::with_capacity(len.div_ceil(chunk_size) as usize);
-        let mut at = offset;
-        while at < offset + len {
-            let chunk_len = chunk_size.min(offset + len - at) as usize;
-            let mut buffer = pool.take();
-            // A reused buffer is longer than any chunk: truncating it first
-            // means only a new buffer gets zeroed before the read.
-            buffer.truncate(chunk_len);
-            buffer.resize(chunk_len, 0);
-            file.read_exact_at(&mut buffer, at).map_err(|source| {
-                let source = if source.kind() == io::ErrorKind::UnexpectedEof {
-                    shrunk(at, chunk_len)
-                } else {
-                    source
-                };
-                TransferError::ReadImage {
-                    path: path.clone(),
-                    source,
-                }
-            })?;
-            buffers.push(buffer);
-            at += chunk_len as u64;
+}
+
+/// One chunk of a window after sealing.
+enum Sealed {
+    /// All zeros: not sealed, not stored.
+    Zero,
+    Chunk {
+        id: ChunkId,
+        key: ChunkKey,
+        envelope: ChunkBuffer,
+    },
+}
+
+/// Reads and seals one window's chunks in parallel.
+///
+/// Each chunk is read by the thread that seals it, just before: the read's
+/// copy leaves it in that core's cache for the three crypto passes. For an
+/// image not in the page cache, the kernel's readahead keeps these reads
+/// short.
+fn read_and_seal(
+    file: &File,
+    path: &Path,
+    pool: &BufferPool,
+    window: Window,
+    salt: &Salt,
+) -> Result<Vec<Sealed>, TransferError> {
+    let Window {
+        offset,
+        len,
+        chunk_size,
+    } = window;
+    (0..len.div_ceil(chunk_size))
+        .into_par_iter()
+        .map(|i| {
+            let at = offset + i * chunk_size;
+            let mut buffer = pool.take(chunk_size.min(offset + len - at) as usize);
+            read_chunk(file, path, at, buffer.as_mut())?;
+            if is_zero(buffer.as_ref()) {
+                return Ok(Sealed::Zero);
+            }
+            let (plaintext, tag) = buffer.seal_parts();
+            let (id, key) = seal_chunk_in_place(salt, plaintext, tag);
+            Ok(Sealed::Chunk {
+                id,
+                key,
+                envelope: buffer,
+            })
+        })
+        .collect()
+}
+
+fn read_chunk(file: &File, path: &Path, at: u64, buffer: &mut [u8]) -> Result<(), TransferError> {
+    file.read_exact_at(buffer, at).map_err(|source| {
+        let source = if source.kind() == io::ErrorKind::UnexpectedEof {
+            shrunk(at, buffer.len())
+        } else {
+            source
+        };
+        TransferError::ReadImage {
+            path: path.to_owned(),
+            source,
         }
-        Ok(buffers)
     })
 }
 
@@ -254,68 +277,6 @@ fn shrunk(offset: u64, len: usize) -> io::Error {
             offset + len as u64
         ),
     )
-}
-
-/// One chunk of a window after sealing.
-enum Sealed {
-    /// All zeros: not sealed; the buffer goes back to the pool.
-    Zero(Vec<u8>),
-    Chunk(SealedChunk),
-}
-
-/// Seals one window's chunks in parallel.
-fn seal_window(buffers: Vec<Vec<u8>>, salt: &Salt) -> Vec<Sealed> {
-    buffers
-        .into_par_iter()
-        .map(|buffer| {
-            if is_zero(&buffer) {
-                Sealed::Zero(buffer)
-            } else {
-                Sealed::Chunk(seal_chunk_in_place(salt, buffer))
-            }
-        })
-        .collect()
-}
-
-/// Chunk buffers, each with room for a whole envelope, reused across
-/// windows. It holds at most as many buffers as were ever in flight.
-#[derive(Clone)]
-struct BufferPool {
-    free: Arc<Mutex<Vec<Vec<u8>>>>,
-    capacity: usize,
-}
-
-impl BufferPool {
-    fn new(capacity: usize) -> BufferPool {
-        BufferPool {
-            free: Arc::default(),
-            capacity,
-        }
-    }
-
-    fn take(&self) -> Vec<u8> {
-        let reused = self
-            .free
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
-        reused.unwrap_or_else(|| Vec::with_capacity(self.capacity))
-    }
-
-    fn give(&self, buffer: Vec<u8>) {
-        if buffer.capacity() >= self.capacity {
-            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-            free.push(buffer);
-        }
-    }
-
-    /// Takes back an envelope's buffer unless the store still holds a
-    /// reference to it.
-    fn reclaim(&self, envelope: Bytes) {
-        if let Ok(buffer) = envelope.try_into_mut() {
-            self.give(buffer.into());
-        }
-    }
 }
 
 /// Counts from uploading one batch of chunks new to this push.
@@ -337,7 +298,6 @@ impl Uploaded {
 /// Asks the store once which of `batch` it lacks and uploads those.
 async fn upload(
     store: &dyn ChunkStore,
-    pool: &BufferPool,
     batch: Vec<(ChunkId, Bytes)>,
 ) -> Result<Uploaded, TransferError> {
     let mut counts = Uploaded {
@@ -354,17 +314,10 @@ async fn upload(
         .map_err(TransferError::QueryMissing)?
         .into_iter()
         .collect();
-    let (absent, present): (Vec<_>, Vec<_>) =
-        batch.into_iter().partition(|(id, _)| missing.contains(id));
-    for (_, envelope) in present {
-        pool.reclaim(envelope);
-    }
-    futures::stream::iter(absent)
+    futures::stream::iter(batch.into_iter().filter(|(id, _)| missing.contains(id)))
         .map(|(id, envelope)| async move {
             let len = envelope.len() as u64;
-            store.put(&id, envelope.clone()).await?;
-            pool.reclaim(envelope);
-            Ok(len)
+            store.put(&id, envelope).await.map(|()| len)
         })
         .buffer_unordered(CONCURRENCY)
         .try_for_each(|len| {
