@@ -106,7 +106,20 @@ pub fn open_chunk(
     key: &ChunkKey,
     mut envelope: Vec<u8>,
 ) -> Result<Vec<u8>, ChunkError> {
-    let actual = ChunkId::of_envelope(&envelope);
+    let plaintext_len = open_chunk_in_place(id, key, &mut envelope)?.len();
+    envelope.truncate(plaintext_len);
+    Ok(envelope)
+}
+
+/// [`open_chunk`] on a borrowed buffer: the plaintext is decrypted in place
+/// and returned as the front of `envelope`. A caller that keeps its own
+/// (aligned) buffers opens without allocating or copying.
+pub fn open_chunk_in_place<'a>(
+    id: &ChunkId,
+    key: &ChunkKey,
+    envelope: &'a mut [u8],
+) -> Result<&'a mut [u8], ChunkError> {
+    let actual = ChunkId::of_envelope(envelope);
     if !bool::from(actual.0.ct_eq(&id.0)) {
         return Err(ChunkError::IdMismatch {
             expected: *id,
@@ -119,16 +132,13 @@ pub fn open_chunk(
             len: envelope.len(),
         });
     }
-    let plaintext_len = aead_key(key)
+    aead_key(key)
         .open_in_place(
             Nonce::assume_unique_for_key([0; 12]),
             Aad::from(CHUNK_AAD),
-            &mut envelope,
+            envelope,
         )
-        .map_err(|_| ChunkError::Authentication { id: *id })?
-        .len();
-    envelope.truncate(plaintext_len);
-    Ok(envelope)
+        .map_err(|_| ChunkError::Authentication { id: *id })
 }
 
 #[cfg(test)]
@@ -158,6 +168,10 @@ mod tests {
         assert_eq!([&body[..], &tag[..]].concat(), copied.envelope);
         assert_eq!((id, &key), (copied.id, &copied.key));
         assert_eq!(id, ChunkId::of_envelope(&copied.envelope));
+
+        let mut envelope = copied.envelope.clone();
+        let opened = open_chunk_in_place(&id, &key, &mut envelope).unwrap();
+        assert_eq!(opened, b"hello chunk");
     }
 
     #[test]

@@ -22,7 +22,7 @@
 #![forbid(unsafe_code)]
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -220,6 +220,24 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Where a chunk read from disk starts in its buffer.
+const ALIGN: usize = 64;
+
+/// Reads a whole file into a buffer whose data starts on a cache line. The
+/// kernel copies out of the page cache several times slower into a buffer
+/// that does not (16 bytes off, as a large allocation from malloc is), and
+/// so does every later copy of the chunk. The result converts to
+/// `BytesMut` without a copy, for opening in place.
+fn read_aligned(path: &Path) -> io::Result<Bytes> {
+    let mut file = File::open(path)?;
+    let len = usize::try_from(file.metadata()?.len()).unwrap_or(0);
+    let mut data = Vec::with_capacity(len + ALIGN);
+    let start = (ALIGN - data.as_ptr() as usize % ALIGN) % ALIGN;
+    data.resize(start, 0);
+    file.read_to_end(&mut data)?;
+    Ok(Bytes::from(data).slice(start..))
+}
+
 fn exists(path: &Path) -> io::Result<bool> {
     match fs::symlink_metadata(path) {
         Ok(_) => Ok(true),
@@ -232,8 +250,8 @@ fn exists(path: &Path) -> io::Result<bool> {
 impl ChunkStore for DirStore {
     async fn get(&self, id: &ChunkId) -> Result<Bytes, StoreError> {
         let id = *id;
-        self.blocking(move |inner| match fs::read(inner.chunk_path(&id)) {
-            Ok(data) => Ok(Bytes::from(data)),
+        self.blocking(move |inner| match read_aligned(&inner.chunk_path(&id)) {
+            Ok(data) => Ok(data),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::ChunkNotFound {
                 store: inner.name.clone(),
                 id,
@@ -412,6 +430,19 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.get(&id(1)).await.unwrap(), &b"one"[..]);
+    }
+
+    #[tokio::test]
+    async fn got_chunks_are_aligned_and_mutable_without_copy() {
+        let (_dir, store) = store();
+        let data = Bytes::from(vec![3u8; 600_000]);
+        store.put(&id(1), data.clone()).await.unwrap();
+        let got = store.get(&id(1)).await.unwrap();
+        assert_eq!(got, data);
+        let ptr = got.as_ptr();
+        assert_eq!(ptr as usize % ALIGN, 0);
+        let mutable = got.try_into_mut().unwrap();
+        assert_eq!(mutable.as_ptr(), ptr);
     }
 
     #[tokio::test]

@@ -15,10 +15,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::BytesMut;
 use futures::{StreamExt, TryStreamExt};
 
 use super::{blocking, on_rayon, ExportReport, Progress, TransferError, CONCURRENCY};
-use crate::chunk::{open_chunk, ChunkId, ChunkKey, Manifest, ManifestEntry, TenantKey};
+use crate::chunk::{open_chunk_in_place, ChunkId, ChunkKey, Manifest, ManifestEntry, TenantKey};
 use crate::store::dir::{sync_dir, TempGuard};
 use crate::store::ChunkStore;
 
@@ -129,9 +130,15 @@ async fn fetch_and_write(
             source,
         })?;
     let fetched = envelope.len() as u64;
+    // Opened in place unless the store still holds the buffer.
+    let mut plain = envelope
+        .try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
     let Group { id, key, indices } = group;
     let plain = on_rayon("verifying chunks", move || {
-        open_chunk(&id, &key, Vec::from(envelope))
+        let len = open_chunk_in_place(&id, &key, &mut plain)?.len();
+        plain.truncate(len);
+        Ok(plain)
     })
     .await?
     .map_err(|source| TransferError::VerifyChunk {
@@ -152,6 +159,9 @@ async fn fetch_and_write(
     }
 
     let (file, path) = (Arc::clone(&output.file), output.temp_path.clone());
+    // Buffered writes to one file serialise on its inode lock anyway;
+    // queueing here keeps blocked threads from spinning on it.
+    let _turn = output.write_turn.lock().await;
     blocking("writing the output", move || {
         for &index in &indices {
             file.write_all_at(&plain, index * chunk_size)
@@ -168,6 +178,7 @@ async fn fetch_and_write(
 /// The output under construction: a sparse temp file beside its final name.
 struct Output {
     file: Arc<File>,
+    write_turn: tokio::sync::Mutex<()>,
     temp_path: PathBuf,
     out: PathBuf,
     /// Declared last: dropping an unfinished output removes the temp file.
@@ -208,6 +219,7 @@ impl Output {
                 .map_err(|source| write_err(&temp_path, source))?;
             Ok(Output {
                 file: Arc::new(file),
+                write_turn: tokio::sync::Mutex::new(()),
                 temp_path,
                 out,
                 guard,
@@ -224,6 +236,7 @@ impl Output {
                 temp_path,
                 out,
                 mut guard,
+                ..
             } = self;
             let write_err = |path: &Path, source| TransferError::WriteOutput {
                 path: path.to_owned(),

@@ -32,7 +32,7 @@ pub use push::push;
 
 /// How many chunk uploads or fetches run at once. Enough to hide a remote
 /// store's latency; a directory store gains from overlapping its fsyncs.
-const CONCURRENCY: usize = 16;
+const CONCURRENCY: usize = 64;
 
 /// Called with (bytes done, total bytes) as a transfer advances.
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Send + Sync);
