@@ -5,7 +5,8 @@
 //! (where envelopes live) and keep these invariants:
 //! * a manifest is stored only after every chunk it names is stored, so no
 //!   reader ever finds a name without its chunk;
-//! * crypto runs on rayon's pool and file I/O on tokio's blocking pool; the
+//! * crypto runs on rayon's pool (push also reads each chunk there, right
+//!   before sealing it) and other file I/O on tokio's blocking pool; the
 //!   runtime's workers only orchestrate;
 //! * push hashes each image byte twice and encrypts it once (the convergent
 //!   key, the envelope's name, AES-GCM) and never seals an all-zero chunk;
@@ -30,8 +31,10 @@ mod push;
 pub use export::export;
 pub use push::push;
 
-/// How many chunk uploads or fetches run at once. Enough to hide a remote
-/// store's latency; a directory store gains from overlapping its fsyncs.
+/// How many chunk uploads or fetches run at once: a push window's worth.
+/// Enough to hide a remote store's latency; a directory store gains from
+/// overlapping its fsyncs (a 1 GiB push to one took ~4.6 s at 64 against
+/// ~5.5–7.6 s at 16).
 const CONCURRENCY: usize = 64;
 
 /// Called with (bytes done, total bytes) as a transfer advances.
@@ -173,15 +176,7 @@ async fn blocking<T: Send + 'static>(
     what: &'static str,
     work: impl FnOnce() -> Result<T, TransferError> + Send + 'static,
 ) -> Result<T, TransferError> {
-    join_blocking(what, tokio::task::spawn_blocking(work)).await
-}
-
-/// Waits for blocking work started earlier, so it can overlap other work.
-async fn join_blocking<T>(
-    what: &'static str,
-    handle: tokio::task::JoinHandle<Result<T, TransferError>>,
-) -> Result<T, TransferError> {
-    match handle.await {
+    match tokio::task::spawn_blocking(work).await {
         Ok(result) => result,
         Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
         Err(_) => Err(TransferError::Cancelled(what)),

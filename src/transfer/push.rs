@@ -30,7 +30,7 @@ use crate::store::{validate_manifest_name, ChunkStore, StoreError};
 
 /// Bytes read and sealed per window: enough chunks to keep every core
 /// busy and to batch the store's `missing` query, few enough to bound memory
-/// (about four windows are alive at once).
+/// (two windows of buffers are alive: one sealing, one uploading).
 const WINDOW_BYTES: u64 = 32 << 20;
 
 /// Seals `image` into `store` under `opts.name`, uploading only the chunks the
@@ -78,7 +78,8 @@ pub(super) async fn push_windowed(
         name: opts.name.clone(),
         elapsed_secs: 0.0,
     };
-    let mut entries = Vec::with_capacity(usize::try_from(report.chunks_total).unwrap_or(0));
+    // Capped: a sparse file can claim a size no manifest could describe.
+    let mut entries = Vec::with_capacity(report.chunks_total.min(1 << 20) as usize);
     let mut seen = HashSet::new();
     let mut to_upload: Vec<(ChunkId, Bytes)> = Vec::new();
     let pool = BufferPool::new(chunk_size as usize);

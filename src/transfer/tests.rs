@@ -388,6 +388,10 @@ async fn one_missing_query_per_window_and_no_manifest_after_failed_upload() {
     });
     fx.push_with(&path, spy.clone(), 64).await.unwrap();
     assert_eq!(spy.missing_calls.load(Ordering::SeqCst), 1);
+    // Five windows of two chunks, each adding a chunk: one query each.
+    spy.missing_calls.store(0, Ordering::SeqCst);
+    fx.push_with(&path, spy.clone(), 2).await.unwrap();
+    assert_eq!(spy.missing_calls.load(Ordering::SeqCst), 5);
 
     let fx = Fixture::new();
     let spy = Arc::new(Spy {
