@@ -89,5 +89,28 @@ pub fn open_store(spec: &str) -> Result<Arc<dyn ChunkStore>, StoreError> {
             ),
         });
     }
-    dir::DirStore::open(spec.as_ref())
+    Ok(Arc::new(dir::DirStore::open(spec.as_ref())?))
+}
+
+/// Checks a manifest name: 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting
+/// with `.`. Every engine takes the same names, so they are safe as file
+/// names, URL path segments and object keys alike, and a manifest can move
+/// between stores.
+pub fn validate_manifest_name(name: &str) -> Result<(), StoreError> {
+    let reason = if name.is_empty() || name.len() > 128 {
+        "must be 1 to 128 characters long"
+    } else if name.starts_with('.') {
+        "must not start with '.'"
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        "may hold only A-Z a-z 0-9 . _ -"
+    } else {
+        return Ok(());
+    };
+    Err(StoreError::InvalidName {
+        name: name.to_owned(),
+        reason: reason.to_owned(),
+    })
 }

@@ -1,2 +1,0 @@
-//! Moving images between a file and a store: `push` and `export`.
-#![forbid(unsafe_code)]
