@@ -23,7 +23,7 @@
 //!   fsync directory), so a crash leaves the old or the new bitmap, whole.
 #![forbid(unsafe_code)]
 
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -261,12 +261,18 @@ fn take_lock(dir: &Path) -> Result<File, CacheError> {
             path: path.clone(),
             source,
         })?;
-    match file.try_lock() {
+    // flock, not fcntl locks: it belongs to this open file, so a second open
+    // in the same process is refused too, and the kernel drops it when the
+    // process dies, even by SIGKILL.
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(file),
-        Err(TryLockError::WouldBlock) => Err(CacheError::InUse {
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(CacheError::InUse {
             dir: dir.to_owned(),
         }),
-        Err(TryLockError::Error(source)) => Err(CacheError::Lock { path, source }),
+        Err(errno) => Err(CacheError::Lock {
+            path,
+            source: errno.into(),
+        }),
     }
 }
 
