@@ -73,7 +73,8 @@ fn read_only_mount_serves_the_tree_lazily_and_export_round_trips() {
         chunks_total - chunks_zero
     );
 
-    assert_same_tree(&tree, &root);
+    let compared = assert_same_tree(&tree, &root);
+    assert!(compared > 300, "only {compared} entries compared");
     let device = world.device(&fuse);
     assert_eq!(stat_u64(&device, "integrity_failures"), 0);
     assert!(stat_u64(&device, "chunks_fetched") <= chunks_total - chunks_zero);
@@ -145,7 +146,7 @@ fn writes_survive_del_and_sigkill_and_are_not_fetched_again() {
     let root = world.mount_loop(&fuse, "root2", true);
     assert!(fs::read(root.join("second.bin")).unwrap() == second);
     assert!(fs::read(root.join("new.bin")).unwrap() == written);
-    assert_same_tree(&tree.join("dir05"), &root.join("dir05"));
+    assert!(assert_same_tree(&tree.join("dir05"), &root.join("dir05")) > 20);
     world.umount(&root);
     world.del(&fuse);
 }

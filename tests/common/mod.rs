@@ -239,8 +239,9 @@ pub fn make_ext4(tree: &Path, image: &Path, size_mib: u64) {
 }
 
 /// Asserts that every entry of `expected` is in `actual` with the same
-/// type, permissions, owner, size, mtime, bytes or link target.
-pub fn assert_same_tree(expected: &Path, actual: &Path) {
+/// type, permissions, owner, size, mtime, bytes or link target; returns how
+/// many entries were compared.
+pub fn assert_same_tree(expected: &Path, actual: &Path) -> usize {
     let mut checked = 0;
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -279,5 +280,5 @@ pub fn assert_same_tree(expected: &Path, actual: &Path) {
             checked += 1;
         }
     }
-    assert!(checked > 300, "only {checked} entries compared");
+    checked
 }
