@@ -14,6 +14,7 @@
 # in-process benchmark: on a shared machine the fastest run is the one
 # least disturbed by others.
 set -euo pipefail
+# shellcheck source=scripts/lib/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 cd "$REPO_ROOT"
 

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for the scripts in scripts/. Source it; it sets no options.
 
 # A non-login shell (CI, sudo) may lack rustup's and sbin's directories.
