@@ -13,12 +13,12 @@
 
 mod id;
 mod keys;
+mod manifest;
 mod seal;
 
 pub use id::{ChunkId, ParseChunkIdError};
-#[allow(unused_imports)]
-pub(crate) use keys::hmac_sha256;
 pub use keys::{derive_salt, validate_salt_domain, KeyFileError, Salt, TenantKey};
+pub use manifest::{manifest_digest, Manifest, ManifestEntry, ManifestError, PublicManifest};
 pub use seal::{
     chunk_key, open_chunk, seal_chunk, ChunkError, ChunkKey, SealedChunk, ENVELOPE_OVERHEAD,
 };
