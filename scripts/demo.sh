@@ -147,16 +147,14 @@ elapsed=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.2f", e - s 
 step "lazyblk list --json"
 "$bin" list --json >"$demo_dir/list.json"
 jq . "$demo_dir/list.json"
-# The device is the counter-bearing object that names our mountpoint (or,
-# failing that, the only one there is).
-device=$(jq -c --arg mnt "$mnt" '
-    [.. | objects | select(has("chunks_fetched"))] as $all
-    | ([$all[] | select(tostring | contains($mnt))] | first) // $all[0] // empty
-' "$demo_dir/list.json")
-[[ -n $device ]] || die "lazyblk list --json shows no device with a chunks_fetched counter"
+# `list --json` is an array of device records, each with its counters
+# under "stats"; ours is the one presented at our mountpoint.
+device=$(jq -c --arg mnt "$(realpath "$mnt")" 'map(select(.target == $mnt)) | first | .stats // empty' "$demo_dir/list.json")
+[[ -n $device ]] || die "lazyblk list --json shows no device at $mnt"
 chunks_fetched=$(jq -r .chunks_fetched <<<"$device")
-bytes_fetched=$(jq -r '.bytes_fetched // empty' <<<"$device")
-[[ -n $bytes_fetched ]] || die "lazyblk list --json shows no bytes_fetched counter for the device"
+bytes_fetched=$(jq -r .bytes_fetched <<<"$device")
+[[ $chunks_fetched =~ ^[0-9]+$ && $bytes_fetched =~ ^[0-9]+$ ]] ||
+    die "lazyblk list --json has no chunks_fetched/bytes_fetched counters for the device: $device"
 
 step "summary"
 echo "image:            $((image_bytes >> 20)) MiB, $chunks_total chunks of which $chunks_nonzero hold data"
