@@ -20,6 +20,7 @@
 
 pub mod cache;
 pub mod chunk;
+pub mod cli;
 pub mod daemon;
 pub mod engine;
 pub mod error;

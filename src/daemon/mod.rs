@@ -1,2 +1,117 @@
-//! The run directory and control socket shared by every frontend.
+//! What every running device shares, whatever its frontend: a record in the
+//! run directory and a control socket that answers `stats` and `stop`.
+//!
+//! `lazyblk add` starts a device process; `lazyblk list` and `lazyblk del`
+//! find it through the run directory (`/run/lazyblk`, or `$LAZYBLK_RUN_DIR`)
+//! and talk to it over its socket, one JSON line each way.
+//!
+//! Invariant: a record whose socket does not answer belongs to a device that
+//! is gone; readers clean it up.
 #![forbid(unsafe_code)]
+
+mod control;
+
+pub use control::{
+    request, serve_control, ControlError, ControlRequest, ControlResponse, DeviceControl,
+};
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::EngineStats;
+
+/// Where device records live unless `$LAZYBLK_RUN_DIR` says otherwise.
+pub const DEFAULT_RUN_DIR: &str = "/run/lazyblk";
+
+/// The run directory in effect.
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("LAZYBLK_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR))
+}
+
+/// What a running device says about itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub pid: u32,
+    /// `fuse` or `ublk`.
+    pub frontend: String,
+    /// Where the device is presented: a FUSE mountpoint or a block device path.
+    pub target: PathBuf,
+    pub name: String,
+    pub store: String,
+    pub cache_dir: PathBuf,
+    pub read_only: bool,
+}
+
+/// A record with the live counters its device reported.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    #[serde(flatten)]
+    pub record: DeviceRecord,
+    pub stats: EngineStats,
+}
+
+impl DeviceRecord {
+    /// The control socket of the device with this pid.
+    pub fn socket_path(run_dir: &Path, pid: u32) -> PathBuf {
+        run_dir.join(format!("{pid}.sock"))
+    }
+
+    fn record_path(run_dir: &Path, pid: u32) -> PathBuf {
+        run_dir.join(format!("{pid}.json"))
+    }
+
+    /// Writes the record atomically, so `list` never reads half of one.
+    pub fn publish(&self, run_dir: &Path) -> std::io::Result<()> {
+        let path = Self::record_path(run_dir, self.pid);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(tmp, path)
+    }
+
+    /// Removes the record and socket of device `pid`.
+    pub fn remove(run_dir: &Path, pid: u32) {
+        let _ = std::fs::remove_file(Self::record_path(run_dir, pid));
+        let _ = std::fs::remove_file(Self::socket_path(run_dir, pid));
+    }
+}
+
+/// Every device whose control socket answers, with its counters. Records
+/// of devices that are gone are removed on the way.
+pub async fn list_devices(run_dir: &Path) -> std::io::Result<Vec<DeviceStatus>> {
+    let mut devices = Vec::new();
+    let entries = match std::fs::read_dir(run_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(devices),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_none_or(|ext| ext != "json") {
+            continue;
+        }
+        let Ok(record) = std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                serde_json::from_slice::<DeviceRecord>(&bytes).map_err(|e| e.to_string())
+            })
+        else {
+            continue;
+        };
+        match request(
+            &DeviceRecord::socket_path(run_dir, record.pid),
+            &ControlRequest::Stats,
+        )
+        .await
+        {
+            Ok(ControlResponse::Stats(stats)) => devices.push(DeviceStatus { record, stats }),
+            Ok(_) => {}
+            Err(ControlError::Connect { .. }) => DeviceRecord::remove(run_dir, record.pid),
+            Err(e) => tracing::warn!("device {}: {e}", record.pid),
+        }
+    }
+    devices.sort_by_key(|d| d.record.pid);
+    Ok(devices)
+}

@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# The main job, end to end on one machine: build lazyblk, make a sample ext4
+# image, push it into a local chunk store, attach it lazily, run a program
+# from the mounted filesystem and show how little of the image that fetched.
+#
+# Environment: LAZYBLK_DEMO_DIR (default /tmp/lazyblk-demo) is the work
+# directory, emptied at the start; LAZYBLK_DEMO_KEEP=1 keeps it afterwards.
+set -euo pipefail
+# shellcheck source=scripts/lib/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+
+demo_dir=${LAZYBLK_DEMO_DIR:-/tmp/lazyblk-demo}
+step() { printf '\n== %s\n' "$*"; }
+
+step "system dependencies and kernel support"
+"$REPO_ROOT/scripts/install-deps.sh"
+ensure_kernel_devices
+
+step "cargo build --release"
+bin=$(build_release)
+echo "$bin"
+for sub in "keygen --out" "push --store" "add --fuse" "del --fuse" "list --json"; do
+    # shellcheck disable=SC2086 # "sub flag" splits on purpose
+    has_subcommand "$bin" $sub || die "this build of lazyblk has no '${sub% *}' subcommand with ${sub#* }"
+done
+
+tree=$demo_dir/tree
+image=$demo_dir/image.ext4
+store=$demo_dir/store
+key=$demo_dir/key
+cache=$demo_dir/cache
+mnt=$demo_dir/mnt
+rootfs=$demo_dir/rootfs
+
+# Unmounts what this demo (or an earlier run of it) left mounted. Every step
+# tolerates "not mounted", so it serves both before a run and in the trap.
+teardown() {
+    if mountpoint -q "$rootfs" 2>/dev/null; then
+        umount "$rootfs" || umount -l "$rootfs" || true
+    fi
+    if mountpoint -q "$mnt" 2>/dev/null; then
+        "$bin" del --fuse "$mnt" || fusermount3 -u -z "$mnt" || true
+    fi
+}
+
+# Removes the work directory, but never through a live mount.
+remove_work_dir() {
+    if mountpoint -q "$rootfs" 2>/dev/null || mountpoint -q "$mnt" 2>/dev/null; then
+        echo "demo.sh: $demo_dir still has a mount; left in place" >&2
+        return 0
+    fi
+    rm -rf "$demo_dir"
+}
+
+on_exit() {
+    local rc=$?
+    teardown
+    if [[ ${LAZYBLK_DEMO_KEEP:-0} == 1 ]]; then
+        echo "work directory kept: $demo_dir"
+    else
+        remove_work_dir
+    fi
+    exit "$rc"
+}
+
+teardown
+remove_work_dir
+[[ ! -e $demo_dir ]] || die "cannot clear $demo_dir (is something still mounted below it?)"
+mkdir -p "$tree" "$mnt" "$rootfs"
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
+step "sample tree: documentation, a Python runtime, generated files"
+mkdir -p "$tree/usr/share" "$tree/usr/bin" "$tree/usr/lib" "$tree/data/small"
+cp -a /usr/share/doc "$tree/usr/share/"
+# Debian's own Python (a binary and its standard library) if the host has
+# one: the demo then starts an interpreter from the lazily loaded image.
+python=""
+for candidate in /usr/bin/python3.[0-9]*; do
+    [[ $candidate =~ ^/usr/bin/python3\.[0-9]+$ ]] || continue
+    version=${candidate#/usr/bin/}
+    if [[ -f /usr/lib/$version/os.py ]]; then
+        cp -a "$candidate" "$tree/usr/bin/"
+        cp -a "/usr/lib/$version" "$tree/usr/lib/"
+        python=/usr/bin/$version
+        break
+    fi
+done
+for i in $(seq -w 1 300); do
+    head -c $((RANDOM % 64 * 1024 + 100)) /dev/urandom >"$tree/data/small/file-$i"
+done
+ln -s small/file-001 "$tree/data/link-to-first"
+ln -s /usr/share/doc "$tree/data/docs"
+# A large file the program never reads: it stays in the store.
+head -c 100M /dev/urandom >"$tree/data/large.bin"
+tree_mib=$(du -sm "$tree" | cut -f1)
+files=$(find "$tree" -type f | wc -l)
+echo "$files files, $tree_mib MiB${python:+, with $python}"
+
+step "mkfs.ext4 -d: the image"
+# Room for the tree plus ext4's own metadata, and at least 512 MiB.
+size_mib=$((tree_mib * 3 / 2 + 64))
+((size_mib >= 512)) || size_mib=512
+truncate -s "${size_mib}M" "$image"
+mkfs.ext4 -q -F -d "$tree" -b 4096 "$image"
+echo "$image: $size_mib MiB"
+
+step "lazyblk keygen + push"
+"$bin" keygen --out "$key"
+"$bin" push "$image" --store "$store" --key "$key" --name demo --json >"$demo_dir/push.json"
+jq . "$demo_dir/push.json"
+image_bytes=$(jq -r .image_bytes "$demo_dir/push.json")
+chunks_total=$(jq -r .chunks_total "$demo_dir/push.json")
+chunks_zero=$(jq -r .chunks_zero "$demo_dir/push.json")
+chunks_nonzero=$((chunks_total - chunks_zero))
+
+step "attach"
+if [[ -e /dev/ublk-control ]] && has_subcommand "$bin" add --ublk; then
+    echo "ublk is present, but this demo attaches through FUSE until the ublk frontend is wired in here"
+elif [[ -e /dev/ublk-control ]]; then
+    echo "/dev/ublk-control exists but this build of lazyblk has no ublk frontend: using FUSE + loop"
+else
+    echo "no /dev/ublk-control (this kernel has no ublk): using FUSE + loop"
+fi
+"$bin" add --store "$store" --key "$key" --name demo --cache-dir "$cache" --fuse "$mnt" --read-only
+[[ -f $mnt/disk ]] || die "lazyblk add returned but $mnt/disk does not exist"
+mount -o loop,ro "$mnt/disk" "$rootfs"
+echo "$mnt/disk ($(stat -c %s "$mnt/disk") bytes) mounted read-only on $rootfs"
+
+step "run from the lazily loaded filesystem"
+start=$(date +%s.%N)
+if [[ -n $python ]]; then
+    # The interpreter finds its standard library next to itself, inside the
+    # mounted image; -I keeps the host's site-packages and environment out.
+    "$rootfs$python" -I -c '
+import sys, json, email.parser, http.client, decimal, sqlite3
+print("Python", sys.version.split()[0], "from", sys.prefix)
+print("sqlite", sqlite3.sqlite_version, "| 2/3 =", decimal.Decimal(2) / decimal.Decimal(3))
+'
+else
+    echo "(no Debian python3 on this host: reading files instead)"
+fi
+echo "files in the image: $(find "$rootfs" -type f | wc -l)"
+sha256sum "$rootfs"/data/small/file-00[1-3] "$rootfs/data/link-to-first"
+elapsed=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.2f", e - s }')
+
+step "lazyblk list --json"
+"$bin" list --json >"$demo_dir/list.json"
+jq . "$demo_dir/list.json"
+# `list --json` is an array of device records, each with its counters
+# under "stats"; ours is the one presented at our mountpoint.
+device=$(jq -c --arg mnt "$(realpath "$mnt")" 'map(select(.target == $mnt)) | first | .stats // empty' "$demo_dir/list.json")
+[[ -n $device ]] || die "lazyblk list --json shows no device at $mnt"
+chunks_fetched=$(jq -r .chunks_fetched <<<"$device")
+bytes_fetched=$(jq -r .bytes_fetched <<<"$device")
+[[ $chunks_fetched =~ ^[0-9]+$ && $bytes_fetched =~ ^[0-9]+$ ]] ||
+    die "lazyblk list --json has no chunks_fetched/bytes_fetched counters for the device: $device"
+
+step "summary"
+echo "image:            $((image_bytes >> 20)) MiB, $chunks_total chunks of which $chunks_nonzero hold data"
+echo "program run:      ${elapsed} s, cold cache"
+echo "chunks fetched:   $chunks_fetched of $chunks_nonzero non-zero ($(ratio "$((chunks_fetched * 100))" "$chunks_nonzero" %.1f)%)"
+echo "bytes fetched:    $((bytes_fetched >> 20)) MiB of $((image_bytes >> 20)) MiB image ($(ratio "$((bytes_fetched * 100))" "$image_bytes" %.1f)%)"

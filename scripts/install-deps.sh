@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Installs, with apt, the system tools that the tests, benchmarks and demo
+# need. Idempotent: when everything is already present it touches nothing
+# (no `apt-get update`), so repeated runs cost a fraction of a second.
+set -euo pipefail
+
+# "command package" pairs: a tool is present when the command is on PATH.
+# Most of these live in sbin, which a non-login root shell may lack.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+tools=(
+    "fusermount3 fuse3"      # fuser mounts through it
+    "mkfs.ext4 e2fsprogs"    # sample images, e2fsck in tests
+    "e2fsck e2fsprogs"
+    "fio fio"                # device benchmarks
+    "openssl openssl"        # the crypto bound in bench-crypto.sh
+    "losetup util-linux"     # loop devices over FUSE files and images
+    "findmnt util-linux"
+    "mountpoint util-linux"
+    "mount mount"
+    "umount mount"
+    "modprobe kmod"          # loading loop/fuse where they are modules
+    "jq jq"                  # reading --json output in scripts
+    "time time"              # /usr/bin/time for CPU time in benchmarks
+)
+# Packages with no command of their own, checked through dpkg.
+libraries=(
+    libclang-dev             # bindgen for the ublk bindings
+)
+
+missing=()
+for pair in "${tools[@]}"; do
+    read -r cmd pkg <<<"$pair"
+    # `time` is a shell keyword, so look for the binary itself.
+    if [[ $cmd == time ]]; then
+        [[ -x /usr/bin/time ]] || missing+=("$pkg")
+    elif ! command -v "$cmd" >/dev/null 2>&1; then
+        missing+=("$pkg")
+    fi
+done
+for pkg in "${libraries[@]}"; do
+    status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
+    [[ $status == "install ok installed" ]] || missing+=("$pkg")
+done
+
+if ((${#missing[@]} == 0)); then
+    echo "install-deps: all system dependencies present"
+    exit 0
+fi
+
+# One package can stand for several commands; install each once.
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+echo "install-deps: installing ${missing[*]}"
+if ((EUID != 0)); then
+    echo "install-deps: missing packages (${missing[*]}) and not root; run as root or install them by hand" >&2
+    exit 1
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "install-deps: missing packages (${missing[*]}) and no apt-get; install them by hand" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "install-deps: done"

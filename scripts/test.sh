@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, checks that the kernel can
+# run them, then runs formatting, lint, doc and every test target. Exits
+# non-zero on the first failure.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+. scripts/lib/common.sh
+section() { printf '\n==== %s ====\n' "$*"; }
+started=$SECONDS
+
+section "system dependencies"
+scripts/install-deps.sh
+
+section "kernel prerequisites (loop devices, FUSE)"
+ensure_kernel_devices
+echo "root, /dev/fuse, /dev/loop-control (next free: $(losetup -f)), ext4: ok"
+
+section "toolchain"
+cargo --version || die "cargo is not on PATH"
+cargo fmt --version >/dev/null 2>&1 || die "rustfmt is missing (rustup component add rustfmt)"
+cargo clippy --version >/dev/null 2>&1 || die "clippy is missing (rustup component add clippy)"
+rustc --version
+
+section "cargo fmt --check"
+cargo fmt --all -- --check
+
+section "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+
+section "cargo doc --no-deps (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
+
+section "cargo test --all-targets"
+# Bench targets run here too, each in a short smoke mode, so they stay
+# working between benchmark runs.
+cargo test --all-targets
+
+section "cargo test --doc"
+cargo test --doc
+
+section "done in $((SECONDS - started)) s"

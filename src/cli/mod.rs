@@ -1,0 +1,85 @@
+//! The command line: parsing, and turning library results into output.
+//! anyhow lives here and in main.rs only.
+
+mod device;
+mod keys;
+mod transfer;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Chunked, convergently encrypted disk images, served lazily as block devices.
+#[derive(Debug, Parser)]
+#[command(name = "lazyblk", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a new tenant key file (mode 0600).
+    Keygen {
+        /// Where to write the key; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Cut an image into sealed chunks and upload those the store lacks.
+    Push(transfer::PushArgs),
+    /// Rebuild an image from the store, verifying every chunk.
+    Export(transfer::ExportArgs),
+    /// Attach an image as a device served lazily from the store.
+    Add(device::AddArgs),
+    /// Flush and detach a device.
+    Del(device::DelArgs),
+    /// List running devices and their counters.
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The arguments every command that opens an image in a store takes.
+#[derive(Debug, Clone, Args)]
+pub struct ImageArgs {
+    /// The chunk store: a directory path.
+    #[arg(long)]
+    pub store: String,
+    /// The tenant key file (see `lazyblk keygen`).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// The image's manifest name in the store.
+    #[arg(long)]
+    pub name: String,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // A device process logs what it serves; a one-shot command only what went wrong.
+    let default_level = match &cli.command {
+        Command::Add(args) if args.foreground => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LAZYBLK_LOG")
+        .unwrap_or_else(|_| default_level.into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Keygen { out } => keys::keygen(&out),
+        Command::Push(args) => runtime()?.block_on(transfer::push(args)),
+        Command::Export(args) => runtime()?.block_on(transfer::export(args)),
+        Command::Add(args) => device::add(args),
+        Command::Del(args) => runtime()?.block_on(device::del(args)),
+        Command::List { json } => runtime()?.block_on(device::list(json)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("lazyblk-worker")
+        .build()?)
+}

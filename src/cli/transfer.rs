@@ -1,0 +1,164 @@
+//! `push` and `export`: progress on a terminal, a summary (or JSON) at the end.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::keys::load_key;
+use super::ImageArgs;
+use crate::chunk::{derive_salt, validate_chunk_size, validate_salt_domain, DEFAULT_CHUNK_SIZE};
+use crate::store::open_store;
+use crate::transfer::{self, PushOptions};
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The image: any regular file or block device.
+    pub image: PathBuf,
+    #[command(flatten)]
+    pub target: ImageArgs,
+    /// Salt domain; rotating it (per region, per month) bounds how far one
+    /// popular chunk is shared.
+    #[arg(long, default_value = "default", value_parser = parse_salt_domain)]
+    pub salt_domain: String,
+    /// An operator-wide salt secret file: chunks then deduplicate across
+    /// tenants that share it. Without it the salt comes from the tenant key.
+    #[arg(long)]
+    pub shared_salt: Option<PathBuf>,
+    /// Chunk size: a power of two from 64K to 4M (suffixes K and M allowed).
+    #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE, value_parser = parse_chunk_size)]
+    pub chunk_size: u32,
+    /// The digest of what the image was made from (64 hex digits, optionally
+    /// prefixed `sha256:`), recorded in the manifest.
+    #[arg(long, value_parser = parse_digest)]
+    pub source_digest: Option<[u8; 32]>,
+    /// Print one JSON object instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub source: ImageArgs,
+    /// Where to write the image (replaced atomically when complete).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn parse_salt_domain(s: &str) -> Result<String, String> {
+    validate_salt_domain(s).map(|()| s.to_owned())
+}
+
+fn parse_chunk_size(s: &str) -> Result<u32, String> {
+    let (digits, scale) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1024),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1024 * 1024),
+        _ => (s, 1),
+    };
+    let size = digits
+        .parse::<u32>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 524288, 512K, 1M)"))?;
+    validate_chunk_size(size).map(|()| size)
+}
+
+fn parse_digest(s: &str) -> Result<[u8; 32], String> {
+    let hex_digits = s.strip_prefix("sha256:").unwrap_or(s);
+    let mut digest = [0u8; 32];
+    hex::decode_to_slice(hex_digits, &mut digest)
+        .map_err(|_| format!("{s:?} is not a SHA-256 digest (64 hex digits)"))?;
+    Ok(digest)
+}
+
+fn progress_bar(message: &'static str) -> ProgressBar {
+    // indicatif draws only when stderr is a terminal.
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("template is valid")
+        .progress_chars("=> "),
+    );
+    bar.set_message(message);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+pub async fn push(args: PushArgs) -> anyhow::Result<()> {
+    let tenant = load_key(&args.target.key)?;
+    let salt_secret = match &args.shared_salt {
+        Some(path) => load_key(path).context("shared salt")?,
+        None => tenant.clone(),
+    };
+    let salt = derive_salt(&salt_secret.0, &args.salt_domain);
+    let store = open_store(&args.target.store)?;
+    let bar = progress_bar("push");
+    let options = PushOptions {
+        name: args.target.name.clone(),
+        salt_domain: args.salt_domain.clone(),
+        chunk_size: args.chunk_size,
+        source_digest: args.source_digest.unwrap_or([0; 32]),
+    };
+    let progress = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    let report = transfer::push(&args.image, store, &tenant, &salt, options, &progress)
+        .await
+        .with_context(|| format!("push {}", args.image.display()))?;
+    bar.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    let secs = report.elapsed_secs.max(1e-9);
+    println!("pushed {} as {:?}", args.image.display(), report.name);
+    println!(
+        "  image bytes      {} ({:.1} MiB)",
+        report.image_bytes,
+        mib(report.image_bytes)
+    );
+    println!("  chunk size       {}", report.chunk_size);
+    println!("  chunks total     {}", report.chunks_total);
+    println!("  zero chunks      {}", report.chunks_zero);
+    println!("  distinct chunks  {}", report.chunks_distinct);
+    println!("  already stored   {}", report.chunks_existing);
+    println!(
+        "  uploaded         {} chunks, {:.1} MiB",
+        report.chunks_uploaded,
+        mib(report.bytes_uploaded)
+    );
+    println!(
+        "  time             {:.2} s ({:.0} MB/s)",
+        report.elapsed_secs,
+        report.image_bytes as f64 / 1e6 / secs
+    );
+    Ok(())
+}
+
+pub async fn export(args: ExportArgs) -> anyhow::Result<()> {
+    let tenant = load_key(&args.source.key)?;
+    let store = open_store(&args.source.store)?;
+    let bar = progress_bar("export");
+    let progress = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    let report = transfer::export(store, &tenant, &args.source.name, &args.out, &progress)
+        .await
+        .with_context(|| format!("export {:?} to {}", args.source.name, args.out.display()))?;
+    bar.finish_and_clear();
+    println!(
+        "exported {:?} to {}: {}",
+        args.source.name,
+        args.out.display(),
+        serde_json::to_string(&report)?
+    );
+    Ok(())
+}

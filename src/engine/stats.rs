@@ -1,0 +1,138 @@
+//! Per-device counters.
+//!
+//! Counters are relaxed atomics touched on every request; the latency
+//! histogram sits behind a mutex because it is touched once per fetch, which
+//! costs far more than the lock.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// A snapshot of one device's counters, as `lazyblk list` prints them.
+///
+/// A *piece* is the part of one request that falls in one chunk: a 1 MiB
+/// read over 512 KiB chunks has two or three pieces.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineStats {
+    /// Size of the image in bytes.
+    pub image_bytes: u64,
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+    /// Chunks in the image.
+    pub chunks_total: u64,
+    /// Chunks the manifest marks all-zero (never fetched).
+    pub chunks_zero: u64,
+    /// Chunks held in the cache's data file (fetched or written).
+    pub chunks_present: u64,
+    /// Read requests received (including ones that failed).
+    pub read_requests: u64,
+    /// Bytes returned by successful reads.
+    pub read_bytes: u64,
+    /// Write requests received (including refused or failed ones).
+    pub write_requests: u64,
+    /// Bytes of successful writes.
+    pub write_bytes: u64,
+    /// Successful flushes.
+    pub flushes: u64,
+    /// Pieces that needed a chunk's stored bytes (every read piece, and
+    /// write pieces that keep part of a non-zero chunk) and found them
+    /// without waiting: the chunk was in the cache or all-zero.
+    pub cache_hits: u64,
+    /// Such pieces that had to wait for a fetch, whether they started it or
+    /// joined one already in flight.
+    pub cache_misses: u64,
+    /// Chunks fetched from the store, verified and stored in the cache.
+    pub chunks_fetched: u64,
+    /// Envelope bytes received from the store (including any that then
+    /// failed verification).
+    pub bytes_fetched: u64,
+    /// Fetches the store failed (not found, I/O, timeout).
+    pub fetch_errors: u64,
+    /// Fetched envelopes that failed their hash or authentication check.
+    pub integrity_failures: u64,
+    /// Median time of a successful fetch (store get, verify, decrypt,
+    /// write to the cache), in microseconds; 0 before the first fetch.
+    pub fetch_latency_p50_us: u64,
+    /// 99th percentile of the same, in microseconds.
+    pub fetch_latency_p99_us: u64,
+}
+
+/// The live counters behind [`EngineStats`].
+#[derive(Debug)]
+pub(crate) struct Counters {
+    pub read_requests: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_requests: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub chunks_fetched: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    pub fetch_errors: AtomicU64,
+    pub integrity_failures: AtomicU64,
+    latency_us: Mutex<Histogram<u64>>,
+}
+
+/// Adds `n` to a counter.
+pub(crate) fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+fn get(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+impl Counters {
+    pub fn new() -> Counters {
+        Counters {
+            read_requests: AtomicU64::new(0),
+            read_bytes: AtomicU64::new(0),
+            write_requests: AtomicU64::new(0),
+            write_bytes: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
+            chunks_fetched: AtomicU64::new(0),
+            bytes_fetched: AtomicU64::new(0),
+            fetch_errors: AtomicU64::new(0),
+            integrity_failures: AtomicU64::new(0),
+            // 1 µs to 1 hour at 3 significant digits: a few tens of KiB.
+            latency_us: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                    .expect("constant histogram bounds are valid"),
+            ),
+        }
+    }
+
+    pub fn record_fetch_latency(&self, elapsed: Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.latency_us
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .saturating_record(us.max(1));
+    }
+
+    /// Fills the counter fields of `stats`; the caller sets the geometry.
+    pub fn fill(&self, stats: &mut EngineStats) {
+        stats.read_requests = get(&self.read_requests);
+        stats.read_bytes = get(&self.read_bytes);
+        stats.write_requests = get(&self.write_requests);
+        stats.write_bytes = get(&self.write_bytes);
+        stats.flushes = get(&self.flushes);
+        stats.cache_hits = get(&self.cache_hits);
+        stats.cache_misses = get(&self.cache_misses);
+        stats.chunks_fetched = get(&self.chunks_fetched);
+        stats.bytes_fetched = get(&self.bytes_fetched);
+        stats.fetch_errors = get(&self.fetch_errors);
+        stats.integrity_failures = get(&self.integrity_failures);
+        let latency = self.latency_us.lock().unwrap_or_else(|e| e.into_inner());
+        if !latency.is_empty() {
+            stats.fetch_latency_p50_us = latency.value_at_quantile(0.5);
+            stats.fetch_latency_p99_us = latency.value_at_quantile(0.99);
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Test helpers shared by the engine's and the frontends' unit tests: an
+//! in-memory chunk store that counts, delays, blocks, fails and corrupts
+//! gets on demand, and sealed test images built with the real chunk code.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use tokio::sync::Notify;
+
+use crate::chunk::{
+    is_zero, manifest_digest, seal_chunk, ChunkId, Manifest, ManifestEntry, Salt, TenantKey,
+};
+use crate::store::{ChunkStore, StoreError};
+
+/// A chunk store in memory with knobs for misbehaving.
+#[derive(Debug, Default)]
+pub(crate) struct MemStore {
+    chunks: Mutex<HashMap<ChunkId, Bytes>>,
+    manifests: Mutex<HashMap<String, Bytes>>,
+    gets: AtomicU64,
+    gets_by_id: Mutex<HashMap<ChunkId, u64>>,
+    delay: Mutex<Option<Duration>>,
+    corrupt: Mutex<HashSet<ChunkId>>,
+    failing: Mutex<HashSet<ChunkId>>,
+    gates: Mutex<HashMap<ChunkId, Arc<Notify>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl MemStore {
+    /// Gets of any chunk so far.
+    pub fn gets(&self) -> u64 {
+        self.gets.load(Ordering::SeqCst)
+    }
+
+    /// Gets of `id` so far.
+    pub fn gets_of(&self, id: &ChunkId) -> u64 {
+        lock(&self.gets_by_id).get(id).copied().unwrap_or(0)
+    }
+
+    /// Every get sleeps this long before answering.
+    pub fn set_delay(&self, delay: Option<Duration>) {
+        *lock(&self.delay) = delay;
+    }
+
+    /// Gets of `id` answer with one bit flipped while `on`.
+    pub fn set_corrupt(&self, id: ChunkId, on: bool) {
+        toggle(&self.corrupt, id, on);
+    }
+
+    /// Gets of `id` fail with "not found" while `on`.
+    pub fn set_failing(&self, id: ChunkId, on: bool) {
+        toggle(&self.failing, id, on);
+    }
+
+    /// Gets of `id` wait until the returned `Notify` is notified (once per get).
+    pub fn gate(&self, id: ChunkId) -> Arc<Notify> {
+        Arc::clone(lock(&self.gates).entry(id).or_default())
+    }
+}
+
+fn toggle(set: &Mutex<HashSet<ChunkId>>, id: ChunkId, on: bool) {
+    if on {
+        lock(set).insert(id);
+    } else {
+        lock(set).remove(&id);
+    }
+}
+
+#[async_trait]
+impl ChunkStore for MemStore {
+    async fn get(&self, id: &ChunkId) -> Result<Bytes, StoreError> {
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        *lock(&self.gets_by_id).entry(*id).or_default() += 1;
+        let delay = *lock(&self.delay);
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        let gate = lock(&self.gates).get(id).cloned();
+        if let Some(gate) = gate {
+            gate.notified().await;
+        }
+        let not_found = || StoreError::ChunkNotFound {
+            store: self.describe(),
+            id: *id,
+        };
+        if lock(&self.failing).contains(id) {
+            return Err(not_found());
+        }
+        let envelope = lock(&self.chunks).get(id).cloned().ok_or_else(not_found)?;
+        if lock(&self.corrupt).contains(id) {
+            let mut bad = envelope.to_vec();
+            let mid = bad.len() / 2;
+            bad[mid] ^= 0x10;
+            return Ok(Bytes::from(bad));
+        }
+        Ok(envelope)
+    }
+
+    async fn put(&self, id: &ChunkId, envelope: Bytes) -> Result<(), StoreError> {
+        lock(&self.chunks).insert(*id, envelope);
+        Ok(())
+    }
+
+    async fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, StoreError> {
+        let chunks = lock(&self.chunks);
+        Ok(ids
+            .iter()
+            .filter(|id| !chunks.contains_key(id))
+            .copied()
+            .collect())
+    }
+
+    async fn list(&self) -> Result<Vec<ChunkId>, StoreError> {
+        Ok(lock(&self.chunks).keys().copied().collect())
+    }
+
+    async fn delete(&self, id: &ChunkId) -> Result<(), StoreError> {
+        lock(&self.chunks).remove(id);
+        Ok(())
+    }
+
+    async fn put_manifest(&self, name: &str, manifest: Bytes) -> Result<(), StoreError> {
+        lock(&self.manifests).insert(name.to_owned(), manifest);
+        Ok(())
+    }
+
+    async fn get_manifest(&self, name: &str) -> Result<Bytes, StoreError> {
+        lock(&self.manifests)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::ManifestNotFound {
+                store: self.describe(),
+                name: name.to_owned(),
+            })
+    }
+
+    fn describe(&self) -> String {
+        "memory store".into()
+    }
+}
+
+/// A sealed image: its manifest, the manifest's digest and a store holding
+/// its chunks.
+pub(crate) struct Fixture {
+    pub manifest: Manifest,
+    pub digest: [u8; 32],
+    pub store: Arc<MemStore>,
+}
+
+impl Fixture {
+    /// The id of chunk `index`; panics on a zero chunk.
+    pub fn id(&self, index: usize) -> ChunkId {
+        match &self.manifest.entries[index] {
+            ManifestEntry::Chunk { id, .. } => *id,
+            ManifestEntry::Zero => panic!("chunk {index} is a zero chunk"),
+        }
+    }
+}
+
+/// Cuts `image` into chunks, seals them into a fresh [`MemStore`] and
+/// builds the manifest, as a push would.
+pub(crate) fn seal_image(image: &[u8], chunk_size: u32) -> Fixture {
+    let salt = Salt([7; 32]);
+    let store = MemStore::default();
+    let mut entries = Vec::new();
+    for plaintext in image.chunks(chunk_size as usize) {
+        if is_zero(plaintext) {
+            entries.push(ManifestEntry::Zero);
+            continue;
+        }
+        let sealed = seal_chunk(&salt, plaintext);
+        lock(&store.chunks).insert(sealed.id, Bytes::from(sealed.envelope));
+        entries.push(ManifestEntry::Chunk {
+            id: sealed.id,
+            key: sealed.key,
+        });
+    }
+    let manifest = Manifest {
+        image_size: image.len() as u64,
+        chunk_size,
+        salt_domain: "test".into(),
+        source_digest: [0; 32],
+        entries,
+    };
+    let digest = manifest_digest(&manifest.seal(&TenantKey([1; 32])));
+    Fixture {
+        manifest,
+        digest,
+        store: Arc::new(store),
+    }
+}
+
+/// An image of `chunks` whole chunks plus `tail` bytes: a mix of random
+/// chunks, all-zero chunks and repeats of earlier chunks, so zero elision
+/// and deduplication are both exercised.
+pub(crate) fn sample_image(chunks: usize, tail: usize, chunk_size: u32, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let cs = chunk_size as usize;
+    let mut image = vec![0u8; chunks * cs + tail];
+    for i in 0..image.len().div_ceil(cs) {
+        let start = i * cs;
+        let end = (start + cs).min(image.len());
+        match i % 4 {
+            1 => {} // all zero
+            2 => {
+                // Mostly zero, with a few bytes set.
+                for _ in 0..8 {
+                    let at = rng.gen_range(start..end);
+                    image[at] = rng.gen_range(1..=255);
+                }
+            }
+            3 if i >= 4 && end - start == cs => {
+                let (before, rest) = image.split_at_mut(start);
+                rest[..cs].copy_from_slice(&before[start - 4 * cs..][..cs]);
+            }
+            _ => rng.fill(&mut image[start..end]),
+        }
+    }
+    image
+}

@@ -1,0 +1,284 @@
+//! Shared fixtures for the kernel-facing integration tests: the real
+//! `lazyblk` binary, real ext4 images from `mkfs.ext4 -d`, FUSE and loop mounts.
+//!
+//! These tests need root, /dev/fuse, loop devices, `fusermount3` and
+//! e2fsprogs (`scripts/install-deps.sh` installs them). A missing
+//! prerequisite fails the test with a message saying what is missing.
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tempfile::TempDir;
+
+pub const MARKER: &str = "LAZYBLK-PLAINTEXT-MARKER-6b1f0c2e";
+
+/// Panics with a clear message unless this host can run the kernel tests.
+pub fn require_kernel_prerequisites() {
+    let euid = fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX);
+    assert_eq!(euid, 0, "kernel integration tests need root (loop mounts)");
+    for path in ["/dev/fuse", "/dev/loop-control"] {
+        assert!(
+            Path::new(path).exists(),
+            "kernel integration tests need {path}"
+        );
+    }
+    for tool in ["fusermount3", "mkfs.ext4", "e2fsck", "mount", "umount"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(
+            found,
+            "kernel integration tests need `{tool}` (run scripts/install-deps.sh)"
+        );
+    }
+}
+
+/// Runs a command and panics with its output if it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// One test's world: its own store, key, run directory and mounts, torn
+/// down on drop even when the test fails.
+pub struct World {
+    pub dir: TempDir,
+    mounts: std::cell::RefCell<Vec<PathBuf>>,
+}
+
+impl World {
+    pub fn new() -> World {
+        require_kernel_prerequisites();
+        let world = World {
+            dir: tempfile::tempdir().expect("tempdir"),
+            mounts: Default::default(),
+        };
+        fs::create_dir_all(world.run_dir()).unwrap();
+        run(world.lazyblk().args(["keygen", "--out"]).arg(world.key()));
+        world
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn key(&self) -> PathBuf {
+        self.path("tenant.key")
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.path("store")
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.path("run")
+    }
+
+    /// The binary under test, with this world's run directory.
+    pub fn lazyblk(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazyblk"));
+        cmd.env("LAZYBLK_RUN_DIR", self.run_dir());
+        cmd
+    }
+
+    pub fn push(&self, image: &Path, name: &str) -> serde_json::Value {
+        let out = run(self
+            .lazyblk()
+            .arg("push")
+            .arg(image)
+            .arg("--store")
+            .arg(self.store())
+            .arg("--key")
+            .arg(self.key())
+            .args(["--name", name, "--json"]));
+        serde_json::from_slice(&out.stdout).expect("push --json prints JSON")
+    }
+
+    /// `add --fuse` at a fresh mountpoint; returns the mountpoint.
+    pub fn add(&self, name: &str, cache: &str, mountpoint: &str, read_only: bool) -> PathBuf {
+        let mnt = self.path(mountpoint);
+        fs::create_dir_all(&mnt).unwrap();
+        let mut cmd = self.lazyblk();
+        cmd.arg("add")
+            .arg("--store")
+            .arg(self.store())
+            .arg("--key")
+            .arg(self.key())
+            .args(["--name", name])
+            .arg("--cache-dir")
+            .arg(self.path(cache))
+            .arg("--fuse")
+            .arg(&mnt);
+        if read_only {
+            cmd.arg("--read-only");
+        }
+        run(&mut cmd);
+        self.mounts.borrow_mut().push(mnt.clone());
+        mnt
+    }
+
+    pub fn del(&self, mnt: &Path) {
+        run(self.lazyblk().arg("del").arg("--fuse").arg(mnt));
+        self.mounts.borrow_mut().retain(|m| m != mnt);
+    }
+
+    /// The device at `mnt` as `lazyblk list --json` reports it.
+    pub fn device(&self, mnt: &Path) -> serde_json::Value {
+        let out = run(self.lazyblk().args(["list", "--json"]));
+        let devices: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("list --json prints JSON");
+        let mnt = mnt.canonicalize().unwrap();
+        devices
+            .as_array()
+            .expect("an array")
+            .iter()
+            .find(|d| d["target"].as_str() == Some(mnt.to_str().unwrap()))
+            .unwrap_or_else(|| panic!("no device at {} in {devices}", mnt.display()))
+            .clone()
+    }
+
+    /// Loop-mounts `MNT/disk` at a fresh directory.
+    pub fn mount_loop(&self, fuse_mnt: &Path, at: &str, read_only: bool) -> PathBuf {
+        let target = self.path(at);
+        fs::create_dir_all(&target).unwrap();
+        let options = if read_only { "loop,ro" } else { "loop" };
+        run(Command::new("mount")
+            .args(["-o", options])
+            .arg(fuse_mnt.join("disk"))
+            .arg(&target));
+        self.mounts.borrow_mut().push(target.clone());
+        target
+    }
+
+    pub fn umount(&self, target: &Path) {
+        run(Command::new("umount").arg(target));
+        self.mounts.borrow_mut().retain(|m| m != target);
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        // Innermost mounts first: loop-mounted filesystems, then FUSE.
+        for mnt in self.mounts.borrow().iter().rev() {
+            let _ = Command::new("umount").arg(mnt).output();
+            let _ = Command::new(env!("CARGO_BIN_EXE_lazyblk"))
+                .env("LAZYBLK_RUN_DIR", self.run_dir())
+                .arg("del")
+                .arg("--fuse")
+                .arg(mnt)
+                .output();
+            let _ = Command::new("umount").arg("-l").arg(mnt).output();
+        }
+    }
+}
+
+/// A deterministic byte stream, so failures reproduce.
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// A tree of a few hundred files of assorted sizes, nested directories,
+/// symlinks, a large file and the plaintext marker.
+pub fn make_tree(root: &Path) {
+    fs::create_dir_all(root).unwrap();
+    for d in 0..12 {
+        let dir = root.join(format!("dir{d:02}/sub{}", d % 3));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..25 {
+            let size = [0, 1, 100, 4095, 4096, 5000, 70_000, 300_000][(d + f) % 8];
+            let path = dir.join(format!("file{f:03}.bin"));
+            fs::write(&path, pseudo_random((d * 100 + f) as u64, size)).unwrap();
+            fs::set_permissions(
+                &path,
+                fs::Permissions::from_mode([0o644, 0o600, 0o755, 0o640][f % 4]),
+            )
+            .unwrap();
+        }
+        symlink(
+            format!("sub{}/file000.bin", d % 3),
+            root.join(format!("dir{d:02}/link")),
+        )
+        .unwrap();
+    }
+    symlink("/nonexistent/target", root.join("dangling")).unwrap();
+    fs::write(root.join("large.bin"), pseudo_random(7, 24 << 20)).unwrap();
+    fs::write(root.join("marker.txt"), MARKER.repeat(64)).unwrap();
+}
+
+/// `mkfs.ext4 -d tree` into an image of `size_mib`.
+pub fn make_ext4(tree: &Path, image: &Path, size_mib: u64) {
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-d"])
+        .arg(tree)
+        .arg(image)
+        .arg(format!("{size_mib}M")));
+}
+
+/// Asserts that every entry of `expected` is in `actual` with the same
+/// type, permissions, owner, size, mtime, bytes or link target; returns how
+/// many entries were compared.
+pub fn assert_same_tree(expected: &Path, actual: &Path) -> usize {
+    let mut checked = 0;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for entry in fs::read_dir(expected.join(&rel)).unwrap() {
+            let rel = rel.join(entry.unwrap().file_name());
+            let (e, a) = (expected.join(&rel), actual.join(&rel));
+            let em = fs::symlink_metadata(&e).unwrap();
+            let am =
+                fs::symlink_metadata(&a).unwrap_or_else(|err| panic!("{}: {err}", a.display()));
+            assert_eq!(em.file_type(), am.file_type(), "{}", rel.display());
+            assert_eq!(em.mode(), am.mode(), "mode of {}", rel.display());
+            assert_eq!(
+                (em.uid(), em.gid()),
+                (am.uid(), am.gid()),
+                "owner of {}",
+                rel.display()
+            );
+            if em.is_dir() {
+                stack.push(rel);
+            } else if em.file_type().is_symlink() {
+                assert_eq!(
+                    fs::read_link(&e).unwrap(),
+                    fs::read_link(&a).unwrap(),
+                    "{}",
+                    rel.display()
+                );
+            } else {
+                assert_eq!(em.len(), am.len(), "size of {}", rel.display());
+                assert_eq!(em.mtime(), am.mtime(), "mtime of {}", rel.display());
+                assert!(
+                    fs::read(&e).unwrap() == fs::read(&a).unwrap(),
+                    "bytes of {}",
+                    rel.display()
+                );
+            }
+            checked += 1;
+        }
+    }
+    checked
+}
