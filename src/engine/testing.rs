@@ -147,6 +147,14 @@ impl ChunkStore for MemStore {
     }
 }
 
+/// Awaits `future`, failing the test instead of hanging if it takes more
+/// than ten seconds (a gated fetch that is never released, say).
+pub(crate) async fn within<F: std::future::Future>(future: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(10), future)
+        .await
+        .expect("timed out: something waits on a fetch that will never finish")
+}
+
 /// A sealed image: its manifest, the manifest's digest and a store holding
 /// its chunks.
 pub(crate) struct Fixture {

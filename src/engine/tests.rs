@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 
-use super::testing::{sample_image, seal_image, Fixture};
+use super::testing::{sample_image, seal_image, within, Fixture};
 use super::*;
 use crate::error::ErrorKind;
 
@@ -125,7 +125,7 @@ async fn concurrent_readers_of_a_cold_chunk_share_one_fetch() {
         let engine = Arc::clone(&engine);
         tokio::spawn(async move { engine.read(3 * CS as u64 + i * 1000, 4096).await })
     });
-    for (i, result) in join_all(readers).await.into_iter().enumerate() {
+    for (i, result) in within(join_all(readers)).await.into_iter().enumerate() {
         let at = 3 * CSU + i * 1000;
         assert!(result.unwrap().unwrap() == image[at..at + 4096]);
     }
@@ -144,7 +144,7 @@ async fn a_cancelled_reader_does_not_cancel_the_fetch() {
     let first = tokio::time::timeout(Duration::from_millis(50), engine.read(0, 10)).await;
     assert!(first.is_err(), "the gated read should have timed out");
     gate.notify_one();
-    assert!(engine.read(0, 10).await.unwrap() == image[..10]);
+    assert!(within(engine.read(0, 10)).await.unwrap() == image[..10]);
     assert_eq!(fx.store.gets(), 1);
 }
 
@@ -159,9 +159,12 @@ async fn present_chunks_are_served_while_another_fetch_is_blocked() {
         let engine = Arc::clone(&engine);
         tokio::spawn(async move { engine.read(4 * CS as u64, CSU).await })
     };
-    while fx.store.gets_of(&fx.id(4)) == 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    within(async {
+        while fx.store.gets_of(&fx.id(4)) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
     let quick = tokio::time::timeout(Duration::from_secs(2), engine.read(100, 5000))
         .await
         .expect("a present chunk waited behind a blocked fetch")
@@ -175,7 +178,7 @@ async fn present_chunks_are_served_while_another_fetch_is_blocked() {
     assert!(buf == image[CSU - 50..CSU + 50]);
     assert!(!blocked.is_finished());
     gate.notify_one();
-    assert!(blocked.await.unwrap().unwrap() == image[4 * CSU..5 * CSU]);
+    assert!(within(blocked).await.unwrap().unwrap() == image[4 * CSU..5 * CSU]);
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::testing::{sample_image, seal_image, Fixture};
+use super::testing::{sample_image, seal_image, within, Fixture};
 use super::*;
 use crate::cache::CacheError;
 use crate::error::ErrorKind;
@@ -150,9 +150,12 @@ async fn a_whole_chunk_write_waits_for_a_fetch_in_flight() {
         let engine = Arc::clone(&engine);
         tokio::spawn(async move { engine.read(4 * CS as u64, 10).await })
     };
-    while fx.store.gets_of(&fx.id(4)) == 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    within(async {
+        while fx.store.gets_of(&fx.id(4)) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
     let writer = {
         let engine = Arc::clone(&engine);
         tokio::spawn(async move { engine.write(4 * CS as u64, &vec![0xEE; CSU]).await })
@@ -160,10 +163,10 @@ async fn a_whole_chunk_write_waits_for_a_fetch_in_flight() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!writer.is_finished(), "the write overtook the fetch");
     gate.notify_one();
-    reader.await.unwrap().unwrap();
-    writer.await.unwrap().unwrap();
+    within(reader).await.unwrap().unwrap();
+    within(writer).await.unwrap().unwrap();
     model[4 * CSU..5 * CSU].fill(0xEE);
-    assert!(engine.read(0, model.len()).await.unwrap() == model);
+    assert!(within(engine.read(0, model.len())).await.unwrap() == model);
     assert_eq!(
         fx.store.gets(),
         7,
@@ -216,9 +219,9 @@ async fn sigkill_child() {
     engine.read(4 * CSU as u64, 10).await.unwrap();
     engine.flush().await.unwrap();
     println!("FLUSHED");
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    // Killed long before this; the bound only keeps a lost child from
+    // living on.
+    tokio::time::sleep(Duration::from_secs(120)).await;
 }
 
 #[test]
