@@ -19,6 +19,8 @@ set -euo pipefail
 cd "$REPO_ROOT"
 
 "$REPO_ROOT/scripts/install-deps.sh" >&2
+# Other work on the machine moves every figure: the report records it.
+load=$(cut -d' ' -f1-3 /proc/loadavg)
 
 openssl_seconds=${OPENSSL_SECONDS:-3}
 openssl_runs=${OPENSSL_RUNS:-3}
@@ -65,7 +67,7 @@ row() { # name, MB/s, bound, what the bound is
 cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 echo "## Crypto throughput, single core"
 echo
-echo "Machine: ${cpu:-unknown CPU}, $(nproc) cores; $(openssl version | cut -d' ' -f1-2); $(rustc --version | cut -d' ' -f1-2)."
+echo "Machine: ${cpu:-unknown CPU}, $(nproc) cores; $(openssl version | cut -d' ' -f1-2); $(rustc --version | cut -d' ' -f1-2); load average before the run: $load."
 echo "Command: \`scripts/bench-crypto.sh\` (\`cargo bench --bench crypto\` on $((fig[bytes] >> 20)) MiB of random data in 512 KiB chunks, best of ${LAZYBLK_BENCH_ROUNDS:-3} passes; best of $openssl_runs runs of \`openssl speed -bytes 524288 -seconds $openssl_seconds -evp ...\`). MB = 10^6 bytes."
 echo
 echo "| figure | MB/s | bound MB/s | ratio | bound |"
