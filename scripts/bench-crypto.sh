@@ -108,8 +108,9 @@ read -r elapsed user sys <"$work/time"
 image_bytes=$(jq -r .image_bytes "$work/push.json")
 uploaded=$(jq -r .chunks_uploaded "$work/push.json")
 cpu_s=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f\n", u + s }')
-wall_mbps=$(awk -v b="$image_bytes" -v t="$elapsed" 'BEGIN { printf "%.1f\n", t > 0 ? b / t / 1e6 : 0 }')
-core_mbps=$(awk -v b="$image_bytes" -v t="$cpu_s" 'BEGIN { printf "%.1f\n", t > 0 ? b / t / 1e6 : 0 }')
+# Parenthesised: a bare ">" after printf would be awk's output redirection.
+wall_mbps=$(awk -v b="$image_bytes" -v t="$elapsed" 'BEGIN { printf "%.1f\n", (t > 0 ? b / t / 1e6 : 0) }')
+core_mbps=$(awk -v b="$image_bytes" -v t="$cpu_s" 'BEGIN { printf "%.1f\n", (t > 0 ? b / t / 1e6 : 0) }')
 
 echo "Command: \`lazyblk push IMAGE --store DIR --key KEY --name bench --json\` of $((image_bytes >> 20)) MiB from /dev/urandom into a fresh directory store on tmpfs ($uploaded chunks uploaded), timed with \`/usr/bin/time\`. Per core = bytes / (user + system CPU seconds)."
 echo
