@@ -19,6 +19,8 @@ set -euo pipefail
 cd "$REPO_ROOT"
 
 "$REPO_ROOT/scripts/install-deps.sh" >&2
+# Other work on the machine moves every figure: the report records it.
+load=$(cut -d' ' -f1-3 /proc/loadavg)
 
 openssl_seconds=${OPENSSL_SECONDS:-3}
 openssl_runs=${OPENSSL_RUNS:-3}
@@ -65,7 +67,7 @@ row() { # name, MB/s, bound, what the bound is
 cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 echo "## Crypto throughput, single core"
 echo
-echo "Machine: ${cpu:-unknown CPU}, $(nproc) cores; $(openssl version | cut -d' ' -f1-2); $(rustc --version | cut -d' ' -f1-2)."
+echo "Machine: ${cpu:-unknown CPU}, $(nproc) cores; $(openssl version | cut -d' ' -f1-2); $(rustc --version | cut -d' ' -f1-2); load average before the run: $load."
 echo "Command: \`scripts/bench-crypto.sh\` (\`cargo bench --bench crypto\` on $((fig[bytes] >> 20)) MiB of random data in 512 KiB chunks, best of ${LAZYBLK_BENCH_ROUNDS:-3} passes; best of $openssl_runs runs of \`openssl speed -bytes 524288 -seconds $openssl_seconds -evp ...\`). MB = 10^6 bytes."
 echo
 echo "| figure | MB/s | bound MB/s | ratio | bound |"
@@ -106,8 +108,9 @@ read -r elapsed user sys <"$work/time"
 image_bytes=$(jq -r .image_bytes "$work/push.json")
 uploaded=$(jq -r .chunks_uploaded "$work/push.json")
 cpu_s=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f\n", u + s }')
-wall_mbps=$(awk -v b="$image_bytes" -v t="$elapsed" 'BEGIN { printf "%.1f\n", t > 0 ? b / t / 1e6 : 0 }')
-core_mbps=$(awk -v b="$image_bytes" -v t="$cpu_s" 'BEGIN { printf "%.1f\n", t > 0 ? b / t / 1e6 : 0 }')
+# Parenthesised: a bare ">" after printf would be awk's output redirection.
+wall_mbps=$(awk -v b="$image_bytes" -v t="$elapsed" 'BEGIN { printf "%.1f\n", (t > 0 ? b / t / 1e6 : 0) }')
+core_mbps=$(awk -v b="$image_bytes" -v t="$cpu_s" 'BEGIN { printf "%.1f\n", (t > 0 ? b / t / 1e6 : 0) }')
 
 echo "Command: \`lazyblk push IMAGE --store DIR --key KEY --name bench --json\` of $((image_bytes >> 20)) MiB from /dev/urandom into a fresh directory store on tmpfs ($uploaded chunks uploaded), timed with \`/usr/bin/time\`. Per core = bytes / (user + system CPU seconds)."
 echo

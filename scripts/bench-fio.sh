@@ -12,7 +12,10 @@
 #   rand: 4 KiB random reads, queue depth 32, for FIO_RUNTIME seconds.
 # Cold: page cache dropped and, for lazyblk, a fresh cache directory, so
 # every chunk is fetched from the store on first touch. Warm: the same job
-# again right after.
+# after one full sequential read of the device, so the whole image is in the
+# page cache (baseline) or in the cache directory (lazyblk): a random job
+# alone leaves the baseline only partly cached and would flatter lazyblk,
+# which fetches whole chunks.
 #
 # Environment: LAZYBLK_BENCH_DIR (default /var/tmp/lazyblk-bench-fio, on
 # disk like a real store), LAZYBLK_FIO_IMAGE (default 1G), FIO_RUNTIME
@@ -26,6 +29,8 @@ image_size=${LAZYBLK_FIO_IMAGE:-1G}
 runtime=${FIO_RUNTIME:-10}
 
 "$REPO_ROOT/scripts/install-deps.sh" >&2
+# Other work on the machine moves every figure: the report records it.
+load=$(cut -d' ' -f1-3 /proc/loadavg)
 ensure_kernel_devices
 note "cargo build --release"
 bin=$(build_release)
@@ -86,6 +91,11 @@ attach_loop() {
     loops+=("$loop_dev")
 }
 
+# Reads the whole device once, as the warm-up before a warm run.
+read_all() {
+    dd if="$1" of=/dev/null bs=1M iflag=direct status=none || die "reading all of $1 failed"
+}
+
 drop_caches() {
     sync
     echo 3 >/proc/sys/vm/drop_caches
@@ -112,6 +122,7 @@ measure_baseline() {
     drop_caches
     note "baseline $job cold"
     result[base_${job}_cold]=$(run_fio "$loop_dev" "$job")
+    read_all "$loop_dev"
     note "baseline $job warm"
     result[base_${job}_warm]=$(run_fio "$loop_dev" "$job")
     detach_loops
@@ -126,6 +137,7 @@ measure_lazy() {
     drop_caches
     note "lazyblk $job cold"
     result[lazy_${job}_cold]=$(run_fio "$loop_dev" "$job")
+    read_all "$loop_dev"
     note "lazyblk $job warm"
     result[lazy_${job}_warm]=$(run_fio "$loop_dev" "$job")
     detach_loops
@@ -168,7 +180,7 @@ row() { # label, job_temp, field, unit
 
 echo "## Reads through FUSE + loop vs loop over the plain image"
 echo
-echo "Command: \`scripts/bench-fio.sh\`: $((image_bytes >> 20)) MiB random image, both targets read through \`losetup -r --direct-io=off\`; fio $(fio --version) with \`--ioengine=io_uring --direct=1\`; seq = \`--rw=read --bs=1M --iodepth=8\` over the whole device, rand = \`--rw=randread --bs=4k --iodepth=32 --runtime=$runtime --time_based\`. Cold = page cache dropped and, for lazyblk, a fresh cache directory; warm = the same job again. Ratio = lazyblk / baseline (for IOPS and MB/s higher is better, for latency lower)."
+echo "Command: \`scripts/bench-fio.sh\`: $((image_bytes >> 20)) MiB random image, both targets read through \`losetup -r --direct-io=off\`; fio $(fio --version) with \`--ioengine=io_uring --direct=1\`; seq = \`--rw=read --bs=1M --iodepth=8\` over the whole device, rand = \`--rw=randread --bs=4k --iodepth=32 --runtime=$runtime --time_based\`. Cold = page cache dropped and, for lazyblk, a fresh cache directory; warm = the same job after one full sequential read of the device. Load average before the run: $load. Ratio = lazyblk / baseline (for IOPS and MB/s higher is better, for latency lower)."
 echo
 echo "| job | baseline: loop over image file | lazyblk: FUSE + loop | ratio |"
 echo "| --- | ---: | ---: | ---: |"

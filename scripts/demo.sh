@@ -122,13 +122,39 @@ elif [[ -e /dev/ublk-control ]]; then
 else
     echo "no /dev/ublk-control (this kernel has no ublk): using FUSE + loop"
 fi
+attach_start=$(date +%s.%N)
 "$bin" add --store "$store" --key "$key" --name demo --cache-dir "$cache" --fuse "$mnt" --read-only
 [[ -f $mnt/disk ]] || die "lazyblk add returned but $mnt/disk does not exist"
 mount -o loop,ro "$mnt/disk" "$rootfs"
 echo "$mnt/disk ($(stat -c %s "$mnt/disk") bytes) mounted read-only on $rootfs"
 
-step "run from the lazily loaded filesystem"
-start=$(date +%s.%N)
+# The device's counters, from `lazyblk list --json`: an array of device
+# records, each with its counters under "stats"; ours is the one presented
+# at our mountpoint. Prints "chunks_fetched bytes_fetched".
+fetched_so_far() {
+    local list device
+    list=$("$bin" list --json) || die "lazyblk list --json failed"
+    printf '%s\n' "$list" >"$demo_dir/list.json"
+    device=$(jq -c --arg mnt "$(realpath "$mnt")" 'map(select(.target == $mnt)) | first | .stats // empty' <<<"$list")
+    [[ -n $device ]] || die "lazyblk list --json shows no device at $mnt: $list"
+    jq -r '"\(.chunks_fetched) \(.bytes_fetched)"' <<<"$device" | grep -E '^[0-9]+ [0-9]+$' ||
+        die "lazyblk list --json has no chunks_fetched/bytes_fetched counters: $device"
+}
+
+now() { date +%s.%N; }
+since() { awk -v s="$1" -v e="$(now)" 'BEGIN { printf "%.2f", e - s }'; }
+
+# Each stage's time and the counters after it, for the summary.
+stages=()
+record_stage() { # label, seconds
+    local counters
+    counters=$(fetched_so_far)
+    stages+=("$1|$2|$counters")
+}
+record_stage "add + mount (superblock, group descriptors, root directory)" "$(since "$attach_start")"
+
+step "run a program from the lazily loaded filesystem"
+start=$(now)
 if [[ -n $python ]]; then
     # The interpreter finds its standard library next to itself, inside the
     # mounted image; -I keeps the host's site-packages and environment out.
@@ -137,27 +163,29 @@ import sys, json, email.parser, http.client, decimal, sqlite3
 print("Python", sys.version.split()[0], "from", sys.prefix)
 print("sqlite", sqlite3.sqlite_version, "| 2/3 =", decimal.Decimal(2) / decimal.Decimal(3))
 '
+    record_stage "start ${python#/usr/bin/} from the image, import 6 modules" "$(since "$start")"
 else
-    echo "(no Debian python3 on this host: reading files instead)"
+    echo "(no Debian python3 on this host: only reading files)"
 fi
+
+step "walk every file's metadata, hash a few files"
+start=$(now)
 echo "files in the image: $(find "$rootfs" -type f | wc -l)"
 sha256sum "$rootfs"/data/small/file-00[1-3] "$rootfs/data/link-to-first"
-elapsed=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.2f", e - s }')
+record_stage "find over all $files files, sha256sum of 3" "$(since "$start")"
 
 step "lazyblk list --json"
-"$bin" list --json >"$demo_dir/list.json"
 jq . "$demo_dir/list.json"
-# `list --json` is an array of device records, each with its counters
-# under "stats"; ours is the one presented at our mountpoint.
-device=$(jq -c --arg mnt "$(realpath "$mnt")" 'map(select(.target == $mnt)) | first | .stats // empty' "$demo_dir/list.json")
-[[ -n $device ]] || die "lazyblk list --json shows no device at $mnt"
-chunks_fetched=$(jq -r .chunks_fetched <<<"$device")
-bytes_fetched=$(jq -r .bytes_fetched <<<"$device")
-[[ $chunks_fetched =~ ^[0-9]+$ && $bytes_fetched =~ ^[0-9]+$ ]] ||
-    die "lazyblk list --json has no chunks_fetched/bytes_fetched counters for the device: $device"
 
-step "summary"
-echo "image:            $((image_bytes >> 20)) MiB, $chunks_total chunks of which $chunks_nonzero hold data"
-echo "program run:      ${elapsed} s, cold cache"
-echo "chunks fetched:   $chunks_fetched of $chunks_nonzero non-zero ($(ratio "$((chunks_fetched * 100))" "$chunks_nonzero" %.1f)%)"
-echo "bytes fetched:    $((bytes_fetched >> 20)) MiB of $((image_bytes >> 20)) MiB image ($(ratio "$((bytes_fetched * 100))" "$image_bytes" %.1f)%)"
+step "summary: what was fetched, cumulatively, from a cold cache"
+echo "image: $((image_bytes >> 20)) MiB in $chunks_total chunks of $(($(jq -r .chunk_size "$demo_dir/push.json") >> 10)) KiB, $chunks_nonzero of them non-zero (stored)"
+echo
+echo "| after | seconds | chunks fetched | of non-zero | MiB fetched | of image |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+for stage in "${stages[@]}"; do
+    IFS='|' read -r label seconds counters <<<"$stage"
+    read -r chunks bytes <<<"$counters"
+    printf '| %s | %s | %s | %s%% | %s | %s%% |\n' "$label" "$seconds" "$chunks" \
+        "$(ratio "$((chunks * 100))" "$chunks_nonzero" %.1f)" "$((bytes >> 20))" \
+        "$(ratio "$((bytes * 100))" "$image_bytes" %.1f)"
+done
