@@ -65,6 +65,8 @@ pub fn add(args: AddArgs) -> anyhow::Result<()> {
         .append(true)
         .open(&log_path)
         .with_context(|| format!("open log {}", log_path.display()))?;
+    // The log is appended to across runs; on failure show only this run's lines.
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     let mut child =
         std::process::Command::new(std::env::current_exe().context("find own executable")?)
             .args(std::env::args_os().skip(1))
@@ -91,8 +93,9 @@ pub fn add(args: AddArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let status = child.wait().context("wait for the device process")?;
-    let log_text = std::fs::read_to_string(&log_path).unwrap_or_default();
-    let tail: Vec<&str> = log_text.lines().rev().take(5).collect();
+    let log_text = std::fs::read(&log_path).unwrap_or_default();
+    let log_text = String::from_utf8_lossy(log_text.get(log_start as usize..).unwrap_or_default());
+    let tail: Vec<&str> = log_text.lines().rev().take(10).collect();
     bail!(
         "device process exited ({status}) before it was ready; last log lines:\n{}",
         tail.into_iter().rev().collect::<Vec<_>>().join("\n")
