@@ -210,3 +210,63 @@ fn a_key_readable_by_others_is_refused() {
         "{stderr}"
     );
 }
+
+#[test]
+fn fetched_chunks_are_checkpointed_and_survive_sigkill() {
+    let world = World::new();
+    let image = world.path("image.raw");
+    let bytes = pseudo_random(11, 4 << 20);
+    fs::write(&image, &bytes).unwrap();
+    world.push(&image, "ro");
+
+    let fuse = world.add("ro", "cache", "fuse", true);
+    let bitmap = world.path("cache").join("present");
+    let before = fs::metadata(&bitmap).unwrap().modified().unwrap();
+    let mut disk = fs::File::open(fuse.join("disk")).unwrap();
+    let mut head = vec![0u8; 1 << 20];
+    disk.read_exact(&mut head).unwrap();
+    drop(disk);
+    assert!(head == bytes[..1 << 20]);
+    let fetched = stat_u64(&world.device(&fuse), "chunks_fetched");
+    assert!(fetched >= 2, "{fetched}");
+
+    // A read-only device never flushes; its periodic checkpoint records the fetches.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while fs::metadata(&bitmap).unwrap().modified().unwrap() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let pid = world.device(&fuse)["pid"].as_u64().unwrap();
+    run(Command::new("kill").args(["-KILL", &pid.to_string()]));
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    run(Command::new("umount").arg("-l").arg(&fuse));
+
+    let fuse = world.add("ro", "cache", "fuse2", true);
+    let device = world.device(&fuse);
+    assert!(stat_u64(&device, "chunks_present") >= 2, "{device}");
+    let mut disk = fs::File::open(fuse.join("disk")).unwrap();
+    disk.read_exact(&mut head).unwrap();
+    assert!(head == bytes[..1 << 20]);
+    assert_eq!(stat_u64(&world.device(&fuse), "chunks_fetched"), 0);
+
+    // An open file keeps the device busy: del refuses and the device stays up.
+    let out = world
+        .lazyblk()
+        .arg("del")
+        .arg("--fuse")
+        .arg(&fuse)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("busy"),
+        "{out:?}"
+    );
+    drop(disk);
+    world.del(&fuse);
+}

@@ -26,6 +26,9 @@ use crate::store::open_store;
 
 const READY_LINE: &str = "ready";
 const LOG_FILE_NAME: &str = "daemon.log";
+/// How often fetched chunks are recorded in the cache's bitmap, bounding
+/// what a crash makes the device fetch again.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Args)]
 pub struct AddArgs {
@@ -180,6 +183,7 @@ async fn serve(args: AddArgs) -> anyhow::Result<()> {
         writeln!(stdout, "{READY_LINE}").and_then(|()| stdout.flush())?;
     }
 
+    let checkpoints = tokio::spawn(checkpoint_every(engine.clone(), CHECKPOINT_INTERVAL));
     let session_device = device.clone();
     let mut session = tokio::task::spawn_blocking(move || session_device.wait());
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -195,6 +199,7 @@ async fn serve(args: AddArgs) -> anyhow::Result<()> {
         }
     };
     control_task.abort();
+    checkpoints.abort();
     let flushed = engine.flush().await;
     DeviceRecord::remove(&run_dir, pid);
     tracing::info!(stats = ?engine.stats(), "device stopped");
@@ -203,6 +208,17 @@ async fn serve(args: AddArgs) -> anyhow::Result<()> {
         .context("FUSE session")?;
     flushed.context("final flush")?;
     Ok(())
+}
+
+async fn checkpoint_every(engine: Arc<Engine>, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if let Err(e) = engine.checkpoint().await {
+            tracing::warn!("checkpoint of the cache: {e}");
+        }
+    }
 }
 
 pub async fn del(args: DelArgs) -> anyhow::Result<()> {

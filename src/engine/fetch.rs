@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 
 use super::stats::add;
 use super::{Engine, EngineError};
-use crate::chunk::{open_chunk, ChunkId, ChunkKey, ManifestEntry};
+use crate::chunk::{open_chunk_in_place, ChunkId, ChunkKey, ManifestEntry};
 
 /// Completes when a fill of one chunk ends. `Ok` means only "go and look
 /// again": the caller re-checks the present bit.
@@ -184,7 +184,12 @@ impl Engine {
         key: &ChunkKey,
         envelope: Bytes,
     ) -> Result<(), EngineError> {
-        let plaintext = open_chunk(id, key, Vec::from(envelope)).map_err(|source| {
+        // Decrypt in the store's own buffer when no one else holds it (the
+        // directory store hands out aligned, unshared buffers): no copy.
+        let mut envelope = envelope
+            .try_into_mut()
+            .unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
+        let plaintext = open_chunk_in_place(id, key, &mut envelope).map_err(|source| {
             EngineError::VerifyChunk {
                 index,
                 source: Arc::new(source),
@@ -200,7 +205,7 @@ impl Engine {
             });
         }
         self.cache
-            .write_at(&plaintext, index * self.chunk_size())
+            .write_at(plaintext, index * self.chunk_size())
             .map_err(|source| EngineError::FillCache {
                 index,
                 source: Arc::new(source),
