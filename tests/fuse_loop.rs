@@ -132,12 +132,7 @@ fn writes_survive_del_and_sigkill_and_are_not_fetched_again() {
     world.umount(&root);
 
     // Hard stop: SIGKILL after the flush; nothing acknowledged may be lost.
-    let pid = world.device(&fuse)["pid"].as_u64().unwrap();
-    run(Command::new("kill").args(["-KILL", &pid.to_string()]));
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    run(Command::new("umount").arg("-l").arg(&fuse));
+    world.kill_device(&fuse);
 
     let fuse = world.add("rw", "cache", "fuse2", false);
     run(Command::new("e2fsck")
@@ -239,12 +234,7 @@ fn fetched_chunks_are_checkpointed_and_survive_sigkill() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let pid = world.device(&fuse)["pid"].as_u64().unwrap();
-    run(Command::new("kill").args(["-KILL", &pid.to_string()]));
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    run(Command::new("umount").arg("-l").arg(&fuse));
+    world.kill_device(&fuse);
 
     let fuse = world.add("ro", "cache", "fuse2", true);
     let device = world.device(&fuse);

@@ -153,6 +153,20 @@ impl World {
             .clone()
     }
 
+    /// SIGKILLs the device at `mnt`, waits for it to die and detaches its
+    /// dead FUSE mount.
+    pub fn kill_device(&self, mnt: &Path) {
+        let pid = self.device(mnt)["pid"]
+            .as_u64()
+            .expect("a device has a pid");
+        run(Command::new("kill").args(["-KILL", &pid.to_string()]));
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        run(Command::new("umount").arg("-l").arg(mnt));
+        self.mounts.borrow_mut().retain(|m| m != mnt);
+    }
+
     /// Loop-mounts `MNT/disk` at a fresh directory.
     pub fn mount_loop(&self, fuse_mnt: &Path, at: &str, read_only: bool) -> PathBuf {
         let target = self.path(at);
