@@ -177,6 +177,26 @@ fn a_corrupted_chunk_fails_the_read_and_is_counted() {
 
     let device = world.device(&fuse);
     assert!(stat_u64(&device, "integrity_failures") >= 1, "{device}");
+
+    // A second device at the same mountpoint is refused.
+    let out = world
+        .lazyblk()
+        .arg("add")
+        .arg("--store")
+        .arg(world.store())
+        .arg("--key")
+        .arg(world.key())
+        .args(["--name", "raw", "--cache-dir"])
+        .arg(world.path("cache2"))
+        .arg("--fuse")
+        .arg(&fuse)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already serves"),
+        "{out:?}"
+    );
     world.del(&fuse);
 }
 

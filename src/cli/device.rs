@@ -146,15 +146,25 @@ async fn serve(args: AddArgs) -> anyhow::Result<()> {
         .fuse
         .canonicalize()
         .with_context(|| format!("mountpoint {}", args.fuse.display()))?;
-    let device = Arc::new(FuseDevice::mount(
-        engine.clone(),
-        tokio::runtime::Handle::current(),
-        &mountpoint,
-    )?);
 
+    // Everything that can fail comes before the mount, so a failed start
+    // never leaves a mount behind.
     let run_dir = daemon::run_dir();
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("create run directory {}", run_dir.display()))?;
+    if let Some(other) = daemon::list_devices(&run_dir)
+        .await
+        .with_context(|| format!("read run directory {}", run_dir.display()))?
+        .into_iter()
+        .find(|d| d.record.target == mountpoint)
+    {
+        bail!(
+            "device {} already serves {:?} at {}",
+            other.record.pid,
+            other.record.name,
+            mountpoint.display()
+        );
+    }
     let pid = std::process::id();
     let socket = DeviceRecord::socket_path(&run_dir, pid);
     let _ = std::fs::remove_file(&socket);
@@ -169,9 +179,17 @@ async fn serve(args: AddArgs) -> anyhow::Result<()> {
         cache_dir: std::path::absolute(&args.cache_dir).unwrap_or(args.cache_dir.clone()),
         read_only: args.read_only,
     };
-    record
-        .publish(&run_dir)
-        .with_context(|| format!("write device record in {}", run_dir.display()))?;
+
+    let device = Arc::new(FuseDevice::mount(
+        engine.clone(),
+        tokio::runtime::Handle::current(),
+        &mountpoint,
+    )?);
+    if let Err(e) = record.publish(&run_dir) {
+        let _ = device.unmount();
+        DeviceRecord::remove(&run_dir, pid);
+        return Err(e).with_context(|| format!("write device record in {}", run_dir.display()));
+    }
     let control = Arc::new(FuseControl {
         engine: engine.clone(),
         device: device.clone(),
