@@ -139,6 +139,7 @@ async fn serve(args: AddArgs) -> anyhow::Result<()> {
         &args.cache_dir,
         EngineOptions {
             read_only: args.read_only,
+            ..EngineOptions::default()
         },
     )
     .with_context(|| format!("open cache {}", args.cache_dir.display()))?;

@@ -4,7 +4,9 @@
 //! when whoever is filling that chunk is done. Two kinds of fill take an
 //! entry:
 //! * a fetch: a spawned task that gets the envelope, verifies and decrypts it
-//!   on a blocking thread, writes it to the cache and marks it present;
+//!   on a blocking thread, writes it to the cache and marks it present,
+//!   started by a request that needs the chunk (a demand fetch) or by
+//!   readahead (see `readahead.rs`);
 //! * a direct fill by a write that covers the whole chunk or starts a zero
 //!   chunk (see `request.rs`).
 //!
@@ -20,7 +22,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use dashmap::mapref::entry::Entry;
 use futures::future::{BoxFuture, FutureExt, Shared};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use super::stats::add;
 use super::{Engine, EngineError};
@@ -77,7 +79,7 @@ impl Engine {
                         Some(ManifestEntry::Zero) => return Ok(()),
                         None => return Err(EngineError::ChunkNotPresent { index }),
                     };
-                    let fill = self.start_fetch(index, id, key);
+                    let fill = self.start_fetch(index, id, key, None);
                     entry.insert(fill.clone());
                     fill
                 }
@@ -107,19 +109,34 @@ impl Engine {
     /// Spawns the fetch of chunk `index`. Called with the map's shard lock
     /// held; the task's removal of its entry waits for that lock, so it
     /// cannot run before the entry is inserted.
-    fn start_fetch(self: &Arc<Self>, index: u64, id: ChunkId, key: ChunkKey) -> Fill {
+    ///
+    /// A readahead fetch carries its permit, released when the fetch ends,
+    /// and its fill never hands waiters the fetch's error: they find the
+    /// chunk still missing and fetch it themselves.
+    pub(super) fn start_fetch(
+        self: &Arc<Self>,
+        index: u64,
+        id: ChunkId,
+        key: ChunkKey,
+        readahead: Option<OwnedSemaphorePermit>,
+    ) -> Fill {
         let engine = Arc::clone(self);
+        let ahead = readahead.is_some();
         let task = tokio::spawn(async move {
             let done = FetchDone { engine, index };
-            done.engine.fetch(index, id, key).await
+            let fetched = done.engine.fetch(index, id, key, ahead).await;
+            drop(readahead);
+            fetched
         });
         async move {
-            task.await.unwrap_or_else(|e| {
-                Err(EngineError::TaskFailed {
+            match task.await {
+                Ok(Err(_)) if ahead => Ok(()),
+                Ok(fetched) => fetched,
+                Err(e) => Err(EngineError::TaskFailed {
                     task: format!("fetch of chunk {index}"),
                     reason: e.to_string(),
-                })
-            })
+                }),
+            }
         }
         .boxed()
         .shared()
@@ -130,6 +147,7 @@ impl Engine {
         index: u64,
         id: ChunkId,
         key: ChunkKey,
+        readahead: bool,
     ) -> Result<(), EngineError> {
         let started = Instant::now();
         let envelope = match self.store.get(&id).await {
@@ -141,7 +159,12 @@ impl Engine {
                     id,
                     source: Arc::new(source),
                 };
-                tracing::warn!(chunk = index, id = %id, error = %chain(&error), "chunk fetch failed");
+                if readahead {
+                    // Speculative: a request that needs the chunk retries.
+                    tracing::debug!(chunk = index, id = %id, error = %chain(&error), "readahead fetch failed");
+                } else {
+                    tracing::warn!(chunk = index, id = %id, error = %chain(&error), "chunk fetch failed");
+                }
                 return Err(error);
             }
         };
@@ -164,9 +187,13 @@ impl Engine {
                 add(&self.counters.chunks_fetched, 1);
                 self.counters.record_fetch_latency(started.elapsed());
             }
+            // A bad chunk in the store is worth an error whoever fetched it.
             Err(error) if error.kind() == crate::error::ErrorKind::Integrity => {
                 add(&self.counters.integrity_failures, 1);
-                tracing::error!(chunk = index, id = %id, error = %chain(error), "fetched chunk failed verification");
+                tracing::error!(chunk = index, id = %id, readahead, error = %chain(error), "fetched chunk failed verification");
+            }
+            Err(error) if readahead => {
+                tracing::debug!(chunk = index, id = %id, error = %chain(error), "storing a chunk fetched ahead failed");
             }
             Err(error) => {
                 tracing::error!(chunk = index, id = %id, error = %chain(error), "storing fetched chunk failed");

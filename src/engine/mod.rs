@@ -25,7 +25,10 @@
 //!   [`crate::cache`]);
 //! * nothing that fills a whole chunk (a fetch, a whole-chunk write, the
 //!   first write to a zero chunk) runs concurrently with another fill of the
-//!   same chunk: the in-flight map doubles as a per-chunk fill lock.
+//!   same chunk: the in-flight map doubles as a per-chunk fill lock;
+//! * sequential readahead (see `readahead.rs`) only starts ordinary fetches
+//!   through that map, never awaited by the reader that prompted them, and
+//!   a failed one fails no request.
 //!
 //! # Cancel safety
 //! Dropping a [`Engine::read`] or [`Engine::write`] future never leaves a
@@ -45,6 +48,7 @@ use crate::store::ChunkStore;
 
 mod error;
 mod fetch;
+mod readahead;
 mod request;
 mod stats;
 #[cfg(test)]
@@ -54,19 +58,39 @@ mod tests;
 #[cfg(test)]
 mod tests_model;
 #[cfg(test)]
+mod tests_readahead;
+#[cfg(test)]
 mod tests_write;
 
 pub use error::EngineError;
 pub use stats::EngineStats;
 
 use fetch::Fill;
+use readahead::Readahead;
 use stats::Counters;
 
+/// The default of [`EngineOptions::readahead_chunks`]: 4 MiB ahead of a
+/// sequential reader with 512 KiB chunks.
+pub const DEFAULT_READAHEAD_CHUNKS: u32 = 8;
+
 /// How a device is served.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineOptions {
     /// Refuse every write with [`crate::error::ErrorKind::ReadOnly`].
     pub read_only: bool,
+    /// Most non-zero chunks fetched ahead of one sequential reader, and most
+    /// readahead fetches in flight over all readers; 0 turns readahead off.
+    /// A stream starts at 2 chunks ahead and doubles up to this.
+    pub readahead_chunks: u32,
+}
+
+impl Default for EngineOptions {
+    fn default() -> EngineOptions {
+        EngineOptions {
+            read_only: false,
+            readahead_chunks: DEFAULT_READAHEAD_CHUNKS,
+        }
+    }
 }
 
 /// Serves one image: reads fetch on demand, writes stay in the local cache.
@@ -79,6 +103,7 @@ pub struct Engine {
     chunks_zero: u64,
     /// Chunks being filled (fetched, or written whole) right now.
     inflight: DashMap<u64, Fill>,
+    readahead: Readahead,
     counters: Counters,
 }
 
@@ -143,6 +168,7 @@ impl Engine {
             read_only: opts.read_only,
             chunks_zero,
             inflight: DashMap::new(),
+            readahead: Readahead::new(opts.readahead_chunks),
             counters: Counters::new(),
         }))
     }

@@ -15,7 +15,15 @@ impl Engine {
     ///
     /// An out-of-range request is answered at once with
     /// [`EngineError::OutOfRange`].
-    pub fn try_read_now(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), EngineError>> {
+    ///
+    /// Either way the read counts for sequential readahead, which may start
+    /// fetches in the background (on the runtime earlier reads ran on, when
+    /// called outside one).
+    pub fn try_read_now(
+        self: &Arc<Self>,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Option<Result<(), EngineError>> {
         if let Err(error) = self.check_range(offset, buf.len()) {
             add(&self.counters.read_requests, 1);
             return Some(Err(error));
@@ -23,10 +31,12 @@ impl Engine {
         let mut pieces = 0;
         for piece in self.pieces(offset, buf.len()) {
             if !self.servable(piece.index) {
+                self.note_request(offset, buf.len(), true);
                 return None;
             }
             pieces += 1;
         }
+        self.note_request(offset, buf.len(), false);
         add(&self.counters.read_requests, 1);
         add(&self.counters.cache_hits, pieces);
         let served = self.serve(offset, buf);
@@ -39,6 +49,9 @@ impl Engine {
     /// Reads `len` bytes at `offset`, fetching missing chunks (all of them
     /// at once). Fails whole, never short: out of range, a failed fetch or a
     /// chunk that fails verification fails the request.
+    ///
+    /// The read counts for sequential readahead, which may start fetches of
+    /// the chunks after it; the read never waits for those.
     pub async fn read(self: &Arc<Self>, offset: u64, len: usize) -> Result<Vec<u8>, EngineError> {
         add(&self.counters.read_requests, 1);
         self.check_range(offset, len)?;
@@ -51,11 +64,21 @@ impl Engine {
                 misses.push(self.ensure_present(piece.index));
             }
         }
+        self.note_request(offset, len, !misses.is_empty());
         try_join_all(misses).await?;
         let mut buf = vec![0; len];
         self.serve(offset, &mut buf)?;
         add(&self.counters.read_bytes, len as u64);
         Ok(buf)
+    }
+
+    /// Reports an in-range read to readahead.
+    fn note_request(self: &Arc<Self>, offset: u64, len: usize, missed: bool) {
+        if len > 0 {
+            let first = offset / self.chunk_size();
+            let last = (offset + len as u64 - 1) / self.chunk_size();
+            self.note_read(first, last, missed);
+        }
     }
 
     /// Writes `data` at `offset`. Refused on a read-only device. Chunks the

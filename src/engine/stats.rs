@@ -44,8 +44,16 @@ pub struct EngineStats {
     /// Such pieces that had to wait for a fetch, whether they started it or
     /// joined one already in flight.
     pub cache_misses: u64,
-    /// Chunks fetched from the store, verified and stored in the cache.
+    /// Chunks fetched from the store, verified and stored in the cache, by
+    /// demand fetches and readahead alike.
     pub chunks_fetched: u64,
+    /// Fetches started by sequential readahead rather than by a request
+    /// that needed the chunk (each also counts in `chunks_fetched` once it
+    /// succeeds, or in `fetch_errors` or `integrity_failures` if it fails).
+    /// A request that then needs a chunk still being fetched ahead waits
+    /// for it and counts as a cache miss.
+    #[serde(default)]
+    pub chunks_readahead: u64,
     /// Envelope bytes received from the store (including any that then
     /// failed verification).
     pub bytes_fetched: u64,
@@ -71,6 +79,7 @@ pub(crate) struct Counters {
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
     pub chunks_fetched: AtomicU64,
+    pub chunks_readahead: AtomicU64,
     pub bytes_fetched: AtomicU64,
     pub fetch_errors: AtomicU64,
     pub integrity_failures: AtomicU64,
@@ -97,6 +106,7 @@ impl Counters {
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
             chunks_fetched: AtomicU64::new(0),
+            chunks_readahead: AtomicU64::new(0),
             bytes_fetched: AtomicU64::new(0),
             fetch_errors: AtomicU64::new(0),
             integrity_failures: AtomicU64::new(0),
@@ -126,6 +136,7 @@ impl Counters {
         stats.cache_hits = get(&self.cache_hits);
         stats.cache_misses = get(&self.cache_misses);
         stats.chunks_fetched = get(&self.chunks_fetched);
+        stats.chunks_readahead = get(&self.chunks_readahead);
         stats.bytes_fetched = get(&self.bytes_fetched);
         stats.fetch_errors = get(&self.fetch_errors);
         stats.integrity_failures = get(&self.integrity_failures);

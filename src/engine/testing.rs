@@ -155,6 +155,23 @@ pub(crate) async fn within<F: std::future::Future>(future: F) -> F::Output {
         .expect("timed out: something waits on a fetch that will never finish")
 }
 
+/// Waits until `done` holds, failing the test after ten seconds.
+pub(crate) async fn eventually(mut done: impl FnMut() -> bool) {
+    within(async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+}
+
+/// Waits until the caller's handle is the only one left to `engine`: no
+/// fetch, readahead included, is still running. Reopening a cache needs it,
+/// since a running fetch keeps the engine, and so the cache's lock, alive.
+pub(crate) async fn idle(engine: &Arc<crate::engine::Engine>) {
+    eventually(|| Arc::strong_count(engine) == 1).await
+}
+
 /// A sealed image: its manifest, the manifest's digest and a store holding
 /// its chunks.
 pub(crate) struct Fixture {

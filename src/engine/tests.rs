@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 
-use super::testing::{sample_image, seal_image, within, Fixture};
+use super::testing::{idle, sample_image, seal_image, within, Fixture};
 use super::*;
 use crate::error::ErrorKind;
 
@@ -20,20 +20,40 @@ fn fixture() -> (Vec<u8>, Fixture) {
 }
 
 fn open(fx: &Fixture, dir: &Path, read_only: bool) -> Result<Arc<Engine>, EngineError> {
-    Engine::open(
-        fx.manifest.clone(),
-        fx.digest,
-        fx.store.clone(),
+    open_with(
+        fx,
         dir,
-        EngineOptions { read_only },
+        EngineOptions {
+            read_only,
+            ..EngineOptions::default()
+        },
     )
+}
+
+fn open_with(fx: &Fixture, dir: &Path, opts: EngineOptions) -> Result<Arc<Engine>, EngineError> {
+    Engine::open(fx.manifest.clone(), fx.digest, fx.store.clone(), dir, opts)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_equal_the_image_and_fetch_each_chunk_once() {
+    scan_and_check(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_readahead_reads_equal_the_image_and_fetch_each_chunk_once() {
+    scan_and_check(DEFAULT_READAHEAD_CHUNKS).await;
+}
+
+/// Reads the whole image in odd-sized pieces, then at once, and checks the
+/// bytes and the counters.
+async fn scan_and_check(readahead_chunks: u32) {
     let (image, fx) = fixture();
     let tmp = tempfile::tempdir().unwrap();
-    let engine = open(&fx, tmp.path(), false).unwrap();
+    let opts = EngineOptions {
+        readahead_chunks,
+        ..EngineOptions::default()
+    };
+    let engine = open_with(&fx, tmp.path(), opts).unwrap();
     assert_eq!(engine.size(), image.len() as u64);
     // Odd-sized reads that straddle chunk boundaries, then the whole image.
     let mut at = 0usize;
@@ -46,6 +66,8 @@ async fn reads_equal_the_image_and_fetch_each_chunk_once() {
         at += len;
     }
     assert!(engine.read(0, image.len()).await.unwrap() == image);
+    // A fetch counts itself just after it marks its chunk present.
+    idle(&engine).await;
     let non_zero = fx
         .manifest
         .entries
@@ -60,7 +82,16 @@ async fn reads_equal_the_image_and_fetch_each_chunk_once() {
     assert_eq!(stats.chunks_zero, 2);
     assert_eq!(stats.read_requests, reads);
     assert_eq!(stats.read_bytes, 2 * image.len() as u64);
-    assert_eq!(stats.cache_misses, non_zero);
+    if readahead_chunks == 0 {
+        assert_eq!(stats.chunks_readahead, 0);
+        assert_eq!(stats.cache_misses, non_zero);
+    } else {
+        // Each chunk was fetched ahead or missed by the one read that
+        // fetched it (reads here wait for each other).
+        assert!(stats.chunks_readahead > 0, "{stats:?}");
+        assert!(stats.cache_misses <= non_zero, "{stats:?}");
+        assert!(stats.cache_misses + stats.chunks_readahead >= non_zero);
+    }
     // Every stored chunk's envelope: plaintext plus its 16-byte tag.
     let envelopes = image.len() as u64 - 2 * CS as u64 + 16 * non_zero;
     assert_eq!(stats.bytes_fetched, envelopes);

@@ -1,0 +1,244 @@
+//! Sequential readahead: fetching the chunks a sequential reader will ask for
+//! next, before it asks.
+//!
+//! Reads through FUSE + loop reach the engine a chunk or two ahead of the
+//! reader at most, so a cold sequential scan would wait for one fetch after
+//! another. Readahead sits beside the request path: every read reports the
+//! chunks it touched ([`Engine::note_read`]) and readahead may start fetches
+//! that nobody awaits.
+//!
+//! **Detection.** The engine remembers the last chunk of a few recent access
+//! streams. A read that misses and continues no stream starts a *candidate*;
+//! a read that misses the chunk right after a candidate's last confirms it as
+//! a sequential stream with a window of [`FIRST_WINDOW`] chunks, and every
+//! read that moves a stream on (hit or miss) doubles its window, up to
+//! `EngineOptions::readahead_chunks`. Hits move candidates on too (a reader
+//! crossing a zero or cached chunk is still sequential) but never start or
+//! confirm one. Random reads seldom continue a candidate, so they seldom
+//! fetch anything extra.
+//!
+//! **Window.** A stream's window is the next `window` non-zero chunks after
+//! its last chunk (zero chunks need no fetch and are skipped, up to
+//! [`MAX_SCAN`] of them); readahead fetches those that are neither present
+//! nor being filled. It stops at the end of the image.
+//!
+//! Invariants:
+//! * a readahead fetch is an ordinary fetch in the in-flight map: single
+//!   flight, the fill lock against whole-chunk writes, verification, and the
+//!   present bit only after the bytes, all as for a demand fetch;
+//! * at most `readahead_chunks` readahead fetches are in flight at once (a
+//!   semaphore); readahead that finds no permit skips the chunk and retries on
+//!   the stream's next read. Demand fetches take no permit, so readahead never
+//!   holds one up beyond the one chunk it may be fetching already;
+//! * a failed readahead fetch fails no request: it is counted and logged like
+//!   any fetch, and its fill tells waiters only to look again, so a request
+//!   that needs the chunk fetches it itself.
+//!
+//! # Cancel safety
+//! Readahead fetches run in their own tasks, holding the engine; nothing
+//! awaits them but requests for their chunks. Dropping a request does not
+//! stop them, and dropping the last other handle to the engine leaves it
+//! alive (and its cache locked) until they end.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use dashmap::mapref::entry::Entry;
+use tokio::runtime::Handle;
+use tokio::sync::Semaphore;
+
+use super::stats::add;
+use super::Engine;
+use crate::chunk::ManifestEntry;
+
+/// Window of a newly confirmed stream, in chunks.
+pub(super) const FIRST_WINDOW: u64 = 2;
+/// Streams remembered at once; the least recently used is forgotten first.
+const STREAMS: usize = 8;
+/// A read this many chunks behind a stream's last chunk still belongs to it:
+/// requests sent in parallel reach the engine slightly out of order.
+const REORDER: u64 = 2;
+/// Most chunk indices one window looks through, so a long zero run costs a
+/// bounded scan.
+pub(super) const MAX_SCAN: u64 = 1024;
+
+/// One remembered access stream.
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    /// Highest chunk the stream has read.
+    last: u64,
+    /// Non-zero chunks to keep fetched ahead of `last`; 0 for a candidate.
+    window: u64,
+    /// Every chunk below this was considered for readahead already.
+    until: u64,
+    /// The window for this `last` and `window` was scanned in full.
+    settled: bool,
+    /// Tick of the last read that touched the stream.
+    used: u64,
+}
+
+#[derive(Debug, Default)]
+struct Streams {
+    streams: Vec<Stream>,
+    tick: u64,
+}
+
+/// Readahead state of one engine.
+#[derive(Debug)]
+pub(super) struct Readahead {
+    /// Largest window, and the bound on readahead fetches in flight; 0 turns
+    /// readahead off.
+    max: u64,
+    permits: Arc<Semaphore>,
+    streams: Mutex<Streams>,
+    /// The runtime fetches are spawned on when a read is noted outside any
+    /// (the FUSE session thread serves hits there): the one the first
+    /// stream was confirmed on.
+    runtime: OnceLock<Handle>,
+    /// Whether any read ever missed: until then there is no stream for a
+    /// hit to move on, and hits skip the lock.
+    tracking: AtomicBool,
+}
+
+/// What happened to one chunk of a window.
+enum Outcome {
+    Started,
+    Skipped,
+    NoPermit,
+}
+
+impl Readahead {
+    pub fn new(max_chunks: u32) -> Readahead {
+        Readahead {
+            max: u64::from(max_chunks),
+            permits: Arc::new(Semaphore::new(max_chunks as usize)),
+            streams: Mutex::new(Streams::default()),
+            runtime: OnceLock::new(),
+            tracking: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Streams> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Streams {
+    /// Records a read of chunks `first..=last` and returns the stream it
+    /// belongs to if that stream is confirmed and its window needs a scan.
+    fn access(&mut self, first: u64, last: u64, missed: bool, max: u64) -> Option<usize> {
+        self.tick += 1;
+        let tick = self.tick;
+        let found = self
+            .streams
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| first <= s.last.saturating_add(1) && last + REORDER >= s.last)
+            .max_by_key(|(_, s)| (s.window, s.used))
+            .map(|(i, _)| i);
+        let Some(i) = found else {
+            if missed {
+                let stream = Stream {
+                    last,
+                    window: 0,
+                    until: last.saturating_add(1),
+                    settled: false,
+                    used: tick,
+                };
+                if self.streams.len() < STREAMS {
+                    self.streams.push(stream);
+                } else if let Some(oldest) = self.streams.iter_mut().min_by_key(|s| s.used) {
+                    *oldest = stream;
+                }
+            }
+            return None;
+        };
+        let stream = &mut self.streams[i];
+        stream.used = tick;
+        if last > stream.last {
+            stream.last = last;
+            stream.settled = false;
+            if stream.window > 0 {
+                stream.window = (stream.window * 2).min(max);
+            } else if missed {
+                stream.window = FIRST_WINDOW.min(max);
+            }
+        }
+        (stream.window > 0 && !stream.settled).then_some(i)
+    }
+}
+
+impl Engine {
+    /// Tells readahead that a read touched chunks `first..=last`, `missed`
+    /// when some of them were neither present nor zero. Starts the fetches
+    /// the read's stream calls for; never waits for one.
+    pub(super) fn note_read(self: &Arc<Self>, first: u64, last: u64, missed: bool) {
+        let ra = &self.readahead;
+        if ra.max == 0 {
+            return;
+        }
+        if missed {
+            ra.tracking.store(true, Ordering::Relaxed);
+        } else if !ra.tracking.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut streams = ra.lock();
+        let Some(i) = streams.access(first, last, missed, ra.max) else {
+            return;
+        };
+        let runtime = match Handle::try_current() {
+            Ok(current) => ra.runtime.get_or_init(|| current).clone(),
+            Err(_) => match ra.runtime.get() {
+                Some(runtime) => runtime.clone(),
+                // No runtime seen yet: the next read noted on one scans.
+                None => return,
+            },
+        };
+        let _entered = runtime.enter();
+        let stream = &mut streams.streams[i];
+        let end = self.manifest.chunk_count();
+        let (mut index, mut counted, mut scanned) = (stream.last + 1, 0, 0);
+        while counted < stream.window && index < end && scanned < MAX_SCAN {
+            if !self.is_zero(index) {
+                counted += 1;
+                if index >= stream.until {
+                    if let Outcome::NoPermit = self.start_readahead(index) {
+                        // Retried on the stream's next read.
+                        stream.until = index;
+                        return;
+                    }
+                }
+            }
+            index += 1;
+            scanned += 1;
+        }
+        stream.until = stream.until.max(index);
+        stream.settled = true;
+    }
+
+    /// Starts a detached fetch of chunk `index` unless it is present, zero,
+    /// being filled, or all readahead permits are taken.
+    fn start_readahead(self: &Arc<Self>, index: u64) -> Outcome {
+        if self.cache.is_present(index) || self.inflight.contains_key(&index) {
+            return Outcome::Skipped;
+        }
+        let Some(ManifestEntry::Chunk { id, key }) = self.entry(index) else {
+            return Outcome::Skipped;
+        };
+        let Ok(permit) = Arc::clone(&self.readahead.permits).try_acquire_owned() else {
+            return Outcome::NoPermit;
+        };
+        match self.inflight.entry(index) {
+            Entry::Occupied(_) => Outcome::Skipped,
+            Entry::Vacant(entry) => {
+                if self.cache.is_present(index) {
+                    return Outcome::Skipped;
+                }
+                let fill = self.start_fetch(index, *id, key.clone(), Some(permit));
+                entry.insert(fill);
+                add(&self.counters.chunks_readahead, 1);
+                Outcome::Started
+            }
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Sequential readahead: what it fetches, what it leaves alone, and that it
+//! keeps the engine's invariants.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+
+use super::testing::{eventually, idle, seal_image, within, Fixture};
+use super::*;
+
+const CS: u32 = 64 * 1024;
+const CSU: usize = CS as usize;
+
+/// `chunks` random chunks plus `tail` bytes, with the chunks in `zeros` all
+/// zero.
+fn image(chunks: usize, tail: usize, zeros: &[usize]) -> (Vec<u8>, Fixture) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut image = vec![0u8; chunks * CSU + tail];
+    rng.fill(&mut image[..]);
+    for &z in zeros {
+        image[z * CSU..(z + 1) * CSU].fill(0);
+    }
+    let fx = seal_image(&image, CS);
+    (image, fx)
+}
+
+fn open(fx: &Fixture, dir: &Path, readahead_chunks: u32) -> Arc<Engine> {
+    Engine::open(
+        fx.manifest.clone(),
+        fx.digest,
+        fx.store.clone(),
+        dir,
+        EngineOptions {
+            readahead_chunks,
+            ..EngineOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Reads chunk `index` whole and checks it against the image.
+async fn read_chunk(engine: &Arc<Engine>, image: &[u8], index: usize) {
+    let at = index * CSU;
+    let len = CSU.min(image.len() - at);
+    let got = within(engine.read(at as u64, len)).await.unwrap();
+    assert!(got == image[at..at + len], "chunk {index}");
+}
+
+fn readahead(engine: &Engine) -> u64 {
+    engine.stats().chunks_readahead
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_sequential_scan_fetches_ahead_of_the_reader() {
+    let (image, fx) = image(16, 0, &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = open(&fx, tmp.path(), 8);
+    read_chunk(&engine, &image, 0).await;
+    assert_eq!(readahead(&engine), 0, "one miss is no stream yet");
+    // The second miss in a row confirms the stream: 2 chunks ahead, then 4,
+    // then 8, the cap.
+    read_chunk(&engine, &image, 1).await;
+    assert_eq!(readahead(&engine), 2);
+    // Waiting for the fetches ahead to end frees their permits, so the
+    // counts below do not depend on timing.
+    idle(&engine).await;
+    read_chunk(&engine, &image, 2).await;
+    assert_eq!(readahead(&engine), 2 + 3);
+    idle(&engine).await;
+    read_chunk(&engine, &image, 3).await;
+    assert_eq!(readahead(&engine), 2 + 3 + 5);
+    for index in 4..16 {
+        // Fetched before the reader got there.
+        eventually(|| fx.store.gets_of(&fx.id(index)) == 1).await;
+        read_chunk(&engine, &image, index).await;
+    }
+    for index in 0..16 {
+        assert_eq!(fx.store.gets_of(&fx.id(index)), 1, "chunk {index}");
+    }
+    // A fetch counts itself just after it marks its chunk present.
+    idle(&engine).await;
+    let stats = engine.stats();
+    assert_eq!(stats.chunks_readahead, 14);
+    assert_eq!(stats.chunks_fetched, 16);
+    assert_eq!(stats.chunks_present, 16);
+    assert_eq!(stats.cache_hits + stats.cache_misses, 16);
+    assert!(stats.cache_misses >= 2, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_reads_fetch_nothing_ahead() {
+    let (image, fx) = image(32, 0, &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = open(&fx, tmp.path(), 8);
+    // No read lands within three chunks of an earlier one.
+    let order = [20, 3, 27, 9, 14, 0, 31, 24, 6, 17];
+    for index in order {
+        let at = index * CSU + 1000;
+        let got = engine.read(at as u64, 4096).await.unwrap();
+        assert!(got == image[at..at + 4096]);
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(readahead(&engine), 0);
+    assert_eq!(fx.store.gets(), order.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readahead_chunks_zero_turns_it_off() {
+    let (image, fx) = image(12, 0, &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = open(&fx, tmp.path(), 0);
+    // Reads that straddle chunk boundaries, as a file system's would.
+    let mut at = 0;
+    while at < image.len() {
+        let len = 20_000.min(image.len() - at);
+        let last = (at + len - 1) / CSU;
+        assert_eq!(fx.store.gets(), at.div_ceil(CSU) as u64, "before {at}");
+        let got = engine.read(at as u64, len).await.unwrap();
+        assert!(got == image[at..at + len]);
+        assert_eq!(fx.store.gets(), last as u64 + 1, "after {at}");
+        at += len;
+    }
+    let stats = engine.stats();
+    assert_eq!(stats.chunks_readahead, 0);
+    assert_eq!(stats.chunks_fetched, 12);
+    assert_eq!(stats.cache_misses, 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readahead_skips_zero_chunks_and_stops_at_the_end() {
+    // Chunks 3, 4 and 10 are zero; chunk 12 is a short tail.
+    let (image, fx) = image(12, 1000, &[3, 4, 10]);
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = open(&fx, tmp.path(), 8);
+    read_chunk(&engine, &image, 0).await;
+    read_chunk(&engine, &image, 1).await;
+    // Two non-zero chunks ahead of chunk 1: 2 and 5.
+    assert_eq!(readahead(&engine), 2);
+    idle(&engine).await;
+    assert_eq!(fx.store.gets_of(&fx.id(5)), 1);
+    read_chunk(&engine, &image, 2).await;
+    // Four ahead of chunk 2: 5 (already fetched), 6, 7, 8.
+    assert_eq!(readahead(&engine), 5);
+    idle(&engine).await;
+    // Reading a zero chunk moves the stream on too. Eight ahead of chunk 3
+    // would reach past the end; only 9, 11 and 12 are left to start.
+    read_chunk(&engine, &image, 3).await;
+    assert_eq!(readahead(&engine), 8);
+    for index in 4..13 {
+        read_chunk(&engine, &image, index).await;
+    }
+    let stored = [0, 1, 2, 5, 6, 7, 8, 9, 11, 12];
+    for index in stored {
+        assert_eq!(fx.store.gets_of(&fx.id(index)), 1, "chunk {index}");
+    }
+    let stats = engine.stats();
+    assert_eq!(stats.chunks_readahead, 8);
+    assert_eq!(fx.store.gets(), stored.len() as u64);
+    assert_eq!(stats.chunks_present, stored.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_readahead_fetches_fail_no_request() {
+    let (image, fx) = image(8, 0, &[]);
+    fx.store.set_corrupt(fx.id(2), true);
+    fx.store.set_failing(fx.id(3), true);
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = open(&fx, tmp.path(), 8);
+    read_chunk(&engine, &image, 0).await;
+    read_chunk(&engine, &image, 1).await;
+    assert_eq!(readahead(&engine), 2);
+    eventually(|| {
+        let stats = engine.stats();
+        stats.integrity_failures == 1 && stats.fetch_errors == 1
+    })
+    .await;
+    idle(&engine).await;
+    // Neither chunk was kept.
+    assert_eq!(engine.stats().chunks_present, 2);
+    let mut buf = vec![0; 10];
+    assert!(engine.try_read_now(2 * CS as u64, &mut buf).is_none());
+    assert!(engine.try_read_now(3 * CS as u64, &mut buf).is_none());
+    // Once the store behaves, readers fetch the chunks themselves.
+    fx.store.set_corrupt(fx.id(2), false);
+    fx.store.set_failing(fx.id(3), false);
+    read_chunk(&engine, &image, 2).await;
+    read_chunk(&engine, &image, 3).await;
+    assert_eq!(fx.store.gets_of(&fx.id(2)), 2);
+    assert_eq!(fx.store.gets_of(&fx.id(3)), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_waiting_on_a_failed_readahead_fetch_fetches_the_chunk_itself() {
+    let (image, fx) = image(8, 0, &[]);
+    let gate = fx.store.gate(fx.id(2));
+    fx.store.set_failing(fx.id(2), true);
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = open(&fx, tmp.path(), 8);
+    read_chunk(&engine, &image, 0).await;
+    read_chunk(&engine, &image, 1).await;
+    eventually(|| fx.store.gets_of(&fx.id(2)) == 1).await;
+    let reader = {
+        let engine = Arc::clone(&engine);
+        tokio::spawn(async move { engine.read(2 * CS as u64, CSU).await })
+    };
+    // The reader joins the readahead fetch, which then fails.
+    eventually(|| engine.stats().cache_misses == 3).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    gate.notify_one();
+    // The reader's own fetch: held at the gate until the store recovers.
+    eventually(|| fx.store.gets_of(&fx.id(2)) == 2).await;
+    assert_eq!(engine.stats().fetch_errors, 1);
+    fx.store.set_failing(fx.id(2), false);
+    gate.notify_one();
+    let got = within(reader).await.unwrap().unwrap();
+    assert!(got == image[2 * CSU..3 * CSU]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readahead_in_flight_is_bounded_and_never_holds_up_demand_fetches() {
+    let (image, fx) = image(16, 0, &[]);
+    let gates = [fx.store.gate(fx.id(2)), fx.store.gate(fx.id(3))];
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = open(&fx, tmp.path(), 2);
+    read_chunk(&engine, &image, 0).await;
+    read_chunk(&engine, &image, 1).await;
+    // Both permits are held by fetches stuck at the store.
+    assert_eq!(readahead(&engine), 2);
+    read_chunk(&engine, &image, 12).await;
+    // Moving the stream on wants chunk 4 fetched, but no permit is free.
+    let reader = {
+        let engine = Arc::clone(&engine);
+        tokio::spawn(async move { engine.read(2 * CS as u64, 10).await })
+    };
+    eventually(|| engine.stats().cache_misses == 4).await;
+    assert_eq!(readahead(&engine), 2);
+    assert_eq!(fx.store.gets_of(&fx.id(4)), 0);
+    for gate in &gates {
+        gate.notify_one();
+    }
+    assert!(within(reader).await.unwrap().unwrap() == image[2 * CSU..2 * CSU + 10]);
+    idle(&engine).await;
+    // The next read of the stream retries and gets its permit.
+    read_chunk(&engine, &image, 2).await;
+    assert_eq!(readahead(&engine), 3);
+    eventually(|| fx.store.gets_of(&fx.id(4)) == 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_outside_the_runtime_keep_a_stream_going() {
+    let (image, fx) = image(16, 0, &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = open(&fx, tmp.path(), 8);
+    read_chunk(&engine, &image, 0).await;
+    read_chunk(&engine, &image, 1).await;
+    idle(&engine).await;
+    // A frontend's own thread serves the hit, as FUSE's session thread does.
+    let served = {
+        let engine = Arc::clone(&engine);
+        std::thread::spawn(move || {
+            let mut buf = vec![0; CSU];
+            engine
+                .try_read_now(2 * CS as u64, &mut buf)
+                .map(|r| r.map(|()| buf))
+        })
+        .join()
+        .unwrap()
+    };
+    assert!(served.unwrap().unwrap() == image[2 * CSU..3 * CSU]);
+    assert_eq!(readahead(&engine), 2 + 3);
+    eventually(|| fx.store.gets_of(&fx.id(6)) == 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readahead_respects_written_chunks_and_the_fill_lock() {
+    let (image, fx) = image(8, 0, &[]);
+    let gate = fx.store.gate(fx.id(3));
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = open(&fx, tmp.path(), 8);
+    let written = vec![0x5a; CSU];
+    engine.write(2 * CS as u64, &written).await.unwrap();
+    read_chunk(&engine, &image, 0).await;
+    read_chunk(&engine, &image, 1).await;
+    // Chunk 2 is present (written), so only chunk 3 is fetched ahead.
+    assert_eq!(readahead(&engine), 1);
+    assert_eq!(fx.store.gets_of(&fx.id(2)), 0);
+    eventually(|| fx.store.gets_of(&fx.id(3)) == 1).await;
+    // A whole-chunk write waits for the readahead fetch, then lands on top.
+    let writer = {
+        let engine = Arc::clone(&engine);
+        let data = vec![0xa5; CSU];
+        tokio::spawn(async move { engine.write(3 * CS as u64, &data).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!writer.is_finished(), "the write did not wait for the fill");
+    gate.notify_one();
+    within(writer).await.unwrap().unwrap();
+    let got = engine.read(2 * CS as u64, 2 * CSU).await.unwrap();
+    assert!(got[..CSU] == written[..]);
+    assert!(got[CSU..].iter().all(|&b| b == 0xa5));
+    assert_eq!(fx.store.gets_of(&fx.id(3)), 1);
+}
