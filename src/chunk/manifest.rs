@@ -167,13 +167,13 @@ impl Manifest {
 
     /// Authenticates and opens a sealed manifest stored under `name`.
     pub fn open(name: &str, sealed: &[u8], tenant: &TenantKey) -> Result<Manifest, ManifestError> {
-        let (public, public_len) = PublicManifest::parse_prefix(name, sealed)?;
-        let stored_chunks = public.chunk_ids.iter().flatten().count();
-        let needed = public_len + NONCE_LEN + stored_chunks * KEY_LEN + TAG_LEN;
-        check_len(name, sealed.len(), needed)?;
+        // Authenticate before expanding the chunk table: a forged header
+        // must not make us allocate for chunks it only claims.
+        let header = Header::parse(name, sealed)?;
+        let public_len = header.public_len();
         let nonce: [u8; NONCE_LEN] = sealed[public_len..public_len + NONCE_LEN]
             .try_into()
-            .expect("slice is NONCE_LEN long");
+            .expect("Header::parse checked the length");
         let mut keys = sealed[public_len + NONCE_LEN..].to_vec();
         let manifest_key = tenant.subkey(MANIFEST_KEY_LABEL);
         let plain_len = aead(&manifest_key)
@@ -187,13 +187,12 @@ impl Manifest {
             })?
             .len();
         let mut key_table = keys[..plain_len].chunks_exact(KEY_LEN);
-        let entries = public
-            .chunk_ids
-            .iter()
+        let entries = header
+            .chunk_ids(sealed)
             .map(|id| match id {
                 None => ManifestEntry::Zero,
                 Some(id) => ManifestEntry::Chunk {
-                    id: *id,
+                    id,
                     key: ChunkKey(
                         key_table
                             .next()
@@ -206,10 +205,10 @@ impl Manifest {
             .collect();
         zeroize::Zeroize::zeroize(&mut keys);
         Ok(Manifest {
-            image_size: public.image_size,
-            chunk_size: public.chunk_size,
-            salt_domain: public.salt_domain,
-            source_digest: public.source_digest,
+            image_size: header.image_size,
+            chunk_size: header.chunk_size,
+            salt_domain: header.salt_domain,
+            source_digest: header.source_digest,
             entries,
         })
     }
@@ -270,10 +269,38 @@ impl PublicManifest {
     /// authenticated: use it only where a wrong id costs nothing but a miss
     /// (garbage collection, cache warming).
     pub fn parse(name: &str, sealed: &[u8]) -> Result<PublicManifest, ManifestError> {
-        Ok(Self::parse_prefix(name, sealed)?.0)
+        let header = Header::parse(name, sealed)?;
+        let chunk_ids = header.chunk_ids(sealed).collect();
+        Ok(PublicManifest {
+            image_size: header.image_size,
+            chunk_size: header.chunk_size,
+            salt_domain: header.salt_domain,
+            source_digest: header.source_digest,
+            chunk_ids,
+        })
     }
+}
 
-    fn parse_prefix(name: &str, sealed: &[u8]) -> Result<(PublicManifest, usize), ManifestError> {
+/// The fixed fields of a manifest and where its tables lie, checked against
+/// the manifest's length but not yet expanded.
+struct Header {
+    image_size: u64,
+    chunk_size: u32,
+    salt_domain: String,
+    source_digest: [u8; 32],
+    count: usize,
+    /// Offset of the zero map.
+    zero_map: usize,
+    /// Offset of the chunk names.
+    ids: usize,
+    /// Chunks that are not zero: names and keys stored.
+    stored: usize,
+}
+
+impl Header {
+    /// Parses the fixed fields and checks that the manifest is exactly as
+    /// long as they say.
+    fn parse(name: &str, sealed: &[u8]) -> Result<Header, ManifestError> {
         let mut r = Reader {
             name,
             bytes: sealed,
@@ -311,7 +338,8 @@ impl PublicManifest {
         validate_salt_domain(&salt_domain).map_err(invalid)?;
         let source_digest = r.array()?;
         let count = chunk_count(image_size, chunk_size);
-        // Bound the count by what the bytes could hold before allocating for it.
+        // The zero map alone needs count/8 bytes: a count the bytes cannot
+        // hold is refused before any arithmetic on it.
         if count / 8 > sealed.len() as u64 {
             return Err(ManifestError::Truncated {
                 name: name.to_owned(),
@@ -320,28 +348,47 @@ impl PublicManifest {
             });
         }
         let count = count as usize;
+        let zero_map_at = r.pos;
         let zero_map = r.take(count.div_ceil(8))?;
         if count % 8 != 0 && zero_map[count / 8] >> (count % 8) != 0 {
             return Err(invalid("zero map has bits set past the last chunk".into()));
         }
-        let mut chunk_ids = Vec::with_capacity(count);
-        for index in 0..count {
-            if zero_map[index / 8] & (1 << (index % 8)) != 0 {
-                chunk_ids.push(None);
-            } else {
-                chunk_ids.push(Some(ChunkId(r.array()?)));
-            }
-        }
-        Ok((
-            PublicManifest {
-                image_size,
-                chunk_size,
-                salt_domain,
-                source_digest,
-                chunk_ids,
-            },
-            r.pos,
-        ))
+        let zero: usize = zero_map.iter().map(|b| b.count_ones() as usize).sum();
+        let header = Header {
+            image_size,
+            chunk_size,
+            salt_domain,
+            source_digest,
+            count,
+            zero_map: zero_map_at,
+            ids: r.pos,
+            stored: count - zero,
+        };
+        let needed = header.public_len() + NONCE_LEN + header.stored * KEY_LEN + TAG_LEN;
+        check_len(name, sealed.len(), needed)?;
+        Ok(header)
+    }
+
+    /// Length of the readable part: everything before the nonce.
+    fn public_len(&self) -> usize {
+        self.ids + self.stored * 32
+    }
+
+    /// Per chunk index, its name or `None` for a zero chunk.
+    fn chunk_ids<'a>(&'a self, sealed: &'a [u8]) -> impl Iterator<Item = Option<ChunkId>> + 'a {
+        let zero_map = &sealed[self.zero_map..self.ids];
+        let mut names = sealed[self.ids..self.public_len()].chunks_exact(32);
+        (0..self.count).map(move |index| {
+            (zero_map[index / 8] & (1 << (index % 8)) == 0).then(|| {
+                ChunkId(
+                    names
+                        .next()
+                        .expect("one name per non-zero chunk was length-checked")
+                        .try_into()
+                        .expect("chunks_exact yields 32 bytes"),
+                )
+            })
+        })
     }
 }
 
