@@ -56,7 +56,11 @@ for target in "${targets[@]}"; do
         printf '%-20s ok: %s runs in %s s, %s\n' "$target" "$runs" "$seconds" "$coverage"
         rm -f "$log"
     else
-        tail -n 80 "$log" >&2
+        # What went wrong (a panic's message, a sanitizer's report), then
+        # how libFuzzer and cargo-fuzz ended.
+        grep -m 1 -A 12 -E 'panicked at|ERROR: (AddressSanitizer|LeakSanitizer|libFuzzer)' "$log" >&2 || true
+        printf '...\n' >&2
+        tail -n 25 "$log" >&2
         reproducer=$(grep -o 'Test unit written to .*' "$log" | tail -n 1 | sed 's/^Test unit written to //')
         if [[ -n $reproducer ]]; then
             die "fuzz target '$target' failed; reproduce with: RUSTC_BOOTSTRAP=1 cargo fuzz run $target $reproducer (full log: $log)"
