@@ -39,4 +39,7 @@ cargo test --all-targets
 section "cargo test --doc"
 cargo test --doc
 
+section "fuzz targets, 10 s each (scripts/fuzz.sh)"
+FUZZ_SECONDS=10 scripts/fuzz.sh
+
 section "done in $((SECONDS - started)) s"

@@ -1,0 +1,133 @@
+//! Writes the committed seed inputs in `fuzz/seeds/<target>/`: a few valid
+//! instances of each format, so the fuzzer starts past the magic numbers,
+//! checksums and tags it could not guess.
+//!
+//! Run it after a format change (the output is deterministic, so an unchanged
+//! format gives no diff):
+//!
+//! ```text
+//! cargo run --manifest-path fuzz/Cargo.toml --example seeds
+//! ```
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use lazyblk::cache::bitmap::{encode, Geometry};
+use lazyblk::chunk::{derive_salt, seal_chunk, Manifest, ManifestEntry, MIN_CHUNK_SIZE};
+use lazyblk::daemon::{ControlRequest, ControlResponse, DeviceRecord};
+use lazyblk::engine::EngineStats;
+use lazyblk_fuzz::tenant;
+
+fn main() -> std::io::Result<()> {
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
+    let mut written = 0;
+    let mut write = |target: &str, name: &str, bytes: &[u8]| -> std::io::Result<()> {
+        let dir: PathBuf = seeds.join(target);
+        fs::create_dir_all(&dir)?;
+        fs::write(dir.join(name), bytes)?;
+        written += bytes.len();
+        Ok(())
+    };
+
+    for (name, chunks, short_tail) in [("empty", 0, 0), ("three", 3, 100), ("nine", 9, 0)] {
+        write(
+            "manifest_open",
+            name,
+            &manifest(chunks, short_tail).seal(&tenant()),
+        )?;
+    }
+
+    for (name, chunks, present) in [
+        ("empty", 0, vec![]),
+        ("five", 5, vec![0, 3]),
+        ("seventy", 70, vec![1, 8, 63, 64, 69]),
+    ] {
+        let image_size = chunks * u64::from(MIN_CHUNK_SIZE);
+        let geometry = Geometry::new([9; 32], image_size, MIN_CHUNK_SIZE).expect("nonzero");
+        let mut words = vec![0u64; chunks.div_ceil(64) as usize];
+        for index in present {
+            words[index / 64] |= 1 << (index % 64);
+        }
+        write("bitmap_decode", name, &encode(&geometry, &words))?;
+    }
+
+    write(
+        "control_request",
+        "stats",
+        line(&ControlRequest::Stats).as_bytes(),
+    )?;
+    write(
+        "control_request",
+        "stop",
+        line(&ControlRequest::Stop).as_bytes(),
+    )?;
+    let stats = ControlResponse::Stats(EngineStats {
+        image_bytes: 1 << 30,
+        chunk_size: MIN_CHUNK_SIZE,
+        chunks_total: 16384,
+        ..EngineStats::default()
+    });
+    write("control_request", "answer-stats", line(&stats).as_bytes())?;
+    let refused = ControlResponse::Error("device is in use".into());
+    write("control_request", "answer-error", line(&refused).as_bytes())?;
+    let record = DeviceRecord {
+        pid: 4242,
+        frontend: "fuse".into(),
+        target: "/mnt/app".into(),
+        name: "app-v1".into(),
+        store: "dir:/var/lib/lazyblk".into(),
+        cache_dir: "/var/cache/lazyblk/app-v1".into(),
+        read_only: true,
+    };
+    write("control_request", "record", line(&record).as_bytes())?;
+
+    let id = seal_chunk(&derive_salt(&[1; 32], "default"), b"seed chunk").id;
+    write("chunk_id", "valid", id.to_hex().as_bytes())?;
+    write(
+        "chunk_id",
+        "uppercase",
+        id.to_hex().to_uppercase().as_bytes(),
+    )?;
+
+    // The structured targets read any bytes; one varied input gets them
+    // past the smallest cases at once.
+    let varied: Vec<u8> = (0..=255u8).map(|b| b.wrapping_mul(167)).collect();
+    write("manifest_roundtrip", "varied", &varied)?;
+    write("chunk_open", "varied", &varied)?;
+
+    println!("wrote {written} bytes of seeds under {}", seeds.display());
+    Ok(())
+}
+
+/// A manifest of `chunks` 64 KiB chunks, every third one zero, the last one
+/// `short_tail` bytes short.
+fn manifest(chunks: u64, short_tail: u64) -> Manifest {
+    let salt = derive_salt(&[3; 32], "seeds");
+    let entries = (0..chunks)
+        .map(|index| {
+            if index % 3 == 1 {
+                ManifestEntry::Zero
+            } else {
+                let sealed = seal_chunk(&salt, format!("chunk {index}").as_bytes());
+                ManifestEntry::Chunk {
+                    id: sealed.id,
+                    key: sealed.key,
+                }
+            }
+        })
+        .collect();
+    Manifest {
+        image_size: (chunks * u64::from(MIN_CHUNK_SIZE)).saturating_sub(short_tail),
+        chunk_size: MIN_CHUNK_SIZE,
+        salt_domain: "seeds".into(),
+        source_digest: [7; 32],
+        entries,
+    }
+}
+
+/// A control-socket message as it travels: one JSON line.
+fn line<T: serde::Serialize>(value: &T) -> String {
+    let mut line = serde_json::to_string(value).expect("control messages serialise");
+    line.push('\n');
+    line
+}
