@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 
-use super::testing::{eventually, idle, seal_image, within, Fixture};
+use super::testing::{eventually, idle, open_engine, seal_image, within, Fixture};
 use super::*;
 
 const CS: u32 = 64 * 1024;
@@ -27,17 +27,11 @@ fn image(chunks: usize, tail: usize, zeros: &[usize]) -> (Vec<u8>, Fixture) {
 }
 
 fn open(fx: &Fixture, dir: &Path, readahead_chunks: u32) -> Arc<Engine> {
-    Engine::open(
-        fx.manifest.clone(),
-        fx.digest,
-        fx.store.clone(),
-        dir,
-        EngineOptions {
-            readahead_chunks,
-            ..EngineOptions::default()
-        },
-    )
-    .unwrap()
+    let opts = EngineOptions {
+        readahead_chunks,
+        ..EngineOptions::default()
+    };
+    open_engine(fx, dir, opts).unwrap()
 }
 
 /// Reads chunk `index` whole and checks it against the image.
