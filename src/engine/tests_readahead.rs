@@ -48,39 +48,47 @@ fn readahead(engine: &Engine) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_sequential_scan_fetches_ahead_of_the_reader() {
-    let (image, fx) = image(16, 0, &[]);
+    let (image, fx) = image(64, 0, &[]);
     let tmp = tempfile::tempdir().unwrap();
     let engine = open(&fx, tmp.path(), 8);
+    // Each step waits for the fetches ahead to end, so the counts do not
+    // depend on timing: a stream with a window of w fetches fills 4w chunks
+    // after its reader's last one, fetching on as earlier fetches end.
     read_chunk(&engine, &image, 0).await;
+    idle(&engine).await;
     assert_eq!(readahead(&engine), 0, "one miss is no stream yet");
-    // The second miss in a row confirms the stream: 2 chunks ahead, then 4,
-    // then 8, the cap.
+    // The second miss in a row confirms the stream with a window of 2.
     read_chunk(&engine, &image, 1).await;
-    assert_eq!(readahead(&engine), 2);
-    // Waiting for the fetches ahead to end frees their permits, so the
-    // counts below do not depend on timing.
     idle(&engine).await;
+    assert_eq!(readahead(&engine), 8, "chunks 2..=9");
+    assert_eq!(fx.store.gets_of(&fx.id(10)), 0);
+    // The window doubles as the stream moves on: 4, then 8, the cap.
     read_chunk(&engine, &image, 2).await;
-    assert_eq!(readahead(&engine), 2 + 3);
     idle(&engine).await;
+    assert_eq!(readahead(&engine), 17, "chunks 2..=18");
     read_chunk(&engine, &image, 3).await;
-    assert_eq!(readahead(&engine), 2 + 3 + 5);
-    for index in 4..16 {
+    idle(&engine).await;
+    assert_eq!(readahead(&engine), 34, "chunks 2..=35");
+    read_chunk(&engine, &image, 4).await;
+    idle(&engine).await;
+    assert_eq!(readahead(&engine), 35, "chunks 2..=36");
+    assert_eq!(fx.store.gets_of(&fx.id(37)), 0);
+    for index in 5..64 {
         // Fetched before the reader got there.
         eventually(|| fx.store.gets_of(&fx.id(index)) == 1).await;
         read_chunk(&engine, &image, index).await;
     }
-    for index in 0..16 {
+    idle(&engine).await;
+    for index in 0..64 {
         assert_eq!(fx.store.gets_of(&fx.id(index)), 1, "chunk {index}");
     }
-    // A fetch counts itself just after it marks its chunk present.
-    idle(&engine).await;
     let stats = engine.stats();
-    assert_eq!(stats.chunks_readahead, 14);
-    assert_eq!(stats.chunks_fetched, 16);
-    assert_eq!(stats.chunks_present, 16);
-    assert_eq!(stats.cache_hits + stats.cache_misses, 16);
+    assert_eq!(stats.chunks_readahead, 62);
+    assert_eq!(stats.chunks_fetched, 64);
+    assert_eq!(stats.chunks_present, 64);
+    // Chunks 0 and 1, and any the reader caught still in flight.
     assert!(stats.cache_misses >= 2, "{stats:?}");
+    assert_eq!(stats.cache_hits + stats.cache_misses, 64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,25 +134,27 @@ async fn readahead_chunks_zero_turns_it_off() {
 async fn readahead_skips_zero_chunks_and_stops_at_the_end() {
     // Chunks 3, 4 and 10 are zero; chunk 12 is a short tail.
     let (image, fx) = image(12, 1000, &[3, 4, 10]);
+    // Held at the store, so the window does not move on.
+    let gates = [fx.store.gate(fx.id(2)), fx.store.gate(fx.id(5))];
     let tmp = tempfile::tempdir().unwrap();
     let engine = open(&fx, tmp.path(), 8);
     read_chunk(&engine, &image, 0).await;
     read_chunk(&engine, &image, 1).await;
-    // Two non-zero chunks ahead of chunk 1: 2 and 5.
+    // A window of two fetches: chunks 2 and 5, past the zero chunks.
     assert_eq!(readahead(&engine), 2);
+    eventually(|| fx.store.gets_of(&fx.id(5)) == 1).await;
+    assert_eq!(fx.store.gets_of(&fx.id(6)), 0);
+    for gate in &gates {
+        gate.notify_one();
+    }
     idle(&engine).await;
-    assert_eq!(fx.store.gets_of(&fx.id(5)), 1);
-    read_chunk(&engine, &image, 2).await;
-    // Four ahead of chunk 2: 5 (already fetched), 6, 7, 8.
-    assert_eq!(readahead(&engine), 5);
-    idle(&engine).await;
-    // Reading a zero chunk moves the stream on too. Eight ahead of chunk 3
-    // would reach past the end; only 9, 11 and 12 are left to start.
-    read_chunk(&engine, &image, 3).await;
+    // Its horizon, 8 non-zero chunks, ends at the image's last chunk.
     assert_eq!(readahead(&engine), 8);
-    for index in 4..13 {
+    // Reads further on, zero chunks included, find nothing left to fetch.
+    for index in 2..13 {
         read_chunk(&engine, &image, index).await;
     }
+    idle(&engine).await;
     let stored = [0, 1, 2, 5, 6, 7, 8, 9, 11, 12];
     for index in stored {
         assert_eq!(fx.store.gets_of(&fx.id(index)), 1, "chunk {index}");
@@ -223,28 +233,30 @@ async fn readahead_in_flight_is_bounded_and_never_holds_up_demand_fetches() {
     // Both permits are held by fetches stuck at the store.
     assert_eq!(readahead(&engine), 2);
     read_chunk(&engine, &image, 12).await;
-    // Moving the stream on wants chunk 4 fetched, but no permit is free.
+    // Moving the stream on (its window stays 2, the cap) wants nothing new
+    // while two of its fetches run.
     let reader = {
         let engine = Arc::clone(&engine);
         tokio::spawn(async move { engine.read(2 * CS as u64, 10).await })
     };
     eventually(|| engine.stats().cache_misses == 4).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(readahead(&engine), 2);
     assert_eq!(fx.store.gets_of(&fx.id(4)), 0);
+    // Once they end, the stream fetches on by itself, to its horizon: 8
+    // non-zero chunks after chunk 2.
     for gate in &gates {
         gate.notify_one();
     }
     assert!(within(reader).await.unwrap().unwrap() == image[2 * CSU..2 * CSU + 10]);
     idle(&engine).await;
-    // The next read of the stream retries and gets its permit.
-    read_chunk(&engine, &image, 2).await;
-    assert_eq!(readahead(&engine), 3);
-    eventually(|| fx.store.gets_of(&fx.id(4)) == 1).await;
+    assert_eq!(readahead(&engine), 2 + 7, "chunks 2..=10");
+    assert_eq!(fx.store.gets_of(&fx.id(11)), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hits_outside_the_runtime_keep_a_stream_going() {
-    let (image, fx) = image(16, 0, &[]);
+    let (image, fx) = image(32, 0, &[]);
     let tmp = tempfile::tempdir().unwrap();
     let engine = open(&fx, tmp.path(), 8);
     read_chunk(&engine, &image, 0).await;
@@ -263,8 +275,9 @@ async fn hits_outside_the_runtime_keep_a_stream_going() {
         .unwrap()
     };
     assert!(served.unwrap().unwrap() == image[2 * CSU..3 * CSU]);
-    assert_eq!(readahead(&engine), 2 + 3);
-    eventually(|| fx.store.gets_of(&fx.id(6)) == 1).await;
+    // The window grew to 4 and the horizon to 16 chunks after chunk 2.
+    idle(&engine).await;
+    assert_eq!(readahead(&engine), 17, "chunks 2..=18");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,9 +290,7 @@ async fn readahead_respects_written_chunks_and_the_fill_lock() {
     engine.write(2 * CS as u64, &written).await.unwrap();
     read_chunk(&engine, &image, 0).await;
     read_chunk(&engine, &image, 1).await;
-    // Chunk 2 is present (written), so only chunk 3 is fetched ahead.
-    assert_eq!(readahead(&engine), 1);
-    assert_eq!(fx.store.gets_of(&fx.id(2)), 0);
+    // Chunk 2 is present (written), so readahead starts at chunk 3.
     eventually(|| fx.store.gets_of(&fx.id(3)) == 1).await;
     // A whole-chunk write waits for the readahead fetch, then lands on top.
     let writer = {
@@ -294,5 +305,9 @@ async fn readahead_respects_written_chunks_and_the_fill_lock() {
     let got = engine.read(2 * CS as u64, 2 * CSU).await.unwrap();
     assert!(got[..CSU] == written[..]);
     assert!(got[CSU..].iter().all(|&b| b == 0xa5));
+    idle(&engine).await;
+    assert_eq!(fx.store.gets_of(&fx.id(2)), 0);
     assert_eq!(fx.store.gets_of(&fx.id(3)), 1);
+    // Chunks 3..=7: the whole image after the written chunk.
+    assert_eq!(readahead(&engine), 5);
 }
