@@ -70,7 +70,7 @@ use readahead::Readahead;
 use stats::Counters;
 
 /// The default of [`EngineOptions::readahead_chunks`]: with 512 KiB chunks,
-/// 4 MiB in flight, up to 16 MiB ahead of a sequential reader.
+/// up to 4 MiB in flight and 8 MiB ahead of a long sequential reader.
 pub const DEFAULT_READAHEAD_CHUNKS: u32 = 8;
 
 /// How a device is served.
@@ -79,9 +79,11 @@ pub struct EngineOptions {
     /// Refuse every write with [`crate::error::ErrorKind::ReadOnly`].
     pub read_only: bool,
     /// Most readahead fetches one sequential reader keeps in flight (its
-    /// window starts at 2 and doubles up to this), and most in flight over
-    /// all readers. A reader is never fetched for more than 4 times this
-    /// many non-zero chunks ahead. 0 turns readahead off.
+    /// window starts at 2 and doubles, each time the reader gets as many
+    /// chunks further, up to this), and most in flight over
+    /// all readers. A reader with a window of w is fetched for at most
+    /// w²/2 non-zero chunks ahead (never fewer than w nor more than 2w).
+    /// 0 turns readahead off.
     pub readahead_chunks: u32,
 }
 

@@ -10,22 +10,25 @@
 //! **Detection.** The engine remembers the last chunk of a few recent access
 //! streams. A read that misses and continues no stream starts a *candidate*;
 //! a read that misses the chunk right after a candidate's last confirms it as
-//! a sequential stream with a window of [`FIRST_WINDOW`] chunks, and every
-//! read that moves a stream on (hit or miss) doubles its window, up to
-//! `EngineOptions::readahead_chunks`. Hits move candidates on too (a reader
+//! a sequential stream with a window of [`FIRST_WINDOW`] fetches, and the
+//! window doubles each time the reader (hit or miss) gets as many chunks
+//! further as the window holds, up to `EngineOptions::readahead_chunks`: a
+//! stream earns its window by being read. Hits move candidates on too (a reader
 //! crossing a zero or cached chunk is still sequential) but never start or
 //! confirm one. Random reads seldom continue a candidate, so they seldom
 //! fetch anything extra.
 //!
 //! **Window.** A stream keeps up to `window` fetches in flight among the
-//! next [`HORIZON`]` × window` non-zero chunks after its last chunk (zero
+//! next [`horizon`]`(window)` non-zero chunks after its last chunk (zero
 //! chunks need no fetch and are skipped, up to [`MAX_SCAN`] of them); it
 //! stops at the end of the image. The window counts fetches, not chunks
 //! ahead: the reader waits on the oldest fetch while younger ones finish, and
 //! finished chunks waiting to be read must not hold the pipeline's slots.
-//! The horizon keeps readahead from running far ahead of a reader that
-//! stopped. Scans run on every read of a stream and whenever one of its
-//! fetches succeeds, so a stream stays full while its reader waits.
+//! The horizon grows faster than the window (2, 8, 16 chunks for windows of
+//! 2, 4, 8), so a short stream, such as one small file, costs little, and a
+//! long one may run further ahead; it bounds what a reader that stops has
+//! cost. Scans run on every read of a stream and whenever one of its fetches
+//! succeeds, so a stream stays full while its reader waits.
 //!
 //! Invariants:
 //! * a readahead fetch is an ordinary fetch in the in-flight map: single
@@ -60,9 +63,9 @@ use crate::chunk::ManifestEntry;
 
 /// Window of a newly confirmed stream, in fetches.
 pub(super) const FIRST_WINDOW: u64 = 2;
-/// How many non-zero chunks ahead of its reader a stream may fetch, per
+/// The most non-zero chunks ahead of its reader a stream may fetch, per
 /// fetch of its window.
-pub(super) const HORIZON: u64 = 4;
+pub(super) const HORIZON: u64 = 2;
 /// Streams remembered at once; the least recently used is forgotten first.
 const STREAMS: usize = 8;
 /// A read this many chunks behind a stream's last chunk still belongs to it:
@@ -72,6 +75,13 @@ const REORDER: u64 = 2;
 /// bounded scan.
 pub(super) const MAX_SCAN: u64 = 1024;
 
+/// How many non-zero chunks after its reader's last a stream with `window`
+/// fetches in flight may fetch: `window² / 2`, at least `window` and at most
+/// [`HORIZON`]` × window`.
+pub(super) fn horizon(window: u64) -> u64 {
+    (window * window / 2).clamp(window, HORIZON * window)
+}
+
 /// One remembered access stream.
 #[derive(Debug, Clone, Copy)]
 struct Stream {
@@ -79,6 +89,8 @@ struct Stream {
     last: u64,
     /// Fetches to keep in flight ahead of `last`; 0 for a candidate.
     window: u64,
+    /// `last` when the window was last set.
+    grown_at: u64,
     /// Every chunk below this was started, or found present, already.
     until: u64,
     /// Tick of the last read that touched the stream.
@@ -151,6 +163,7 @@ impl Streams {
                 let stream = Stream {
                     last,
                     window: 0,
+                    grown_at: last,
                     until: last.saturating_add(1),
                     used: tick,
                 };
@@ -167,9 +180,13 @@ impl Streams {
         if last > stream.last {
             stream.last = last;
             if stream.window > 0 {
-                stream.window = (stream.window * 2).min(max);
+                if last >= stream.grown_at + stream.window {
+                    stream.window = (stream.window * 2).min(max);
+                    stream.grown_at = last;
+                }
             } else if missed {
                 stream.window = FIRST_WINDOW.min(max);
+                stream.grown_at = last;
             }
         }
         (stream.window > 0).then_some(i)
@@ -219,7 +236,7 @@ impl Engine {
     /// horizon. Needs a runtime to spawn on.
     fn fill_window(self: &Arc<Self>, stream: &mut Stream) {
         let end = self.manifest.chunk_count();
-        let horizon = stream.window * HORIZON;
+        let horizon = horizon(stream.window);
         let (mut index, mut ahead, mut busy, mut scanned) = (stream.last + 1, 0, 0, 0);
         while busy < stream.window && ahead < horizon && index < end && scanned < MAX_SCAN {
             if !self.is_zero(index) {

@@ -52,28 +52,34 @@ async fn a_cold_sequential_scan_fetches_ahead_of_the_reader() {
     let tmp = tempfile::tempdir().unwrap();
     let engine = open(&fx, tmp.path(), 8);
     // Each step waits for the fetches ahead to end, so the counts do not
-    // depend on timing: a stream with a window of w fetches fills 4w chunks
-    // after its reader's last one, fetching on as earlier fetches end.
-    read_chunk(&engine, &image, 0).await;
-    idle(&engine).await;
-    assert_eq!(readahead(&engine), 0, "one miss is no stream yet");
-    // The second miss in a row confirms the stream with a window of 2.
-    read_chunk(&engine, &image, 1).await;
-    idle(&engine).await;
-    assert_eq!(readahead(&engine), 8, "chunks 2..=9");
-    assert_eq!(fx.store.gets_of(&fx.id(10)), 0);
-    // The window doubles as the stream moves on: 4, then 8, the cap.
-    read_chunk(&engine, &image, 2).await;
-    idle(&engine).await;
-    assert_eq!(readahead(&engine), 17, "chunks 2..=18");
-    read_chunk(&engine, &image, 3).await;
-    idle(&engine).await;
-    assert_eq!(readahead(&engine), 34, "chunks 2..=35");
-    read_chunk(&engine, &image, 4).await;
-    idle(&engine).await;
-    assert_eq!(readahead(&engine), 35, "chunks 2..=36");
-    assert_eq!(fx.store.gets_of(&fx.id(37)), 0);
-    for index in 5..64 {
+    // depend on timing. A stream with a window of w fetches fills its
+    // horizon, w²/2 chunks but at most 2w (2, 8, 16), after its reader's
+    // last one, fetching on as earlier fetches end; the window doubles each
+    // time the reader gets w chunks further.
+    let steps = [
+        (0, 0, "one miss is no stream yet"),
+        (1, 2, "the second confirms it: a window of 2"),
+        (2, 3, "still 2"),
+        (3, 10, "4"),
+        (4, 11, "4"),
+        (5, 12, "4"),
+        (6, 13, "4"),
+        (7, 22, "8, the cap"),
+        (8, 23, "8"),
+    ];
+    for (index, fetched_ahead, window) in steps {
+        read_chunk(&engine, &image, index).await;
+        idle(&engine).await;
+        assert_eq!(
+            readahead(&engine),
+            fetched_ahead,
+            "after chunk {index}: {window}"
+        );
+        // Readahead fetched chunks 2 and on, and nothing further.
+        let next = 2 + fetched_ahead as usize;
+        assert_eq!(fx.store.gets_of(&fx.id(next)), 0, "after chunk {index}");
+    }
+    for index in 9..64 {
         // Fetched before the reader got there.
         eventually(|| fx.store.gets_of(&fx.id(index)) == 1).await;
         read_chunk(&engine, &image, index).await;
@@ -148,7 +154,13 @@ async fn readahead_skips_zero_chunks_and_stops_at_the_end() {
         gate.notify_one();
     }
     idle(&engine).await;
-    // Its horizon, 8 non-zero chunks, ends at the image's last chunk.
+    assert_eq!(readahead(&engine), 2, "a horizon of 2");
+    // Reading on through a zero chunk grows the window to 4, whose horizon
+    // of 8 non-zero chunks after chunk 3 would reach past the image's last
+    // chunk, 12.
+    read_chunk(&engine, &image, 2).await;
+    read_chunk(&engine, &image, 3).await;
+    idle(&engine).await;
     assert_eq!(readahead(&engine), 8);
     // Reads further on, zero chunks included, find nothing left to fetch.
     for index in 2..13 {
@@ -233,8 +245,8 @@ async fn readahead_in_flight_is_bounded_and_never_holds_up_demand_fetches() {
     // Both permits are held by fetches stuck at the store.
     assert_eq!(readahead(&engine), 2);
     read_chunk(&engine, &image, 12).await;
-    // Moving the stream on (its window stays 2, the cap) wants nothing new
-    // while two of its fetches run.
+    // Moving the stream on (its window stays 2, the cap) wants chunk 4
+    // fetched, but both permits are taken.
     let reader = {
         let engine = Arc::clone(&engine);
         tokio::spawn(async move { engine.read(2 * CS as u64, 10).await })
@@ -243,15 +255,15 @@ async fn readahead_in_flight_is_bounded_and_never_holds_up_demand_fetches() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(readahead(&engine), 2);
     assert_eq!(fx.store.gets_of(&fx.id(4)), 0);
-    // Once they end, the stream fetches on by itself, to its horizon: 8
+    // Once they end, the stream fetches on by itself, to its horizon: 2
     // non-zero chunks after chunk 2.
     for gate in &gates {
         gate.notify_one();
     }
     assert!(within(reader).await.unwrap().unwrap() == image[2 * CSU..2 * CSU + 10]);
     idle(&engine).await;
-    assert_eq!(readahead(&engine), 2 + 7, "chunks 2..=10");
-    assert_eq!(fx.store.gets_of(&fx.id(11)), 0);
+    assert_eq!(readahead(&engine), 3, "chunks 2..=4");
+    assert_eq!(fx.store.gets_of(&fx.id(5)), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,9 +287,10 @@ async fn hits_outside_the_runtime_keep_a_stream_going() {
         .unwrap()
     };
     assert!(served.unwrap().unwrap() == image[2 * CSU..3 * CSU]);
-    // The window grew to 4 and the horizon to 16 chunks after chunk 2.
+    // The stream moved on: 2 chunks after chunk 2.
     idle(&engine).await;
-    assert_eq!(readahead(&engine), 17, "chunks 2..=18");
+    assert_eq!(readahead(&engine), 3, "chunks 2..=4");
+    assert_eq!(fx.store.gets_of(&fx.id(5)), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
