@@ -111,8 +111,9 @@ impl Engine {
     /// cannot run before the entry is inserted.
     ///
     /// A readahead fetch carries its permit, released when the fetch ends,
-    /// and its fill never hands waiters the fetch's error: they find the
-    /// chunk still missing and fetch it themselves.
+    /// and then lets the streams start their next fetches; its fill never
+    /// hands waiters the fetch's error: they find the chunk still missing
+    /// and fetch it themselves.
     pub(super) fn start_fetch(
         self: &Arc<Self>,
         index: u64,
@@ -123,9 +124,18 @@ impl Engine {
         let engine = Arc::clone(self);
         let ahead = readahead.is_some();
         let task = tokio::spawn(async move {
-            let done = FetchDone { engine, index };
-            let fetched = done.engine.fetch(index, id, key, ahead).await;
+            let fetched = {
+                let done = FetchDone {
+                    engine: Arc::clone(&engine),
+                    index,
+                };
+                done.engine.fetch(index, id, key, ahead).await
+            };
+            // Entry gone and permit free: the streams can start the next.
             drop(readahead);
+            if ahead && fetched.is_ok() {
+                engine.readahead_done();
+            }
             fetched
         });
         async move {

@@ -69,8 +69,8 @@ use fetch::Fill;
 use readahead::Readahead;
 use stats::Counters;
 
-/// The default of [`EngineOptions::readahead_chunks`]: 4 MiB ahead of a
-/// sequential reader with 512 KiB chunks.
+/// The default of [`EngineOptions::readahead_chunks`]: with 512 KiB chunks,
+/// up to 4 MiB in flight and 8 MiB ahead of a long sequential reader.
 pub const DEFAULT_READAHEAD_CHUNKS: u32 = 8;
 
 /// How a device is served.
@@ -78,9 +78,12 @@ pub const DEFAULT_READAHEAD_CHUNKS: u32 = 8;
 pub struct EngineOptions {
     /// Refuse every write with [`crate::error::ErrorKind::ReadOnly`].
     pub read_only: bool,
-    /// Most non-zero chunks fetched ahead of one sequential reader, and most
-    /// readahead fetches in flight over all readers; 0 turns readahead off.
-    /// A stream starts at 2 chunks ahead and doubles up to this.
+    /// Most readahead fetches one sequential reader keeps in flight (its
+    /// window starts at 2 and doubles, each time the reader gets as many
+    /// chunks further, up to this), and most in flight over
+    /// all readers. A reader with a window of w is fetched for at most
+    /// w²/2 non-zero chunks ahead (never fewer than w nor more than 2w).
+    /// 0 turns readahead off.
     pub readahead_chunks: u32,
 }
 

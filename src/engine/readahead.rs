@@ -10,26 +10,36 @@
 //! **Detection.** The engine remembers the last chunk of a few recent access
 //! streams. A read that misses and continues no stream starts a *candidate*;
 //! a read that misses the chunk right after a candidate's last confirms it as
-//! a sequential stream with a window of [`FIRST_WINDOW`] chunks, and every
-//! read that moves a stream on (hit or miss) doubles its window, up to
-//! `EngineOptions::readahead_chunks`. Hits move candidates on too (a reader
+//! a sequential stream with a window of [`FIRST_WINDOW`] fetches, and the
+//! window doubles each time the reader (hit or miss) gets as many chunks
+//! further as the window holds, up to `EngineOptions::readahead_chunks`: a
+//! stream earns its window by being read. Hits move candidates on too (a reader
 //! crossing a zero or cached chunk is still sequential) but never start or
 //! confirm one. Random reads seldom continue a candidate, so they seldom
 //! fetch anything extra.
 //!
-//! **Window.** A stream's window is the next `window` non-zero chunks after
-//! its last chunk (zero chunks need no fetch and are skipped, up to
-//! [`MAX_SCAN`] of them); readahead fetches those that are neither present
-//! nor being filled. It stops at the end of the image.
+//! **Window.** A stream keeps up to `window` fetches in flight among the
+//! next [`horizon`]`(window)` non-zero chunks after its last chunk (zero
+//! chunks need no fetch and are skipped, up to [`MAX_SCAN`] of them); it
+//! stops at the end of the image. The window counts fetches, not chunks
+//! ahead: the reader waits on the oldest fetch while younger ones finish, and
+//! finished chunks waiting to be read must not hold the pipeline's slots.
+//! The horizon grows faster than the window (2, 8, 16 chunks for windows of
+//! 2, 4, 8), so a short stream, such as one small file, costs little, and a
+//! long one may run further ahead; it bounds what a reader that stops has
+//! cost. Scans run on every read of a stream and whenever one of its fetches
+//! succeeds, so a stream stays full while its reader waits.
 //!
 //! Invariants:
 //! * a readahead fetch is an ordinary fetch in the in-flight map: single
 //!   flight, the fill lock against whole-chunk writes, verification, and the
 //!   present bit only after the bytes, all as for a demand fetch;
-//! * at most `readahead_chunks` readahead fetches are in flight at once (a
-//!   semaphore); readahead that finds no permit skips the chunk and retries on
-//!   the stream's next read. Demand fetches take no permit, so readahead never
-//!   holds one up beyond the one chunk it may be fetching already;
+//! * at most `readahead_chunks` readahead fetches are in flight at once over
+//!   all streams (a semaphore); readahead that finds no permit leaves the
+//!   chunk for a later scan. Demand fetches take no permit, so readahead
+//!   never holds one up beyond the one chunk it may be fetching already;
+//! * a stream starts each chunk at most once (`Stream::until`), so a chunk
+//!   whose fetch failed is left to the readers and never retried in a loop;
 //! * a failed readahead fetch fails no request: it is counted and logged like
 //!   any fetch, and its fill tells waiters only to look again, so a request
 //!   that needs the chunk fetches it itself.
@@ -51,8 +61,11 @@ use super::stats::add;
 use super::Engine;
 use crate::chunk::ManifestEntry;
 
-/// Window of a newly confirmed stream, in chunks.
+/// Window of a newly confirmed stream, in fetches.
 pub(super) const FIRST_WINDOW: u64 = 2;
+/// The most non-zero chunks ahead of its reader a stream may fetch, per
+/// fetch of its window.
+pub(super) const HORIZON: u64 = 2;
 /// Streams remembered at once; the least recently used is forgotten first.
 const STREAMS: usize = 8;
 /// A read this many chunks behind a stream's last chunk still belongs to it:
@@ -62,17 +75,24 @@ const REORDER: u64 = 2;
 /// bounded scan.
 pub(super) const MAX_SCAN: u64 = 1024;
 
+/// How many non-zero chunks after its reader's last a stream with `window`
+/// fetches in flight may fetch: `window² / 2`, at least `window` and at most
+/// [`HORIZON`]` × window`.
+pub(super) fn horizon(window: u64) -> u64 {
+    (window * window / 2).clamp(window, HORIZON * window)
+}
+
 /// One remembered access stream.
 #[derive(Debug, Clone, Copy)]
 struct Stream {
     /// Highest chunk the stream has read.
     last: u64,
-    /// Non-zero chunks to keep fetched ahead of `last`; 0 for a candidate.
+    /// Fetches to keep in flight ahead of `last`; 0 for a candidate.
     window: u64,
-    /// Every chunk below this was considered for readahead already.
+    /// `last` when the window was last set.
+    grown_at: u64,
+    /// Every chunk below this was started, or found present, already.
     until: u64,
-    /// The window for this `last` and `window` was scanned in full.
-    settled: bool,
     /// Tick of the last read that touched the stream.
     used: u64,
 }
@@ -86,8 +106,8 @@ struct Streams {
 /// Readahead state of one engine.
 #[derive(Debug)]
 pub(super) struct Readahead {
-    /// Largest window, and the bound on readahead fetches in flight; 0 turns
-    /// readahead off.
+    /// Largest window, and the bound on readahead fetches in flight over all
+    /// streams; 0 turns readahead off.
     max: u64,
     permits: Arc<Semaphore>,
     streams: Mutex<Streams>,
@@ -100,10 +120,12 @@ pub(super) struct Readahead {
     tracking: AtomicBool,
 }
 
-/// What happened to one chunk of a window.
+/// What readahead found or did for one chunk.
 enum Outcome {
-    Started,
-    Skipped,
+    /// A fetch of it is running (just started or not).
+    Busy,
+    /// Present, or gone from the manifest: nothing to do.
+    Done,
     NoPermit,
 }
 
@@ -125,7 +147,7 @@ impl Readahead {
 
 impl Streams {
     /// Records a read of chunks `first..=last` and returns the stream it
-    /// belongs to if that stream is confirmed and its window needs a scan.
+    /// belongs to if that stream is confirmed.
     fn access(&mut self, first: u64, last: u64, missed: bool, max: u64) -> Option<usize> {
         self.tick += 1;
         let tick = self.tick;
@@ -141,8 +163,8 @@ impl Streams {
                 let stream = Stream {
                     last,
                     window: 0,
+                    grown_at: last,
                     until: last.saturating_add(1),
-                    settled: false,
                     used: tick,
                 };
                 if self.streams.len() < STREAMS {
@@ -157,14 +179,17 @@ impl Streams {
         stream.used = tick;
         if last > stream.last {
             stream.last = last;
-            stream.settled = false;
             if stream.window > 0 {
-                stream.window = (stream.window * 2).min(max);
+                if last >= stream.grown_at + stream.window {
+                    stream.window = (stream.window * 2).min(max);
+                    stream.grown_at = last;
+                }
             } else if missed {
                 stream.window = FIRST_WINDOW.min(max);
+                stream.grown_at = last;
             }
         }
-        (stream.window > 0 && !stream.settled).then_some(i)
+        (stream.window > 0).then_some(i)
     }
 }
 
@@ -195,49 +220,71 @@ impl Engine {
             },
         };
         let _entered = runtime.enter();
-        let stream = &mut streams.streams[i];
+        self.fill_window(&mut streams.streams[i]);
+    }
+
+    /// Called by a readahead fetch that succeeded, once its permit is free:
+    /// every stream may start another fetch now. Runs on the runtime.
+    pub(super) fn readahead_done(self: &Arc<Self>) {
+        let mut streams = self.readahead.lock();
+        for stream in streams.streams.iter_mut().filter(|s| s.window > 0) {
+            self.fill_window(stream);
+        }
+    }
+
+    /// Starts fetches until `stream` has `window` in flight, within its
+    /// horizon. Needs a runtime to spawn on.
+    fn fill_window(self: &Arc<Self>, stream: &mut Stream) {
         let end = self.manifest.chunk_count();
-        let (mut index, mut counted, mut scanned) = (stream.last + 1, 0, 0);
-        while counted < stream.window && index < end && scanned < MAX_SCAN {
+        let horizon = horizon(stream.window);
+        let (mut index, mut ahead, mut busy, mut scanned) = (stream.last + 1, 0, 0, 0);
+        while busy < stream.window && ahead < horizon && index < end && scanned < MAX_SCAN {
             if !self.is_zero(index) {
-                counted += 1;
-                if index >= stream.until {
-                    if let Outcome::NoPermit = self.start_readahead(index) {
-                        // Retried on the stream's next read.
-                        stream.until = index;
-                        return;
+                ahead += 1;
+                if index < stream.until {
+                    // Started once already: count it, never restart it.
+                    if self.inflight.contains_key(&index) {
+                        busy += 1;
                     }
+                } else {
+                    match self.start_readahead(index) {
+                        Outcome::Busy => busy += 1,
+                        Outcome::Done => {}
+                        Outcome::NoPermit => break,
+                    }
+                    stream.until = index + 1;
                 }
             }
             index += 1;
             scanned += 1;
         }
-        stream.until = stream.until.max(index);
-        stream.settled = true;
     }
 
-    /// Starts a detached fetch of chunk `index` unless it is present, zero,
+    /// Starts a detached fetch of chunk `index` unless it is present or
     /// being filled, or all readahead permits are taken.
     fn start_readahead(self: &Arc<Self>, index: u64) -> Outcome {
-        if self.cache.is_present(index) || self.inflight.contains_key(&index) {
-            return Outcome::Skipped;
+        if self.cache.is_present(index) {
+            return Outcome::Done;
+        }
+        if self.inflight.contains_key(&index) {
+            return Outcome::Busy;
         }
         let Some(ManifestEntry::Chunk { id, key }) = self.entry(index) else {
-            return Outcome::Skipped;
+            return Outcome::Done;
         };
         let Ok(permit) = Arc::clone(&self.readahead.permits).try_acquire_owned() else {
             return Outcome::NoPermit;
         };
         match self.inflight.entry(index) {
-            Entry::Occupied(_) => Outcome::Skipped,
+            Entry::Occupied(_) => Outcome::Busy,
             Entry::Vacant(entry) => {
                 if self.cache.is_present(index) {
-                    return Outcome::Skipped;
+                    return Outcome::Done;
                 }
                 let fill = self.start_fetch(index, *id, key.clone(), Some(permit));
                 entry.insert(fill);
                 add(&self.counters.chunks_readahead, 1);
-                Outcome::Started
+                Outcome::Busy
             }
         }
     }

@@ -3,18 +3,21 @@
 //! gets on demand, and sealed test images built with the real chunk code.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Notify;
 
+use crate::cache::CacheError;
 use crate::chunk::{
     is_zero, manifest_digest, seal_chunk, ChunkId, Manifest, ManifestEntry, Salt, TenantKey,
 };
+use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::store::{ChunkStore, StoreError};
 
 /// A chunk store in memory with knobs for misbehaving.
@@ -155,6 +158,29 @@ pub(crate) async fn within<F: std::future::Future>(future: F) -> F::Output {
         .expect("timed out: something waits on a fetch that will never finish")
 }
 
+/// [`Engine::open`], retrying for up to two seconds while the cache is in
+/// use. The lock is an `flock`, which belongs to the open file: a test that
+/// starts a child process (`acknowledged_writes_survive_sigkill`) lends the
+/// child every open file between its fork and its exec, so a cache closed
+/// and reopened in that window is briefly still locked.
+pub(crate) fn open_engine(
+    fx: &Fixture,
+    dir: &Path,
+    opts: EngineOptions,
+) -> Result<Arc<Engine>, EngineError> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match Engine::open(fx.manifest.clone(), fx.digest, fx.store.clone(), dir, opts) {
+            Err(EngineError::OpenCache { source })
+                if matches!(*source, CacheError::InUse { .. }) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            opened => return opened,
+        }
+    }
+}
+
 /// Waits until `done` holds, failing the test after ten seconds.
 pub(crate) async fn eventually(mut done: impl FnMut() -> bool) {
     within(async {
@@ -168,7 +194,7 @@ pub(crate) async fn eventually(mut done: impl FnMut() -> bool) {
 /// Waits until the caller's handle is the only one left to `engine`: no
 /// fetch, readahead included, is still running. Reopening a cache needs it,
 /// since a running fetch keeps the engine, and so the cache's lock, alive.
-pub(crate) async fn idle(engine: &Arc<crate::engine::Engine>) {
+pub(crate) async fn idle(engine: &Arc<Engine>) {
     eventually(|| Arc::strong_count(engine) == 1).await
 }
 

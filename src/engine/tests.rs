@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 
-use super::testing::{idle, sample_image, seal_image, within, Fixture};
+use super::testing::{idle, open_engine, sample_image, seal_image, within, Fixture};
 use super::*;
 use crate::error::ErrorKind;
 
@@ -20,18 +20,11 @@ fn fixture() -> (Vec<u8>, Fixture) {
 }
 
 fn open(fx: &Fixture, dir: &Path, read_only: bool) -> Result<Arc<Engine>, EngineError> {
-    open_with(
-        fx,
-        dir,
-        EngineOptions {
-            read_only,
-            ..EngineOptions::default()
-        },
-    )
-}
-
-fn open_with(fx: &Fixture, dir: &Path, opts: EngineOptions) -> Result<Arc<Engine>, EngineError> {
-    Engine::open(fx.manifest.clone(), fx.digest, fx.store.clone(), dir, opts)
+    let opts = EngineOptions {
+        read_only,
+        ..EngineOptions::default()
+    };
+    open_engine(fx, dir, opts)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,7 +46,7 @@ async fn scan_and_check(readahead_chunks: u32) {
         readahead_chunks,
         ..EngineOptions::default()
     };
-    let engine = open_with(&fx, tmp.path(), opts).unwrap();
+    let engine = open_engine(&fx, tmp.path(), opts).unwrap();
     assert_eq!(engine.size(), image.len() as u64);
     // Odd-sized reads that straddle chunk boundaries, then the whole image.
     let mut at = 0usize;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use proptest::sample::Index;
 
-use super::testing::{idle, sample_image, seal_image};
+use super::testing::{idle, open_engine, sample_image, seal_image};
 use super::*;
 
 const CS: u32 = 64 * 1024;
@@ -98,13 +98,8 @@ proptest! {
             .enable_all()
             .build()
             .unwrap();
-        let open = || Engine::open(
-            fx.manifest.clone(),
-            fx.digest,
-            fx.store.clone(),
-            tmp.path(),
-            EngineOptions { readahead_chunks, ..EngineOptions::default() },
-        ).unwrap();
+        let opts = EngineOptions { readahead_chunks, ..EngineOptions::default() };
+        let open = || open_engine(&fx, tmp.path(), opts).unwrap();
         let mut engine: Arc<Engine> = open();
         let size = model.len();
         for op in &ops {

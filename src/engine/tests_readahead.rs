@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 
-use super::testing::{eventually, idle, seal_image, within, Fixture};
+use super::testing::{eventually, idle, open_engine, seal_image, within, Fixture};
 use super::*;
 
 const CS: u32 = 64 * 1024;
@@ -27,17 +27,11 @@ fn image(chunks: usize, tail: usize, zeros: &[usize]) -> (Vec<u8>, Fixture) {
 }
 
 fn open(fx: &Fixture, dir: &Path, readahead_chunks: u32) -> Arc<Engine> {
-    Engine::open(
-        fx.manifest.clone(),
-        fx.digest,
-        fx.store.clone(),
-        dir,
-        EngineOptions {
-            readahead_chunks,
-            ..EngineOptions::default()
-        },
-    )
-    .unwrap()
+    let opts = EngineOptions {
+        readahead_chunks,
+        ..EngineOptions::default()
+    };
+    open_engine(fx, dir, opts).unwrap()
 }
 
 /// Reads chunk `index` whole and checks it against the image.
@@ -54,39 +48,53 @@ fn readahead(engine: &Engine) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_sequential_scan_fetches_ahead_of_the_reader() {
-    let (image, fx) = image(16, 0, &[]);
+    let (image, fx) = image(64, 0, &[]);
     let tmp = tempfile::tempdir().unwrap();
     let engine = open(&fx, tmp.path(), 8);
-    read_chunk(&engine, &image, 0).await;
-    assert_eq!(readahead(&engine), 0, "one miss is no stream yet");
-    // The second miss in a row confirms the stream: 2 chunks ahead, then 4,
-    // then 8, the cap.
-    read_chunk(&engine, &image, 1).await;
-    assert_eq!(readahead(&engine), 2);
-    // Waiting for the fetches ahead to end frees their permits, so the
-    // counts below do not depend on timing.
-    idle(&engine).await;
-    read_chunk(&engine, &image, 2).await;
-    assert_eq!(readahead(&engine), 2 + 3);
-    idle(&engine).await;
-    read_chunk(&engine, &image, 3).await;
-    assert_eq!(readahead(&engine), 2 + 3 + 5);
-    for index in 4..16 {
+    // Each step waits for the fetches ahead to end, so the counts do not
+    // depend on timing. A stream with a window of w fetches fills its
+    // horizon, w²/2 chunks but at most 2w (2, 8, 16), after its reader's
+    // last one, fetching on as earlier fetches end; the window doubles each
+    // time the reader gets w chunks further.
+    let steps = [
+        (0, 0, "one miss is no stream yet"),
+        (1, 2, "the second confirms it: a window of 2"),
+        (2, 3, "still 2"),
+        (3, 10, "4"),
+        (4, 11, "4"),
+        (5, 12, "4"),
+        (6, 13, "4"),
+        (7, 22, "8, the cap"),
+        (8, 23, "8"),
+    ];
+    for (index, fetched_ahead, window) in steps {
+        read_chunk(&engine, &image, index).await;
+        idle(&engine).await;
+        assert_eq!(
+            readahead(&engine),
+            fetched_ahead,
+            "after chunk {index}: {window}"
+        );
+        // Readahead fetched chunks 2 and on, and nothing further.
+        let next = 2 + fetched_ahead as usize;
+        assert_eq!(fx.store.gets_of(&fx.id(next)), 0, "after chunk {index}");
+    }
+    for index in 9..64 {
         // Fetched before the reader got there.
         eventually(|| fx.store.gets_of(&fx.id(index)) == 1).await;
         read_chunk(&engine, &image, index).await;
     }
-    for index in 0..16 {
+    idle(&engine).await;
+    for index in 0..64 {
         assert_eq!(fx.store.gets_of(&fx.id(index)), 1, "chunk {index}");
     }
-    // A fetch counts itself just after it marks its chunk present.
-    idle(&engine).await;
     let stats = engine.stats();
-    assert_eq!(stats.chunks_readahead, 14);
-    assert_eq!(stats.chunks_fetched, 16);
-    assert_eq!(stats.chunks_present, 16);
-    assert_eq!(stats.cache_hits + stats.cache_misses, 16);
+    assert_eq!(stats.chunks_readahead, 62);
+    assert_eq!(stats.chunks_fetched, 64);
+    assert_eq!(stats.chunks_present, 64);
+    // Chunks 0 and 1, and any the reader caught still in flight.
     assert!(stats.cache_misses >= 2, "{stats:?}");
+    assert_eq!(stats.cache_hits + stats.cache_misses, 64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,25 +140,33 @@ async fn readahead_chunks_zero_turns_it_off() {
 async fn readahead_skips_zero_chunks_and_stops_at_the_end() {
     // Chunks 3, 4 and 10 are zero; chunk 12 is a short tail.
     let (image, fx) = image(12, 1000, &[3, 4, 10]);
+    // Held at the store, so the window does not move on.
+    let gates = [fx.store.gate(fx.id(2)), fx.store.gate(fx.id(5))];
     let tmp = tempfile::tempdir().unwrap();
     let engine = open(&fx, tmp.path(), 8);
     read_chunk(&engine, &image, 0).await;
     read_chunk(&engine, &image, 1).await;
-    // Two non-zero chunks ahead of chunk 1: 2 and 5.
+    // A window of two fetches: chunks 2 and 5, past the zero chunks.
     assert_eq!(readahead(&engine), 2);
+    eventually(|| fx.store.gets_of(&fx.id(5)) == 1).await;
+    assert_eq!(fx.store.gets_of(&fx.id(6)), 0);
+    for gate in &gates {
+        gate.notify_one();
+    }
     idle(&engine).await;
-    assert_eq!(fx.store.gets_of(&fx.id(5)), 1);
+    assert_eq!(readahead(&engine), 2, "a horizon of 2");
+    // Reading on through a zero chunk grows the window to 4, whose horizon
+    // of 8 non-zero chunks after chunk 3 would reach past the image's last
+    // chunk, 12.
     read_chunk(&engine, &image, 2).await;
-    // Four ahead of chunk 2: 5 (already fetched), 6, 7, 8.
-    assert_eq!(readahead(&engine), 5);
-    idle(&engine).await;
-    // Reading a zero chunk moves the stream on too. Eight ahead of chunk 3
-    // would reach past the end; only 9, 11 and 12 are left to start.
     read_chunk(&engine, &image, 3).await;
+    idle(&engine).await;
     assert_eq!(readahead(&engine), 8);
-    for index in 4..13 {
+    // Reads further on, zero chunks included, find nothing left to fetch.
+    for index in 2..13 {
         read_chunk(&engine, &image, index).await;
     }
+    idle(&engine).await;
     let stored = [0, 1, 2, 5, 6, 7, 8, 9, 11, 12];
     for index in stored {
         assert_eq!(fx.store.gets_of(&fx.id(index)), 1, "chunk {index}");
@@ -229,28 +245,30 @@ async fn readahead_in_flight_is_bounded_and_never_holds_up_demand_fetches() {
     // Both permits are held by fetches stuck at the store.
     assert_eq!(readahead(&engine), 2);
     read_chunk(&engine, &image, 12).await;
-    // Moving the stream on wants chunk 4 fetched, but no permit is free.
+    // Moving the stream on (its window stays 2, the cap) wants chunk 4
+    // fetched, but both permits are taken.
     let reader = {
         let engine = Arc::clone(&engine);
         tokio::spawn(async move { engine.read(2 * CS as u64, 10).await })
     };
     eventually(|| engine.stats().cache_misses == 4).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(readahead(&engine), 2);
     assert_eq!(fx.store.gets_of(&fx.id(4)), 0);
+    // Once they end, the stream fetches on by itself, to its horizon: 2
+    // non-zero chunks after chunk 2.
     for gate in &gates {
         gate.notify_one();
     }
     assert!(within(reader).await.unwrap().unwrap() == image[2 * CSU..2 * CSU + 10]);
     idle(&engine).await;
-    // The next read of the stream retries and gets its permit.
-    read_chunk(&engine, &image, 2).await;
-    assert_eq!(readahead(&engine), 3);
-    eventually(|| fx.store.gets_of(&fx.id(4)) == 1).await;
+    assert_eq!(readahead(&engine), 3, "chunks 2..=4");
+    assert_eq!(fx.store.gets_of(&fx.id(5)), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hits_outside_the_runtime_keep_a_stream_going() {
-    let (image, fx) = image(16, 0, &[]);
+    let (image, fx) = image(32, 0, &[]);
     let tmp = tempfile::tempdir().unwrap();
     let engine = open(&fx, tmp.path(), 8);
     read_chunk(&engine, &image, 0).await;
@@ -269,8 +287,10 @@ async fn hits_outside_the_runtime_keep_a_stream_going() {
         .unwrap()
     };
     assert!(served.unwrap().unwrap() == image[2 * CSU..3 * CSU]);
-    assert_eq!(readahead(&engine), 2 + 3);
-    eventually(|| fx.store.gets_of(&fx.id(6)) == 1).await;
+    // The stream moved on: 2 chunks after chunk 2.
+    idle(&engine).await;
+    assert_eq!(readahead(&engine), 3, "chunks 2..=4");
+    assert_eq!(fx.store.gets_of(&fx.id(5)), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,9 +303,7 @@ async fn readahead_respects_written_chunks_and_the_fill_lock() {
     engine.write(2 * CS as u64, &written).await.unwrap();
     read_chunk(&engine, &image, 0).await;
     read_chunk(&engine, &image, 1).await;
-    // Chunk 2 is present (written), so only chunk 3 is fetched ahead.
-    assert_eq!(readahead(&engine), 1);
-    assert_eq!(fx.store.gets_of(&fx.id(2)), 0);
+    // Chunk 2 is present (written), so readahead starts at chunk 3.
     eventually(|| fx.store.gets_of(&fx.id(3)) == 1).await;
     // A whole-chunk write waits for the readahead fetch, then lands on top.
     let writer = {
@@ -300,5 +318,9 @@ async fn readahead_respects_written_chunks_and_the_fill_lock() {
     let got = engine.read(2 * CS as u64, 2 * CSU).await.unwrap();
     assert!(got[..CSU] == written[..]);
     assert!(got[CSU..].iter().all(|&b| b == 0xa5));
+    idle(&engine).await;
+    assert_eq!(fx.store.gets_of(&fx.id(2)), 0);
     assert_eq!(fx.store.gets_of(&fx.id(3)), 1);
+    // Chunks 3..=7: the whole image after the written chunk.
+    assert_eq!(readahead(&engine), 5);
 }

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::testing::{sample_image, seal_image, within, Fixture};
+use super::testing::{open_engine, sample_image, seal_image, within, Fixture};
 use super::*;
 use crate::cache::CacheError;
 use crate::error::ErrorKind;
@@ -21,14 +21,7 @@ fn fixture() -> (Vec<u8>, Fixture) {
 }
 
 fn open(fx: &Fixture, dir: &Path) -> Arc<Engine> {
-    Engine::open(
-        fx.manifest.clone(),
-        fx.digest,
-        fx.store.clone(),
-        dir,
-        EngineOptions::default(),
-    )
-    .unwrap()
+    open_engine(fx, dir, EngineOptions::default()).unwrap()
 }
 
 /// Applies a write to the engine and the model.
@@ -105,14 +98,7 @@ async fn a_cache_for_another_manifest_is_refused() {
     let other = seal_image(&sample_image(8, 1000, CS, 43), CS);
     let tmp = tempfile::tempdir().unwrap();
     drop(open(&fx, tmp.path()));
-    let err = Engine::open(
-        other.manifest.clone(),
-        other.digest,
-        other.store.clone(),
-        tmp.path(),
-        EngineOptions::default(),
-    )
-    .unwrap_err();
+    let err = open_engine(&other, tmp.path(), EngineOptions::default()).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
     let EngineError::OpenCache { source } = &err else {
         panic!("{err}")
