@@ -20,7 +20,7 @@ use super::keys::load_key;
 use super::ImageArgs;
 use crate::chunk::{manifest_digest, Manifest};
 use crate::daemon::{self, ControlRequest, ControlResponse, DeviceControl, DeviceRecord};
-use crate::engine::{Engine, EngineOptions, EngineStats};
+use crate::engine::{Engine, EngineOptions, EngineStats, DEFAULT_READAHEAD_CHUNKS};
 use crate::frontend::fuse::{FuseDevice, DISK_FILE_NAME};
 use crate::store::open_store;
 
@@ -44,6 +44,10 @@ pub struct AddArgs {
     /// Refuse writes.
     #[arg(long)]
     pub read_only: bool,
+    /// Most chunks fetched ahead of a sequential reader at once; 0 turns
+    /// readahead off (random-access workloads then fetch only what they read).
+    #[arg(long, default_value_t = DEFAULT_READAHEAD_CHUNKS)]
+    pub readahead_chunks: u32,
     /// Stay in the foreground instead of returning once the device is ready.
     #[arg(long)]
     pub foreground: bool,
@@ -139,7 +143,7 @@ async fn serve(args: AddArgs) -> anyhow::Result<()> {
         &args.cache_dir,
         EngineOptions {
             read_only: args.read_only,
-            ..EngineOptions::default()
+            readahead_chunks: args.readahead_chunks,
         },
     )
     .with_context(|| format!("open cache {}", args.cache_dir.display()))?;

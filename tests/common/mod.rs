@@ -112,6 +112,18 @@ impl World {
 
     /// `add --fuse` at a fresh mountpoint; returns the mountpoint.
     pub fn add(&self, name: &str, cache: &str, mountpoint: &str, read_only: bool) -> PathBuf {
+        self.add_with(name, cache, mountpoint, read_only, &[])
+    }
+
+    /// [`World::add`] with extra `add` arguments.
+    pub fn add_with(
+        &self,
+        name: &str,
+        cache: &str,
+        mountpoint: &str,
+        read_only: bool,
+        extra: &[&str],
+    ) -> PathBuf {
         let mnt = self.path(mountpoint);
         fs::create_dir_all(&mnt).unwrap();
         let mut cmd = self.lazyblk();
@@ -128,6 +140,7 @@ impl World {
         if read_only {
             cmd.arg("--read-only");
         }
+        cmd.args(extra);
         run(&mut cmd);
         self.mounts.borrow_mut().push(mnt.clone());
         mnt
