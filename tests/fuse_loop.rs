@@ -179,23 +179,19 @@ fn a_corrupted_chunk_fails_the_read_and_is_counted() {
     assert!(stat_u64(&device, "integrity_failures") >= 1, "{device}");
 
     // A second device at the same mountpoint is refused.
-    let out = world
-        .lazyblk()
-        .arg("add")
-        .arg("--store")
-        .arg(world.store())
-        .arg("--key")
-        .arg(world.key())
-        .args(["--name", "raw", "--cache-dir"])
-        .arg(world.path("cache2"))
-        .arg("--fuse")
-        .arg(&fuse)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("already serves"),
-        "{out:?}"
+    run_failing(
+        world
+            .lazyblk()
+            .arg("add")
+            .arg("--store")
+            .arg(world.store())
+            .arg("--key")
+            .arg(world.key())
+            .args(["--name", "raw", "--cache-dir"])
+            .arg(world.path("cache2"))
+            .arg("--fuse")
+            .arg(&fuse),
+        "already serves",
     );
     world.del(&fuse);
 }
@@ -207,22 +203,16 @@ fn a_key_readable_by_others_is_refused() {
     fs::write(&image, pseudo_random(1, 100_000)).unwrap();
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(world.key(), fs::Permissions::from_mode(0o644)).unwrap();
-    let out = world
-        .lazyblk()
-        .arg("push")
-        .arg(&image)
-        .arg("--store")
-        .arg(world.store())
-        .arg("--key")
-        .arg(world.key())
-        .args(["--name", "x"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("mode 0644") && stderr.contains("tenant.key"),
-        "{stderr}"
+    let key = world.key().display().to_string();
+    run_failing(
+        world
+            .lazyblk()
+            .arg("push")
+            .arg(&image)
+            .arg("--store")
+            .arg(world.store())
+            .args(["--key", &key, "--name", "x"]),
+        &format!("key file {key} has mode 0644"),
     );
 }
 
@@ -267,18 +257,7 @@ fn fetched_chunks_are_checkpointed_and_survive_sigkill() {
     assert_eq!(stat_u64(&world.device(&fuse), "chunks_fetched"), 0);
 
     // An open file keeps the device busy: del refuses and the device stays up.
-    let out = world
-        .lazyblk()
-        .arg("del")
-        .arg("--fuse")
-        .arg(&fuse)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("busy"),
-        "{out:?}"
-    );
+    run_failing(world.lazyblk().arg("del").arg("--fuse").arg(&fuse), "busy");
     drop(disk);
     world.del(&fuse);
 }

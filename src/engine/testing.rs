@@ -277,3 +277,16 @@ pub(crate) fn sample_image(chunks: usize, tail: usize, chunk_size: u32, seed: u6
     }
     image
 }
+
+/// The chunk size engine tests use: small, so images stay small.
+pub(crate) const CS: u32 = 64 * 1024;
+/// [`CS`] as a length.
+pub(crate) const CSU: usize = CS as usize;
+
+/// 8 whole chunks and a short tail: chunks 1 and 5 are zero, 2 and 6 mostly
+/// zero, 7 repeats 3, 8 is the short tail.
+pub(crate) fn fixture() -> (Vec<u8>, Fixture) {
+    let image = sample_image(8, 1000, CS, 42);
+    let fx = seal_image(&image, CS);
+    (image, fx)
+}

@@ -4,20 +4,9 @@ use std::time::Duration;
 
 use futures::future::join_all;
 
-use super::testing::{idle, open_engine, sample_image, seal_image, within, Fixture};
+use super::testing::{fixture, idle, open_engine, within, Fixture, CS, CSU};
 use super::*;
 use crate::error::ErrorKind;
-
-const CS: u32 = 64 * 1024;
-const CSU: usize = CS as usize;
-
-/// 8 whole chunks and a short tail: chunks 1 and 5 are zero, 2 and 6 mostly
-/// zero, 7 repeats 3, 8 is the short tail.
-fn fixture() -> (Vec<u8>, Fixture) {
-    let image = sample_image(8, 1000, CS, 42);
-    let fx = seal_image(&image, CS);
-    (image, fx)
-}
 
 fn open(fx: &Fixture, dir: &Path, read_only: bool) -> Result<Arc<Engine>, EngineError> {
     let opts = EngineOptions {

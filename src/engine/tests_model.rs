@@ -5,11 +5,8 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use proptest::sample::Index;
 
-use super::testing::{idle, open_engine, sample_image, seal_image};
+use super::testing::{idle, open_engine, sample_image, seal_image, CS, CSU};
 use super::*;
-
-const CS: u32 = 64 * 1024;
-const CSU: usize = CS as usize;
 
 #[derive(Debug, Clone)]
 enum Op {

@@ -7,11 +7,8 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 
-use super::testing::{eventually, idle, open_engine, seal_image, within, Fixture};
+use super::testing::{eventually, idle, open_engine, seal_image, within, Fixture, CS, CSU};
 use super::*;
-
-const CS: u32 = 64 * 1024;
-const CSU: usize = CS as usize;
 
 /// `chunks` random chunks plus `tail` bytes, with the chunks in `zeros` all
 /// zero.

@@ -6,19 +6,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::testing::{open_engine, sample_image, seal_image, within, Fixture};
+use super::testing::{fixture, open_engine, sample_image, seal_image, within, Fixture, CS, CSU};
 use super::*;
 use crate::cache::CacheError;
 use crate::error::ErrorKind;
-
-const CS: u32 = 64 * 1024;
-const CSU: usize = CS as usize;
-
-fn fixture() -> (Vec<u8>, Fixture) {
-    let image = sample_image(8, 1000, CS, 42);
-    let fx = seal_image(&image, CS);
-    (image, fx)
-}
 
 fn open(fx: &Fixture, dir: &Path) -> Arc<Engine> {
     open_engine(fx, dir, EngineOptions::default()).unwrap()

@@ -55,6 +55,19 @@ pub fn run(cmd: &mut Command) -> Output {
     output
 }
 
+/// Runs a command that must fail, and checks that its error says `needle`.
+pub fn run_failing(cmd: &mut Command, needle: &str) {
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{cmd:?} succeeded");
+    assert!(
+        stderr.contains(needle),
+        "{cmd:?}: no {needle:?} in: {stderr}"
+    );
+}
+
 /// One test's world: its own store, key, run directory and mounts, torn
 /// down on drop even when the test fails.
 pub struct World {
