@@ -72,15 +72,15 @@ on_exit() {
     if [[ ${LAZYBLK_BENCH_KEEP:-0} == 1 ]]; then
         note "work directory kept: $work"
     elif ! mountpoint -q "$mnt" 2>/dev/null; then
-        rm -rf "$work"
+        release_work_dir "$work"
     fi
     exit "$rc"
 }
 
 detach_lazy
 mountpoint -q "$mnt" 2>/dev/null && die "$mnt is still mounted from an earlier run"
-rm -rf "$work"
-mkdir -p "$work" "$mnt"
+claim_work_dir "$work"
+mkdir -p "$mnt"
 trap on_exit EXIT
 trap 'exit 130' INT TERM
 
