@@ -72,15 +72,15 @@ on_exit() {
     if [[ ${LAZYBLK_BENCH_KEEP:-0} == 1 ]]; then
         note "work directory kept: $work"
     elif ! mountpoint -q "$mnt" 2>/dev/null; then
-        rm -rf "$work"
+        release_work_dir "$work"
     fi
     exit "$rc"
 }
 
 detach_lazy
 mountpoint -q "$mnt" 2>/dev/null && die "$mnt is still mounted from an earlier run"
-rm -rf "$work"
-mkdir -p "$work" "$mnt"
+claim_work_dir "$work"
+mkdir -p "$mnt"
 trap on_exit EXIT
 trap 'exit 130' INT TERM
 
@@ -180,7 +180,7 @@ row() { # label, job_temp, field, unit
 
 echo "## Reads through FUSE + loop vs loop over the plain image"
 echo
-echo "Command: \`scripts/bench-fio.sh\`: $((image_bytes >> 20)) MiB random image, both targets read through \`losetup -r --direct-io=off\`; fio $(fio --version) with \`--ioengine=io_uring --direct=1\`; seq = \`--rw=read --bs=1M --iodepth=8\` over the whole device, rand = \`--rw=randread --bs=4k --iodepth=32 --runtime=$runtime --time_based\`. Cold = page cache dropped and, for lazyblk, a fresh cache directory; warm = the same job after one full sequential read of the device. Load average before the run: $load. Ratio = lazyblk / baseline (for IOPS and MB/s higher is better, for latency lower)."
+echo "Command: \`scripts/bench-fio.sh\`: $((image_bytes >> 20)) MiB random image, both targets read through \`losetup -r --direct-io=off\`; fio $(fio --version) with \`--ioengine=io_uring --direct=1\`; seq = \`--rw=read --bs=1M --iodepth=8\` over the whole device, rand = \`--rw=randread --bs=4k --iodepth=32 --runtime=$runtime --time_based\`. Cold = page cache dropped and, for lazyblk, a fresh cache directory; warm = the same job after one full sequential read of the device. Load average before the run: $load. Ratio = lazyblk / baseline (for IOPS and MB/s higher is better, for latency lower). A cold rand run lasts ${runtime} s, and lazyblk fetches whole chunks: once every chunk has been touched the rest of the run is warm, so the cold rand figure depends on the image size."
 echo
 echo "| job | baseline: loop over image file | lazyblk: FUSE + loop | ratio |"
 echo "| --- | ---: | ---: | ---: |"

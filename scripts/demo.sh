@@ -49,7 +49,7 @@ remove_work_dir() {
         echo "demo.sh: $demo_dir still has a mount; left in place" >&2
         return 0
     fi
-    rm -rf "$demo_dir"
+    release_work_dir "$demo_dir"
 }
 
 on_exit() {
@@ -64,8 +64,10 @@ on_exit() {
 }
 
 teardown
-remove_work_dir
-[[ ! -e $demo_dir ]] || die "cannot clear $demo_dir (is something still mounted below it?)"
+if mountpoint -q "$rootfs" 2>/dev/null || mountpoint -q "$mnt" 2>/dev/null; then
+    die "cannot clear $demo_dir: something is still mounted below it"
+fi
+claim_work_dir "$demo_dir"
 mkdir -p "$tree" "$mnt" "$rootfs"
 trap on_exit EXIT
 trap 'exit 130' INT TERM

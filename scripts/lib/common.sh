@@ -56,3 +56,24 @@ ensure_kernel_devices() {
     losetup -f >/dev/null 2>&1 || die "losetup cannot find a free loop device (none left, or the sandbox forbids it)"
     grep -qw ext4 /proc/filesystems || die "this kernel has no ext4"
 }
+
+# Empties and re-creates DIR as a script's work directory. A directory is
+# only ever emptied if it is missing, empty, or carries the stamp this
+# function leaves, so a mistyped LAZYBLK_*_DIR cannot wipe someone's data.
+WORK_STAMP=.lazyblk-work-dir
+claim_work_dir() {
+    local dir=$1
+    if [[ -d $dir && ! -e $dir/$WORK_STAMP ]] && [[ -n $(ls -A "$dir") ]]; then
+        die "$dir exists, is not empty and was not made by these scripts; refusing to empty it"
+    fi
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    : >"$dir/$WORK_STAMP"
+}
+
+# Removes a work directory made by claim_work_dir.
+release_work_dir() {
+    local dir=$1
+    [[ -e $dir/$WORK_STAMP ]] && rm -rf "$dir"
+    return 0
+}
