@@ -379,6 +379,26 @@ impl ChunkStore for DirStore {
     }
 }
 
+/// Every file under `root`, as sorted paths relative to it: what a test
+/// sees of a store's layout.
+#[cfg(test)]
+pub(crate) fn all_files(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,24 +412,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DirStore::open(&dir.path().join("store")).unwrap();
         (dir, store)
-    }
-
-    /// Every file under `root`, relative paths.
-    fn all_files(root: &Path) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut stack = vec![root.to_owned()];
-        while let Some(dir) = stack.pop() {
-            for entry in fs::read_dir(dir).unwrap() {
-                let path = entry.unwrap().path();
-                if path.is_dir() {
-                    stack.push(path);
-                } else {
-                    out.push(path.strip_prefix(root).unwrap().display().to_string());
-                }
-            }
-        }
-        out.sort();
-        out
     }
 
     #[tokio::test]

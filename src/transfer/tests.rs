@@ -99,22 +99,6 @@ fn sample_image() -> Vec<u8> {
     image
 }
 
-fn files_under(root: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_owned()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.push(path);
-            }
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_export_round_trip_across_windows() {
     let fx = Fixture::new();
@@ -198,10 +182,11 @@ async fn store_holds_no_plaintext() {
     fx.push_with(&path, fx.shared(), 64).await.unwrap();
     let contains = |data: &[u8]| data.windows(marker.len()).any(|w| w == marker);
     assert!(contains(&fs::read(&path).unwrap()));
-    let files = files_under(fx.store.root());
+    let files = crate::store::dir::all_files(fx.store.root());
     assert!(files.len() >= 8, "{files:?}");
     for file in files {
-        assert!(!contains(&fs::read(&file).unwrap()), "{}", file.display());
+        let bytes = fs::read(fx.store.root().join(&file)).unwrap();
+        assert!(!contains(&bytes), "{file}");
     }
 }
 
