@@ -9,6 +9,7 @@
 //!   reader ◀── frontend (FUSE, ublk) ◀── engine ◀── cache ◀──┘ (fetch on miss)
 //! ```
 //!
+//! * [`oci`]: OCI image sources and the entries of their layers.
 //! * [`chunk`]: cutting an image into chunks, convergent encryption, chunk
 //!   names and the sealed manifest. Pure: no I/O.
 //! * [`store`]: the [`store::ChunkStore`] trait and its engines.
@@ -25,5 +26,6 @@ pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod frontend;
+pub mod oci;
 pub mod store;
 pub mod transfer;
