@@ -11,7 +11,8 @@
 # --add copies a file or directory into the guest, at GUESTPATH or else at
 # /vm/BASENAME (/vm is on PATH and is the default working directory). Every
 # ELF file added gets the shared libraries `ldd` lists. The guest always has
-# busybox, fio, mkfs.ext4, e2fsck, debugfs, losetup, mount and umount.
+# busybox, fio, mkfs.ext4, e2fsck, debugfs, losetup, mount, umount, findmnt
+# and fusermount3.
 #
 # The console streams to stdout. Exit status: the guest command's, or 124
 # when the VM ran past --timeout, or 125 when the guest ended without
@@ -101,7 +102,7 @@ add_path() {
 # The static part of the initramfs (busybox and its applets, the test tools
 # with their libraries, the kernel modules), cached as one cpio archive
 # keyed on what went into it.
-base_tools=(fio mkfs.ext4 mke2fs e2fsck debugfs losetup mount umount)
+base_tools=(fio mkfs.ext4 mke2fs e2fsck debugfs losetup mount umount findmnt fusermount3)
 base_files=(/etc/mke2fs.conf)
 base_cpio() {
     local paths=() t p
@@ -126,6 +127,7 @@ base_cpio() {
     root=$(mktemp -d "$VM_CACHE/base.XXXXXX")
     mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,run,root,vm,lib/modules}
     cp -L "$(command -v busybox)" "$root/bin/busybox"
+    add_libs "$root" "$root/bin/busybox"
     local applet
     # Every applet as a link in /bin; real tools in /usr come first on PATH.
     for applet in $(busybox --list); do
@@ -222,7 +224,10 @@ timeout --kill-after=10 "$timeout_secs" qemu-system-x86_64 \
     -nographic -no-reboot -nic none \
     -kernel "$kernel" -initrd "$work/initrd" \
     -append "console=ttyS0 quiet panic=-1" \
-    </dev/null 2>&1 | tr -d '\r' | tee "$log"
+    </dev/null 2>&1 |
+    # The serial console ends lines with CR LF, and the firmware sends
+    # terminal resets that would clear the caller's screen.
+    sed -u -e 's/\r//g' -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e 's/\x1bc//g' | tee "$log"
 statuses=("${PIPESTATUS[@]}")
 set -e
 qemu_status=${statuses[0]}
@@ -230,7 +235,7 @@ if ((qemu_status == 124 || qemu_status == 137)); then
     printf 'vm-run: timed out after %s s (--timeout); the VM was killed\n' "$timeout_secs" >&2
     exit 124
 fi
-code=$(grep -E '^LAZYBLK-VM-EXIT [0-9]+$' "$log" | tail -n1 | cut -d' ' -f2)
+code=$(grep -E '^LAZYBLK-VM-EXIT [0-9]+$' "$log" | tail -n1 | cut -d' ' -f2 || true)
 if [[ -z $code ]]; then
     if grep -q 'Kernel panic' "$log"; then
         printf 'vm-run: the guest kernel panicked before the command reported (see the console above)\n' >&2

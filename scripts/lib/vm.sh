@@ -30,7 +30,7 @@ vm_apt() {
         -o Dir::State::Lists="$apt/lists" \
         -o Dir::Cache::Archives="$apt/archives" \
         -o Dir::Cache::pkgcache="" -o Dir::Cache::srcpkgcache="" \
-        -o Debug::NoLocking=1 \
+        -o Debug::NoLocking=1 -o APT::Sandbox::User=root \
         "$@"
 }
 
@@ -85,7 +85,7 @@ vm_fetch_kernel() {
     # Swap in whole so a half-extracted kernel is never taken as cached.
     rm -rf "$k"
     mv "$staged" "$k"
-    rm -rf "$tmp"
+    rm -rf "$tmp" "$apt/archives/$deb"
     note "kernel $version ready in $k"
 }
 
