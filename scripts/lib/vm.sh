@@ -58,7 +58,14 @@ vm_fetch_kernel() {
     pkg=$(vm_apt apt-cache depends linux-image-cloud-amd64 |
         awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-cloud-amd64(-unsigned)?$/ { print $2; exit }')
     [[ -n $pkg ]] || die "apt-cache depends linux-image-cloud-amd64 named no versioned kernel package"
-    note "kernel package: $pkg"
+    local version
+    version=$(vm_apt apt-cache show --no-all-versions "$pkg" | awk '$1 == "Version:" { print $2; exit }')
+    note "kernel package: $pkg $version"
+    # A refresh that finds the same package keeps the cache as it is.
+    if [[ -s $k/VERSION && $(sed -n 2p "$k/VERSION") == "${pkg}_${version//:/%3a}_amd64.deb" ]]; then
+        note "kernel unchanged in $k"
+        return 0
+    fi
     local deb
     deb=$(cd "$apt/archives" && vm_apt apt-get -qq download "$pkg" >&2 && ls -t "$pkg"_*.deb | head -n1) ||
         die "apt-get download $pkg failed"
@@ -69,24 +76,27 @@ vm_fetch_kernel() {
     local vmlinuz
     vmlinuz=$(ls "$tmp"/boot/vmlinuz-* 2>/dev/null | head -n1)
     [[ -n $vmlinuz ]] || { rm -rf "$tmp"; die "$deb holds no boot/vmlinuz-*"; }
-    local version=${vmlinuz##*/vmlinuz-}
+    local release=${vmlinuz##*/vmlinuz-} moddir
+    for moddir in "$tmp"/lib/modules/"$release" "$tmp"/usr/lib/modules/"$release" ""; do
+        [[ -d $moddir ]] && break
+    done
+    [[ -n $moddir ]] || { rm -rf "$tmp"; die "$deb holds no modules directory for $release"; }
     local staged=$tmp/staged
     mkdir -p "$staged"
     cp "$vmlinuz" "$staged/vmlinuz"
     local mod name
     for mod in "${VM_MODULES[@]}"; do
         name=${mod##*/}
-        [[ -f $tmp/lib/modules/$version/$mod || -f $tmp/usr/lib/modules/$version/$mod ]] ||
-            { rm -rf "$tmp"; die "$deb holds no $mod for $version"; }
+        [[ -f $moddir/$mod ]] || { rm -rf "$tmp"; die "$deb holds no $mod for $release"; }
         # busybox insmod loads plain ELF objects only.
-        xz -dc "$(ls "$tmp"/{,usr/}lib/modules/"$version"/"$mod" 2>/dev/null | head -n1)" >"$staged/${name%.xz}"
+        xz -dc "$moddir/$mod" >"$staged/${name%.xz}"
     done
-    printf '%s\n%s\n' "$version" "$deb" >"$staged/VERSION"
+    printf '%s\n%s\n' "$release" "$deb" >"$staged/VERSION"
     # Swap in whole so a half-extracted kernel is never taken as cached.
     rm -rf "$k"
     mv "$staged" "$k"
     rm -rf "$tmp" "$apt/archives/$deb"
-    note "kernel $version ready in $k"
+    note "kernel $release ready in $k"
 }
 
 # Prints the cached kernel's version (first line of VERSION).
