@@ -23,8 +23,8 @@ set -euo pipefail
 . "$REPO_ROOT/scripts/lib/vm.sh"
 
 usage() {
-    sed -n '7,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,2\}//' >&2
-    exit 125
+    sed -n '7,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,3\}//' >&2
+    exit "${1:-125}"
 }
 fail() {
     printf 'vm-run: %s\n' "$*" >&2
@@ -44,7 +44,7 @@ while (($#)); do
     --add) adds+=("${2:?--add needs HOSTPATH[:GUESTPATH]}"); shift 2 ;;
     --env) envs+=("${2:?--env needs NAME=VALUE}"); shift 2 ;;
     --) shift; break ;;
-    -h | --help) usage ;;
+    -h | --help) usage 0 ;;
     *) printf 'vm-run: unknown option %s\n' "$1" >&2; usage ;;
     esac
 done
