@@ -120,6 +120,7 @@ base_cpio() {
     } | sha256sum | cut -c1-16)
     local out=$VM_CACHE/base-$key.cpio
     if [[ -s $out ]]; then
+        touch "$out"
         printf '%s\n' "$out"
         return
     fi
@@ -146,12 +147,14 @@ base_cpio() {
     printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
     printf 'root:x:0:\n' >"$root/etc/group"
     cp "$VM_KERNEL_DIR"/*.ko "$root/lib/modules/"
-    (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$out.tmp" ||
+    # Runs may build at once (and checkouts of other versions of this
+    # script share the cache): each writes its own file and renames it.
+    (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$root.cpio" ||
         fail "cpio of the base initramfs failed"
-    mv "$out.tmp" "$out"
+    mv "$root.cpio" "$out"
     rm -rf "$root"
-    # Older bases (other tool versions) are dead weight.
-    find "$VM_CACHE" -maxdepth 1 -name 'base-*.cpio' ! -name "${out##*/}" -delete
+    # Bases of other tool versions or recipes, unused for two days.
+    find "$VM_CACHE" -maxdepth 1 -name 'base-*.cpio' -mtime +2 -delete
     printf '%s\n' "$out"
 }
 
@@ -218,19 +221,31 @@ chmod 755 "$root/init"
 cat "$base" "$work/extra.cpio" >"$work/initrd"
 
 log=$work/console.log
-set +e
+mkfifo "$work/console"
+# QEMU runs in the background so that an interrupted or terminated run can
+# stop it: timeout puts it in a process group of its own, out of reach of
+# the terminal's Ctrl-C, and passes on the signal it is sent.
 timeout --kill-after=10 "$timeout_secs" qemu-system-x86_64 \
     -accel tcg,thread=multi -cpu max -smp 2 -m "$mem_mib" \
     -nographic -no-reboot -nic none \
     -kernel "$kernel" -initrd "$work/initrd" \
     -append "console=ttyS0 quiet panic=-1" \
-    </dev/null 2>&1 |
-    # The serial console ends lines with CR LF, and the firmware sends
-    # terminal resets that would clear the caller's screen.
-    sed -u -e 's/\r//g' -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e 's/\x1bc//g' | tee "$log"
-statuses=("${PIPESTATUS[@]}")
+    </dev/null >"$work/console" 2>&1 &
+qemu_pid=$!
+trap 'kill "$qemu_pid" 2>/dev/null || true; wait "$qemu_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+# The serial console ends lines with CR LF, and the firmware sends terminal
+# resets that would clear the caller's screen.
+# In the background too: bash runs a trap only once the foreground command
+# is done, but `wait` returns as soon as a signal arrives.
+sed -u -e 's/\r//g' -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e 's/\x1bc//g' <"$work/console" | tee "$log" &
+reader_pid=$!
+set +e
+wait "$qemu_pid"
+qemu_status=$?
+wait "$reader_pid"
 set -e
-qemu_status=${statuses[0]}
 if ((qemu_status == 124 || qemu_status == 137)); then
     printf 'vm-run: timed out after %s s (--timeout); the VM was killed\n' "$timeout_secs" >&2
     exit 124

@@ -74,7 +74,9 @@ umount /mnt
 echo "self-check: ok at $(cut -d' ' -f1 /proc/uptime) s of uptime"
 EOF
     chmod 755 "$work/self-check"
-    exec scripts/vm-run.sh "${vm_args[@]}" --add "$work/self-check" -- self-check
+    status=0
+    scripts/vm-run.sh "${vm_args[@]}" --add "$work/self-check" -- self-check || status=$?
+    exit "$status"
 fi
 
 target=ublk
