@@ -19,7 +19,9 @@
 # reporting (kernel panic, /init failure) or the VM could not start.
 # Kernel cache: $LAZYBLK_VM_CACHE (default ~/.cache/lazyblk/vm).
 set -euo pipefail
+# shellcheck source=scripts/lib/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+# shellcheck source=scripts/lib/vm.sh
 . "$REPO_ROOT/scripts/lib/vm.sh"
 
 usage() {
@@ -50,7 +52,9 @@ while (($#)); do
 done
 (($#)) || { printf 'vm-run: no command given after --\n' >&2; usage; }
 [[ $timeout_secs =~ ^[1-9][0-9]*$ ]] || fail "--timeout wants a positive number of seconds, not '$timeout_secs'"
-[[ $mem_mib =~ ^[1-9][0-9]*$ ]] && ((mem_mib >= 256)) || fail "--mem wants at least 256 (MiB), not '$mem_mib'"
+if ! [[ $mem_mib =~ ^[1-9][0-9]*$ ]] || ((mem_mib < 256)); then
+    fail "--mem wants at least 256 (MiB), not '$mem_mib'"
+fi
 [[ $cwd == /* ]] || fail "--cwd wants an absolute guest path, not '$cwd'"
 for e in "${envs[@]}"; do
     [[ $e =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || fail "--env wants NAME=VALUE, not '$e'"

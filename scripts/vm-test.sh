@@ -16,6 +16,7 @@
 # nothing: it checks the VM itself (ublk control device, a loop device under
 # fio, mkfs.ext4 + e2fsck) and prints the loop device's fio figures.
 set -euo pipefail
+# shellcheck source=scripts/lib/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 cd "$REPO_ROOT"
 
