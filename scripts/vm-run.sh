@@ -210,7 +210,7 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs -o size=${LAZYBLK_VM_TMP_MIB}m,mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=755 tmpfs /run
 mkdir -p /run/lazyblk
-ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+ifconfig lo 127.0.0.1 netmask 255.0.0.0 up
 for m in ublk_drv loop; do
     insmod /lib/modules/$m.ko || { echo "vm-init: insmod $m.ko failed"; report 125; }
 done
@@ -221,7 +221,8 @@ EOF
 chmod 755 "$root/init"
 (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$work/extra.cpio" ||
     fail "cpio of the initramfs failed"
-# The kernel unpacks concatenated archives in turn, later files winning.
+# The kernel unpacks concatenated archives in turn, later files winning;
+# each must start 4-byte aligned, and cpio pads archives to 512 bytes.
 cat "$base" "$work/extra.cpio" >"$work/initrd"
 
 log=$work/console.log
