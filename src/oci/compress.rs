@@ -161,3 +161,107 @@ impl<D: Read> Read for Decoded<D> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn zstd(data: &[u8]) -> Vec<u8> {
+        zstd::stream::encode_all(data, 3).unwrap()
+    }
+
+    fn decode(blob: Vec<u8>, declared: Option<Compression>) -> io::Result<Vec<u8>> {
+        let mut r = decompressor(
+            Box::new(Cursor::new(blob)),
+            declared.map(|c| (c, "test/type")),
+        )
+        .map_err(io::Error::other)?;
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).map(|_| out)
+    }
+
+    fn data() -> Vec<u8> {
+        (0..200_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn media_types_map_to_compression() {
+        use Compression::*;
+        for (mt, c) in [
+            ("application/vnd.oci.image.layer.v1.tar", None),
+            ("application/vnd.oci.image.layer.v1.tar+gzip", Gzip),
+            ("application/vnd.oci.image.layer.v1.tar+zstd", Zstd),
+            (
+                "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+                Gzip,
+            ),
+            ("application/vnd.docker.image.rootfs.diff.tar.gzip", Gzip),
+            (
+                "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                Gzip,
+            ),
+            ("application/vnd.docker.image.rootfs.diff.tar", None),
+        ] {
+            assert_eq!(Compression::from_media_type(mt), Ok(c), "{mt}");
+        }
+        assert!(Compression::from_media_type(
+            "application/vnd.oci.image.layer.v1.tar+gzip+encrypted"
+        )
+        .is_err());
+        assert!(Compression::from_media_type("text/html").is_err());
+    }
+
+    #[test]
+    fn round_trips_declared_and_sniffed() {
+        let d = data();
+        assert_eq!(decode(gzip(&d), Some(Compression::Gzip)).unwrap(), d);
+        assert_eq!(decode(zstd(&d), Some(Compression::Zstd)).unwrap(), d);
+        assert_eq!(decode(d.clone(), Some(Compression::None)).unwrap(), d);
+        assert_eq!(decode(gzip(&d), None).unwrap(), d);
+        assert_eq!(decode(zstd(&d), None).unwrap(), d);
+        assert!(decode(Vec::new(), Some(Compression::None))
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn contradicting_magic_is_refused() {
+        let err = decode(zstd(b"x"), Some(Compression::Gzip)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("declares gzip but the blob is zstd"),
+            "{err}"
+        );
+        let err = decode(b"plain tar".to_vec(), Some(Compression::Zstd)).unwrap_err();
+        assert!(err.to_string().contains("uncompressed"), "{err}");
+    }
+
+    #[test]
+    fn truncated_streams_say_so() {
+        let d = data();
+        for (name, blob, c) in [
+            ("gzip", gzip(&d), Compression::Gzip),
+            ("zstd", zstd(&d), Compression::Zstd),
+        ] {
+            for cut in [10, blob.len() / 2, blob.len() - 1] {
+                let err = decode(blob[..cut].to_vec(), Some(c)).unwrap_err();
+                let inner = err
+                    .get_ref()
+                    .and_then(|e| e.downcast_ref::<DecompressError>());
+                assert!(
+                    matches!(inner, Some(DecompressError::Truncated(n)) if *n == name),
+                    "{name} cut at {cut}: {err:?}"
+                );
+            }
+        }
+    }
+}

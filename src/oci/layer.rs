@@ -226,10 +226,7 @@ pub struct Truncated {
 }
 
 fn truncated(missing: u64, inside: &'static str) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::UnexpectedEof,
-        Truncated { missing, inside },
-    )
+    io::Error::new(io::ErrorKind::UnexpectedEof, Truncated { missing, inside })
 }
 
 /// The layer's byte stream, counting every byte against the image budget.
@@ -334,7 +331,9 @@ impl<R: Read> Read for EntryData<'_, '_, R> {
         if let Some(e) = &self.failure {
             return Err(io::Error::new(e.kind(), e.to_string()));
         }
-        let want = buf.len().min(self.remaining.min(usize::MAX as u64) as usize);
+        let want = buf
+            .len()
+            .min(self.remaining.min(usize::MAX as u64) as usize);
         let result = match self.stream.read(&mut buf[..want]) {
             Ok(0) => Err(truncated(self.remaining, "an entry's data")),
             other => other,

@@ -23,6 +23,9 @@ pub mod header;
 pub mod layer;
 pub mod verify;
 
+#[cfg(test)]
+mod layer_tests;
+
 pub use entry::{EntryKind, EntryMeta, EntryPath, LayerEntry, Timestamp};
 pub use layer::{read_layer, ApplyError, LayerError, LayerLimits, LayerStats, Limit};
 pub use verify::{BlobError, Digest};

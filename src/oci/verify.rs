@@ -172,7 +172,9 @@ impl<R: Read> Read for VerifiedReader<R> {
         }
         // Never past the declared size, so an overlong blob cannot slip
         // extra bytes through before it is caught.
-        let want = buf.len().min((self.size - self.read).min(usize::MAX as u64) as usize);
+        let want = buf
+            .len()
+            .min((self.size - self.read).min(usize::MAX as u64) as usize);
         let n = self.inner.read(&mut buf[..want])?;
         if n == 0 {
             return Err(self.fail(BlobError::Truncated {
