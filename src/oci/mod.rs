@@ -17,10 +17,15 @@
 //!   removes is the flattener's business, not this module's.
 #![forbid(unsafe_code)]
 
+pub mod archive;
 pub mod compress;
 pub mod entry;
 pub mod header;
 pub mod layer;
+pub mod layout;
+pub mod registry;
+pub mod source;
+pub mod spec;
 pub mod verify;
 
 #[cfg(test)]
@@ -28,4 +33,7 @@ mod layer_tests;
 
 pub use entry::{EntryKind, EntryMeta, EntryPath, LayerEntry, Timestamp};
 pub use layer::{read_layer, ApplyError, LayerError, LayerLimits, LayerStats, Limit};
+pub use source::{
+    open_source, Credentials, ImageSource, LayerDescriptor, SourceError, SourceOptions,
+};
 pub use verify::{BlobError, Digest};
