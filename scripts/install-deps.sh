@@ -21,6 +21,10 @@ tools=(
     "modprobe kmod"          # loading loop/fuse where they are modules
     "jq jq"                  # reading --json output in scripts
     "time time"              # /usr/bin/time for CPU time in benchmarks
+    "skopeo skopeo"          # image copies between layouts, archives, registries
+    "umoci umoci"            # OCI layouts built from directories
+    "docker-registry docker-registry" # a loopback registry for source tests
+    "mkfifo coreutils"
 )
 # Packages with no command of their own, checked through dpkg.
 libraries=(

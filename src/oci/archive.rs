@@ -171,6 +171,28 @@ fn normalize(name: &str) -> String {
     parts.join("/")
 }
 
+/// Whether two image names are the same once Docker's defaults are filled
+/// in (`busybox` is `docker.io/library/busybox:latest`).
+fn same_reference(a: &str, b: &str) -> bool {
+    fn full(name: &str) -> String {
+        let (repo, tag) = match name.rfind(':') {
+            Some(i) if !name[i..].contains('/') => (&name[..i], &name[i + 1..]),
+            _ => (name, "latest"),
+        };
+        let repo = match repo.split_once('/') {
+            Some((first, _))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                repo.to_owned()
+            }
+            Some(_) => format!("docker.io/{repo}"),
+            None => format!("docker.io/library/{repo}"),
+        };
+        format!("{repo}:{tag}")
+    }
+    a == b || full(a) == full(b)
+}
+
 /// The digest a `blobs/sha256/HEX` member name spells.
 fn digest_in_name(name: &str) -> Option<Digest> {
     normalize(name)
@@ -198,7 +220,12 @@ impl ArchiveSource {
         let image = match reference {
             Some(reference) => images
                 .iter()
-                .find(|i| i.repo_tags.iter().flatten().any(|t| t == reference))
+                .find(|i| {
+                    i.repo_tags
+                        .iter()
+                        .flatten()
+                        .any(|t| same_reference(t, reference))
+                })
                 .ok_or_else(|| SourceError::NoSuchTag {
                     source_name: name.clone(),
                     tag: reference.to_owned(),
@@ -330,5 +357,23 @@ impl ImageSource for ArchiveSource {
             })?;
         let blob = BufReader::with_capacity(256 << 10, file).take(member.size);
         super::source::layer_stream(Box::new(blob), layer, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_match_with_docker_defaults() {
+        assert!(same_reference("docker.io/test/img:v1", "test/img:v1"));
+        assert!(same_reference(
+            "docker.io/library/busybox:latest",
+            "busybox"
+        ));
+        assert!(same_reference("localhost:5000/a:b", "localhost:5000/a:b"));
+        assert!(!same_reference("docker.io/test/img:v1", "test/img:v2"));
+        assert!(!same_reference("quay.io/a:b", "a:b"));
+        assert_eq!(normalize("./a//b/../c/"), "a/c");
     }
 }
