@@ -205,10 +205,34 @@ fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn field<T>(name: &'static str, value: io::Result<T>) -> Result<T, EntryError> {
-    value.map_err(|source| EntryError::Field {
-        field: name,
-        source,
+/// Byte ranges of the numeric header fields, for [`numeric`].
+const MODE: (usize, usize) = (100, 108);
+const UID: (usize, usize) = (108, 116);
+const GID: (usize, usize) = (116, 124);
+const SIZE: (usize, usize) = (124, 136);
+const MTIME: (usize, usize) = (136, 148);
+const DEV_MAJOR: (usize, usize) = (329, 337);
+const DEV_MINOR: (usize, usize) = (337, 345);
+
+/// A numeric header field as the `tar` crate parsed it, except that a field
+/// left blank (all NUL or spaces) reads as 0, as GNU tar and Go read it:
+/// some writers leave uid, gid or device numbers empty.
+fn numeric<T: Default>(
+    header: &Header,
+    name: &'static str,
+    range: (usize, usize),
+    value: io::Result<T>,
+) -> Result<T, EntryError> {
+    value.or_else(|source| {
+        let raw = &header.as_bytes()[range.0..range.1];
+        if raw.iter().all(|&b| b == 0 || b == b' ') {
+            Ok(T::default())
+        } else {
+            Err(EntryError::Field {
+                field: name,
+                source,
+            })
+        }
     })
 }
 
@@ -239,7 +263,7 @@ impl RawMember<'_> {
                 return Ok(size);
             }
         }
-        field("size", self.header.entry_size())
+        numeric(self.header, "size", SIZE, self.header.entry_size())
     }
 }
 
@@ -302,8 +326,10 @@ pub fn classify(member: &RawMember<'_>, size: u64) -> Result<Classified, EntryEr
             EntryKind::HardLink { target }
         }
         EntryType::Char | EntryType::Block => {
-            let major = field("device major", header.device_major())?.unwrap_or(0);
-            let minor = field("device minor", header.device_minor())?.unwrap_or(0);
+            let major =
+                numeric(header, "device major", DEV_MAJOR, header.device_major())?.unwrap_or(0);
+            let minor =
+                numeric(header, "device minor", DEV_MINOR, header.device_minor())?.unwrap_or(0);
             if entry_type == EntryType::Char {
                 EntryKind::CharDevice { major, minor }
             } else {
@@ -358,16 +384,16 @@ pub fn classify(member: &RawMember<'_>, size: u64) -> Result<Classified, EntryEr
 
     let uid = match pax.uid {
         Some(uid) => uid,
-        None => field("uid", header.uid())?,
+        None => numeric(header, "uid", UID, header.uid())?,
     };
     let gid = match pax.gid {
         Some(gid) => gid,
-        None => field("gid", header.gid())?,
+        None => numeric(header, "gid", GID, header.gid())?,
     };
     let mtime = match pax.mtime {
         Some(time) => time,
         None => {
-            let secs = field("mtime", header.mtime())?;
+            let secs = numeric(header, "mtime", MTIME, header.mtime())?;
             Timestamp {
                 secs: i64::try_from(secs).map_err(|_| EntryError::OutOfRange {
                     field: "mtime",
@@ -378,7 +404,7 @@ pub fn classify(member: &RawMember<'_>, size: u64) -> Result<Classified, EntryEr
         }
     };
     let meta = EntryMeta {
-        mode: field("mode", header.mode())? & 0o7777,
+        mode: numeric(header, "mode", MODE, header.mode())? & 0o7777,
         uid: to_u32("uid", uid)?,
         gid: to_u32("gid", gid)?,
         mtime,

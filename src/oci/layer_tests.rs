@@ -523,3 +523,33 @@ fn trailing_bytes_after_the_end_marker_are_read() {
     let (_, stats) = read_all(&tar).unwrap();
     assert_eq!(stats.tar_bytes, tar.len() as u64);
 }
+
+#[test]
+fn blank_numeric_fields_read_as_zero() {
+    let mut h = Header::new_gnu();
+    h.set_entry_type(EntryType::Regular);
+    h.set_size(2);
+    // uid, gid, mtime and mode left as NULs, as some writers leave them.
+    let mut t = Tar::new();
+    t.0.append_data(&mut h, "f", &b"hi"[..]).unwrap();
+    let (seen, _) = read_all(&t.bytes()).unwrap();
+    let meta = &seen[0].0.meta;
+    assert_eq!(
+        (meta.uid, meta.gid, meta.mode, meta.mtime.secs),
+        (0, 0, 0, 0)
+    );
+    // A field with garbage in it is still an error.
+    let mut t = Tar::new();
+    let mut h = header(EntryType::Regular, 0, 0o644);
+    h.set_path("f").unwrap();
+    h.as_old_mut().uid = *b"12x4567\0";
+    h.set_cksum();
+    t.0.append(&h, io::empty()).unwrap();
+    assert!(matches!(
+        read_all(&t.bytes()).unwrap_err(),
+        LayerError::Entry {
+            source: EntryError::Field { field: "uid", .. },
+            ..
+        }
+    ));
+}
