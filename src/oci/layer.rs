@@ -19,6 +19,7 @@ use std::io::{self, Read};
 
 use tar::{EntryType, Header};
 
+use super::compress::DecompressError;
 use super::entry::LayerEntry;
 use super::header::{classify, Classified, EntryError, RawMember};
 use super::verify::BlobError;
@@ -187,7 +188,9 @@ impl LayerError {
             | LayerError::Apply { .. } => {
                 if find_in_chain::<BlobError>(self).is_some() {
                     ErrorKind::Integrity
-                } else if find_in_chain::<Truncated>(self).is_some() {
+                } else if find_in_chain::<Truncated>(self).is_some()
+                    || find_in_chain::<DecompressError>(self).is_some()
+                {
                     ErrorKind::Invalid
                 } else {
                     ErrorKind::Io

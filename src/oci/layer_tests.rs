@@ -1,7 +1,7 @@
 //! Unit tests of the layer reader on tar streams built in memory by the
 //! `tar` crate (and by hand where a writer would refuse the bad input).
 
-use std::io;
+use std::io::{self, Read};
 
 use tar::{EntryType, Header};
 
@@ -552,4 +552,54 @@ fn blank_numeric_fields_read_as_zero() {
             ..
         }
     ));
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    io::Write::write_all(&mut e, data).unwrap();
+    e.finish().unwrap()
+}
+
+fn through_gzip(blob: Vec<u8>, limits: &mut LayerLimits) -> Result<LayerStats, LayerError> {
+    let stream = super::compress::decompressor(
+        Box::new(io::Cursor::new(blob)),
+        Some((super::compress::Compression::Gzip, "test+gzip")),
+    )
+    .unwrap();
+    read_layer(stream, "sha256:bomb", limits, &mut |_, data| {
+        io::copy(data, &mut io::sink())?;
+        Ok(())
+    })
+}
+
+#[test]
+fn a_decompression_bomb_stops_at_the_limit() {
+    // 8 MiB of zeros in one file: far less gzip.
+    let mut t = Tar::new();
+    let mut h = header(EntryType::Regular, 8 << 20, 0o644);
+    t.0.append_data(&mut h, "zeros", io::repeat(0).take(8 << 20))
+        .unwrap();
+    let blob = gzip(&t.bytes());
+    assert!(blob.len() < 1 << 20, "the blob alone fits in the budget");
+    let mut limits = LayerLimits::new(1 << 20, u64::MAX);
+    let err = through_gzip(blob, &mut limits).unwrap_err();
+    assert!(
+        matches!(err, LayerError::LimitExceeded { limit: Limit::Bytes(l), ref entry, .. } if l == 1 << 20 && entry == "zeros"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("sha256:bomb"));
+    // It stopped at the limit, not after inflating everything.
+    assert!(limits.bytes_used() < 2 << 20);
+}
+
+#[test]
+fn a_truncated_gzip_layer_names_the_layer_and_entry() {
+    let tar = Tar::new().file("etc/big", &[9u8; 200_000]).bytes();
+    let mut blob = gzip(&tar);
+    blob.truncate(blob.len() - 20);
+    let err = through_gzip(blob, &mut LayerLimits::default()).unwrap_err();
+    let text = chain(&err);
+    assert!(text.contains("sha256:bomb"), "{text}");
+    assert!(text.contains("gzip stream is truncated"), "{text}");
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err:?}");
 }
