@@ -352,17 +352,66 @@ fn bad_layouts_fail_clearly() {
     );
 
     fs::write(&blob, &original).unwrap();
-    let mut manifest_blob = None;
-    for entry in fs::read_dir(layout.join("blobs/sha256")).unwrap() {
-        let path = entry.unwrap().path();
-        if fs::read_to_string(&path).is_ok_and(|s| s.contains("\"layers\"")) {
-            manifest_blob = Some(path);
-        }
-    }
-    let manifest_blob = manifest_blob.unwrap();
+    let manifest_blob = layout
+        .join("blobs/sha256")
+        .join(hex::encode(source.image_digest()));
     let mut bytes = fs::read(&manifest_blob).unwrap();
     bytes[0] = b' ';
     fs::write(&manifest_blob, &bytes).unwrap();
     let err = open_source(&spec, &opts).err().unwrap();
     assert_eq!(err.kind(), ErrorKind::Integrity, "{err:?}");
+}
+
+/// Docker 25+ saves an OCI layout inside the archive (`blobs/sha256/…`,
+/// `index.json`) next to `manifest.json`; built here from umoci's layout.
+#[test]
+fn docker_archive_in_oci_layout_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = build_layout(dir.path());
+    let opts = SourceOptions::default();
+    let oci = open_source(&format!("oci:{}:t", layout.display()), &opts).unwrap();
+    let want = read_image(oci.as_ref());
+
+    let manifest_digest = lazyblk::oci::Digest(oci.image_digest());
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &fs::read(layout.join("blobs/sha256").join(manifest_digest.hex())).unwrap(),
+    )
+    .unwrap();
+    let blob_name = |d: &serde_json::Value| {
+        format!(
+            "blobs/sha256/{}",
+            d["digest"].as_str().unwrap().trim_start_matches("sha256:")
+        )
+    };
+    let save_manifest = serde_json::json!([{
+        "Config": blob_name(&manifest["config"]),
+        "RepoTags": ["example.org/app:1"],
+        "Layers": manifest["layers"].as_array().unwrap().iter().map(blob_name).collect::<Vec<_>>(),
+    }]);
+    fs::write(layout.join("manifest.json"), save_manifest.to_string()).unwrap();
+    let archive = dir.path().join("saved.tar");
+    let mut builder = tar::Builder::new(fs::File::create(&archive).unwrap());
+    builder.append_dir_all(".", &layout).unwrap();
+    builder.into_inner().unwrap();
+
+    let saved = open_source(
+        &format!("docker-archive:{}:example.org/app:1", archive.display()),
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(saved.layers(), oci.layers());
+    assert_eq!(
+        saved.image_digest(),
+        oci.image_digest(),
+        "the manifest found through index.json"
+    );
+    assert_eq!(read_image(saved.as_ref()), want);
+
+    let err = open_source(
+        &format!("docker-archive:{}:other:2", archive.display()),
+        &opts,
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(err, SourceError::NoSuchTag { .. }), "{err:?}");
 }

@@ -283,7 +283,19 @@ impl ArchiveSource {
             members.push(member);
         }
 
-        let image_digest = oci_manifest_digest(&index, &config_digest).unwrap_or(config_digest);
+        let image_digest = match oci_manifest(&index, &config_digest) {
+            Some((digest, manifest)) => {
+                // The OCI manifest knows the media types docker's
+                // manifest.json leaves out.
+                for (layer, described) in layers.iter_mut().zip(&manifest.layers) {
+                    if Digest::parse(&described.digest).ok() == Some(layer.digest) {
+                        layer.media_type = described.media_type.clone();
+                    }
+                }
+                digest
+            }
+            None => config_digest,
+        };
         Ok(ArchiveSource {
             path: path.to_owned(),
             reference: reference.map(str::to_owned),
@@ -294,9 +306,9 @@ impl ArchiveSource {
     }
 }
 
-/// In an OCI-in-archive save, the digest of the manifest whose config is
-/// `config`: the same digest a registry would give the image.
-fn oci_manifest_digest(index: &MemberIndex, config: &Digest) -> Option<Digest> {
+/// In an OCI-in-archive save, the manifest whose config is `config`, with
+/// its digest: the same digest a registry would give the image.
+fn oci_manifest(index: &MemberIndex, config: &Digest) -> Option<(Digest, Manifest)> {
     let top: Index = serde_json::from_slice(&index.read_whole("index.json", None).ok()?).ok()?;
     let mut pending: Vec<Descriptor> = top.manifests;
     let mut budget = 64;
@@ -311,7 +323,7 @@ fn oci_manifest_digest(index: &MemberIndex, config: &Digest) -> Option<Digest> {
             .ok()?;
         if let Ok(manifest) = serde_json::from_slice::<Manifest>(&bytes) {
             if Digest::parse(&manifest.config.digest).ok() == Some(*config) {
-                return Some(digest);
+                return Some((digest, manifest));
             }
         } else if let Ok(nested) = serde_json::from_slice::<Index>(&bytes) {
             pending.extend(nested.manifests);

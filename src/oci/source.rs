@@ -105,6 +105,12 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
+    #[error("reading {what}")]
+    ReadDocument {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("parsing {what}")]
     ParseDocument {
         what: String,
@@ -205,7 +211,9 @@ pub enum SourceError {
 impl SourceError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            SourceError::ReadFile { source, .. } | SourceError::ReadArchive { source, .. } => {
+            SourceError::ReadFile { source, .. }
+            | SourceError::ReadArchive { source, .. }
+            | SourceError::ReadDocument { source, .. } => {
                 if source.kind() == std::io::ErrorKind::NotFound {
                     ErrorKind::NotFound
                 } else {
