@@ -22,6 +22,7 @@ pub mod compress;
 pub mod entry;
 pub mod header;
 pub mod layer;
+pub mod layer_error;
 pub mod layout;
 pub mod registry;
 pub mod source;
