@@ -12,6 +12,9 @@
 //! * `zstd_layer_mbps`: the same for a zstd layer;
 //! * `tar_only_mbps`: [`read_layer`] over the uncompressed tar.
 //!
+//! `LAZYBLK_BENCH_LAYER=FILE.tar.gz` measures a real gzip layer instead
+//! (its tar is recompressed with zstd for the zstd figure).
+//!
 //! Under `cargo test` (no `--bench` argument) it runs once on 4 MiB.
 
 use std::io::{self, Read, Write};
@@ -122,10 +125,22 @@ fn main() {
     } else {
         (4 << 20, 1)
     };
-    let tar = build_layer(bytes);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&tar).unwrap();
-    let gz = gz.finish().unwrap();
+    let (tar, gz) = match std::env::var_os("LAZYBLK_BENCH_LAYER").filter(|_| bench) {
+        Some(path) => {
+            let gz = std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+            let mut tar = Vec::new();
+            flate2::read::MultiGzDecoder::new(&gz[..])
+                .read_to_end(&mut tar)
+                .expect("LAZYBLK_BENCH_LAYER is a gzip file");
+            (tar, gz)
+        }
+        None => {
+            let tar = build_layer(bytes);
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            gz.write_all(&tar).unwrap();
+            (tar, gz.finish().unwrap())
+        }
+    };
     let zst = zstd::stream::encode_all(&tar[..], 3).unwrap();
     let (gz_digest, zst_digest) = (Digest::of(&gz), Digest::of(&zst));
     println!(
