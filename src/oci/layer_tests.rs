@@ -7,7 +7,7 @@ use tar::{EntryType, Header};
 
 use super::entry::{EntryKind, EntryPath, LayerEntry, Timestamp};
 use super::header::EntryError;
-use super::layer::{read_layer, LayerError, LayerLimits, LayerStats, Limit};
+use super::layer::{find_in_chain, read_layer, LayerError, LayerLimits, LayerStats, Limit};
 use crate::error::ErrorKind;
 
 /// A tar under construction.
@@ -602,4 +602,40 @@ fn a_truncated_gzip_layer_names_the_layer_and_entry() {
     assert!(text.contains("sha256:bomb"), "{text}");
     assert!(text.contains("gzip stream is truncated"), "{text}");
     assert_eq!(err.kind(), ErrorKind::Invalid, "{err:?}");
+}
+
+#[test]
+fn sizes_beyond_4_gib_come_from_gnu_binary_and_pax_fields() {
+    let huge = 5u64 << 30;
+    // GNU base-256 size field, then the stream ends: the entry is announced
+    // with its full size and the missing data is an error.
+    let mut h = header(EntryType::Regular, huge, 0o644);
+    h.set_path("big").unwrap();
+    h.set_cksum();
+    let gnu = h.as_bytes().to_vec();
+    let mut pax_tar = Tar::new();
+    pax_tar.pax(&[("size", huge.to_string().as_bytes())]);
+    let mut h = header(EntryType::Regular, 0, 0o644);
+    h.set_path("big").unwrap();
+    h.set_cksum();
+    let mut pax = pax_tar.0.get_ref().clone();
+    pax.extend_from_slice(h.as_bytes());
+    for stream in [gnu, pax] {
+        let mut sizes = Vec::new();
+        let err = read_layer(
+            &stream[..],
+            "l",
+            &mut LayerLimits::default(),
+            &mut |entry, _| {
+                sizes.push(entry.kind);
+                Ok(())
+            },
+        )
+        .unwrap_err();
+        assert_eq!(sizes, vec![EntryKind::Regular { size: huge }]);
+        assert!(
+            matches!(find_in_chain::<super::layer::Truncated>(&err), Some(t) if t.missing == huge),
+            "{err:?}"
+        );
+    }
 }
