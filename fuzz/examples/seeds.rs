@@ -149,21 +149,49 @@ fn layer_tar() -> std::io::Result<Vec<u8>> {
         h.set_mtime(1_600_000_000);
         h
     };
-    b.append_data(&mut header(EntryType::Directory, 0), "etc/", std::io::empty())?;
-    b.append_data(&mut header(EntryType::Regular, 5), "etc/hosts", &b"hello"[..])?;
+    b.append_data(
+        &mut header(EntryType::Directory, 0),
+        "etc/",
+        std::io::empty(),
+    )?;
+    b.append_data(
+        &mut header(EntryType::Regular, 5),
+        "etc/hosts",
+        &b"hello"[..],
+    )?;
     let pax = b"30 mtime=1700000000.123456789\n25 SCHILY.xattr.user.a=1\n";
-    b.append_data(&mut header(EntryType::XHeader, pax.len() as u64), "PaxHeader", &pax[..])?;
+    b.append_data(
+        &mut header(EntryType::XHeader, pax.len() as u64),
+        "PaxHeader",
+        &pax[..],
+    )?;
     b.append_data(&mut header(EntryType::Regular, 1), "etc/pax", &b"p"[..])?;
     let long = format!("{}/{}", "d".repeat(120), "f".repeat(40));
     b.append_data(&mut header(EntryType::Regular, 0), &long, std::io::empty())?;
     b.append_link(&mut header(EntryType::Link, 0), "etc/hard", &long)?;
-    b.append_link(&mut header(EntryType::Symlink, 0), "etc/soft", "../etc/hosts")?;
+    b.append_link(
+        &mut header(EntryType::Symlink, 0),
+        "etc/soft",
+        "../etc/hosts",
+    )?;
     let mut dev = header(EntryType::Char, 0);
     dev.set_device_major(1)?;
     dev.set_device_minor(3)?;
     b.append_data(&mut dev, "dev/null", std::io::empty())?;
-    b.append_data(&mut header(EntryType::Fifo, 0), "run/fifo", std::io::empty())?;
-    b.append_data(&mut header(EntryType::Regular, 0), "var/.wh.gone", std::io::empty())?;
-    b.append_data(&mut header(EntryType::Regular, 0), "opt/.wh..wh..opq", std::io::empty())?;
+    b.append_data(
+        &mut header(EntryType::Fifo, 0),
+        "run/fifo",
+        std::io::empty(),
+    )?;
+    b.append_data(
+        &mut header(EntryType::Regular, 0),
+        "var/.wh.gone",
+        std::io::empty(),
+    )?;
+    b.append_data(
+        &mut header(EntryType::Regular, 0),
+        "opt/.wh..wh..opq",
+        std::io::empty(),
+    )?;
     b.into_inner()
 }

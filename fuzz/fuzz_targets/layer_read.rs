@@ -35,7 +35,11 @@ fn check(bytes: &[u8]) {
             EntryKind::Regular { size } => size,
             _ => 0,
         };
-        assert_eq!(got.len() as u64, expected, "data reader gave a wrong length");
+        assert_eq!(
+            got.len() as u64,
+            expected,
+            "data reader gave a wrong length"
+        );
         Ok(())
     });
     let Ok(stats) = result else {
