@@ -300,6 +300,35 @@ fn bad_layouts_fail_clearly() {
         "{err:?}"
     );
 
+    // No tag: fine while the layout holds one image, ambiguous with two.
+    let untagged = format!("oci:{}", layout.display());
+    let only = open_source(&untagged, &opts).unwrap();
+    run(Command::new("umoci").args(["tag", "--image", &format!("{}:t", layout.display()), "t2"]));
+    let err = open_source(&untagged, &opts).err().unwrap();
+    assert!(
+        matches!(&err, SourceError::Ambiguous { available, .. } if available.len() == 2),
+        "{err:?}"
+    );
+    let second = open_source(&format!("oci:{}:t2", layout.display()), &opts).unwrap();
+    assert_eq!(second.image_digest(), only.image_digest());
+
+    for (bad, needle) in [
+        ("oci:", "no directory"),
+        ("tarball:/x", "expected oci:DIR"),
+        ("docker://host.io/Bad:tag", "not a repository name"),
+    ] {
+        let err = open_source(bad, &opts).err().unwrap();
+        assert!(err.to_string().contains(needle), "{bad}: {err}");
+    }
+    let err = open_source("docker-archive:/nonexistent/image.tar", &opts)
+        .err()
+        .unwrap();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err:?}");
+    let err = open_source(&format!("oci:{}", dir.path().display()), &opts)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("oci-layout"), "{err}");
+
     let source = open_source(&spec, &opts).unwrap();
     let layer = source.layers()[0].clone();
     let blob = layout.join("blobs/sha256").join(layer.digest.hex());
