@@ -25,6 +25,7 @@ pub mod layer;
 pub mod layer_error;
 pub mod layout;
 pub mod registry;
+pub mod resolve;
 pub mod source;
 pub mod spec;
 pub mod verify;
