@@ -9,8 +9,6 @@
 //! byte; and a byte budget one short of the stream refuses it.
 #![no_main]
 
-use std::io::Read;
-
 use lazyblk::oci::entry::MAX_NAME_LEN;
 use lazyblk::oci::{read_layer, EntryKind, LayerLimits};
 use libfuzzer_sys::fuzz_target;
