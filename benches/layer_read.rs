@@ -15,7 +15,7 @@
 //! `LAZYBLK_BENCH_LAYER=FILE.tar.gz` measures a real gzip layer instead
 //! (its tar is recompressed with zstd for the zstd figure).
 //!
-//! Under `cargo test` (no `--bench` argument) it runs once on 4 MiB.
+//! Under `cargo test` (no `--bench` argument) it runs once on 1 MiB.
 
 use std::io::{self, Read, Write};
 use std::time::Instant;
@@ -123,7 +123,7 @@ fn main() {
             env_size("LAZYBLK_BENCH_ROUNDS", 3).max(1),
         )
     } else {
-        (4 << 20, 1)
+        (1 << 20, 1)
     };
     let (tar, gz) = match std::env::var_os("LAZYBLK_BENCH_LAYER").filter(|_| bench) {
         Some(path) => {
