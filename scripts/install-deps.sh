@@ -25,6 +25,10 @@ tools=(
     "cpio cpio"              # packs the VM's initramfs
     "xz xz-utils"            # unpacks the kernel modules for busybox insmod
     "dpkg-deb dpkg"          # unpacks the VM's kernel package
+    "skopeo skopeo"          # image copies between layouts, archives, registries
+    "umoci umoci"            # OCI layouts built from directories
+    "docker-registry docker-registry" # a loopback registry for source tests
+    "mkfifo coreutils"
 )
 # Packages with no command of their own, checked through dpkg.
 libraries=(
