@@ -25,6 +25,7 @@ pub mod cli;
 pub mod daemon;
 pub mod engine;
 pub mod error;
+pub mod ext4;
 pub mod frontend;
 pub mod oci;
 pub mod store;
