@@ -26,6 +26,7 @@ pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod ext4;
+pub mod flatten;
 pub mod frontend;
 pub mod oci;
 pub mod store;
