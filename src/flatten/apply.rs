@@ -160,21 +160,13 @@ impl<W: Read + Write + Seek> Flattener<W> {
     /// A whiteout of `name` in `parent`: removes what lower layers put
     /// there, keeps what this layer put there.
     fn whiteout(&mut self, parent: NodeId, name: &[u8]) {
-        let layer = self.layer;
         let Some(child) = self.tree.node(parent).dir().and_then(|d| d.children.get(name).copied()) else {
             return;
         };
-        let traversed = self.tree.node(child.id).dir().map(|d| d.traversed);
-        if child.layer == layer {
-            if traversed.is_some() {
-                self.tree.prune_lower(child.id, layer, &mut self.alloc);
-            }
-        } else if traversed == Some(layer) {
-            self.tree.node_mut(child.id).set_meta(Meta::implicit());
-            self.tree.prune_lower(child.id, layer, &mut self.alloc);
-        } else {
-            self.tree.unlink(parent, name, &mut self.alloc);
+        if parent == ROOT && self.tree.node(child.id).ino == crate::ext4::LOST_FOUND_INO {
+            return;
         }
+        self.tree.hide_lower(parent, name, child, self.layer, &mut self.alloc);
     }
 
     /// Puts a non-directory at `path`. A file with no other name keeps its
@@ -274,5 +266,6 @@ impl<W: Read + Write + Seek> Flattener<W> {
 }
 
 fn is_zero(block: &[u8]) -> bool {
-    block.chunks_exact(16).all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
+    static ZERO: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
+    block == &ZERO[..block.len()]
 }

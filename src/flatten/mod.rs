@@ -173,6 +173,7 @@ impl<W: Read + Write + Seek> Flattener<W> {
     pub fn begin_layer(&mut self, label: &str) -> Result<(), FlattenError> {
         self.check("begin_layer", false)?;
         self.layer += 1;
+        self.tree.layer = self.layer;
         self.open = true;
         self.label = label.to_owned();
         self.alloc.align_to_chunk();

@@ -108,12 +108,15 @@ pub struct Node {
     pub xattr_block: u64,
     /// Attributes changed since their placement was last decided.
     pub xattr_dirty: bool,
+    /// The layer that created the node (its inode number, if it has one,
+    /// dates from then).
+    pub born: u32,
 }
 
 impl Node {
     pub fn new(body: Body, meta: Meta) -> Node {
         let xattr_dirty = !meta.xattrs.is_empty();
-        Node { body, meta, links: 0, ino: 0, extents: Vec::new(), tree_blocks: Box::new([]), xattr_block: 0, xattr_dirty }
+        Node { body, meta, links: 0, ino: 0, extents: Vec::new(), tree_blocks: Box::new([]), xattr_block: 0, xattr_dirty, born: 0 }
     }
 
     pub fn dir(&self) -> Option<&Dir> {
@@ -167,13 +170,15 @@ pub struct NotADirectory(pub EntryPath);
 pub struct Tree {
     nodes: Vec<Option<Node>>,
     free_ids: Vec<NodeId>,
+    /// The layer being applied.
+    pub layer: u32,
 }
 
 impl Tree {
     /// A tree holding only the root directory.
     pub fn new() -> Tree {
         let root = Node::new(Body::Dir(Dir { dirty: true, ..Dir::default() }), Meta::implicit());
-        let mut t = Tree { nodes: vec![Some(root)], free_ids: Vec::new() };
+        let mut t = Tree { nodes: vec![Some(root)], free_ids: Vec::new(), layer: 0 };
         t.node_mut(ROOT).links = 1;
         t
     }
@@ -190,7 +195,8 @@ impl Tree {
         self.node_mut(id).dir_mut().expect("a directory")
     }
 
-    pub fn add(&mut self, node: Node) -> NodeId {
+    pub fn add(&mut self, mut node: Node) -> NodeId {
+        node.born = self.layer;
         match self.free_ids.pop() {
             Some(id) => {
                 self.nodes[id as usize] = Some(node);
@@ -286,16 +292,50 @@ impl Tree {
         let children: Vec<(Box<[u8]>, Child)> =
             self.node(dir).dir().expect("a directory").children.iter().map(|(n, c)| (n.clone(), *c)).collect();
         for (name, child) in children {
-            let traversed = self.node(child.id).dir().map(|d| d.traversed);
-            if child.layer == layer {
-                if traversed.is_some() {
-                    self.prune_lower(child.id, layer, alloc);
-                }
-            } else if traversed == Some(layer) {
-                self.node_mut(child.id).set_meta(Meta::implicit());
+            if dir == ROOT && self.node(child.id).ino == crate::ext4::LOST_FOUND_INO {
+                continue;
+            }
+            self.hide_lower(dir, &name, child, layer, alloc);
+        }
+    }
+
+    /// What hiding lower layers leaves of the name `name` in `dir`: nothing,
+    /// unless `layer` set the name or created something below it. What stays
+    /// is renewed (a new inode number) when it dates from a lower layer, as
+    /// if it had been removed and created again.
+    pub fn hide_lower(&mut self, dir: NodeId, name: &[u8], child: Child, layer: u32, alloc: &mut Allocator) {
+        let traversed = self.node(child.id).dir().map(|d| d.traversed);
+        if child.layer == layer {
+            self.renew(dir, child.id);
+            if traversed.is_some() {
                 self.prune_lower(child.id, layer, alloc);
-            } else {
-                self.unlink(dir, &name, alloc);
+            }
+        } else if traversed == Some(layer) {
+            self.renew(dir, child.id);
+            self.node_mut(child.id).set_meta(Meta::implicit());
+            self.prune_lower(child.id, layer, alloc);
+        } else {
+            self.unlink(dir, name, alloc);
+        }
+    }
+
+    /// Gives a single-named node of a lower layer, named in `parent`, a new
+    /// identity. Every directory block naming its inode number is rewritten:
+    /// the parent's, its own (`.`) and its subdirectories' (`..`).
+    fn renew(&mut self, parent: NodeId, id: NodeId) {
+        let layer = self.layer;
+        let node = self.node_mut(id);
+        if node.born >= layer || node.links != 1 {
+            return;
+        }
+        node.born = layer;
+        node.ino = 0;
+        self.dir_mut(parent).dirty = true;
+        if let Some(d) = self.node(id).dir() {
+            let subdirs: Vec<NodeId> = d.children.values().map(|c| c.id).filter(|&c| self.node(c).body.is_dir()).collect();
+            self.dir_mut(id).dirty = true;
+            for s in subdirs {
+                self.dir_mut(s).dirty = true;
             }
         }
     }
