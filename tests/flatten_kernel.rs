@@ -237,3 +237,27 @@ fn bad_entries_fail_naming_layer_and_entry() {
     let err = f.apply(bad_attr, &mut std::io::empty()).unwrap_err();
     assert!(err.to_string().contains("/h"), "{err}");
 }
+
+#[test]
+fn a_100k_entry_directory_gets_a_two_level_index_the_kernel_and_e2fsck_accept() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("big-dir.ext4");
+    let mut layer: Vec<In> = (0..100_000).map(|i| ent(&format!("d/entry-name-with-padding-{i:07}"), EntryKind::Fifo, meta(0o644, 0, 0, 1, 0))).collect();
+    layer.push(file("d/file", b"found".to_vec(), meta(0o644, 0, 0, 1, 0)));
+    let mut upper: Vec<In> = (0..100_000).step_by(3).map(|i| ent(&format!("d/entry-name-with-padding-{i:07}"), EntryKind::Whiteout, meta(0, 0, 0, 0, 0))).collect();
+    upper.push(file("d/late", b"late".to_vec(), meta(0o644, 0, 0, 1, 0)));
+    let layers = vec![layer, upper];
+    build(&layers, &image);
+    fsck(&image);
+    let out = Command::new("debugfs").args(["-R", "htree_dump /d"]).arg(&image).output().unwrap();
+    let dump = String::from_utf8_lossy(&out.stdout);
+    assert!(dump.contains("Indirect levels: 1"), "expected a two-level index:\n{}", &dump[..dump.len().min(2000)]);
+    let m = Mount::new(&image, true);
+    assert_eq!(fs::read(m.path().join("d/file")).unwrap(), b"found");
+    assert_eq!(fs::read(m.path().join("d/late")).unwrap(), b"late");
+    for i in [1, 2, 4, 99_998, 50_000, 77_777] {
+        let path = m.path().join(format!("d/entry-name-with-padding-{i:07}"));
+        assert_eq!(fs::symlink_metadata(&path).is_ok(), i % 3 != 0, "{}", path.display());
+    }
+    assert_eq!(fs::read_dir(m.path().join("d")).unwrap().count(), 100_000 - 33_334 + 2);
+}
