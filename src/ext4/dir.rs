@@ -41,8 +41,7 @@ fn put_entry(buf: &mut [u8], off: usize, ino: u32, rec: usize, name: &[u8], ft: 
 }
 
 /// Packs entries into blocks in the order given; the last entry of each
-/// block reaches the block's end. `first` entries already sit at the start
-/// of the first block (`.` and `..`), taking `used` bytes.
+/// block reaches the block's end.
 fn pack(blocks: &mut Vec<Vec<u8>>, entries: &[Entry<'_>]) {
     let mut buf = vec![0u8; BLOCK_SIZE];
     let mut off = 0;
@@ -73,17 +72,36 @@ fn fix_last(buf: &mut [u8], last: Option<usize>) {
 
 /// The blocks of a directory (inode `ino`, parent `parent`) holding
 /// `entries`, and whether they form a hashed index.
-pub fn build(ino: u32, parent: u32, mut entries: Vec<Entry<'_>>, seed: &[u32; 4]) -> Result<(Vec<Vec<u8>>, bool), Ext4Error> {
+pub fn build(
+    ino: u32,
+    parent: u32,
+    mut entries: Vec<Entry<'_>>,
+    seed: &[u32; 4],
+) -> Result<(Vec<Vec<u8>>, bool), Ext4Error> {
     let linear: usize = 24 + entries.iter().map(|e| rec_len(e.name.len())).sum::<usize>();
     if linear <= BLOCK_SIZE {
         entries.sort_by(|a, b| a.name.cmp(b.name));
-        let mut all = vec![Entry { name: b".", ino, file_type: FT_DIR }, Entry { name: b"..", ino: parent, file_type: FT_DIR }];
+        let mut all = vec![
+            Entry {
+                name: b".",
+                ino,
+                file_type: FT_DIR,
+            },
+            Entry {
+                name: b"..",
+                ino: parent,
+                file_type: FT_DIR,
+            },
+        ];
         all.extend(entries);
         let mut blocks = Vec::new();
         pack(&mut blocks, &all);
         return Ok((blocks, false));
     }
-    let mut hashed: Vec<(u32, Entry<'_>)> = entries.into_iter().map(|e| (dx_hash(e.name, seed), e)).collect();
+    let mut hashed: Vec<(u32, Entry<'_>)> = entries
+        .into_iter()
+        .map(|e| (dx_hash(e.name, seed), e))
+        .collect();
     hashed.sort_by(|a, b| (a.0, a.1.name).cmp(&(b.0, b.1.name)));
 
     // Leaves: never split a run of equal hashes across two leaves, so every
@@ -136,13 +154,21 @@ pub fn build(ino: u32, parent: u32, mut entries: Vec<Entry<'_>>, seed: &[u32; 4]
     root[24 + 6] = levels;
     let mut blocks = vec![root];
     if levels == 0 {
-        let targets: Vec<(u32, u32)> = leaf_hashes.iter().enumerate().map(|(k, &h)| (h, (first_leaf + k) as u32)).collect();
+        let targets: Vec<(u32, u32)> = leaf_hashes
+            .iter()
+            .enumerate()
+            .map(|(k, &h)| (h, (first_leaf + k) as u32))
+            .collect();
         write_index(&mut blocks[0], 32, ROOT_LIMIT, &targets);
     } else {
         let mut root_targets = Vec::new();
         for (node, span) in leaf_hashes.chunks(NODE_LIMIT).enumerate() {
             let base = node * NODE_LIMIT;
-            let targets: Vec<(u32, u32)> = span.iter().enumerate().map(|(k, &h)| (h, (first_leaf + base + k) as u32)).collect();
+            let targets: Vec<(u32, u32)> = span
+                .iter()
+                .enumerate()
+                .map(|(k, &h)| (h, (first_leaf + base + k) as u32))
+                .collect();
             let mut buf = vec![0u8; BLOCK_SIZE];
             put16(&mut buf, 4, BLOCK_SIZE as u16);
             write_index(&mut buf, 8, NODE_LIMIT, &targets);
@@ -174,7 +200,18 @@ mod tests {
 
     #[test]
     fn small_directories_are_one_linear_block() {
-        let e = vec![Entry { name: b"b", ino: 13, file_type: FT_REG }, Entry { name: b"a", ino: 12, file_type: FT_DIR }];
+        let e = vec![
+            Entry {
+                name: b"b",
+                ino: 13,
+                file_type: FT_REG,
+            },
+            Entry {
+                name: b"a",
+                ino: 12,
+                file_type: FT_DIR,
+            },
+        ];
         let (blocks, indexed) = build(12, 2, e, &[1, 2, 3, 4]).unwrap();
         assert!(!indexed);
         assert_eq!(blocks.len(), 1);
@@ -183,8 +220,17 @@ mod tests {
 
     #[test]
     fn large_directories_get_an_index_with_levels_as_needed() {
-        let names: Vec<Vec<u8>> = (0..100_000).map(|i| format!("file-{i:08}").into_bytes()).collect();
-        let e: Vec<Entry<'_>> = names.iter().map(|n| Entry { name: n, ino: 20, file_type: FT_REG }).collect();
+        let names: Vec<Vec<u8>> = (0..100_000)
+            .map(|i| format!("file-{i:08}").into_bytes())
+            .collect();
+        let e: Vec<Entry<'_>> = names
+            .iter()
+            .map(|n| Entry {
+                name: n,
+                ino: 20,
+                file_type: FT_REG,
+            })
+            .collect();
         let (blocks, indexed) = build(12, 2, e, &[1, 2, 3, 4]).unwrap();
         assert!(indexed);
         assert_eq!(blocks[0][24 + 6], 1, "100k names need two levels");

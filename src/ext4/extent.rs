@@ -24,12 +24,19 @@ pub struct Extent {
 pub fn push_block(extents: &mut Vec<Extent>, logical: u32, physical: u64) {
     if let Some(last) = extents.last_mut() {
         let len = u32::from(last.len);
-        if last.logical + len == logical && last.start + u64::from(len) == physical && len < MAX_LEN - 1 {
+        if last.logical + len == logical
+            && last.start + u64::from(len) == physical
+            && len < MAX_LEN - 1
+        {
             last.len += 1;
             return;
         }
     }
-    extents.push(Extent { logical, start: physical, len: 1 });
+    extents.push(Extent {
+        logical,
+        start: physical,
+        len: 1,
+    });
 }
 
 /// Tree blocks needed to map `n` extents (0 when they fit the inode).
@@ -67,7 +74,11 @@ fn put_index(buf: &mut [u8], off: usize, logical: u32, child: u64) {
 /// and one block image per entry of `blocks`, which must hold exactly
 /// [`tree_blocks_needed`] physical block numbers, leaves first.
 pub fn build(extents: &[Extent], blocks: &[u64]) -> ([u8; 60], Vec<Vec<u8>>) {
-    assert_eq!(blocks.len(), tree_blocks_needed(extents.len()), "caller allocates the tree");
+    assert_eq!(
+        blocks.len(),
+        tree_blocks_needed(extents.len()),
+        "caller allocates the tree"
+    );
     let mut root = [0u8; 60];
     if extents.len() <= IN_ROOT {
         header(&mut root, extents.len(), IN_ROOT, 0);
@@ -123,8 +134,16 @@ mod tests {
         assert_eq!(tree_blocks_needed(5), 1);
         assert_eq!(tree_blocks_needed(340 * 4), 4);
         assert_eq!(tree_blocks_needed(340 * 4 + 1), 5 + 1);
-        let extents: Vec<Extent> = (0..2000).map(|i| Extent { logical: i * 2, start: 1000 + u64::from(i) * 2, len: 1 }).collect();
-        let blocks: Vec<u64> = (0..tree_blocks_needed(2000) as u64).map(|b| 5000 + b).collect();
+        let extents: Vec<Extent> = (0..2000)
+            .map(|i| Extent {
+                logical: i * 2,
+                start: 1000 + u64::from(i) * 2,
+                len: 1,
+            })
+            .collect();
+        let blocks: Vec<u64> = (0..tree_blocks_needed(2000) as u64)
+            .map(|b| 5000 + b)
+            .collect();
         let (root, images) = build(&extents, &blocks);
         assert_eq!(u16::from_le_bytes([root[6], root[7]]), 2);
         assert_eq!(images.len(), blocks.len());
@@ -136,6 +155,20 @@ mod tests {
         push_block(&mut e, 0, 10);
         push_block(&mut e, 1, 11);
         push_block(&mut e, 3, 12);
-        assert_eq!(e, vec![Extent { logical: 0, start: 10, len: 2 }, Extent { logical: 3, start: 12, len: 1 }]);
+        assert_eq!(
+            e,
+            vec![
+                Extent {
+                    logical: 0,
+                    start: 10,
+                    len: 2
+                },
+                Extent {
+                    logical: 3,
+                    start: 12,
+                    len: 1
+                }
+            ]
+        );
     }
 }

@@ -57,7 +57,11 @@ pub fn encode_device(major: u32, minor: u32) -> [u8; 60] {
     if major < 256 && minor < 256 {
         put32(&mut block, 0, (major << 8) | minor);
     } else {
-        put32(&mut block, 4, (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12));
+        put32(
+            &mut block,
+            4,
+            (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12),
+        );
     }
     block
 }
@@ -102,7 +106,13 @@ mod tests {
 
     #[test]
     fn times_past_2038_and_before_1970_round_trip() {
-        for (secs, nanos) in [(0i64, 0u32), (-1, 5), (1 << 31, 999_999_999), (-(1 << 31), 1), (3 << 32, 7)] {
+        for (secs, nanos) in [
+            (0i64, 0u32),
+            (-1, 5),
+            (1 << 31, 999_999_999),
+            (-(1 << 31), 1),
+            (3 << 32, 7),
+        ] {
             let (lo, extra) = encode_time(secs, nanos);
             let back = i64::from(lo as i32) + (i64::from(extra & 3) << 32);
             assert_eq!(back, secs, "secs {secs}");
@@ -116,6 +126,9 @@ mod tests {
         assert_eq!(u32::from_le_bytes(old[0..4].try_into().unwrap()), 0x801);
         let new = encode_device(259, 300);
         assert_eq!(u32::from_le_bytes(new[0..4].try_into().unwrap()), 0);
-        assert_eq!(u32::from_le_bytes(new[4..8].try_into().unwrap()), (300 & 0xff) | (259 << 8) | ((300 & !0xff) << 12));
+        assert_eq!(
+            u32::from_le_bytes(new[4..8].try_into().unwrap()),
+            (300 & 0xff) | (259 << 8) | ((300 & !0xff) << 12)
+        );
     }
 }

@@ -74,7 +74,11 @@ pub struct Allocator {
 
 impl Allocator {
     pub fn new() -> Self {
-        Allocator { cursor: data_start(0), used: Vec::new(), used_count: 0 }
+        Allocator {
+            cursor: data_start(0),
+            used: Vec::new(),
+            used_count: 0,
+        }
     }
 
     /// The next block the allocator would hand out, after skipping metadata.
@@ -103,11 +107,17 @@ impl Allocator {
         self.skip_meta();
         let g = self.cursor / u64::from(BLOCKS_PER_GROUP);
         if g >= u64::from(MAX_GROUPS) {
-            return Err(Ext4Error::TooManyGroups { groups: g + 1, max: u64::from(MAX_GROUPS) });
+            return Err(Ext4Error::TooManyGroups {
+                groups: g + 1,
+                max: u64::from(MAX_GROUPS),
+            });
         }
         let group_end = (g + 1) * u64::from(BLOCKS_PER_GROUP);
         let len = (group_end - self.cursor).min(u64::from(max.max(1))) as u32;
-        let run = Run { start: self.cursor, len };
+        let run = Run {
+            start: self.cursor,
+            len,
+        };
         self.cursor += u64::from(len);
         for b in run.start..run.start + u64::from(len) {
             self.set(b, true);

@@ -51,9 +51,17 @@ pub fn encode_superblock(s: &Summary) -> Vec<u8> {
     put32(&mut b, 76, 1); // dynamic revision
     put32(&mut b, 84, super::LOST_FOUND_INO); // s_first_ino
     put16(&mut b, 88, INODE_SIZE as u16);
-    put32(&mut b, 92, COMPAT_EXT_ATTR | COMPAT_DIR_INDEX | COMPAT_SPARSE_SUPER2);
+    put32(
+        &mut b,
+        92,
+        COMPAT_EXT_ATTR | COMPAT_DIR_INDEX | COMPAT_SPARSE_SUPER2,
+    );
     put32(&mut b, 96, INCOMPAT_FILETYPE | INCOMPAT_EXTENTS);
-    put32(&mut b, 100, RO_COMPAT_SPARSE_SUPER | RO_COMPAT_LARGE_FILE | RO_COMPAT_DIR_NLINK | RO_COMPAT_EXTRA_ISIZE);
+    put32(
+        &mut b,
+        100,
+        RO_COMPAT_SPARSE_SUPER | RO_COMPAT_LARGE_FILE | RO_COMPAT_DIR_NLINK | RO_COMPAT_EXTRA_ISIZE,
+    );
     b[104..120].copy_from_slice(&s.uuid);
     for (i, w) in s.hash_seed.iter().enumerate() {
         put32(&mut b, 236 + 4 * i, *w);

@@ -44,17 +44,27 @@ pub fn to_disk(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<Attr>, Ext4Error> {
         } else if let Some(n) = full.strip_prefix(b"security.") {
             (6, n)
         } else {
-            return Err(Ext4Error::XattrNamespace { name: String::from_utf8_lossy(full).into_owned() });
+            return Err(Ext4Error::XattrNamespace {
+                name: String::from_utf8_lossy(full).into_owned(),
+            });
         };
         if name.len() > 255 || (name.is_empty() && index != 2 && index != 3) {
-            return Err(Ext4Error::XattrNamespace { name: String::from_utf8_lossy(full).into_owned() });
+            return Err(Ext4Error::XattrNamespace {
+                name: String::from_utf8_lossy(full).into_owned(),
+            });
         }
         let value = if index == 2 || index == 3 {
-            acl_to_disk(value).ok_or_else(|| Ext4Error::AclMalformed { name: String::from_utf8_lossy(full).into_owned() })?
+            acl_to_disk(value).ok_or_else(|| Ext4Error::AclMalformed {
+                name: String::from_utf8_lossy(full).into_owned(),
+            })?
         } else {
             value.clone()
         };
-        out.push(Attr { index, name: name.to_vec(), value });
+        out.push(Attr {
+            index,
+            name: name.to_vec(),
+            value,
+        });
     }
     out.sort_by(|a, b| (a.index, a.name.len(), &a.name).cmp(&(b.index, b.name.len(), &b.name)));
     Ok(out)
@@ -64,7 +74,10 @@ pub fn to_disk(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<Attr>, Ext4Error> {
 /// form (version 1; 4-byte entries for the owner, group, mask and other
 /// tags, 8-byte entries for named users and groups).
 fn acl_to_disk(vfs: &[u8]) -> Option<Vec<u8>> {
-    if vfs.len() < 4 || (vfs.len() - 4) % 8 != 0 || u32::from_le_bytes(vfs[0..4].try_into().ok()?) != 2 {
+    if vfs.len() < 4
+        || (vfs.len() - 4) % 8 != 0
+        || u32::from_le_bytes(vfs[0..4].try_into().ok()?) != 2
+    {
         return None;
     }
     let mut out = 1u32.to_le_bytes().to_vec();
@@ -165,6 +178,9 @@ mod tests {
         acl.extend_from_slice(&[1, 0, 6, 0, 0xff, 0xff, 0xff, 0xff]);
         acl.extend_from_slice(&[2, 0, 4, 0, 0xe8, 3, 0, 0]);
         let d = to_disk(&[x("system.posix_acl_access", &acl)]).unwrap();
-        assert_eq!(d[0].value, [1, 0, 0, 0, 1, 0, 6, 0, 2, 0, 4, 0, 0xe8, 3, 0, 0]);
+        assert_eq!(
+            d[0].value,
+            [1, 0, 0, 0, 1, 0, 6, 0, 2, 0, 4, 0, 0xe8, 3, 0, 0]
+        );
     }
 }

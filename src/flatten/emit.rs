@@ -27,19 +27,27 @@ pub(super) fn derive16(label: &[u8], chain: &[u8; 32]) -> [u8; 16] {
 
 impl<W: Read + Write + Seek> Flattener<W> {
     fn layer_error(&self, source: Ext4Error) -> FlattenError {
-        FlattenError::EncodeLayer { layer: self.layer_name(), source }
+        FlattenError::EncodeLayer {
+            layer: self.layer_name(),
+            source,
+        }
     }
 
     /// Writes `blocks` at the cursor; the extents they landed in.
     fn write_new(&mut self, blocks: &[Vec<u8>]) -> Result<(Vec<Extent>, Box<[u64]>), FlattenError> {
-        let runs = self.alloc.alloc_runs(blocks.len() as u64).map_err(|e| self.layer_error(e))?;
+        let runs = self
+            .alloc
+            .alloc_runs(blocks.len() as u64)
+            .map_err(|e| self.layer_error(e))?;
         let mut extents = Vec::new();
         let mut logical = 0u32;
         let mut images = blocks.iter();
         for run in runs {
             for b in 0..u64::from(run.len) {
                 let img = images.next().expect("one run block per image");
-                self.sink.write_block(run.start + b, img).map_err(FlattenError::WriteImage)?;
+                self.sink
+                    .write_block(run.start + b, img)
+                    .map_err(FlattenError::WriteImage)?;
                 extent::push_block(&mut extents, logical, run.start + b);
                 logical += 1;
             }
@@ -47,12 +55,18 @@ impl<W: Read + Write + Seek> Flattener<W> {
         let needed = extent::tree_blocks_needed(extents.len());
         let mut tree_blocks = Vec::with_capacity(needed);
         if needed > 0 {
-            for r in self.alloc.alloc_runs(needed as u64).map_err(|e| self.layer_error(e))? {
+            for r in self
+                .alloc
+                .alloc_runs(needed as u64)
+                .map_err(|e| self.layer_error(e))?
+            {
                 tree_blocks.extend(r.start..r.start + u64::from(r.len));
             }
             let (_, imgs) = extent::build(&extents, &tree_blocks);
             for (b, img) in tree_blocks.iter().zip(imgs) {
-                self.sink.write_block(*b, &img).map_err(FlattenError::WriteImage)?;
+                self.sink
+                    .write_block(*b, &img)
+                    .map_err(FlattenError::WriteImage)?;
             }
         }
         Ok((extents, tree_blocks.into_boxed_slice()))
@@ -62,13 +76,18 @@ impl<W: Read + Write + Seek> Flattener<W> {
         let chain = self.chain;
         let seed_bytes = *self.seed.get_or_insert_with(|| {
             let b = derive16(b"lazyblk ext4 hash seed", &chain);
-            std::array::from_fn(|i| u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().expect("4 bytes")))
+            std::array::from_fn(|i| {
+                u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().expect("4 bytes"))
+            })
         });
         let order = self.tree.walk();
         for &id in &order {
             if self.tree.node(id).ino == 0 {
                 if u64::from(self.next_ino) > u64::from(MAX_GROUPS) * u64::from(INODES_PER_GROUP) {
-                    return Err(self.layer_error(Ext4Error::TooManyGroups { groups: u64::from(MAX_GROUPS) + 1, max: u64::from(MAX_GROUPS) }));
+                    return Err(self.layer_error(Ext4Error::TooManyGroups {
+                        groups: u64::from(MAX_GROUPS) + 1,
+                        max: u64::from(MAX_GROUPS),
+                    }));
                 }
                 self.tree.node_mut(id).ino = self.next_ino;
                 self.next_ino += 1;
@@ -85,7 +104,10 @@ impl<W: Read + Write + Seek> Flattener<W> {
             let node = self.tree.node_mut(id);
             node.xattr_dirty = false;
             if node.xattr_block != 0 {
-                self.alloc.free(crate::ext4::layout::Run { start: node.xattr_block, len: 1 });
+                self.alloc.free(crate::ext4::layout::Run {
+                    start: node.xattr_block,
+                    len: 1,
+                });
                 node.xattr_block = 0;
             }
             let attrs = xattr::to_disk(&node.meta.xattrs).map_err(|e| self.layer_error(e))?;
@@ -108,11 +130,16 @@ impl<W: Read + Write + Seek> Flattener<W> {
                     .iter()
                     .map(|(name, c)| {
                         let child = self.tree.node(c.id);
-                        dir::Entry { name, ino: child.ino, file_type: child.body.file_type() }
+                        dir::Entry {
+                            name,
+                            ino: child.ino,
+                            file_type: child.body.file_type(),
+                        }
                     })
                     .collect();
                 let parent_ino = self.tree.node(d.parent).ino;
-                let (blocks, indexed) = dir::build(node.ino, parent_ino, entries, seed).map_err(|e| self.layer_error(e))?;
+                let (blocks, indexed) = dir::build(node.ino, parent_ino, entries, seed)
+                    .map_err(|e| self.layer_error(e))?;
                 self.tree.node_mut(id).free_data(&mut self.alloc);
                 let (extents, tree_blocks) = self.write_new(&blocks)?;
                 let node = self.tree.node_mut(id);

@@ -12,7 +12,9 @@ use crate::ext4::inode::{self, Inode, EXTENTS_FL, INDEX_FL};
 use crate::ext4::layout::{self, DESC_SIZE, MAX_GROUPS};
 use crate::ext4::superblock::{self, GroupCounts, Summary};
 use crate::ext4::xattr::{self, Placement};
-use crate::ext4::{extent, Ext4Error, BLOCKS_PER_GROUP, BLOCK_SIZE, INODES_PER_GROUP, INODE_SIZE, LOST_FOUND_INO};
+use crate::ext4::{
+    extent, Ext4Error, BLOCKS_PER_GROUP, BLOCK_SIZE, INODES_PER_GROUP, INODE_SIZE, LOST_FOUND_INO,
+};
 
 /// The smallest last group: its metadata and some room.
 const MIN_LAST_GROUP: u64 = 1024;
@@ -25,7 +27,11 @@ impl<W: Read + Write + Seek> Flattener<W> {
         let mut links = node.links;
         let (mode, size, flags, block) = match &node.body {
             Body::Dir(d) => {
-                let subdirs = d.children.values().filter(|c| self.tree.node(c.id).body.is_dir()).count() as u32;
+                let subdirs = d
+                    .children
+                    .values()
+                    .filter(|c| self.tree.node(c.id).body.is_dir())
+                    .count() as u32;
                 links = 2 + subdirs;
                 if links > DIR_LINK_MAX {
                     links = 1;
@@ -45,7 +51,9 @@ impl<W: Read + Write + Seek> Flattener<W> {
             Body::BlockDevice(ma, mi) => (inode::S_IFBLK, 0, 0, inode::encode_device(*ma, *mi)),
             Body::Fifo => (inode::S_IFIFO, 0, 0, [0u8; 60]),
         };
-        let owned: u64 = node.extents.iter().map(|e| u64::from(e.len)).sum::<u64>() + node.tree_blocks.len() as u64 + u64::from(node.xattr_block != 0);
+        let owned: u64 = node.extents.iter().map(|e| u64::from(e.len)).sum::<u64>()
+            + node.tree_blocks.len() as u64
+            + u64::from(node.xattr_block != 0);
         let ibody_xattrs = match xattr::place(&xattr::to_disk(&node.meta.xattrs)?)? {
             Placement::Inode(area) => Some(area),
             _ => None,
@@ -74,7 +82,10 @@ impl<W: Read + Write + Seek> Flattener<W> {
         let mut blocks = self.alloc.cursor() + self.opts.free_space.div_ceil(BLOCK_SIZE as u64);
         let groups = blocks.div_ceil(bpg).max(u64::from(max_ino.div_ceil(ipg)));
         if groups > u64::from(MAX_GROUPS) {
-            return Err(FlattenError::Encode(Ext4Error::TooManyGroups { groups, max: u64::from(MAX_GROUPS) }));
+            return Err(FlattenError::Encode(Ext4Error::TooManyGroups {
+                groups,
+                max: u64::from(MAX_GROUPS),
+            }));
         }
         let groups = groups as u32;
         blocks = blocks.max((u64::from(groups) - 1) * bpg + MIN_LAST_GROUP);
@@ -107,7 +118,9 @@ impl<W: Read + Write + Seek> Flattener<W> {
             }
             let g = table_block / (ipg / per_block);
             let at = layout::inode_table(g) + u64::from(table_block % (ipg / per_block));
-            self.sink.write_block(at, &img).map_err(FlattenError::WriteImage)?;
+            self.sink
+                .write_block(at, &img)
+                .map_err(FlattenError::WriteImage)?;
         }
 
         // Bitmaps.
@@ -125,21 +138,28 @@ impl<W: Read + Write + Seek> Flattener<W> {
                     free_inodes += 1;
                 }
             }
-            self.sink.write_block(layout::inode_bitmap(g), &ib).map_err(FlattenError::WriteImage)?;
+            self.sink
+                .write_block(layout::inode_bitmap(g), &ib)
+                .map_err(FlattenError::WriteImage)?;
 
             let start = u64::from(g) * bpg;
             let mut bb = vec![0u8; BLOCK_SIZE];
             let mut free_blocks = 0;
             for k in 0..bpg {
                 let b = start + k;
-                let used = b >= blocks || (g == 0 && b <= gdt_blocks) || layout::is_meta(b) && (g != 0 || b >= layout::meta_start(0)) || self.alloc.is_used(b);
+                let used = b >= blocks
+                    || (g == 0 && b <= gdt_blocks)
+                    || layout::is_meta(b) && (g != 0 || b >= layout::meta_start(0))
+                    || self.alloc.is_used(b);
                 if used {
                     bb[(k / 8) as usize] |= 1 << (k % 8);
                 } else {
                     free_blocks += 1;
                 }
             }
-            self.sink.write_block(layout::block_bitmap(g), &bb).map_err(FlattenError::WriteImage)?;
+            self.sink
+                .write_block(layout::block_bitmap(g), &bb)
+                .map_err(FlattenError::WriteImage)?;
             counts[g as usize].free_inodes = free_inodes;
             counts[g as usize].free_blocks = free_blocks;
             free_blocks_total += u64::from(free_blocks);
@@ -147,7 +167,9 @@ impl<W: Read + Write + Seek> Flattener<W> {
         }
 
         let gdt = superblock::encode_gdt(&counts);
-        self.sink.write_block(1, &gdt).map_err(FlattenError::WriteImage)?;
+        self.sink
+            .write_block(1, &gdt)
+            .map_err(FlattenError::WriteImage)?;
         let mut uuid = derive16(b"lazyblk ext4 uuid", &self.chain);
         uuid[6] = (uuid[6] & 0x0f) | 0x50;
         uuid[8] = (uuid[8] & 0x3f) | 0x80;
@@ -160,10 +182,14 @@ impl<W: Read + Write + Seek> Flattener<W> {
             hash_seed: self.seed.expect("set by emit"),
             time: 0,
         };
-        self.sink.write_at(1024, &superblock::encode_superblock(&summary)).map_err(FlattenError::WriteImage)?;
+        self.sink
+            .write_at(1024, &superblock::encode_superblock(&summary))
+            .map_err(FlattenError::WriteImage)?;
         let image_size = blocks * BLOCK_SIZE as u64;
         if self.sink.end < image_size {
-            self.sink.write_at(image_size - 1, &[0]).map_err(FlattenError::WriteImage)?;
+            self.sink
+                .write_at(image_size - 1, &[0])
+                .map_err(FlattenError::WriteImage)?;
         }
 
         let files = self.tree.iter().count() as u64;
@@ -180,7 +206,9 @@ impl<W: Read + Write + Seek> Flattener<W> {
             total += n as u64;
         }
         if total != image_size {
-            return Err(FlattenError::ReadImage(std::io::Error::other(format!("read back {total} of {image_size} bytes"))));
+            return Err(FlattenError::ReadImage(std::io::Error::other(format!(
+                "read back {total} of {image_size} bytes"
+            ))));
         }
         Ok(FlattenReport {
             layers: self.layer,

@@ -54,7 +54,9 @@ pub struct FlattenOptions {
 
 impl Default for FlattenOptions {
     fn default() -> Self {
-        FlattenOptions { free_space: DEFAULT_FREE_SPACE }
+        FlattenOptions {
+            free_space: DEFAULT_FREE_SPACE,
+        }
     }
 }
 
@@ -78,29 +80,63 @@ pub struct FlattenReport {
 #[derive(Debug, thiserror::Error)]
 pub enum FlattenError {
     #[error("layer {layer}: {path}: hard link target {target} does not exist (yet)")]
-    LinkTargetMissing { layer: String, path: EntryPath, target: EntryPath },
+    LinkTargetMissing {
+        layer: String,
+        path: EntryPath,
+        target: EntryPath,
+    },
     #[error("layer {layer}: {path}: hard link target {target} is a directory")]
-    LinkToDirectory { layer: String, path: EntryPath, target: EntryPath },
+    LinkToDirectory {
+        layer: String,
+        path: EntryPath,
+        target: EntryPath,
+    },
     #[error("layer {layer}: {path}: more than 65000 names for one file")]
     TooManyLinks { layer: String, path: EntryPath },
     #[error("layer {layer}: {path}: {at} is not a directory")]
-    NotADirectory { layer: String, path: EntryPath, at: EntryPath },
+    NotADirectory {
+        layer: String,
+        path: EntryPath,
+        at: EntryPath,
+    },
     #[error("layer {layer}: {path}: the root can only be a directory")]
     RootNotDirectory { layer: String, path: EntryPath },
     #[error("layer {layer}: {path}: read file data")]
-    ReadData { layer: String, path: EntryPath, #[source] source: std::io::Error },
+    ReadData {
+        layer: String,
+        path: EntryPath,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("layer {layer}: {path}: data ended after {got} of {size} bytes")]
-    ShortData { layer: String, path: EntryPath, got: u64, size: u64 },
+    ShortData {
+        layer: String,
+        path: EntryPath,
+        got: u64,
+        size: u64,
+    },
     #[error("layer {layer}: {path}: encode")]
-    EncodeEntry { layer: String, path: EntryPath, #[source] source: Ext4Error },
+    EncodeEntry {
+        layer: String,
+        path: EntryPath,
+        #[source]
+        source: Ext4Error,
+    },
     #[error("layer {layer}: lay out changed metadata")]
-    EncodeLayer { layer: String, #[source] source: Ext4Error },
+    EncodeLayer {
+        layer: String,
+        #[source]
+        source: Ext4Error,
+    },
     #[error("write image")]
     WriteImage(#[source] std::io::Error),
     #[error("read back image for its digest")]
     ReadImage(#[source] std::io::Error),
     #[error("{call} called out of order (a layer {state})")]
-    Sequence { call: &'static str, state: &'static str },
+    Sequence {
+        call: &'static str,
+        state: &'static str,
+    },
     #[error("an earlier error left the image unusable")]
     Poisoned,
     #[error("lay out image")]
@@ -135,7 +171,16 @@ impl<W: Read + Write + Seek> Flattener<W> {
     pub fn new(out: W, opts: FlattenOptions) -> Self {
         let mut tree = Tree::new();
         tree.node_mut(ROOT).ino = ROOT_INO;
-        let mut lost = Node::new(Body::Dir(Dir { dirty: true, ..Dir::default() }), Meta { mode: 0o700, ..Meta::implicit() });
+        let mut lost = Node::new(
+            Body::Dir(Dir {
+                dirty: true,
+                ..Dir::default()
+            }),
+            Meta {
+                mode: 0o700,
+                ..Meta::implicit()
+            },
+        );
         lost.ino = LOST_FOUND_INO;
         let id = tree.add(lost);
         tree.link(ROOT, b"lost+found", id, 0);
@@ -163,8 +208,14 @@ impl<W: Read + Write + Seek> Flattener<W> {
             return Err(FlattenError::Poisoned);
         }
         match (self.open, want_open) {
-            (true, false) => Err(FlattenError::Sequence { call, state: "is open" }),
-            (false, true) => Err(FlattenError::Sequence { call, state: "is not open" }),
+            (true, false) => Err(FlattenError::Sequence {
+                call,
+                state: "is open",
+            }),
+            (false, true) => Err(FlattenError::Sequence {
+                call,
+                state: "is not open",
+            }),
             _ => Ok(()),
         }
     }

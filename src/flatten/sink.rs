@@ -21,7 +21,12 @@ pub struct Sink<W> {
 
 impl<W: Read + Write + Seek> Sink<W> {
     pub fn new(out: W) -> Sink<W> {
-        Sink { out, buf_start: 0, buf: Vec::with_capacity(BUFFER), end: 0 }
+        Sink {
+            out,
+            buf_start: 0,
+            buf: Vec::with_capacity(BUFFER),
+            end: 0,
+        }
     }
 
     /// Writes `data` at block `block`.
@@ -30,7 +35,8 @@ impl<W: Read + Write + Seek> Sink<W> {
     }
 
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        if offset != self.buf_start + self.buf.len() as u64 || self.buf.len() + data.len() > BUFFER {
+        if offset != self.buf_start + self.buf.len() as u64 || self.buf.len() + data.len() > BUFFER
+        {
             self.flush()?;
             self.buf_start = offset;
         }

@@ -35,11 +35,23 @@ impl Meta {
     /// What a directory created only as some entry's parent gets: 0755,
     /// root:root, the epoch.
     pub fn implicit() -> Meta {
-        Meta { mode: 0o755, uid: 0, gid: 0, mtime: Timestamp::default(), xattrs: Vec::new() }
+        Meta {
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: Timestamp::default(),
+            xattrs: Vec::new(),
+        }
     }
 
     pub fn from_entry(m: &EntryMeta) -> Meta {
-        Meta { mode: (m.mode & 0o7777) as u16, uid: m.uid, gid: m.gid, mtime: m.mtime, xattrs: m.xattrs.clone() }
+        Meta {
+            mode: (m.mode & 0o7777) as u16,
+            uid: m.uid,
+            gid: m.gid,
+            mtime: m.mtime,
+            xattrs: m.xattrs.clone(),
+        }
     }
 }
 
@@ -116,7 +128,17 @@ pub struct Node {
 impl Node {
     pub fn new(body: Body, meta: Meta) -> Node {
         let xattr_dirty = !meta.xattrs.is_empty();
-        Node { body, meta, links: 0, ino: 0, extents: Vec::new(), tree_blocks: Box::new([]), xattr_block: 0, xattr_dirty, born: 0 }
+        Node {
+            body,
+            meta,
+            links: 0,
+            ino: 0,
+            extents: Vec::new(),
+            tree_blocks: Box::new([]),
+            xattr_block: 0,
+            xattr_dirty,
+            born: 0,
+        }
     }
 
     pub fn dir(&self) -> Option<&Dir> {
@@ -137,7 +159,10 @@ impl Node {
     pub fn free_blocks(&mut self, alloc: &mut Allocator) {
         self.free_data(alloc);
         if self.xattr_block != 0 {
-            alloc.free(Run { start: self.xattr_block, len: 1 });
+            alloc.free(Run {
+                start: self.xattr_block,
+                len: 1,
+            });
             self.xattr_block = 0;
         }
     }
@@ -145,7 +170,10 @@ impl Node {
     /// Gives back the data (or directory) blocks and the extent tree.
     pub fn free_data(&mut self, alloc: &mut Allocator) {
         for e in self.extents.drain(..) {
-            alloc.free(Run { start: e.start, len: u32::from(e.len) });
+            alloc.free(Run {
+                start: e.start,
+                len: u32::from(e.len),
+            });
         }
         for &b in self.tree_blocks.iter() {
             alloc.free(Run { start: b, len: 1 });
@@ -177,8 +205,18 @@ pub struct Tree {
 impl Tree {
     /// A tree holding only the root directory.
     pub fn new() -> Tree {
-        let root = Node::new(Body::Dir(Dir { dirty: true, ..Dir::default() }), Meta::implicit());
-        let mut t = Tree { nodes: vec![Some(root)], free_ids: Vec::new(), layer: 0 };
+        let root = Node::new(
+            Body::Dir(Dir {
+                dirty: true,
+                ..Dir::default()
+            }),
+            Meta::implicit(),
+        );
+        let mut t = Tree {
+            nodes: vec![Some(root)],
+            free_ids: Vec::new(),
+            layer: 0,
+        };
         t.node_mut(ROOT).links = 1;
         t
     }
@@ -224,17 +262,29 @@ impl Tree {
         let mut id = ROOT;
         self.dir_mut(ROOT).traversed = layer;
         for (depth, c) in path.components().iter().enumerate() {
-            let next = self.node(id).dir().expect("walked directories only").children.get(c.as_slice()).copied();
+            let next = self
+                .node(id)
+                .dir()
+                .expect("walked directories only")
+                .children
+                .get(c.as_slice())
+                .copied();
             let child = match next {
                 Some(child) => {
                     if !self.node(child.id).body.is_dir() {
-                        let at = path.components()[..=depth].iter().fold(EntryPath::root(), |p, c| p.join(c));
+                        let at = path.components()[..=depth]
+                            .iter()
+                            .fold(EntryPath::root(), |p, c| p.join(c));
                         return Err(NotADirectory(at));
                     }
                     child.id
                 }
                 None => {
-                    let dir = Dir { parent: id, dirty: true, ..Dir::default() };
+                    let dir = Dir {
+                        parent: id,
+                        dirty: true,
+                        ..Dir::default()
+                    };
                     let new = self.add(Node::new(Body::Dir(dir), Meta::implicit()));
                     self.link(id, c, new, 0);
                     new
@@ -289,8 +339,14 @@ impl Tree {
     /// something below it gets the metadata of an implicit parent, as if it
     /// had been removed and created again.
     pub fn prune_lower(&mut self, dir: NodeId, layer: u32, alloc: &mut Allocator) {
-        let children: Vec<(Box<[u8]>, Child)> =
-            self.node(dir).dir().expect("a directory").children.iter().map(|(n, c)| (n.clone(), *c)).collect();
+        let children: Vec<(Box<[u8]>, Child)> = self
+            .node(dir)
+            .dir()
+            .expect("a directory")
+            .children
+            .iter()
+            .map(|(n, c)| (n.clone(), *c))
+            .collect();
         for (name, child) in children {
             if dir == ROOT && self.node(child.id).ino == crate::ext4::LOST_FOUND_INO {
                 continue;
@@ -303,7 +359,14 @@ impl Tree {
     /// unless `layer` set the name or created something below it. What stays
     /// is renewed (a new inode number) when it dates from a lower layer, as
     /// if it had been removed and created again.
-    pub fn hide_lower(&mut self, dir: NodeId, name: &[u8], child: Child, layer: u32, alloc: &mut Allocator) {
+    pub fn hide_lower(
+        &mut self,
+        dir: NodeId,
+        name: &[u8],
+        child: Child,
+        layer: u32,
+        alloc: &mut Allocator,
+    ) {
         let traversed = self.node(child.id).dir().map(|d| d.traversed);
         if child.layer == layer {
             self.renew(dir, child.id);
@@ -332,7 +395,12 @@ impl Tree {
         node.ino = 0;
         self.dir_mut(parent).dirty = true;
         if let Some(d) = self.node(id).dir() {
-            let subdirs: Vec<NodeId> = d.children.values().map(|c| c.id).filter(|&c| self.node(c).body.is_dir()).collect();
+            let subdirs: Vec<NodeId> = d
+                .children
+                .values()
+                .map(|c| c.id)
+                .filter(|&c| self.node(c).body.is_dir())
+                .collect();
             self.dir_mut(id).dirty = true;
             for s in subdirs {
                 self.dir_mut(s).dirty = true;
@@ -342,7 +410,10 @@ impl Tree {
 
     /// Live nodes with their ids, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (NodeId, &Node)> {
-        self.nodes.iter().enumerate().filter_map(|(i, n)| n.as_ref().map(|n| (i as NodeId, n)))
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| n.as_ref().map(|n| (i as NodeId, n)))
     }
 
     /// Directories first to last in name order, depth first, with every

@@ -18,7 +18,10 @@ use lazyblk::oci::entry::{EntryKind, EntryMeta, EntryPath, LayerEntry, Timestamp
 #[derive(Clone, Debug)]
 pub enum Data {
     Bytes(Vec<u8>),
-    Sparse { size: u64, patches: Vec<(u64, Vec<u8>)> },
+    Sparse {
+        size: u64,
+        patches: Vec<(u64, Vec<u8>)>,
+    },
 }
 
 impl Data {
@@ -44,13 +47,19 @@ impl Read for DataReader<'_> {
         let size = self.data.size();
         let n = (size - self.pos).min(buf.len() as u64) as usize;
         match self.data {
-            Data::Bytes(b) => buf[..n].copy_from_slice(&b[self.pos as usize..self.pos as usize + n]),
+            Data::Bytes(b) => {
+                buf[..n].copy_from_slice(&b[self.pos as usize..self.pos as usize + n])
+            }
             Data::Sparse { patches, .. } => {
                 buf[..n].fill(0);
                 for (off, bytes) in patches {
-                    let (lo, hi) = (*off.max(&self.pos), (off + bytes.len() as u64).min(self.pos + n as u64));
+                    let (lo, hi) = (
+                        *off.max(&self.pos),
+                        (off + bytes.len() as u64).min(self.pos + n as u64),
+                    );
                     if lo < hi {
-                        buf[(lo - self.pos) as usize..(hi - self.pos) as usize].copy_from_slice(&bytes[(lo - off) as usize..(hi - off) as usize]);
+                        buf[(lo - self.pos) as usize..(hi - self.pos) as usize]
+                            .copy_from_slice(&bytes[(lo - off) as usize..(hi - off) as usize]);
                     }
                 }
             }
@@ -74,11 +83,24 @@ pub fn p(s: &str) -> EntryPath {
 }
 
 pub fn meta(mode: u32, uid: u32, gid: u32, secs: i64, nanos: u32) -> EntryMeta {
-    EntryMeta { mode, uid, gid, mtime: Timestamp { secs, nanos }, xattrs: Vec::new() }
+    EntryMeta {
+        mode,
+        uid,
+        gid,
+        mtime: Timestamp { secs, nanos },
+        xattrs: Vec::new(),
+    }
 }
 
 pub fn ent(path: &str, kind: EntryKind, m: EntryMeta) -> In {
-    In { entry: LayerEntry { path: p(path), kind, meta: m }, data: None }
+    In {
+        entry: LayerEntry {
+            path: p(path),
+            kind,
+            meta: m,
+        },
+        data: None,
+    }
 }
 
 pub fn dir(path: &str, mode: u32, secs: i64) -> In {
@@ -87,21 +109,44 @@ pub fn dir(path: &str, mode: u32, secs: i64) -> In {
 
 pub fn file(path: &str, data: Vec<u8>, m: EntryMeta) -> In {
     let size = data.len() as u64;
-    In { entry: LayerEntry { path: p(path), kind: EntryKind::Regular { size }, meta: m }, data: Some(Data::Bytes(data)) }
+    In {
+        entry: LayerEntry {
+            path: p(path),
+            kind: EntryKind::Regular { size },
+            meta: m,
+        },
+        data: Some(Data::Bytes(data)),
+    }
 }
 
 pub fn sparse(path: &str, size: u64, patches: Vec<(u64, Vec<u8>)>, m: EntryMeta) -> In {
-    In { entry: LayerEntry { path: p(path), kind: EntryKind::Regular { size }, meta: m }, data: Some(Data::Sparse { size, patches }) }
+    In {
+        entry: LayerEntry {
+            path: p(path),
+            kind: EntryKind::Regular { size },
+            meta: m,
+        },
+        data: Some(Data::Sparse { size, patches }),
+    }
 }
 
 pub fn with_xattrs(mut i: In, mut x: Vec<(&str, Vec<u8>)>) -> In {
     x.sort();
-    i.entry.meta.xattrs = x.into_iter().map(|(k, v)| (k.as_bytes().to_vec(), v)).collect();
+    i.entry.meta.xattrs = x
+        .into_iter()
+        .map(|(k, v)| (k.as_bytes().to_vec(), v))
+        .collect();
     i
 }
 
 pub fn build_with(layers: &Layers, image: &Path, opts: FlattenOptions) -> FlattenReport {
-    let out = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(image).unwrap();
+    let out = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(image)
+        .unwrap();
     let mut f = Flattener::new(out, opts);
     for (i, layer) in layers.iter().enumerate() {
         f.begin_layer(&format!("layer{i}")).unwrap();
@@ -117,12 +162,22 @@ pub fn build_with(layers: &Layers, image: &Path, opts: FlattenOptions) -> Flatte
 }
 
 pub fn build(layers: &Layers, image: &Path) -> FlattenReport {
-    build_with(layers, image, FlattenOptions { free_space: 8 << 20 })
+    build_with(
+        layers,
+        image,
+        FlattenOptions {
+            free_space: 8 << 20,
+        },
+    )
 }
 
 /// Runs `e2fsck -fn` and fails with its output unless the image is clean.
 pub fn fsck(image: &Path) {
-    let out = Command::new("e2fsck").arg("-fn").arg(image).output().expect("run e2fsck (scripts/install-deps.sh)");
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .expect("run e2fsck (scripts/install-deps.sh)");
     assert!(
         out.status.success(),
         "e2fsck -fn {} failed ({}):\n{}{}",
@@ -141,8 +196,18 @@ pub struct Mount {
 impl Mount {
     pub fn new(image: &Path, read_only: bool) -> Mount {
         let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount").args(["-o", if read_only { "loop,ro" } else { "loop" }]).arg(image).arg(dir.path()).output().unwrap();
-        assert!(out.status.success(), "mount {}: {}", image.display(), String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("mount")
+            .args(["-o", if read_only { "loop,ro" } else { "loop" }])
+            .arg(image)
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount {}: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         Mount { dir }
     }
 
@@ -153,9 +218,15 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let out = Command::new("umount").arg(self.dir.path()).output().unwrap();
+        let out = Command::new("umount")
+            .arg(self.dir.path())
+            .output()
+            .unwrap();
         if !out.status.success() {
-            let _ = Command::new("umount").arg("-l").arg(self.dir.path()).output();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .output();
             if !std::thread::panicking() {
                 panic!("umount: {}", String::from_utf8_lossy(&out.stderr));
             }
@@ -219,14 +290,18 @@ impl Model {
     }
 
     fn remove_under(&mut self, prefix: &[Vec<u8>]) {
-        self.paths.retain(|k, _| !(k.len() > prefix.len() && k.starts_with(prefix)));
+        self.paths
+            .retain(|k, _| !(k.len() > prefix.len() && k.starts_with(prefix)));
     }
 
     fn parents(&mut self, path: &[Vec<u8>]) {
         for d in 1..path.len() {
             let k = path[..d].to_vec();
             if !self.paths.contains_key(&k) {
-                self.inodes.push(MInode { kind: MKind::Dir, meta: meta(0o755, 0, 0, 0, 0) });
+                self.inodes.push(MInode {
+                    kind: MKind::Dir,
+                    meta: meta(0o755, 0, 0, 0, 0),
+                });
                 self.paths.insert(k, self.inodes.len() - 1);
             }
         }
@@ -243,7 +318,10 @@ impl Model {
             EntryKind::OpaqueDirectory => {
                 self.parents(&path);
                 if !self.paths.contains_key(&path) {
-                    self.inodes.push(MInode { kind: MKind::Dir, meta: meta(0o755, 0, 0, 0, 0) });
+                    self.inodes.push(MInode {
+                        kind: MKind::Dir,
+                        meta: meta(0o755, 0, 0, 0, 0),
+                    });
                     self.paths.insert(path, self.inodes.len() - 1);
                 }
                 return;
@@ -273,7 +351,10 @@ impl Model {
         };
         self.parents(&path);
         self.remove_under(&path);
-        self.inodes.push(MInode { kind, meta: i.entry.meta.clone() });
+        self.inodes.push(MInode {
+            kind,
+            meta: i.entry.meta.clone(),
+        });
         self.paths.insert(path, self.inodes.len() - 1);
     }
 }
@@ -341,7 +422,10 @@ pub fn check(root: &Path, model: &Model) -> usize {
     }
     let expected: Vec<&Vec<Vec<u8>>> = model.paths.keys().collect();
     let actual: Vec<&Vec<Vec<u8>>> = seen.keys().collect();
-    assert_eq!(actual, expected, "the image's paths differ from the model's");
+    assert_eq!(
+        actual, expected,
+        "the image's paths differ from the model's"
+    );
 
     let mut links: BTreeMap<usize, u64> = BTreeMap::new();
     for &id in model.paths.values() {
@@ -356,9 +440,23 @@ pub fn check(root: &Path, model: &Model) -> usize {
         let m = &ino.meta;
         assert_eq!(md.mode() & 0o7777, m.mode & 0o7777, "mode of {what}");
         assert_eq!((md.uid(), md.gid()), (m.uid, m.gid), "owner of {what}");
-        assert_eq!((md.mtime(), md.mtime_nsec()), (m.mtime.secs, i64::from(m.mtime.nanos)), "mtime of {what}");
+        assert_eq!(
+            (md.mtime(), md.mtime_nsec()),
+            (m.mtime.secs, i64::from(m.mtime.nanos)),
+            "mtime of {what}"
+        );
         let expected_links = match ino.kind {
-            MKind::Dir => 2 + model.paths.keys().filter(|k| k.len() == comps.len() + 1 && k.starts_with(comps) && model.inodes[model.paths[*k]].kind == MKind::Dir).count() as u64,
+            MKind::Dir => {
+                2 + model
+                    .paths
+                    .keys()
+                    .filter(|k| {
+                        k.len() == comps.len() + 1
+                            && k.starts_with(comps)
+                            && model.inodes[model.paths[*k]].kind == MKind::Dir
+                    })
+                    .count() as u64
+            }
             _ => links[&id],
         };
         assert_eq!(md.nlink(), expected_links, "link count of {what}");
@@ -372,11 +470,29 @@ pub fn check(root: &Path, model: &Model) -> usize {
             }
             MKind::Symlink(t) => {
                 assert!(ft.is_symlink(), "{what} is a symlink");
-                assert_eq!(fs::read_link(&full).unwrap().into_os_string().into_encoded_bytes(), *t, "target of {what}");
+                assert_eq!(
+                    fs::read_link(&full)
+                        .unwrap()
+                        .into_os_string()
+                        .into_encoded_bytes(),
+                    *t,
+                    "target of {what}"
+                );
             }
             MKind::Char(ma, mi) | MKind::Block(ma, mi) => {
-                assert!(if matches!(ino.kind, MKind::Char(..)) { ft.is_char_device() } else { ft.is_block_device() }, "{what} device type");
-                assert_eq!((rustix::fs::major(md.rdev()), rustix::fs::minor(md.rdev())), (*ma, *mi), "rdev of {what}");
+                assert!(
+                    if matches!(ino.kind, MKind::Char(..)) {
+                        ft.is_char_device()
+                    } else {
+                        ft.is_block_device()
+                    },
+                    "{what} device type"
+                );
+                assert_eq!(
+                    (rustix::fs::major(md.rdev()), rustix::fs::minor(md.rdev())),
+                    (*ma, *mi),
+                    "rdev of {what}"
+                );
             }
             MKind::Fifo => assert!(ft.is_fifo(), "{what} is a fifo"),
         }
@@ -384,7 +500,11 @@ pub fn check(root: &Path, model: &Model) -> usize {
     }
     if let Some(m) = &model.root_meta {
         let md = fs::symlink_metadata(root).unwrap();
-        assert_eq!((md.mode() & 0o7777, md.uid(), md.gid(), md.mtime()), (m.mode, m.uid, m.gid, m.mtime.secs), "root");
+        assert_eq!(
+            (md.mode() & 0o7777, md.uid(), md.gid(), md.mtime()),
+            (m.mode, m.uid, m.gid, m.mtime.secs),
+            "root"
+        );
     }
     seen.len()
 }
