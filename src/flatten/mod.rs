@@ -30,6 +30,8 @@ mod apply;
 mod emit;
 mod finish;
 mod sink;
+#[cfg(test)]
+mod tests;
 mod tree;
 
 use std::io::{Read, Seek, Write};
