@@ -117,7 +117,7 @@ fn main() -> Result<()> {
         .create(true)
         .truncate(true)
         .open(&args[0])?;
-    let mut f = Flattener::new(out, FlattenOptions::default());
+    let mut f = Flattener::new(out, FlattenOptions::default())?;
     for dir in &args[1..] {
         f.begin_layer(dir)?;
         layer(&mut f, Path::new(dir))?;

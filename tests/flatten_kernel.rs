@@ -385,7 +385,7 @@ fn bad_entries_fail_naming_layer_and_entry() {
         .truncate(true)
         .open(dir.path().join("x"))
         .unwrap();
-    let mut f = Flattener::new(out, FlattenOptions::default());
+    let mut f = Flattener::new(out, FlattenOptions::default()).unwrap();
     f.begin_layer("sha256:abc").unwrap();
     let link = LayerEntry {
         path: p("a"),
@@ -410,7 +410,7 @@ fn bad_entries_fail_naming_layer_and_entry() {
         .truncate(true)
         .open(dir.path().join("y"))
         .unwrap();
-    let mut f = Flattener::new(out, FlattenOptions::default());
+    let mut f = Flattener::new(out, FlattenOptions::default()).unwrap();
     f.begin_layer("l").unwrap();
     let short = LayerEntry {
         path: p("f"),
@@ -437,7 +437,7 @@ fn bad_entries_fail_naming_layer_and_entry() {
         .truncate(true)
         .open(dir.path().join("z"))
         .unwrap();
-    let mut f = Flattener::new(out, FlattenOptions::default());
+    let mut f = Flattener::new(out, FlattenOptions::default()).unwrap();
     f.begin_layer("l").unwrap();
     f.apply(
         file("f", b"x".to_vec(), meta(0o644, 0, 0, 0, 0)).entry,
@@ -456,7 +456,7 @@ fn bad_entries_fail_naming_layer_and_entry() {
         .truncate(true)
         .open(dir.path().join("w"))
         .unwrap();
-    let mut f = Flattener::new(out, FlattenOptions::default());
+    let mut f = Flattener::new(out, FlattenOptions::default()).unwrap();
     f.begin_layer("l").unwrap();
     let err = f.apply(bad_attr, &mut std::io::empty()).unwrap_err();
     assert!(err.to_string().contains("/h"), "{err}");
@@ -516,5 +516,24 @@ fn a_100k_entry_directory_gets_a_two_level_index_the_kernel_and_e2fsck_accept() 
     assert_eq!(
         fs::read_dir(m.path().join("d")).unwrap().count(),
         100_000 - 33_334 + 2
+    );
+}
+
+#[test]
+fn a_non_empty_output_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("used");
+    fs::write(&path, b"old bytes").unwrap();
+    let out = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let err = Flattener::new(out, FlattenOptions::default())
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(err, FlattenError::OutputNotEmpty { len: 9 }),
+        "{err}"
     );
 }

@@ -3,8 +3,6 @@
 
 use std::io::{Read, Seek, Write};
 
-use sha2::{Digest, Sha256};
-
 use super::emit::{derive16, FAST_SYMLINK_MAX};
 use super::tree::{Body, Node};
 use super::{FlattenError, FlattenReport, Flattener};
@@ -193,30 +191,17 @@ impl<W: Read + Write + Seek> Flattener<W> {
         }
 
         let files = self.tree.iter().count() as u64;
-        let mut out = self.sink.into_inner().map_err(FlattenError::WriteImage)?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            let n = out.read(&mut buf).map_err(FlattenError::ReadImage)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            total += n as u64;
-        }
-        if total != image_size {
-            return Err(FlattenError::ReadImage(std::io::Error::other(format!(
-                "read back {total} of {image_size} bytes"
-            ))));
-        }
+        let (_, digest) = self
+            .sink
+            .finish(image_size)
+            .map_err(FlattenError::ReadImage)?;
         Ok(FlattenReport {
             layers: self.layer,
             entries: self.entries,
             files,
             bytes: self.bytes,
             image_size,
-            digest: format!("sha256:{}", hex::encode(h.finalize())),
+            digest: format!("sha256:{}", hex::encode(digest)),
         })
     }
 }

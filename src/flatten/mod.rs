@@ -139,6 +139,8 @@ pub enum FlattenError {
         call: &'static str,
         state: &'static str,
     },
+    #[error("the output already holds {len} bytes; the image needs an empty file")]
+    OutputNotEmpty { len: u64 },
     #[error("an earlier error left the image unusable")]
     Poisoned,
     #[error("lay out image")]
@@ -167,10 +169,16 @@ pub struct Flattener<W> {
 }
 
 impl<W: Read + Write + Seek> Flattener<W> {
-    /// Starts an image written to `out` (a file opened read-write; it is
-    /// read back at the end for the digest). `out` should be empty: blocks
-    /// never written are left as they are.
-    pub fn new(out: W, opts: FlattenOptions) -> Self {
+    /// Starts an image written to `out`: an empty file opened read-write
+    /// (blocks never written must read as zeros, and written ones are read
+    /// back at the end for the digest).
+    pub fn new(mut out: W, opts: FlattenOptions) -> Result<Self, FlattenError> {
+        let len = out
+            .seek(std::io::SeekFrom::End(0))
+            .map_err(FlattenError::WriteImage)?;
+        if len != 0 {
+            return Err(FlattenError::OutputNotEmpty { len });
+        }
         let mut tree = Tree::new();
         tree.node_mut(ROOT).ino = ROOT_INO;
         let mut lost = Node::new(
@@ -186,7 +194,7 @@ impl<W: Read + Write + Seek> Flattener<W> {
         lost.ino = LOST_FOUND_INO;
         let id = tree.add(lost);
         tree.link(ROOT, b"lost+found", id, 0);
-        Flattener {
+        Ok(Flattener {
             sink: Sink::new(out),
             opts,
             alloc: Allocator::new(),
@@ -202,7 +210,7 @@ impl<W: Read + Write + Seek> Flattener<W> {
             bytes: 0,
             poisoned: false,
             buf: Vec::new(),
-        }
+        })
     }
 
     fn check(&self, call: &'static str, want_open: bool) -> Result<(), FlattenError> {

@@ -111,7 +111,8 @@ fn layers(ops: &[Vec<Op>]) -> Vec<Vec<(LayerEntry, Vec<u8>)>> {
 }
 
 fn flatten(layers: &[Vec<(LayerEntry, Vec<u8>)>]) -> Vec<u8> {
-    let mut f = Flattener::new(Cursor::new(Vec::new()), FlattenOptions { free_space: 0 });
+    let mut f = Flattener::new(Cursor::new(Vec::new()), FlattenOptions { free_space: 0 })
+        .expect("empty output");
     for (i, layer) in layers.iter().enumerate() {
         f.begin_layer(&format!("{i}")).expect("begin");
         for (e, data) in layer {
@@ -122,7 +123,8 @@ fn flatten(layers: &[Vec<(LayerEntry, Vec<u8>)>]) -> Vec<u8> {
     let report = f.finish().expect("finish");
     assert!(report.image_size > 0);
     let mut out = Vec::new();
-    let mut f2 = Flattener::new(Cursor::new(&mut out), FlattenOptions { free_space: 0 });
+    let mut f2 = Flattener::new(Cursor::new(&mut out), FlattenOptions { free_space: 0 })
+        .expect("empty output");
     for (i, layer) in layers.iter().enumerate() {
         f2.begin_layer(&format!("{i}")).expect("begin");
         for (e, data) in layer {

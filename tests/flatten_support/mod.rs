@@ -147,7 +147,7 @@ pub fn build_with(layers: &Layers, image: &Path, opts: FlattenOptions) -> Flatte
         .truncate(true)
         .open(image)
         .unwrap();
-    let mut f = Flattener::new(out, opts);
+    let mut f = Flattener::new(out, opts).unwrap();
     for (i, layer) in layers.iter().enumerate() {
         f.begin_layer(&format!("layer{i}")).unwrap();
         for e in layer {
