@@ -138,6 +138,18 @@ pub fn xattr_block_hash(entry_hashes: &[u32]) -> u32 {
 mod tests {
     use super::*;
 
+    /// Values from e2fsprogs 1.47.0: `debugfs -R "dx_hash -h half_md4 -s
+    /// 00000001-0000-0002-0000-000300000004 NAME"`. ASCII names only: past
+    /// 0x7f debugfs computes the signed variant; the unsigned one is checked
+    /// by e2fsck on a real directory in `tests/flatten_kernel.rs`.
+    #[test]
+    fn hash_matches_e2fsprogs() {
+        let seed = [0x0100_0000, 0x0200_0000, 0x0300_0000, 0x0400_0000];
+        assert_eq!(dx_hash(b"hello", &seed), 0xe00f2e40);
+        let long = "hello-with-a-name-longer-than-thirty-two-bytes";
+        assert_eq!(dx_hash(long.as_bytes(), &seed), 0x5a62523a);
+    }
+
     #[test]
     fn hash_is_even_and_depends_on_seed_and_every_byte() {
         let seed = [1, 2, 3, 4];
