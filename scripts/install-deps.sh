@@ -29,6 +29,7 @@ tools=(
     "umoci umoci"            # OCI layouts built from directories
     "docker-registry docker-registry" # a loopback registry for source tests
     "mkfifo coreutils"
+    "setfattr attr"          # xattrs in the OCI test layouts
 )
 # Packages with no command of their own, checked through dpkg.
 libraries=(

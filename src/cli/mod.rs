@@ -2,6 +2,7 @@
 //! anyhow lives here and in main.rs only.
 
 mod device;
+mod flatten;
 mod keys;
 mod transfer;
 
@@ -25,6 +26,8 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Flatten an OCI image into one deterministic ext4 image file.
+    Flatten(flatten::FlattenArgs),
     /// Cut an image into sealed chunks and upload those the store lacks.
     Push(transfer::PushArgs),
     /// Rebuild an image from the store, verifying every chunk.
@@ -69,12 +72,28 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Keygen { out } => keys::keygen(&out),
+        Command::Flatten(args) => flatten::flatten(args),
         Command::Push(args) => runtime()?.block_on(transfer::push(args)),
         Command::Export(args) => runtime()?.block_on(transfer::export(args)),
         Command::Add(args) => device::add(args),
         Command::Del(args) => runtime()?.block_on(device::del(args)),
         Command::List { json } => runtime()?.block_on(device::list(json)),
     }
+}
+
+/// A byte count, with an optional K, M or G suffix (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, scale) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 524288, 512K, 256M, 1G)"))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

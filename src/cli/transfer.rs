@@ -7,16 +7,19 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::flatten::{flatten_for_push, is_source, SourceArgs};
 use super::keys::load_key;
-use super::ImageArgs;
+use super::{parse_size, ImageArgs};
 use crate::chunk::{derive_salt, validate_chunk_size, validate_salt_domain, DEFAULT_CHUNK_SIZE};
 use crate::store::open_store;
 use crate::transfer::{self, PushOptions};
 
 #[derive(Debug, Args)]
 pub struct PushArgs {
-    /// The image: any regular file or block device.
-    pub image: PathBuf,
+    /// The image: a regular file or block device, or an OCI image
+    /// (oci:DIR[:TAG], docker-archive:FILE, docker://HOST/REPO:TAG), which is
+    /// flattened first and records its digest as the source digest.
+    pub image: String,
     #[command(flatten)]
     pub target: ImageArgs,
     /// Salt domain; rotating it (per region, per month) bounds how far one
@@ -37,6 +40,12 @@ pub struct PushArgs {
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub source_args: SourceArgs,
+    /// Where an OCI image is flattened before it is chunked (the file is
+    /// removed afterwards); the system's temporary directory by default.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -53,16 +62,7 @@ fn parse_salt_domain(s: &str) -> Result<String, String> {
 }
 
 fn parse_chunk_size(s: &str) -> Result<u32, String> {
-    let (digits, scale) = match s.as_bytes().last() {
-        Some(b'K' | b'k') => (&s[..s.len() - 1], 1024),
-        Some(b'M' | b'm') => (&s[..s.len() - 1], 1024 * 1024),
-        _ => (s, 1),
-    };
-    let size = digits
-        .parse::<u32>()
-        .ok()
-        .and_then(|n| n.checked_mul(scale))
-        .ok_or_else(|| format!("{s:?} is not a size (e.g. 524288, 512K, 1M)"))?;
+    let size = u32::try_from(parse_size(s)?).map_err(|_| format!("{s:?} is too large"))?;
     validate_chunk_size(size).map(|()| size)
 }
 
@@ -97,28 +97,51 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
     };
     let salt = derive_salt(&salt_secret.0, &args.salt_domain);
     let store = open_store(&args.target.store)?;
+    let mut source_digest = args.source_digest.unwrap_or([0; 32]);
+    let flattened = if is_source(&args.image) {
+        let dir = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let spec = args.image.clone();
+        let source_args = args.source_args.clone();
+        let image =
+            tokio::task::spawn_blocking(move || flatten_for_push(&spec, &dir, &source_args))
+                .await
+                .context("flatten task")??;
+        if args.source_digest.is_none() {
+            source_digest = image.flattened.image_digest;
+        }
+        Some(image)
+    } else {
+        None
+    };
+    let image_path = match &flattened {
+        Some(image) => image.path.clone(),
+        None => PathBuf::from(&args.image),
+    };
     let bar = progress_bar("push");
     let options = PushOptions {
         name: args.target.name.clone(),
         salt_domain: args.salt_domain.clone(),
         chunk_size: args.chunk_size,
-        source_digest: args.source_digest.unwrap_or([0; 32]),
+        source_digest,
     };
     let progress = |done: u64, total: u64| {
         bar.set_length(total);
         bar.set_position(done);
     };
-    let report = transfer::push(&args.image, store, &tenant, &salt, options, &progress)
+    let report = transfer::push(&image_path, store, &tenant, &salt, options, &progress)
         .await
-        .with_context(|| format!("push {}", args.image.display()))?;
+        .with_context(|| format!("push {}", args.image))?;
+    drop(flattened);
     bar.finish_and_clear();
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        let mut value = serde_json::to_value(&report)?;
+        value["source_digest"] = format!("sha256:{}", hex::encode(source_digest)).into();
+        println!("{value}");
         return Ok(());
     }
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
     let secs = report.elapsed_secs.max(1e-9);
-    println!("pushed {} as {:?}", args.image.display(), report.name);
+    println!("pushed {} as {:?}", args.image, report.name);
     println!(
         "  image bytes      {} ({:.1} MiB)",
         report.image_bytes,

@@ -30,6 +30,7 @@ mod apply;
 mod emit;
 mod finish;
 mod sink;
+mod source;
 #[cfg(test)]
 mod tests;
 mod tree;
@@ -42,6 +43,7 @@ use crate::ext4::layout::Allocator;
 use crate::ext4::{Ext4Error, FIRST_FREE_INO, LOST_FOUND_INO, ROOT_INO};
 use crate::oci::entry::{EntryPath, LayerEntry};
 use sink::Sink;
+pub use source::{flatten_source, FlattenProgress, FlattenSourceError};
 use tree::{Body, Dir, Meta, Node, Tree, ROOT};
 
 /// Free space added after the content when nothing else is asked for.

@@ -330,3 +330,91 @@ pub fn assert_same_tree(expected: &Path, actual: &Path) -> usize {
     }
     checked
 }
+
+/// Asserts that `expected` and `actual` hold the same entries, no more and
+/// no fewer (a `lost+found` at the root of `actual` aside), each with the
+/// same type, permissions, owner, mtime to the nanosecond, link count,
+/// device number, extended attributes and bytes or link target. Returns how
+/// many entries were compared.
+pub fn assert_identical_trees(expected: &Path, actual: &Path) -> usize {
+    let names = |dir: &Path| -> Vec<std::ffi::OsString> {
+        let mut names: Vec<_> = fs::read_dir(dir)
+            .unwrap_or_else(|err| panic!("{}: {err}", dir.display()))
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let mut checked = 0;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let mut actual_names = names(&actual.join(&rel));
+        if rel.as_os_str().is_empty() {
+            actual_names.retain(|name| name != "lost+found");
+        }
+        assert_eq!(
+            names(&expected.join(&rel)),
+            actual_names,
+            "entries of /{}",
+            rel.display()
+        );
+        for name in actual_names {
+            let rel = rel.join(name);
+            let (e, a) = (expected.join(&rel), actual.join(&rel));
+            let (em, am) = (
+                fs::symlink_metadata(&e).unwrap(),
+                fs::symlink_metadata(&a).unwrap(),
+            );
+            let what = rel.display();
+            assert_eq!(em.file_type(), am.file_type(), "type of {what}");
+            assert_eq!(em.mode(), am.mode(), "mode of {what}");
+            assert_eq!(
+                (em.uid(), em.gid()),
+                (am.uid(), am.gid()),
+                "owner of {what}"
+            );
+            assert_eq!(
+                (em.mtime(), em.mtime_nsec()),
+                (am.mtime(), am.mtime_nsec()),
+                "mtime of {what}"
+            );
+            assert_eq!(em.nlink(), am.nlink(), "link count of {what}");
+            assert_eq!(em.rdev(), am.rdev(), "device number of {what}");
+            assert_eq!(xattrs(&e), xattrs(&a), "xattrs of {what}");
+            if em.is_dir() {
+                stack.push(rel);
+            } else if em.file_type().is_symlink() {
+                assert_eq!(
+                    fs::read_link(&e).unwrap(),
+                    fs::read_link(&a).unwrap(),
+                    "{what}"
+                );
+            } else if em.is_file() {
+                assert!(
+                    fs::read(&e).unwrap() == fs::read(&a).unwrap(),
+                    "bytes of {what}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    checked
+}
+
+/// Every extended attribute of `path` (not following a symlink), sorted.
+pub fn xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut names = vec![0u8; 64 << 10];
+    let len = rustix::fs::llistxattr(path, &mut names[..]).unwrap();
+    let mut all: Vec<_> = names[..len]
+        .split(|&b| b == 0)
+        .filter(|name| !name.is_empty())
+        .map(|name| {
+            let c_name = std::ffi::CString::new(name).unwrap();
+            let mut value = vec![0u8; 64 << 10];
+            let n = rustix::fs::lgetxattr(path, c_name.as_c_str(), &mut value[..]).unwrap();
+            (name.to_vec(), value[..n].to_vec())
+        })
+        .collect();
+    all.sort();
+    all
+}

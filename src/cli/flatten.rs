@@ -1,0 +1,173 @@
+//! `flatten`: an OCI image source → one deterministic ext4 image file; and
+//! the source arguments `push` shares with it.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::parse_size;
+use crate::flatten::{
+    flatten_source, FlattenOptions, FlattenProgress, FlattenReport, DEFAULT_FREE_SPACE,
+};
+use crate::oci::layer::LayerLimits;
+use crate::oci::source::{open_source, SourceOptions};
+
+/// The prefixes that name an OCI image source rather than an image file.
+const SOURCE_PREFIXES: [&str; 3] = ["oci:", "docker-archive:", "docker://"];
+
+/// Whether `arg` names an OCI image source (`oci:`, `docker-archive:`,
+/// `docker://`) rather than an image file.
+pub fn is_source(arg: &str) -> bool {
+    SOURCE_PREFIXES.iter().any(|prefix| arg.starts_with(prefix))
+}
+
+/// How an OCI source is read and flattened.
+#[derive(Debug, Clone, Args)]
+pub struct SourceArgs {
+    /// The platform picked from a multi-platform image: os/arch[/variant].
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// Speak plain HTTP to the registry (a loopback registry without TLS).
+    #[arg(long)]
+    pub plain_http: bool,
+    /// Free space in the image beyond its content and metadata (suffixes K, M, G).
+    #[arg(long, default_value_t = DEFAULT_FREE_SPACE, value_parser = parse_size)]
+    pub free_space: u64,
+    /// Stop when the layers expand to more than this many bytes in total.
+    #[arg(long, default_value_t = LayerLimits::default().max_bytes, value_parser = parse_size)]
+    pub max_expanded_bytes: u64,
+    /// Stop when the layers hold more than this many entries in total.
+    #[arg(long, default_value_t = LayerLimits::default().max_entries)]
+    pub max_entries: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct FlattenArgs {
+    /// The image: oci:DIR[:TAG], docker-archive:FILE or docker://HOST/REPO:TAG.
+    pub source: String,
+    /// The ext4 image to write; must not exist yet.
+    #[arg(short, long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub source_args: SourceArgs,
+    /// Print one JSON object instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A finished flatten: the report and the image's source digest.
+pub struct Flattened {
+    pub report: FlattenReport,
+    pub image_digest: [u8; 32],
+    pub elapsed: Duration,
+}
+
+/// Flattens `spec` into `out`, which is created and must not exist. On
+/// failure `out` is removed: a partial image is never left behind.
+pub fn flatten_to(spec: &str, out: &Path, args: &SourceArgs) -> anyhow::Result<Flattened> {
+    let started = Instant::now();
+    let options = SourceOptions {
+        platform: args.platform.clone(),
+        plain_http: args.plain_http,
+        ..SourceOptions::default()
+    };
+    let source = open_source(spec, &options).with_context(|| format!("open {spec}"))?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(out)
+        .with_context(|| format!("create {}", out.display()))?;
+    let bar = flatten_bar(source.layers().len());
+    let progress = |p: FlattenProgress| {
+        bar.set_position(p.layer as u64 - 1);
+        bar.set_message(format!("{} MB", p.layer_bytes / 1_000_000));
+    };
+    let mut limits = LayerLimits::new(args.max_expanded_bytes, args.max_entries);
+    let opts = FlattenOptions {
+        free_space: args.free_space,
+    };
+    let result = flatten_source(source.as_ref(), &file, opts, &mut limits, &progress);
+    bar.finish_and_clear();
+    let report = match result {
+        Ok(report) => report,
+        Err(err) => {
+            drop(file);
+            let _ = std::fs::remove_file(out);
+            return Err(err).with_context(|| format!("flatten {spec}"));
+        }
+    };
+    file.sync_all()
+        .with_context(|| format!("sync {}", out.display()))?;
+    Ok(Flattened {
+        report,
+        image_digest: source.image_digest(),
+        elapsed: started.elapsed(),
+    })
+}
+
+fn flatten_bar(layers: usize) -> ProgressBar {
+    // indicatif draws only when stderr is a terminal.
+    let bar = ProgressBar::new(layers as u64);
+    bar.set_style(
+        ProgressStyle::with_template("flatten layer {pos}/{len} [{bar:30}] {msg} {elapsed}")
+            .expect("template is valid")
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+pub fn flatten(args: FlattenArgs) -> anyhow::Result<()> {
+    let done = flatten_to(&args.source, &args.out, &args.source_args)?;
+    let report = &done.report;
+    if args.json {
+        let mut value = serde_json::to_value(report)?;
+        value["source"] = args.source.clone().into();
+        value["source_digest"] = format!("sha256:{}", hex::encode(done.image_digest)).into();
+        value["elapsed_secs"] = done.elapsed.as_secs_f64().into();
+        println!("{value}");
+        return Ok(());
+    }
+    let secs = done.elapsed.as_secs_f64().max(1e-9);
+    println!("flattened {} into {}", args.source, args.out.display());
+    println!(
+        "  source digest    sha256:{}",
+        hex::encode(done.image_digest)
+    );
+    println!("  layers applied   {}", report.layers);
+    println!("  entries          {}", report.entries);
+    println!("  files            {}", report.files);
+    println!("  file bytes       {}", report.bytes);
+    println!("  image size       {}", report.image_size);
+    println!("  image digest     {}", report.digest);
+    println!(
+        "  time             {:.2} s ({:.0} MB/s of file data)",
+        secs,
+        report.bytes as f64 / 1e6 / secs
+    );
+    Ok(())
+}
+
+/// A flattened image in a temporary file, removed when dropped.
+pub struct TempImage {
+    pub path: PathBuf,
+    pub flattened: Flattened,
+}
+
+impl Drop for TempImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Flattens `spec` into a temporary file under `dir` for `push`.
+pub fn flatten_for_push(spec: &str, dir: &Path, args: &SourceArgs) -> anyhow::Result<TempImage> {
+    let path = dir.join(format!("lazyblk-flatten-{}.ext4", std::process::id()));
+    let flattened = flatten_to(spec, &path, args)?;
+    Ok(TempImage { path, flattened })
+}
