@@ -17,20 +17,20 @@ pub enum FlattenSourceError {
         digest: String,
         source_name: String,
         #[source]
-        source: SourceError,
+        source: Box<SourceError>,
     },
     #[error("read layer {index} of {source_name}")]
     ReadLayer {
         index: usize,
         source_name: String,
         #[source]
-        source: LayerError,
+        source: Box<LayerError>,
     },
     #[error("flatten {source_name}")]
     Flatten {
         source_name: String,
         #[source]
-        source: FlattenError,
+        source: Box<FlattenError>,
     },
 }
 
@@ -65,7 +65,7 @@ pub fn flatten_source<W: Read + Write + Seek>(
     let source_name = source.describe();
     let flatten_error = |source| FlattenSourceError::Flatten {
         source_name: source_name.clone(),
-        source,
+        source: Box::new(source),
     };
     let mut flattener = Flattener::new(out, opts).map_err(flatten_error)?;
     let layers = source.layers();
@@ -77,7 +77,7 @@ pub fn flatten_source<W: Read + Write + Seek>(
                 index,
                 digest: digest.clone(),
                 source_name: source_name.clone(),
-                source,
+                source: Box::new(source),
             })?;
         flattener.begin_layer(&digest).map_err(flatten_error)?;
         let mut layer_bytes = 0u64;
@@ -97,7 +97,7 @@ pub fn flatten_source<W: Read + Write + Seek>(
             FlattenSourceError::ReadLayer {
                 index,
                 source_name: source_name.clone(),
-                source,
+                source: Box::new(source),
             }
         })?;
         flattener.end_layer().map_err(flatten_error)?;
