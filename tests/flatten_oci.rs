@@ -197,3 +197,53 @@ fn a_tampered_layer_fails_naming_it_and_leaves_no_image() {
     );
     assert!(!out.exists(), "a failed flatten left {}", out.display());
 }
+
+/// A layout written without umoci (as the VM tests do), whose second layer
+/// deletes a file and a directory and replaces a file.
+#[test]
+fn a_written_layout_flattens_with_its_whiteouts_applied() {
+    use common::layout::{write_layout, Item};
+    require_kernel_prerequisites();
+    let world = World::new();
+    let layout = write_layout(
+        &world.path("layout"),
+        &[
+            vec![
+                Item::Dir("etc"),
+                Item::File("etc/keep".into(), b"keep".to_vec(), 0o644),
+                Item::File("etc/gone".into(), b"gone".to_vec(), 0o600),
+                Item::Dir("data"),
+                Item::File("data/big".into(), pseudo_random(3, 3 << 20), 0o755),
+                Item::Symlink("etc/link", "keep"),
+            ],
+            vec![
+                Item::Whiteout("etc/gone"),
+                Item::Whiteout("data"),
+                Item::File("etc/keep".into(), b"replaced".to_vec(), 0o640),
+            ],
+        ],
+    );
+    let image = world.path("image.ext4");
+    flatten(&world, &format!("oci:{}:t", layout.display()), &image);
+    fsck(&image);
+    let mounted = world.path("mnt");
+    fs::create_dir(&mounted).unwrap();
+    run(Command::new("mount")
+        .args(["-o", "loop,ro"])
+        .arg(&image)
+        .arg(&mounted));
+    let etc: Vec<_> = fs::read_dir(mounted.join("etc"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let keep = fs::read(mounted.join("etc/keep"));
+    let mode = fs::metadata(mounted.join("etc/keep")).map(|m| m.permissions().mode());
+    let data_exists = mounted.join("data").exists();
+    run(Command::new("umount").arg(&mounted));
+    let mut etc = etc;
+    etc.sort();
+    assert_eq!(etc, ["keep", "link"]);
+    assert_eq!(keep.unwrap(), b"replaced");
+    assert_eq!(mode.unwrap() & 0o7777, 0o640);
+    assert!(!data_exists, "a whited-out directory survived");
+}

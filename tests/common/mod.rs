@@ -13,6 +13,8 @@ use std::process::{Command, Output};
 
 use tempfile::TempDir;
 
+pub mod layout;
+
 pub const MARKER: &str = "LAZYBLK-PLAINTEXT-MARKER-6b1f0c2e";
 
 /// Panics with a clear message unless this host can run the kernel tests.
