@@ -6,6 +6,7 @@ use std::io::{Read, Seek, Write};
 use super::{FlattenError, FlattenOptions, FlattenReport, Flattener};
 use crate::error::ErrorKind;
 use crate::oci::layer::{read_layer, LayerError, LayerLimits};
+use crate::oci::pump::PumpedReader;
 use crate::oci::source::{ImageSource, SourceError};
 
 /// Why an image source could not be flattened.
@@ -18,6 +19,13 @@ pub enum FlattenSourceError {
         source_name: String,
         #[source]
         source: Box<SourceError>,
+    },
+    #[error("start reading layer {index} of {source_name}")]
+    StartPump {
+        index: usize,
+        source_name: String,
+        #[source]
+        source: std::io::Error,
     },
     #[error("read layer {index} of {source_name}")]
     ReadLayer {
@@ -39,6 +47,7 @@ impl FlattenSourceError {
         match self {
             FlattenSourceError::OpenLayer { source, .. } => source.kind(),
             FlattenSourceError::ReadLayer { source, .. } => source.kind(),
+            FlattenSourceError::StartPump { .. } => ErrorKind::Io,
             FlattenSourceError::Flatten { .. } => ErrorKind::Invalid,
         }
     }
@@ -79,6 +88,12 @@ pub fn flatten_source<W: Read + Write + Seek>(
                 source_name: source_name.clone(),
                 source: Box::new(source),
             })?;
+        // Decompression runs beside the flattener rather than before it.
+        let tar = PumpedReader::new(tar).map_err(|source| FlattenSourceError::StartPump {
+            index,
+            source_name: source_name.clone(),
+            source,
+        })?;
         flattener.begin_layer(&digest).map_err(flatten_error)?;
         let mut layer_bytes = 0u64;
         let mut apply = |entry: crate::oci::entry::LayerEntry, data: &mut dyn Read| {

@@ -12,6 +12,7 @@
 //! * [`layer`]: [`read_layer`] walks a tar stream within the image's
 //!   [`LayerLimits`] and turns each member into a [`LayerEntry`]
 //!   ([`header`] does the per-member validation).
+//! * [`pump`]: runs a layer's decompression on a thread beside its consumer.
 //! * [`entry`]: the validated form of a layer's entries, which the
 //!   flattener applies in order. Which entry wins and what a whiteout
 //!   removes is the flattener's business, not this module's.
@@ -24,6 +25,7 @@ pub mod header;
 pub mod layer;
 pub mod layer_error;
 pub mod layout;
+pub mod pump;
 pub mod registry;
 pub mod resolve;
 pub mod source;
