@@ -150,7 +150,7 @@ impl<W: Read + Write + Seek> Flattener<W> {
                             dirty: true,
                             ..Dir::default()
                         };
-                        let id = self.tree.add(Node::new(Body::Dir(dir), meta));
+                        let id = self.tree.add(Node::new(Body::Dir(Box::new(dir)), meta));
                         self.tree.link(parent, &name, id, layer);
                     }
                 }
@@ -415,6 +415,7 @@ impl<W: Read + Write + Seek> Flattener<W> {
             }
         }
         let node = self.tree.node_mut(id);
+        extents.shrink_to_fit();
         node.extents = extents;
         node.tree_blocks = tree_blocks.into_boxed_slice();
         Ok(())

@@ -182,10 +182,10 @@ impl<W: Read + Write + Seek> Flattener<W> {
         let mut tree = Tree::new();
         tree.node_mut(ROOT).ino = ROOT_INO;
         let mut lost = Node::new(
-            Body::Dir(Dir {
+            Body::Dir(Box::new(Dir {
                 dirty: true,
                 ..Dir::default()
-            }),
+            })),
             Meta {
                 mode: 0o700,
                 ..Meta::implicit()
