@@ -187,3 +187,45 @@ fn derived_images_keep_their_base_chunks() {
     );
     assert!(new2 <= 4, "a one-line change costs {new2} new chunks");
 }
+
+/// A file of the top layer that grows past a block boundary shifts the files
+/// after it, but only up to the layer's next resynchronisation point: the
+/// cost stays a handful of chunks, not the rest of the layer.
+#[test]
+fn a_file_growing_by_a_block_costs_a_bounded_number_of_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = || FlattenOptions {
+        free_space: 16 << 20,
+    };
+    let top = |grow: usize| -> Vec<In> {
+        let mut l = vec![file(
+            "app/first.txt",
+            vec![b'x'; 10_000 + grow],
+            meta(0o644, 0, 0, 1, 0),
+        )];
+        for i in 0..400 {
+            l.push(file(
+                &format!("app/lib/f{i:03}.bin"),
+                bytes(70_000 + i, 100_000),
+                meta(0o644, 0, 0, 1, 0),
+            ));
+        }
+        l
+    };
+    let base = vec![file("etc/base", bytes(1, 1 << 20), meta(0o644, 0, 0, 1, 0))];
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let report = build_with(&vec![base.clone(), top(0)], &a, opts());
+    build_with(&vec![base, top(5_000)], &b, opts());
+    fsck(&b);
+    let (ca, cb) = (chunks(&a), chunks(&b));
+    let new = cb.difference(&ca).count();
+    println!(
+        "layer of {} MB: growing its first file by a block costs {new} of {} chunks",
+        report.bytes >> 20,
+        cb.len()
+    );
+    assert!(
+        new <= 16,
+        "growing one file by a block costs {new} new chunks"
+    );
+}

@@ -13,6 +13,12 @@ use crate::oci::entry::{EntryKind, EntryPath, LayerEntry};
 
 /// The kernel's limit on names per inode.
 const LINK_MAX: u32 = 65000;
+/// Within a layer, a file whose path hashes to 0 modulo this starts a new
+/// chunk, provided the last such start is [`RESYNC_MIN_BLOCKS`] behind: a
+/// file that grows by a block shifts the files after it only up to the next
+/// such start, and the padding costs at most one chunk in eight.
+const RESYNC_EVERY: u32 = 16;
+const RESYNC_MIN_BLOCKS: u64 = 8 * crate::ext4::layout::CHUNK_BLOCKS;
 /// Bytes read from a layer at a time.
 const READ_CHUNK: usize = 1 << 20;
 
@@ -150,7 +156,7 @@ impl<W: Read + Write + Seek> Flattener<W> {
                             dirty: true,
                             ..Dir::default()
                         };
-                        let id = self.tree.add(Node::new(Body::Dir(dir), meta));
+                        let id = self.tree.add(Node::new(Body::Dir(Box::new(dir)), meta));
                         self.tree.link(parent, &name, id, layer);
                     }
                 }
@@ -202,6 +208,13 @@ impl<W: Read + Write + Seek> Flattener<W> {
                 }
             }
             EntryKind::Regular { size } => {
+                if size > 0
+                    && self.alloc.cursor() >= self.last_align + RESYNC_MIN_BLOCKS
+                    && path_hash(&path) % RESYNC_EVERY == 0
+                {
+                    self.alloc.align_to_chunk();
+                    self.last_align = self.alloc.cursor();
+                }
                 let id = self.place(&path, &parent_path, &name, Body::File { size }, meta)?;
                 self.stream(id, size, data, &mut h, &path)?;
                 self.bytes += size;
@@ -415,10 +428,22 @@ impl<W: Read + Write + Seek> Flattener<W> {
             }
         }
         let node = self.tree.node_mut(id);
+        extents.shrink_to_fit();
         node.extents = extents;
         node.tree_blocks = tree_blocks.into_boxed_slice();
         Ok(())
     }
+}
+
+/// FNV-1a over the path's components: stable across builds and machines.
+fn path_hash(path: &EntryPath) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for c in path.components() {
+        for &b in c.iter().chain(b"/") {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+    }
+    h
 }
 
 fn is_zero(block: &[u8]) -> bool {

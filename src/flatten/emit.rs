@@ -69,6 +69,7 @@ impl<W: Read + Write + Seek> Flattener<W> {
                     .map_err(FlattenError::WriteImage)?;
             }
         }
+        extents.shrink_to_fit();
         Ok((extents, tree_blocks.into_boxed_slice()))
     }
 

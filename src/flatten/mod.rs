@@ -10,7 +10,10 @@
 //!
 //! Placement, which is what makes images that share a base share chunks:
 //! * each layer starts at a chunk boundary; its file data is written at the
-//!   allocator's cursor in entry order, all-zero blocks left as holes;
+//!   allocator's cursor in entry order, all-zero blocks left as holes, and
+//!   some files (chosen by a hash of their path, at most one per 4 MiB)
+//!   start a new chunk, so a file that changes size shifts only the files
+//!   up to the next such start;
 //! * at the end of a layer, the attribute blocks, slow-symlink blocks and
 //!   directory blocks the layer changed follow, in path order; a directory a
 //!   later layer changes gets new blocks in that layer's region and its old
@@ -168,6 +171,8 @@ pub struct Flattener<W> {
     bytes: u64,
     poisoned: bool,
     buf: Vec<u8>,
+    /// Where the open layer last started a chunk on purpose.
+    last_align: u64,
 }
 
 impl<W: Read + Write + Seek> Flattener<W> {
@@ -184,10 +189,10 @@ impl<W: Read + Write + Seek> Flattener<W> {
         let mut tree = Tree::new();
         tree.node_mut(ROOT).ino = ROOT_INO;
         let mut lost = Node::new(
-            Body::Dir(Dir {
+            Body::Dir(Box::new(Dir {
                 dirty: true,
                 ..Dir::default()
-            }),
+            })),
             Meta {
                 mode: 0o700,
                 ..Meta::implicit()
@@ -212,6 +217,7 @@ impl<W: Read + Write + Seek> Flattener<W> {
             bytes: 0,
             poisoned: false,
             buf: Vec::new(),
+            last_align: 0,
         })
     }
 
@@ -240,6 +246,7 @@ impl<W: Read + Write + Seek> Flattener<W> {
         self.open = true;
         self.label = label.to_owned();
         self.alloc.align_to_chunk();
+        self.last_align = self.alloc.cursor();
         Ok(())
     }
 

@@ -78,8 +78,12 @@ pub struct Child {
 
 #[derive(Debug)]
 pub enum Body {
-    Dir(Dir),
-    File { size: u64 },
+    /// Boxed: most nodes are not directories, and the box keeps every node
+    /// small.
+    Dir(Box<Dir>),
+    File {
+        size: u64,
+    },
     Symlink(Box<[u8]>),
     CharDevice(u32, u32),
     BlockDevice(u32, u32),
@@ -206,10 +210,10 @@ impl Tree {
     /// A tree holding only the root directory.
     pub fn new() -> Tree {
         let root = Node::new(
-            Body::Dir(Dir {
+            Body::Dir(Box::new(Dir {
                 dirty: true,
                 ..Dir::default()
-            }),
+            })),
             Meta::implicit(),
         );
         let mut t = Tree {
@@ -285,7 +289,7 @@ impl Tree {
                         dirty: true,
                         ..Dir::default()
                     };
-                    let new = self.add(Node::new(Body::Dir(dir), Meta::implicit()));
+                    let new = self.add(Node::new(Body::Dir(Box::new(dir)), Meta::implicit()));
                     self.link(id, c, new, 0);
                     new
                 }
