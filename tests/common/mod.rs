@@ -40,6 +40,14 @@ pub fn require_kernel_prerequisites() {
     }
 }
 
+/// The binary under test: `LAZYBLK_BIN` when set (a test binary run away
+/// from its build tree, as in the VM), else the one cargo built with the tests.
+pub fn lazyblk_bin() -> PathBuf {
+    std::env::var_os("LAZYBLK_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_lazyblk")))
+}
+
 /// Runs a command and panics with its output if it fails.
 pub fn run(cmd: &mut Command) -> Output {
     let output = cmd
@@ -105,7 +113,7 @@ impl World {
 
     /// The binary under test, with this world's run directory.
     pub fn lazyblk(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazyblk"));
+        let mut cmd = Command::new(lazyblk_bin());
         cmd.env("LAZYBLK_RUN_DIR", self.run_dir());
         cmd
     }
@@ -217,7 +225,7 @@ impl Drop for World {
         // Innermost mounts first: loop-mounted filesystems, then FUSE.
         for mnt in self.mounts.borrow().iter().rev() {
             let _ = Command::new("umount").arg(mnt).output();
-            let _ = Command::new(env!("CARGO_BIN_EXE_lazyblk"))
+            let _ = Command::new(lazyblk_bin())
                 .env("LAZYBLK_RUN_DIR", self.run_dir())
                 .arg("del")
                 .arg("--fuse")
