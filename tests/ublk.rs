@@ -272,7 +272,11 @@ fn finish(child: Child, what: &str) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{what} failed ({}):\n{text}", out.status);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{text}",
+        out.status
+    );
     text
 }
 
@@ -303,7 +307,10 @@ fn recoverable_device_survives_sigkill_during_fio_verify() {
     assert_eq!(orphan["state"], "orphaned", "{orphan}");
     assert!(orphan["stats"].is_null());
 
-    let out = run(w.world.lazyblk().args(["recover", "-n", &dev.id.to_string()]));
+    let out = run(w
+        .world
+        .lazyblk()
+        .args(["recover", "-n", &dev.id.to_string()]));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains(&dev.path.display().to_string()),
         "{out:?}"
@@ -351,7 +358,10 @@ fn corrupt_chunk_fails_only_the_reads_that_need_it() {
             );
         } else {
             let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(stderr.contains("Input/output error"), "chunk {index}: {stderr}");
+            assert!(
+                stderr.contains("Input/output error"),
+                "chunk {index}: {stderr}"
+            );
             failed.push(index);
         }
     }

@@ -45,7 +45,12 @@ pub struct AddArgs {
     #[arg(long, value_name = "MOUNTPOINT")]
     pub fuse: Option<PathBuf>,
     /// The ublk device number wanted (/dev/ublkbID); by default the driver picks.
-    #[arg(short = 'n', long = "number", value_name = "ID", conflicts_with = "fuse")]
+    #[arg(
+        short = 'n',
+        long = "number",
+        value_name = "ID",
+        conflicts_with = "fuse"
+    )]
     pub id: Option<u32>,
     /// ublk queues (one thread each); default: online CPUs, at most 8.
     #[arg(short = 'q', long, conflicts_with = "fuse", value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -75,7 +80,12 @@ pub struct DelArgs {
     #[arg(long, value_name = "MOUNTPOINT", conflicts_with_all = ["id", "all"])]
     pub fuse: Option<PathBuf>,
     /// The ublk device number (/dev/ublkbID).
-    #[arg(short = 'n', long = "number", value_name = "ID", conflicts_with = "all")]
+    #[arg(
+        short = 'n',
+        long = "number",
+        value_name = "ID",
+        conflicts_with = "all"
+    )]
     pub id: Option<u32>,
     /// Every device in the run directory, FUSE and ublk, orphans included.
     #[arg(short = 'a', long)]
@@ -248,7 +258,12 @@ async fn del_one(run_dir: &Path, device: &daemon::DeviceStatus) -> anyhow::Resul
     let pid = device.record.pid;
     let target = device.record.target.display();
     if device.state == DeviceState::Orphaned {
-        let id = device.record.ublk.as_ref().map(|u| u.id).expect("orphans are ublk");
+        let id = device
+            .record
+            .ublk
+            .as_ref()
+            .map(|u| u.id)
+            .expect("orphans are ublk");
         tokio::task::spawn_blocking(move || ublk::delete(id)).await??;
         DeviceRecord::remove(run_dir, pid);
         println!("deleted orphaned {target}");
@@ -300,8 +315,16 @@ pub async fn list(json: bool) -> anyhow::Result<()> {
         "BAD"
     );
     for d in devices {
-        let id = d.record.ublk.as_ref().map_or("-".into(), |u| u.id.to_string());
-        let queues = d.record.ublk.as_ref().map_or("-".into(), |u| u.queues.to_string());
+        let id = d
+            .record
+            .ublk
+            .as_ref()
+            .map_or("-".into(), |u| u.id.to_string());
+        let queues = d
+            .record
+            .ublk
+            .as_ref()
+            .map_or("-".into(), |u| u.queues.to_string());
         let state = match d.state {
             DeviceState::Live => "live",
             DeviceState::Orphaned => "orphaned",

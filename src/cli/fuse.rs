@@ -7,7 +7,9 @@ use anyhow::{anyhow, bail, Context};
 use async_trait::async_trait;
 use tokio::net::UnixListener;
 
-use super::device::{checkpoint_every, ensure_run_dir, list_devices, open_engine, say_ready, AddArgs};
+use super::device::{
+    checkpoint_every, ensure_run_dir, list_devices, open_engine, say_ready, AddArgs,
+};
 use crate::daemon::{self, DeviceControl, DeviceRecord};
 use crate::engine::{Engine, EngineOptions, EngineStats};
 use crate::frontend::fuse::{FuseDevice, DISK_FILE_NAME};
@@ -95,7 +97,10 @@ pub(super) async fn serve(args: &AddArgs, mountpoint: &Path) -> anyhow::Result<(
     });
     let control_task = tokio::spawn(daemon::serve_control(listener, control.clone()));
     tracing::info!(name, mountpoint = %mountpoint.display(), "device ready");
-    say_ready(&format!("{} ready", mountpoint.join(DISK_FILE_NAME).display()))?;
+    say_ready(&format!(
+        "{} ready",
+        mountpoint.join(DISK_FILE_NAME).display()
+    ))?;
 
     let checkpoints = tokio::spawn(checkpoint_every(engine.clone()));
     let session_device = device.clone();

@@ -115,7 +115,9 @@ pub enum Start {
     Add(DeviceOptions),
     /// Re-attach to device `id`, whose process died, keeping its queues,
     /// depth and the I/O the kernel held.
-    Recover { id: u32 },
+    Recover {
+        id: u32,
+    },
 }
 
 /// A device that is live, as [`serve`] reports it.
@@ -309,21 +311,91 @@ pub struct Feature {
 
 /// The feature flags this program knows, with the kernel that brought each.
 const KNOWN_FEATURES: &[(u32, &str, &str, &str)] = &[
-    (sys::UBLK_F_SUPPORT_ZERO_COPY, "SUPPORT_ZERO_COPY", "6.0", "zero-copy (never enabled by the driver)"),
-    (sys::UBLK_F_URING_CMD_COMP_IN_TASK, "URING_CMD_COMP_IN_TASK", "6.0", "complete commands in task context"),
-    (sys::UBLK_F_NEED_GET_DATA, "NEED_GET_DATA", "6.0", "server supplies write buffers late"),
-    (sys::UBLK_F_USER_RECOVERY, "USER_RECOVERY", "6.0", "device survives its server's death (`--recoverable`)"),
-    (sys::UBLK_F_USER_RECOVERY_REISSUE, "USER_RECOVERY_REISSUE", "6.0", "held requests re-issued after recovery"),
-    (sys::UBLK_F_UNPRIVILEGED_DEV, "UNPRIVILEGED_DEV", "6.2", "devices for unprivileged users"),
-    (sys::UBLK_F_CMD_IOCTL_ENCODE, "CMD_IOCTL_ENCODE", "6.2", "ioctl-encoded command opcodes"),
-    (sys::UBLK_F_USER_COPY, "USER_COPY", "6.5", "server copies data with pread/pwrite on /dev/ublkcN"),
+    (
+        sys::UBLK_F_SUPPORT_ZERO_COPY,
+        "SUPPORT_ZERO_COPY",
+        "6.0",
+        "zero-copy (never enabled by the driver)",
+    ),
+    (
+        sys::UBLK_F_URING_CMD_COMP_IN_TASK,
+        "URING_CMD_COMP_IN_TASK",
+        "6.0",
+        "complete commands in task context",
+    ),
+    (
+        sys::UBLK_F_NEED_GET_DATA,
+        "NEED_GET_DATA",
+        "6.0",
+        "server supplies write buffers late",
+    ),
+    (
+        sys::UBLK_F_USER_RECOVERY,
+        "USER_RECOVERY",
+        "6.0",
+        "device survives its server's death (`--recoverable`)",
+    ),
+    (
+        sys::UBLK_F_USER_RECOVERY_REISSUE,
+        "USER_RECOVERY_REISSUE",
+        "6.0",
+        "held requests re-issued after recovery",
+    ),
+    (
+        sys::UBLK_F_UNPRIVILEGED_DEV,
+        "UNPRIVILEGED_DEV",
+        "6.2",
+        "devices for unprivileged users",
+    ),
+    (
+        sys::UBLK_F_CMD_IOCTL_ENCODE,
+        "CMD_IOCTL_ENCODE",
+        "6.2",
+        "ioctl-encoded command opcodes",
+    ),
+    (
+        sys::UBLK_F_USER_COPY,
+        "USER_COPY",
+        "6.5",
+        "server copies data with pread/pwrite on /dev/ublkcN",
+    ),
     (sys::UBLK_F_ZONED, "ZONED", "6.6", "zoned block devices"),
-    (sys::UBLK_F_USER_RECOVERY_FAIL_IO, "USER_RECOVERY_FAIL_IO", "6.11", "fail I/O while waiting for recovery"),
-    (sys::UBLK_F_UPDATE_SIZE, "UPDATE_SIZE", "6.16", "resize a live device"),
-    (sys::UBLK_F_AUTO_BUF_REG, "AUTO_BUF_REG", "6.16", "automatic zero-copy buffer registration"),
-    (sys::UBLK_F_QUIESCE, "QUIESCE", "6.16", "quiesce a live device for hand-over"),
-    (sys::UBLK_F_PER_IO_DAEMON, "PER_IO_DAEMON", "6.16", "several threads per queue"),
-    (sys::UBLK_F_BUF_REG_OFF_DAEMON, "BUF_REG_OFF_DAEMON", "6.16", "register buffers off the queue thread"),
+    (
+        sys::UBLK_F_USER_RECOVERY_FAIL_IO,
+        "USER_RECOVERY_FAIL_IO",
+        "6.11",
+        "fail I/O while waiting for recovery",
+    ),
+    (
+        sys::UBLK_F_UPDATE_SIZE,
+        "UPDATE_SIZE",
+        "6.16",
+        "resize a live device",
+    ),
+    (
+        sys::UBLK_F_AUTO_BUF_REG,
+        "AUTO_BUF_REG",
+        "6.16",
+        "automatic zero-copy buffer registration",
+    ),
+    (
+        sys::UBLK_F_QUIESCE,
+        "QUIESCE",
+        "6.16",
+        "quiesce a live device for hand-over",
+    ),
+    (
+        sys::UBLK_F_PER_IO_DAEMON,
+        "PER_IO_DAEMON",
+        "6.16",
+        "several threads per queue",
+    ),
+    (
+        sys::UBLK_F_BUF_REG_OFF_DAEMON,
+        "BUF_REG_OFF_DAEMON",
+        "6.16",
+        "register buffers off the queue thread",
+    ),
 ];
 
 /// What the running kernel's ublk driver supports (GET_FEATURES, 6.5+).
@@ -359,14 +431,23 @@ mod tests {
         let params = device_params(1 << 30, MAX_IO_BYTES, false);
         assert_eq!(params.basic.attrs, sys::UBLK_ATTR_VOLATILE_CACHE);
         assert_ne!(params.types & sys::UBLK_PARAM_TYPE_DISCARD, 0);
-        assert_eq!((params.basic.logical_bs_shift, params.basic.physical_bs_shift), (9, 12));
+        assert_eq!(
+            (
+                params.basic.logical_bs_shift,
+                params.basic.physical_bs_shift
+            ),
+            (9, 12)
+        );
     }
 
     #[test]
     fn without_the_driver_the_error_says_how_to_fix_it() {
         let message = UblkFrontendError::NoDriver.to_string();
         for needle in ["modprobe ublk_drv", "CONFIG_BLK_DEV_UBLK", "6.0", "--fuse"] {
-            assert!(message.contains(needle), "{needle:?} missing from {message}");
+            assert!(
+                message.contains(needle),
+                "{needle:?} missing from {message}"
+            );
         }
     }
 }
