@@ -138,6 +138,8 @@ pub(super) fn run_queue(qid: u16, dev: &UblkDev, engine: Arc<Engine>, runtime: H
         runtime,
         kicker: kicker.clone(),
     });
+    // Readahead noted by reads served here spawns its fetches on the runtime.
+    let _entered = shared.runtime.enter();
     let executor = Rc::new(smol::LocalExecutor::new());
     let tags: Vec<_> = queue
         .tags()
