@@ -5,8 +5,9 @@
 //! The tasks run on a single-threaded executor driven by the queue's ring:
 //! the thread sleeps in `io_uring_enter` until a completion arrives.
 //!
-//! A read whose chunks are all present (or zero) is answered on the queue
-//! thread without waiting ([`Engine::try_read_now`]). Anything that may wait
+//! A read whose chunks are all present (or zero) is answered from the
+//! cache's data file by reads on the queue's own ring
+//! ([`Engine::try_plan_read`]), never waiting on a fetch. Anything that may wait
 //! (a fetch, a write, a flush) runs on the tokio runtime; its task's result
 //! comes back through a oneshot channel, and an eventfd the queue polls on
 //! its own ring wakes the thread, so other tags keep completing meanwhile and
@@ -31,7 +32,7 @@ use libublk::{BufDesc, UblkError, UblkUringData};
 use rustix::event::{eventfd, EventfdFlags};
 use tokio::runtime::Handle;
 
-use crate::engine::{Engine, EngineError};
+use crate::engine::{CachedRange, Engine, EngineError};
 use crate::error::ErrorKind;
 
 /// Idle time after which libublk lets a queue release its buffers' pages.
@@ -260,18 +261,74 @@ impl Tag<'_> {
 
     async fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), EngineError> {
         let engine = &self.shared.engine;
-        if let Some(done) = engine.try_read_now(offset, out) {
-            return done;
+        match engine.try_plan_read(offset, out.len()) {
+            Some(Ok(plan)) => {
+                read_cached(engine, &plan, out).await?;
+                engine.planned_read_done(out.len());
+                Ok(())
+            }
+            Some(Err(e)) => Err(e),
+            None => {
+                let len = out.len();
+                let engine = engine.clone();
+                let data = self
+                    .shared
+                    .offload(async move { engine.read(offset, len).await })
+                    .await?;
+                out.copy_from_slice(&data);
+                Ok(())
+            }
         }
-        let len = out.len();
-        let engine = engine.clone();
-        let data = self
-            .shared
-            .offload(async move { engine.read(offset, len).await })
-            .await?;
-        out.copy_from_slice(&data);
-        Ok(())
     }
+}
+
+/// Serves a planned read with reads of the cache's data file on the queue's
+/// ring: the thread never blocks in a syscall, and other tags run while the
+/// file is read.
+async fn read_cached(
+    engine: &Engine,
+    plan: &[CachedRange],
+    out: &mut [u8],
+) -> Result<(), EngineError> {
+    let fd = types::Fd(engine.cache_file().as_raw_fd());
+    for range in plan {
+        let (offset, len, in_buf) = match *range {
+            CachedRange::Zero { len, in_buf } => {
+                out[in_buf..][..len].fill(0);
+                continue;
+            }
+            CachedRange::File {
+                offset,
+                len,
+                in_buf,
+            } => (offset, len, in_buf),
+        };
+        let mut done = 0;
+        while done < len {
+            let dst = &mut out[in_buf + done..][..len - done];
+            // The kernel writes into `dst` until the read completes. `dst`
+            // is part of the tag's buffer, which the tag's task owns and
+            // does not drop before this await returns (the queue drops a
+            // task only once it has finished, see `run_queue`); and the
+            // engine keeps the file open while it lives.
+            let sqe = opcode::Read::new(fd, dst.as_mut_ptr(), dst.len() as u32)
+                .offset(offset + done as u64)
+                .build();
+            let read = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
+                .await
+                .unwrap_or(-libc::EBUSY);
+            if read <= 0 {
+                let source = if read == 0 {
+                    std::io::Error::from(std::io::ErrorKind::UnexpectedEof)
+                } else {
+                    std::io::Error::from_raw_os_error(-read)
+                };
+                return Err(engine.cache_read_failed(offset + done as u64, len - done, source));
+            }
+            done += read as usize;
+        }
+    }
+    Ok(())
 }
 
 /// Discard and write-zeroes: the engine has no way to drop a range, so the
