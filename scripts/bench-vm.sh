@@ -14,13 +14,13 @@
 # FUSE + loop, dropped page caches. Warm: the same job after one full read
 # of the device. The baseline's image is in tmpfs, so it is always warm.
 #
-# Environment: BENCH_IMAGE_MIB (default 256), BENCH_RUNTIME (default 10),
+# Environment: BENCH_IMAGE_MIB (default 128), BENCH_RUNTIME (default 10),
 # LAZYBLK_VM_RUN (default scripts/vm-run.sh).
 set -euo pipefail
 # shellcheck source=scripts/lib/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
-image_mib=${BENCH_IMAGE_MIB:-256}
+image_mib=${BENCH_IMAGE_MIB:-128}
 runtime=${BENCH_RUNTIME:-10}
 vm_run=${LAZYBLK_VM_RUN:-$REPO_ROOT/scripts/vm-run.sh}
 [[ -x $vm_run ]] || die "no VM runner at $vm_run"
@@ -41,7 +41,7 @@ cd /tmp
 dd if=/dev/urandom of=image bs=1M count="$image_mib" 2>/dev/null
 lazyblk keygen --out key >/dev/null
 echo "bench: pushing a $image_mib MiB random image" >&2
-lazyblk push image --store store --key key --name bench >/dev/null
+lazyblk push image --store store --key key --name bench --json >push.json 2>push.err || { cat push.err >&2; exit 1; }
 
 job() { # target temp job device
     case $3 in
@@ -58,7 +58,8 @@ job() { # target temp job device
 read_all() { dd if="$1" of=/dev/null bs=1M iflag=direct 2>/dev/null; }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
-loop=$(losetup -f --show -r image)
+loop=$(losetup -f)
+losetup -r "$loop" image
 for j in rand seq; do job loop warm $j "$loop"; done
 losetup -d "$loop"
 
@@ -75,7 +76,8 @@ done
 mkdir -p mnt
 for j in rand seq; do
     lazyblk add --store store --key key --name bench --cache-dir "cache-fuse-$j" --read-only --fuse mnt >/dev/null
-    loop=$(losetup -f --show -r mnt/disk)
+    loop=$(losetup -f)
+    losetup -r "$loop" mnt/disk
     drop_caches
     job fuse cold $j "$loop"
     read_all "$loop"
