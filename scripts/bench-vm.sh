@@ -29,6 +29,7 @@ vm_run=${LAZYBLK_VM_RUN:-$REPO_ROOT/scripts/vm-run.sh}
 
 note "cargo build --release"
 bin=$(build_release)
+has_subcommand "$bin" add --recoverable || die "$bin has no ublk support (add --recoverable): a stale build?"
 work=$(mktemp -d "${TMPDIR:-/tmp}/lazyblk-bench-vm.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 

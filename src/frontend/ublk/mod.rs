@@ -63,36 +63,36 @@ pub enum UblkFrontendError {
     #[error("add ublk device")]
     Add {
         #[source]
-        source: libublk::UblkError,
+        source: std::io::Error,
     },
     #[error("start user recovery of ublk device {id}")]
     Recover {
         id: u32,
         #[source]
-        source: libublk::UblkError,
+        source: std::io::Error,
     },
     #[error("run ublk device")]
     Run {
         #[source]
-        source: libublk::UblkError,
+        source: std::io::Error,
     },
     #[error("open ublk device {id}")]
     Open {
         id: u32,
         #[source]
-        source: libublk::UblkError,
+        source: std::io::Error,
     },
     #[error("stop ublk device {id}")]
     Stop {
         id: u32,
         #[source]
-        source: libublk::UblkError,
+        source: std::io::Error,
     },
     #[error("delete ublk device {id}")]
     Delete {
         id: u32,
         #[source]
-        source: libublk::UblkError,
+        source: std::io::Error,
     },
     #[error("the ublk driver did not report its features (kernel before 6.5?)")]
     Features,
@@ -189,7 +189,9 @@ where
                 .ctrl_flags(flags)
                 .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
                 .build()
-                .map_err(|source| UblkFrontendError::Add { source })?
+                .map_err(|e| UblkFrontendError::Add {
+                    source: os_error(e),
+                })?
         }
         Start::Recover { id } => {
             // The recovering control must be sized like the device it takes over.
@@ -203,9 +205,15 @@ where
                 .ctrl_flags(old.flags & RECOVERY_FLAGS)
                 .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
                 .build()
-                .map_err(|source| UblkFrontendError::Recover { id, source })?;
+                .map_err(|e| UblkFrontendError::Recover {
+                    id,
+                    source: os_error(e),
+                })?;
             ctrl.start_user_recover()
-                .map_err(|source| UblkFrontendError::Recover { id, source })?;
+                .map_err(|e| UblkFrontendError::Recover {
+                    id,
+                    source: os_error(e),
+                })?;
             ctrl
         }
     };
@@ -232,7 +240,9 @@ where
     };
     let ran = ctrl
         .run_target(set_params, run_queue, live)
-        .map_err(|source| UblkFrontendError::Run { source });
+        .map_err(|e| UblkFrontendError::Run {
+            source: os_error(e),
+        });
     // The queues are down and /dev/ublkcN is closed: delete now (a device
     // added here would be deleted when `ctrl` drops, a recovered one not).
     if let Err(e) = ctrl.del_dev() {
@@ -283,7 +293,10 @@ pub fn stop(id: u32) -> Result<(), UblkFrontendError> {
     let ctrl = open(id)?;
     ctrl.kill_dev()
         .map(|_| ())
-        .map_err(|source| UblkFrontendError::Stop { id, source })
+        .map_err(|e| UblkFrontendError::Stop {
+            id,
+            source: os_error(e),
+        })
 }
 
 /// Deletes device `id` whose process is gone (an orphan).
@@ -291,12 +304,32 @@ pub fn delete(id: u32) -> Result<(), UblkFrontendError> {
     let ctrl = open(id)?;
     ctrl.del_dev()
         .map(|_| ())
-        .map_err(|source| UblkFrontendError::Delete { id, source })
+        .map_err(|e| UblkFrontendError::Delete {
+            id,
+            source: os_error(e),
+        })
 }
 
 fn open(id: u32) -> Result<UblkCtrl, UblkFrontendError> {
     require_driver()?;
-    UblkCtrl::new_simple(id as i32).map_err(|source| UblkFrontendError::Open { id, source })
+    UblkCtrl::new_simple(id as i32).map_err(|e| UblkFrontendError::Open {
+        id,
+        source: os_error(e),
+    })
+}
+
+/// libublk reports most failures as a bare negative errno, which its
+/// `Display` does not show: turn it into the OS error it stands for.
+fn os_error(error: libublk::UblkError) -> std::io::Error {
+    match error {
+        libublk::UblkError::OtherError(code) | libublk::UblkError::UringIOError(code)
+            if code < 0 =>
+        {
+            std::io::Error::from_raw_os_error(-code)
+        }
+        libublk::UblkError::IOError(e) => e,
+        other => std::io::Error::other(other),
+    }
 }
 
 /// A driver feature flag and whether the running kernel has it.
