@@ -28,10 +28,13 @@ vm_run=${LAZYBLK_VM_RUN:-$REPO_ROOT/scripts/vm-run.sh}
 [[ $runtime =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNTIME wants a number of seconds, not '$runtime'"
 
 note "cargo build --release"
-bin=$(build_release)
-has_subcommand "$bin" add --recoverable || die "$bin has no ublk support (add --recoverable): a stale build?"
+built=$(build_release)
 work=$(mktemp -d "${TMPDIR:-/tmp}/lazyblk-bench-vm.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+# A copy: another build into the same target directory cannot swap it.
+bin=$work/lazyblk
+cp "$built" "$bin"
+has_subcommand "$bin" add --recoverable || die "$built has no ublk support (add --recoverable): a stale build?"
 
 cat >"$work/bench-guest" <<'EOF'
 #!/bin/sh
