@@ -21,10 +21,19 @@ tools=(
     "modprobe kmod"          # loading loop/fuse where they are modules
     "jq jq"                  # reading --json output in scripts
     "time time"              # /usr/bin/time for CPU time in benchmarks
+    "qemu-system-x86_64 qemu-system-x86"  # the ublk test VM (scripts/vm-run.sh)
+    "cpio cpio"              # packs the VM's initramfs
+    "xz xz-utils"            # unpacks the kernel modules for busybox insmod
+    "dpkg-deb dpkg"          # unpacks the VM's kernel package
+    "skopeo skopeo"          # image copies between layouts, archives, registries
+    "umoci umoci"            # OCI layouts built from directories
+    "docker-registry docker-registry" # a loopback registry for source tests
+    "mkfifo coreutils"
 )
 # Packages with no command of their own, checked through dpkg.
 libraries=(
     libclang-dev             # bindgen for the ublk bindings
+    busybox-static           # the VM's userland (replaces a dynamic busybox)
 )
 
 missing=()

@@ -10,6 +10,8 @@
 //! ```
 //!
 //! * [`oci`]: OCI image sources and the entries of their layers.
+//! * [`flatten`]: layers applied in order and written as one ext4 image.
+//! * [`ext4`]: the deterministic ext4 geometry and on-disk encodings.
 //! * [`chunk`]: cutting an image into chunks, convergent encryption, chunk
 //!   names and the sealed manifest. Pure: no I/O.
 //! * [`store`]: the [`store::ChunkStore`] trait and its engines.
@@ -25,6 +27,8 @@ pub mod cli;
 pub mod daemon;
 pub mod engine;
 pub mod error;
+pub mod ext4;
+pub mod flatten;
 pub mod frontend;
 pub mod oci;
 pub mod store;

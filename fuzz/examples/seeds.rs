@@ -95,6 +95,9 @@ fn main() -> std::io::Result<()> {
     write("manifest_roundtrip", "varied", &varied)?;
     write("chunk_open", "varied", &varied)?;
 
+    write("layer_read", "every-kind", &layer_tar()?)?;
+    write("layer_read", "empty-layer", &[0u8; 1024])?;
+
     println!("wrote {written} bytes of seeds under {}", seeds.display());
     Ok(())
 }
@@ -130,4 +133,65 @@ fn line<T: serde::Serialize>(value: &T) -> String {
     let mut line = serde_json::to_string(value).expect("control messages serialise");
     line.push('\n');
     line
+}
+
+/// A small layer with one member of every kind the reader knows: PAX
+/// records (path, mtime, uid, xattrs), GNU long names and links,
+/// whiteouts, an opaque marker, devices, a fifo, links.
+fn layer_tar() -> std::io::Result<Vec<u8>> {
+    use tar::{EntryType, Header};
+    let mut b = tar::Builder::new(Vec::new());
+    let mut header = |kind: EntryType, size: u64| {
+        let mut h = Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(0o755);
+        h.set_mtime(1_600_000_000);
+        h
+    };
+    b.append_data(
+        &mut header(EntryType::Directory, 0),
+        "etc/",
+        std::io::empty(),
+    )?;
+    b.append_data(
+        &mut header(EntryType::Regular, 5),
+        "etc/hosts",
+        &b"hello"[..],
+    )?;
+    let pax = b"30 mtime=1700000000.123456789\n25 SCHILY.xattr.user.a=1\n";
+    b.append_data(
+        &mut header(EntryType::XHeader, pax.len() as u64),
+        "PaxHeader",
+        &pax[..],
+    )?;
+    b.append_data(&mut header(EntryType::Regular, 1), "etc/pax", &b"p"[..])?;
+    let long = format!("{}/{}", "d".repeat(120), "f".repeat(40));
+    b.append_data(&mut header(EntryType::Regular, 0), &long, std::io::empty())?;
+    b.append_link(&mut header(EntryType::Link, 0), "etc/hard", &long)?;
+    b.append_link(
+        &mut header(EntryType::Symlink, 0),
+        "etc/soft",
+        "../etc/hosts",
+    )?;
+    let mut dev = header(EntryType::Char, 0);
+    dev.set_device_major(1)?;
+    dev.set_device_minor(3)?;
+    b.append_data(&mut dev, "dev/null", std::io::empty())?;
+    b.append_data(
+        &mut header(EntryType::Fifo, 0),
+        "run/fifo",
+        std::io::empty(),
+    )?;
+    b.append_data(
+        &mut header(EntryType::Regular, 0),
+        "var/.wh.gone",
+        std::io::empty(),
+    )?;
+    b.append_data(
+        &mut header(EntryType::Regular, 0),
+        "opt/.wh..wh..opq",
+        std::io::empty(),
+    )?;
+    b.into_inner()
 }

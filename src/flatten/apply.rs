@@ -1,0 +1,427 @@
+//! One entry applied to the tree, a regular file's bytes streamed to the
+//! image as they are read.
+
+use std::io::{self, Read, Seek, Write};
+
+use sha2::{Digest, Sha256};
+
+use super::tree::{Body, Dir, Meta, Node, NodeId, NotADirectory, ROOT};
+use super::{FlattenError, Flattener};
+use crate::ext4::extent::{self, push_block};
+use crate::ext4::{xattr, Ext4Error, BLOCK_SIZE};
+use crate::oci::entry::{EntryKind, EntryPath, LayerEntry};
+
+/// The kernel's limit on names per inode.
+const LINK_MAX: u32 = 65000;
+/// Bytes read from a layer at a time.
+const READ_CHUNK: usize = 1 << 20;
+
+/// Feeds length-prefixed fields to the entry digest.
+fn field(h: &mut Sha256, bytes: &[u8]) {
+    h.update((bytes.len() as u64).to_le_bytes());
+    h.update(bytes);
+}
+
+fn digest_header(h: &mut Sha256, e: &LayerEntry) {
+    for c in e.path.components() {
+        field(h, c);
+    }
+    field(h, format!("{:?}", e.kind).as_bytes());
+    let m = &e.meta;
+    field(
+        h,
+        format!(
+            "{} {} {} {} {}",
+            m.mode, m.uid, m.gid, m.mtime.secs, m.mtime.nanos
+        )
+        .as_bytes(),
+    );
+    for (k, v) in &m.xattrs {
+        field(h, k);
+        field(h, v);
+    }
+}
+
+/// Reads until `buf` is full; the count read, short only at end of input.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+impl<W: Read + Write + Seek> Flattener<W> {
+    pub(super) fn layer_name(&self) -> String {
+        if self.label.is_empty() {
+            format!("#{}", self.layer)
+        } else {
+            self.label.clone()
+        }
+    }
+
+    fn not_a_dir(&self, path: &EntryPath, e: NotADirectory) -> FlattenError {
+        FlattenError::NotADirectory {
+            layer: self.layer_name(),
+            path: path.clone(),
+            at: e.0,
+        }
+    }
+
+    pub(super) fn apply_entry(
+        &mut self,
+        entry: LayerEntry,
+        data: &mut dyn Read,
+    ) -> Result<(), FlattenError> {
+        let mut h = Sha256::new();
+        digest_header(&mut h, &entry);
+        self.entries += 1;
+        let layer = self.layer;
+        let LayerEntry { path, kind, meta } = entry;
+        let meta = Meta::from_entry(&meta);
+        if let Err(source) = xattr::to_disk(&meta.xattrs).and_then(|a| xattr::place(&a)) {
+            return Err(FlattenError::EncodeEntry {
+                layer: self.layer_name(),
+                path,
+                source,
+            });
+        }
+
+        let Some(name) = path.file_name().map(<[u8]>::to_vec) else {
+            return match kind {
+                EntryKind::Directory => {
+                    self.tree.node_mut(ROOT).set_meta(meta);
+                    self.entry_digests.push(h.finalize().into());
+                    Ok(())
+                }
+                _ => Err(FlattenError::RootNotDirectory {
+                    layer: self.layer_name(),
+                    path,
+                }),
+            };
+        };
+        let parent_path = path.parent().expect("not the root");
+
+        match kind {
+            EntryKind::Whiteout => {
+                if let Some(parent) = self.tree.lookup(&parent_path) {
+                    self.whiteout(parent, &name);
+                }
+            }
+            EntryKind::OpaqueDirectory => {
+                let dir = self
+                    .tree
+                    .make_dirs(&path, layer)
+                    .map_err(|e| self.not_a_dir(&path, e))?;
+                self.tree.prune_lower(dir, layer, &mut self.alloc);
+            }
+            EntryKind::Directory => {
+                let parent = self
+                    .tree
+                    .make_dirs(&parent_path, layer)
+                    .map_err(|e| self.not_a_dir(&path, e))?;
+                let existing = self
+                    .tree
+                    .node(parent)
+                    .dir()
+                    .expect("a directory")
+                    .children
+                    .get(name.as_slice())
+                    .copied();
+                match existing {
+                    Some(child) if self.tree.node(child.id).body.is_dir() => {
+                        self.tree.node_mut(child.id).set_meta(meta);
+                        self.tree
+                            .dir_mut(parent)
+                            .children
+                            .get_mut(name.as_slice())
+                            .expect("present")
+                            .layer = layer;
+                    }
+                    _ => {
+                        self.tree.unlink(parent, &name, &mut self.alloc);
+                        let dir = Dir {
+                            parent,
+                            dirty: true,
+                            ..Dir::default()
+                        };
+                        let id = self.tree.add(Node::new(Body::Dir(dir), meta));
+                        self.tree.link(parent, &name, id, layer);
+                    }
+                }
+            }
+            EntryKind::HardLink { target } => {
+                let layer_name = self.layer_name();
+                let Some(target_id) = self.tree.lookup(&target) else {
+                    return Err(FlattenError::LinkTargetMissing {
+                        layer: layer_name,
+                        path,
+                        target,
+                    });
+                };
+                if self.tree.node(target_id).body.is_dir() {
+                    return Err(FlattenError::LinkToDirectory {
+                        layer: layer_name,
+                        path,
+                        target,
+                    });
+                }
+                let parent = self
+                    .tree
+                    .make_dirs(&parent_path, layer)
+                    .map_err(|e| self.not_a_dir(&path, e))?;
+                let existing = self
+                    .tree
+                    .node(parent)
+                    .dir()
+                    .expect("a directory")
+                    .children
+                    .get(name.as_slice())
+                    .copied();
+                if existing.map(|c| c.id) == Some(target_id) {
+                    self.tree
+                        .dir_mut(parent)
+                        .children
+                        .get_mut(name.as_slice())
+                        .expect("present")
+                        .layer = layer;
+                } else {
+                    if self.tree.node(target_id).links >= LINK_MAX {
+                        return Err(FlattenError::TooManyLinks {
+                            layer: layer_name,
+                            path,
+                        });
+                    }
+                    self.tree.unlink(parent, &name, &mut self.alloc);
+                    self.tree.link(parent, &name, target_id, layer);
+                }
+            }
+            EntryKind::Regular { size } => {
+                let id = self.place(&path, &parent_path, &name, Body::File { size }, meta)?;
+                self.stream(id, size, data, &mut h, &path)?;
+                self.bytes += size;
+            }
+            EntryKind::Symlink { target } => {
+                if target.is_empty() || target.len() >= BLOCK_SIZE {
+                    let source = Ext4Error::SymlinkTarget { len: target.len() };
+                    return Err(FlattenError::EncodeEntry {
+                        layer: self.layer_name(),
+                        path,
+                        source,
+                    });
+                }
+                self.place(
+                    &path,
+                    &parent_path,
+                    &name,
+                    Body::Symlink(target.into()),
+                    meta,
+                )?;
+            }
+            EntryKind::CharDevice { major, minor } => {
+                self.place(
+                    &path,
+                    &parent_path,
+                    &name,
+                    Body::CharDevice(major, minor),
+                    meta,
+                )?;
+            }
+            EntryKind::BlockDevice { major, minor } => {
+                self.place(
+                    &path,
+                    &parent_path,
+                    &name,
+                    Body::BlockDevice(major, minor),
+                    meta,
+                )?;
+            }
+            EntryKind::Fifo => {
+                self.place(&path, &parent_path, &name, Body::Fifo, meta)?;
+            }
+        }
+        self.entry_digests.push(h.finalize().into());
+        Ok(())
+    }
+
+    /// A whiteout of `name` in `parent`: removes what lower layers put
+    /// there, keeps what this layer put there.
+    fn whiteout(&mut self, parent: NodeId, name: &[u8]) {
+        let Some(child) = self
+            .tree
+            .node(parent)
+            .dir()
+            .and_then(|d| d.children.get(name).copied())
+        else {
+            return;
+        };
+        if parent == ROOT && self.tree.node(child.id).ino == crate::ext4::LOST_FOUND_INO {
+            return;
+        }
+        self.tree
+            .hide_lower(parent, name, child, self.layer, &mut self.alloc);
+    }
+
+    /// Puts a non-directory at `path`. A file with no other name keeps its
+    /// node (and so its inode number); anything else is replaced.
+    fn place(
+        &mut self,
+        path: &EntryPath,
+        parent_path: &EntryPath,
+        name: &[u8],
+        body: Body,
+        meta: Meta,
+    ) -> Result<NodeId, FlattenError> {
+        let layer = self.layer;
+        let parent = self
+            .tree
+            .make_dirs(parent_path, layer)
+            .map_err(|e| self.not_a_dir(path, e))?;
+        let existing = self
+            .tree
+            .node(parent)
+            .dir()
+            .expect("a directory")
+            .children
+            .get(name)
+            .copied();
+        if let Some(child) = existing {
+            let node = self.tree.node(child.id);
+            if !node.body.is_dir() && node.links == 1 {
+                let type_changed = node.body.file_type() != body.file_type();
+                let node = self.tree.node_mut(child.id);
+                node.free_data(&mut self.alloc);
+                node.set_meta(meta);
+                node.body = body;
+                let d = self.tree.dir_mut(parent);
+                d.children.get_mut(name).expect("present").layer = layer;
+                d.dirty |= type_changed;
+                return Ok(child.id);
+            }
+            self.tree.unlink(parent, name, &mut self.alloc);
+        }
+        let id = self.tree.add(Node::new(body, meta));
+        self.tree.link(parent, name, id, layer);
+        Ok(id)
+    }
+
+    /// Streams `size` bytes of file data into the image at the cursor; runs
+    /// of zero blocks become holes.
+    fn stream(
+        &mut self,
+        id: NodeId,
+        size: u64,
+        data: &mut dyn Read,
+        h: &mut Sha256,
+        path: &EntryPath,
+    ) -> Result<(), FlattenError> {
+        let blocks = size.div_ceil(BLOCK_SIZE as u64);
+        if blocks > u64::from(u32::MAX) {
+            return Err(FlattenError::EncodeEntry {
+                layer: self.layer_name(),
+                path: path.clone(),
+                source: Ext4Error::FileTooLarge { bytes: size },
+            });
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(READ_CHUNK, 0);
+        let mut extents = Vec::new();
+        let mut done: u64 = 0;
+        let result = (|| {
+            while done < size {
+                let want = (size - done).min(READ_CHUNK as u64) as usize;
+                let got =
+                    read_full(data, &mut buf[..want]).map_err(|source| FlattenError::ReadData {
+                        layer: self.layer_name(),
+                        path: path.clone(),
+                        source,
+                    })?;
+                if got < want {
+                    return Err(FlattenError::ShortData {
+                        layer: self.layer_name(),
+                        path: path.clone(),
+                        got: done + got as u64,
+                        size,
+                    });
+                }
+                h.update(&buf[..want]);
+                let padded = want.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+                buf[want..padded].fill(0);
+                let first_logical = done / BLOCK_SIZE as u64;
+                let mut i = 0;
+                let nblocks = padded / BLOCK_SIZE;
+                while i < nblocks {
+                    if is_zero(&buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]) {
+                        i += 1;
+                        continue;
+                    }
+                    let mut j = i + 1;
+                    while j < nblocks && !is_zero(&buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE]) {
+                        j += 1;
+                    }
+                    let runs = self.alloc.alloc_runs((j - i) as u64).map_err(|source| {
+                        FlattenError::EncodeEntry {
+                            layer: self.layer_name(),
+                            path: path.clone(),
+                            source,
+                        }
+                    })?;
+                    let mut k = i;
+                    for run in runs {
+                        let bytes = &buf[k * BLOCK_SIZE..(k + run.len as usize) * BLOCK_SIZE];
+                        self.sink
+                            .write_block(run.start, bytes)
+                            .map_err(FlattenError::WriteImage)?;
+                        for b in 0..run.len as usize {
+                            push_block(
+                                &mut extents,
+                                (first_logical + (k + b) as u64) as u32,
+                                run.start + b as u64,
+                            );
+                        }
+                        k += run.len as usize;
+                    }
+                    i = j;
+                }
+                done += want as u64;
+            }
+            Ok(())
+        })();
+        self.buf = buf;
+        result?;
+        let needed = extent::tree_blocks_needed(extents.len());
+        let mut tree_blocks = Vec::with_capacity(needed);
+        if needed > 0 {
+            let runs = self.alloc.alloc_runs(needed as u64).map_err(|source| {
+                FlattenError::EncodeEntry {
+                    layer: self.layer_name(),
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            for r in runs {
+                tree_blocks.extend(r.start..r.start + u64::from(r.len));
+            }
+            let (_, images) = extent::build(&extents, &tree_blocks);
+            for (b, img) in tree_blocks.iter().zip(images) {
+                self.sink
+                    .write_block(*b, &img)
+                    .map_err(FlattenError::WriteImage)?;
+            }
+        }
+        let node = self.tree.node_mut(id);
+        node.extents = extents;
+        node.tree_blocks = tree_blocks.into_boxed_slice();
+        Ok(())
+    }
+}
+
+fn is_zero(block: &[u8]) -> bool {
+    static ZERO: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
+    block == &ZERO[..block.len()]
+}
