@@ -195,6 +195,24 @@ impl CacheDir {
             })
     }
 
+    /// The data file, for a reader that does its own I/O on it (a ublk
+    /// queue reading on its io_uring). Its offsets are the image's; only
+    /// the ranges of present chunks hold image bytes.
+    pub fn data_file(&self) -> &File {
+        &self.data
+    }
+
+    /// What a failed read of the data file reports, for a reader doing its
+    /// own I/O on [`CacheDir::data_file`].
+    pub fn read_error(&self, offset: u64, len: usize, source: io::Error) -> CacheError {
+        CacheError::ReadData {
+            path: self.data_path(),
+            offset,
+            len,
+            source,
+        }
+    }
+
     /// Writes `data` into the data file at `offset`. Not durable until
     /// [`CacheDir::flush`].
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<(), CacheError> {

@@ -1,8 +1,10 @@
 //! `add`, `del` and `list`: starting, stopping and watching device processes.
 //!
-//! `add` re-runs itself with `--foreground` as a detached child and returns
-//! once the child says the device is ready (one line on its stdout); the
-//! child logs to `CACHE_DIR/daemon.log`.
+//! `add` (and `recover`) re-run themselves with `--foreground` as a
+//! detached child and return once the child says the device is ready (one
+//! line on its stdout, `ready` and what to tell the user); the child logs to
+//! `CACHE_DIR/daemon.log`. The device itself is served by `fuse.rs` or
+//! `ublk.rs`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
@@ -12,23 +14,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use async_trait::async_trait;
 use clap::Args;
-use tokio::net::UnixListener;
 
 use super::keys::load_key;
 use super::ImageArgs;
 use crate::chunk::{manifest_digest, Manifest};
-use crate::daemon::{self, ControlRequest, ControlResponse, DeviceControl, DeviceRecord};
-use crate::engine::{Engine, EngineOptions, EngineStats, DEFAULT_READAHEAD_CHUNKS};
-use crate::frontend::fuse::{FuseDevice, DISK_FILE_NAME};
-use crate::store::open_store;
+use crate::daemon::{self, ControlRequest, ControlResponse, DeviceRecord, DeviceState};
+use crate::engine::{Engine, EngineOptions, DEFAULT_READAHEAD_CHUNKS};
+use crate::frontend::ublk;
+use crate::store::{open_store, ChunkStore};
 
-const READY_LINE: &str = "ready";
+const READY_WORD: &str = "ready";
 const LOG_FILE_NAME: &str = "daemon.log";
 /// How often fetched chunks are recorded in the cache's bitmap, bounding
 /// what a crash makes the device fetch again.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
+/// How long `del` waits for a device process to exit after it agreed to stop.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Args)]
 pub struct AddArgs {
@@ -38,12 +40,31 @@ pub struct AddArgs {
     /// re-using it after a restart keeps every chunk already there.
     #[arg(long)]
     pub cache_dir: PathBuf,
-    /// Serve the image as MOUNTPOINT/disk through FUSE.
+    /// Serve the image as MOUNTPOINT/disk through FUSE instead of as a ublk
+    /// block device (for kernels without ublk).
     #[arg(long, value_name = "MOUNTPOINT")]
-    pub fuse: PathBuf,
+    pub fuse: Option<PathBuf>,
+    /// The ublk device number wanted (/dev/ublkbID); by default the driver picks.
+    #[arg(
+        short = 'n',
+        long = "number",
+        value_name = "ID",
+        conflicts_with = "fuse"
+    )]
+    pub id: Option<u32>,
+    /// ublk queues (one thread each); default: online CPUs, at most 8.
+    #[arg(short = 'q', long, conflicts_with = "fuse", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub queues: Option<u16>,
+    /// Requests in flight per ublk queue.
+    #[arg(short = 'd', long, default_value_t = ublk::DEFAULT_DEPTH, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub depth: u16,
     /// Refuse writes.
     #[arg(long)]
     pub read_only: bool,
+    /// Let the ublk device outlive this process: if it dies, I/O waits
+    /// until `lazyblk recover -n ID` serves the device again.
+    #[arg(long, conflicts_with = "fuse")]
+    pub recoverable: bool,
     /// Most chunks fetched ahead of a sequential reader at once; 0 turns
     /// readahead off (random-access workloads then fetch only what they read).
     #[arg(long, default_value_t = DEFAULT_READAHEAD_CHUNKS)]
@@ -56,17 +77,42 @@ pub struct AddArgs {
 #[derive(Debug, Args)]
 pub struct DelArgs {
     /// The FUSE mountpoint the device was added at.
-    #[arg(long, value_name = "MOUNTPOINT")]
-    pub fuse: PathBuf,
+    #[arg(long, value_name = "MOUNTPOINT", conflicts_with_all = ["id", "all"])]
+    pub fuse: Option<PathBuf>,
+    /// The ublk device number (/dev/ublkbID).
+    #[arg(
+        short = 'n',
+        long = "number",
+        value_name = "ID",
+        conflicts_with = "all"
+    )]
+    pub id: Option<u32>,
+    /// Every device in the run directory, FUSE and ublk, orphans included.
+    #[arg(short = 'a', long)]
+    pub all: bool,
 }
 
 pub fn add(args: AddArgs) -> anyhow::Result<()> {
-    if args.foreground {
-        return super::runtime()?.block_on(serve(args));
+    if args.fuse.is_none() {
+        // Before anything else: no point starting a process that cannot work.
+        ublk::require_driver()?;
     }
-    std::fs::create_dir_all(&args.cache_dir)
-        .with_context(|| format!("create cache directory {}", args.cache_dir.display()))?;
-    let log_path = args.cache_dir.join(LOG_FILE_NAME);
+    if args.foreground {
+        let runtime = super::runtime()?;
+        return match &args.fuse {
+            Some(mountpoint) => runtime.block_on(super::fuse::serve(&args, mountpoint)),
+            None => runtime.block_on(super::ublk::serve_add(&args)),
+        };
+    }
+    daemonize(&args.cache_dir)
+}
+
+/// Re-runs this command with `--foreground` as a detached child logging to
+/// `cache_dir`, and returns once it is ready, printing what it said.
+pub(super) fn daemonize(cache_dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(cache_dir)
+        .with_context(|| format!("create cache directory {}", cache_dir.display()))?;
+    let log_path = cache_dir.join(LOG_FILE_NAME);
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -90,10 +136,10 @@ pub fn add(args: AddArgs) -> anyhow::Result<()> {
     BufReader::new(stdout)
         .read_line(&mut line)
         .context("wait for the device process")?;
-    if line.trim_end() == READY_LINE {
+    if let Some(said) = line.trim_end().strip_prefix(READY_WORD) {
         println!(
-            "{} ready (pid {}, log {})",
-            args.fuse.join(DISK_FILE_NAME).display(),
+            "{} (pid {}, log {})",
+            said.trim(),
             child.id(),
             log_path.display()
         );
@@ -109,132 +155,52 @@ pub fn add(args: AddArgs) -> anyhow::Result<()> {
     )
 }
 
-/// Glue between the control socket and a FUSE device.
-struct FuseControl {
-    engine: Arc<Engine>,
-    device: Arc<FuseDevice>,
+/// Tells the parent `add` (or a user in the foreground) that the device is
+/// live and where.
+pub(super) fn say_ready(what: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{READY_WORD} {what}").and_then(|()| stdout.flush())?;
+    Ok(())
 }
 
-#[async_trait]
-impl DeviceControl for FuseControl {
-    fn stats(&self) -> EngineStats {
-        self.engine.stats()
-    }
-
-    async fn stop(&self) -> Result<(), String> {
-        self.engine
-            .flush()
-            .await
-            .map_err(|e| format!("flush: {e}"))?;
-        self.device.unmount().map_err(|e| e.to_string())
-    }
-}
-
-async fn serve(args: AddArgs) -> anyhow::Result<()> {
-    let tenant = load_key(&args.image.key)?;
-    let store = open_store(&args.image.store)?;
-    let name = &args.image.name;
+/// Opens the image's manifest and cache for serving.
+pub(super) async fn open_engine(
+    image: &ImageArgs,
+    cache_dir: &Path,
+    opts: EngineOptions,
+) -> anyhow::Result<(Arc<Engine>, Arc<dyn ChunkStore>)> {
+    let tenant = load_key(&image.key)?;
+    let store = open_store(&image.store)?;
+    let name = &image.name;
     let sealed = store.get_manifest(name).await?;
     let manifest = Manifest::open(name, &sealed, &tenant)?;
     let engine = Engine::open(
         manifest,
         manifest_digest(&sealed),
         store.clone(),
-        &args.cache_dir,
-        EngineOptions {
-            read_only: args.read_only,
-            readahead_chunks: args.readahead_chunks,
-        },
+        cache_dir,
+        opts,
     )
-    .with_context(|| format!("open cache {}", args.cache_dir.display()))?;
-    let mountpoint = args
-        .fuse
-        .canonicalize()
-        .with_context(|| format!("mountpoint {}", args.fuse.display()))?;
+    .with_context(|| format!("open cache {}", cache_dir.display()))?;
+    Ok((engine, store))
+}
 
-    // Everything that can fail comes before the mount, so a failed start
-    // never leaves a mount behind.
+/// The run directory, created if needed.
+pub(super) fn ensure_run_dir() -> anyhow::Result<PathBuf> {
     let run_dir = daemon::run_dir();
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("create run directory {}", run_dir.display()))?;
-    if let Some(other) = daemon::list_devices(&run_dir)
-        .await
-        .with_context(|| format!("read run directory {}", run_dir.display()))?
-        .into_iter()
-        .find(|d| d.record.target == mountpoint)
-    {
-        bail!(
-            "device {} already serves {:?} at {}",
-            other.record.pid,
-            other.record.name,
-            mountpoint.display()
-        );
-    }
-    let pid = std::process::id();
-    let socket = DeviceRecord::socket_path(&run_dir, pid);
-    let _ = std::fs::remove_file(&socket);
-    let listener =
-        UnixListener::bind(&socket).with_context(|| format!("bind {}", socket.display()))?;
-    let record = DeviceRecord {
-        pid,
-        frontend: "fuse".into(),
-        target: mountpoint.clone(),
-        name: name.clone(),
-        store: store.describe(),
-        cache_dir: std::path::absolute(&args.cache_dir).unwrap_or(args.cache_dir.clone()),
-        read_only: args.read_only,
-    };
-
-    let device = Arc::new(FuseDevice::mount(
-        engine.clone(),
-        tokio::runtime::Handle::current(),
-        &mountpoint,
-    )?);
-    if let Err(e) = record.publish(&run_dir) {
-        let _ = device.unmount();
-        DeviceRecord::remove(&run_dir, pid);
-        return Err(e).with_context(|| format!("write device record in {}", run_dir.display()));
-    }
-    let control = Arc::new(FuseControl {
-        engine: engine.clone(),
-        device: device.clone(),
-    });
-    let control_task = tokio::spawn(daemon::serve_control(listener, control.clone()));
-    tracing::info!(name, mountpoint = %mountpoint.display(), "device ready");
-    {
-        let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "{READY_LINE}").and_then(|()| stdout.flush())?;
-    }
-
-    let checkpoints = tokio::spawn(checkpoint_every(engine.clone(), CHECKPOINT_INTERVAL));
-    let session_device = device.clone();
-    let mut session = tokio::task::spawn_blocking(move || session_device.wait());
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let session_result = loop {
-        tokio::select! {
-            result = &mut session => break result,
-            _ = terminate.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        tracing::info!("signal received: flushing and unmounting");
-        if let Err(e) = control.stop().await {
-            tracing::error!("cannot stop yet: {e}");
-        }
-    };
-    control_task.abort();
-    checkpoints.abort();
-    let flushed = engine.flush().await;
-    DeviceRecord::remove(&run_dir, pid);
-    tracing::info!(stats = ?engine.stats(), "device stopped");
-    session_result
-        .map_err(|e| anyhow!("FUSE session task: {e}"))?
-        .context("FUSE session")?;
-    flushed.context("final flush")?;
-    Ok(())
+    Ok(run_dir)
 }
 
-async fn checkpoint_every(engine: Arc<Engine>, interval: Duration) {
-    let mut ticks = tokio::time::interval(interval);
+pub(super) async fn list_devices(run_dir: &Path) -> anyhow::Result<Vec<daemon::DeviceStatus>> {
+    daemon::list_devices(run_dir, ublk::device_exists)
+        .await
+        .with_context(|| format!("read run directory {}", run_dir.display()))
+}
+
+pub(super) async fn checkpoint_every(engine: Arc<Engine>) {
+    let mut ticks = tokio::time::interval(CHECKPOINT_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
@@ -245,40 +211,84 @@ async fn checkpoint_every(engine: Arc<Engine>, interval: Duration) {
 }
 
 pub async fn del(args: DelArgs) -> anyhow::Result<()> {
-    let mountpoint = args
-        .fuse
-        .canonicalize()
-        .with_context(|| format!("mountpoint {}", args.fuse.display()))?;
     let run_dir = daemon::run_dir();
-    let device = daemon::list_devices(&run_dir)
-        .await
-        .with_context(|| format!("read run directory {}", run_dir.display()))?
-        .into_iter()
+    let devices = list_devices(&run_dir).await?;
+    if args.all {
+        let mut failed = Vec::new();
+        for device in devices {
+            if let Err(e) = del_one(&run_dir, &device).await {
+                failed.push(format!("{e:#}"));
+            }
+        }
+        if !failed.is_empty() {
+            bail!("some devices were not removed:\n{}", failed.join("\n"));
+        }
+        return Ok(());
+    }
+    if let Some(id) = args.id {
+        let Some(device) = devices
+            .iter()
+            .find(|d| d.record.ublk.as_ref().is_some_and(|u| u.id == id))
+        else {
+            // Not ours (or its record is lost): still ublk's to delete.
+            if ublk::device_exists(id) {
+                tokio::task::spawn_blocking(move || ublk::delete(id)).await??;
+                println!("deleted {}", ublk::device_path(id).display());
+                return Ok(());
+            }
+            bail!("there is no ublk device {id}");
+        };
+        return del_one(&run_dir, device).await;
+    }
+    let Some(fuse) = args.fuse else {
+        bail!("say which device: -n ID, --all, or --fuse MOUNTPOINT");
+    };
+    let mountpoint = fuse
+        .canonicalize()
+        .with_context(|| format!("mountpoint {}", fuse.display()))?;
+    let device = devices
+        .iter()
         .find(|d| d.record.frontend == "fuse" && d.record.target == mountpoint)
         .ok_or_else(|| anyhow!("no lazyblk device is mounted at {}", mountpoint.display()))?;
+    del_one(&run_dir, device).await
+}
+
+/// Stops a live device through its process, or deletes an orphan.
+async fn del_one(run_dir: &Path, device: &daemon::DeviceStatus) -> anyhow::Result<()> {
     let pid = device.record.pid;
-    let socket = DeviceRecord::socket_path(&run_dir, pid);
+    let target = device.record.target.display();
+    if device.state == DeviceState::Orphaned {
+        let id = device
+            .record
+            .ublk
+            .as_ref()
+            .map(|u| u.id)
+            .expect("orphans are ublk");
+        tokio::task::spawn_blocking(move || ublk::delete(id)).await??;
+        DeviceRecord::remove(run_dir, pid);
+        println!("deleted orphaned {target}");
+        return Ok(());
+    }
+    let socket = DeviceRecord::socket_path(run_dir, pid);
     match daemon::request(&socket, &ControlRequest::Stop).await? {
         ControlResponse::Stopping => {}
-        ControlResponse::Error(e) => bail!("device {pid} at {}: {e}", mountpoint.display()),
+        ControlResponse::Error(e) => bail!("device {pid} at {target}: {e}"),
         other => bail!("device {pid} answered {other:?} to stop"),
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + EXIT_TIMEOUT;
     while Path::new(&format!("/proc/{pid}")).exists() {
         if Instant::now() > deadline {
-            bail!("device {pid} unmounted but has not exited after 60 s");
+            bail!("device {pid} at {target} agreed to stop but has not exited after 60 s");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("stopped device {pid} at {}", mountpoint.display());
+    println!("stopped device {pid} at {target}");
     Ok(())
 }
 
 pub async fn list(json: bool) -> anyhow::Result<()> {
     let run_dir = daemon::run_dir();
-    let devices = daemon::list_devices(&run_dir)
-        .await
-        .with_context(|| format!("read run directory {}", run_dir.display()))?;
+    let devices = list_devices(&run_dir).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&devices)?);
         return Ok(());
@@ -288,11 +298,14 @@ pub async fn list(json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:>7} {:<5} {:<28} {:<16} {:>13} {:>10} {:>8} {:>8} {:>9} {:>9} {:>6}",
+        "{:>4} {:>7} {:<5} {:<8} {:<24} {:<14} {:>3} {:>11} {:>9} {:>8} {:>8} {:>8} {:>8} {:>4}  CACHE",
+        "ID",
         "PID",
         "FRONT",
+        "STATE",
         "TARGET",
         "NAME",
+        "Q",
         "PRESENT",
         "FETCHED",
         "HITS",
@@ -302,20 +315,46 @@ pub async fn list(json: bool) -> anyhow::Result<()> {
         "BAD"
     );
     for d in devices {
-        let s = &d.stats;
+        let id = d
+            .record
+            .ublk
+            .as_ref()
+            .map_or("-".into(), |u| u.id.to_string());
+        let queues = d
+            .record
+            .ublk
+            .as_ref()
+            .map_or("-".into(), |u| u.queues.to_string());
+        let state = match d.state {
+            DeviceState::Live => "live",
+            DeviceState::Orphaned => "orphaned",
+        };
+        let counters = match &d.stats {
+            Some(s) => format!(
+                "{:>11} {:>8.1}M {:>8} {:>8} {:>8} {:>8} {:>4}",
+                format!("{}/{}", s.chunks_present, s.chunks_total),
+                s.bytes_fetched as f64 / (1024.0 * 1024.0),
+                s.cache_hits,
+                s.cache_misses,
+                s.fetch_latency_p50_us,
+                s.fetch_latency_p99_us,
+                s.integrity_failures
+            ),
+            None => format!(
+                "{:>11} {:>9} {:>8} {:>8} {:>8} {:>8} {:>4}",
+                "-", "-", "-", "-", "-", "-", "-"
+            ),
+        };
         println!(
-            "{:>7} {:<5} {:<28} {:<16} {:>13} {:>9.1}M {:>8} {:>8} {:>9} {:>9} {:>6}",
+            "{:>4} {:>7} {:<5} {:<8} {:<24} {:<14} {:>3} {counters}  {}",
+            id,
             d.record.pid,
             d.record.frontend,
+            state,
             d.record.target.display(),
             d.record.name,
-            format!("{}/{}", s.chunks_present, s.chunks_total),
-            s.bytes_fetched as f64 / (1024.0 * 1024.0),
-            s.cache_hits,
-            s.cache_misses,
-            s.fetch_latency_p50_us,
-            s.fetch_latency_p99_us,
-            s.integrity_failures
+            queues,
+            d.record.cache_dir.display()
         );
     }
     Ok(())

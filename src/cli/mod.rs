@@ -3,8 +3,10 @@
 
 mod device;
 mod flatten;
+mod fuse;
 mod keys;
 mod transfer;
+mod ublk;
 
 use std::path::PathBuf;
 
@@ -32,13 +34,22 @@ pub enum Command {
     Push(transfer::PushArgs),
     /// Rebuild an image from the store, verifying every chunk.
     Export(transfer::ExportArgs),
-    /// Attach an image as a device served lazily from the store.
+    /// Attach an image as a block device (/dev/ublkbN) served lazily from
+    /// the store; prints its path and id once it is live.
     Add(device::AddArgs),
-    /// Flush and detach a device.
+    /// Flush and remove a device (-n ID, --all, or --fuse MOUNTPOINT).
     Del(device::DelArgs),
-    /// List running devices and their counters.
+    /// List devices (live, and ublk devices whose process died) and their counters.
     List {
         /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve a `--recoverable` ublk device again after its process died.
+    Recover(ublk::RecoverArgs),
+    /// Show which ublk features the running kernel's driver supports.
+    Features {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -62,6 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     // A device process logs what it serves; a one-shot command only what went wrong.
     let default_level = match &cli.command {
         Command::Add(args) if args.foreground => "info",
+        Command::Recover(args) if args.foreground => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("LAZYBLK_LOG")
@@ -78,6 +90,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Add(args) => device::add(args),
         Command::Del(args) => runtime()?.block_on(device::del(args)),
         Command::List { json } => runtime()?.block_on(device::list(json)),
+        Command::Recover(args) => ublk::recover(args),
+        Command::Features { json } => ublk::features(json),
     }
 }
 

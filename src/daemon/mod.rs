@@ -5,8 +5,10 @@
 //! find it through the run directory (`/run/lazyblk`, or `$LAZYBLK_RUN_DIR`)
 //! and talk to it over its socket, one JSON line each way.
 //!
-//! Invariant: a record whose socket does not answer belongs to a device that
-//! is gone; readers clean it up.
+//! Invariant: a record whose socket does not answer belongs to a process
+//! that is gone; readers clean it up, except for a ublk device the kernel
+//! still has (an orphan, waiting for `recover` or `del`), whose record says
+//! how to serve it again.
 #![forbid(unsafe_code)]
 
 mod control;
@@ -43,6 +45,33 @@ pub struct DeviceRecord {
     pub store: String,
     pub cache_dir: PathBuf,
     pub read_only: bool,
+    /// What a ublk device needs to be found and served again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ublk: Option<UblkRecord>,
+}
+
+/// The ublk side of a device record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UblkRecord {
+    /// The driver's device number: `/dev/ublkbID`.
+    pub id: u32,
+    pub queues: u16,
+    pub depth: u16,
+    pub recoverable: bool,
+    /// The store as it was named to `add` (reopened by `recover`).
+    pub store_spec: String,
+    /// The tenant key file the device was added with.
+    pub key: PathBuf,
+    pub readahead_chunks: u32,
+}
+
+/// Whether a device's process answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceState {
+    Live,
+    /// The process died; the kernel still has the ublk device.
+    Orphaned,
 }
 
 /// A record with the live counters its device reported.
@@ -50,7 +79,9 @@ pub struct DeviceRecord {
 pub struct DeviceStatus {
     #[serde(flatten)]
     pub record: DeviceRecord,
-    pub stats: EngineStats,
+    pub state: DeviceState,
+    /// The live counters; none for an orphan.
+    pub stats: Option<EngineStats>,
 }
 
 impl DeviceRecord {
@@ -78,9 +109,13 @@ impl DeviceRecord {
     }
 }
 
-/// Every device whose control socket answers, with its counters. Records
-/// of devices that are gone are removed on the way.
-pub async fn list_devices(run_dir: &Path) -> std::io::Result<Vec<DeviceStatus>> {
+/// Every device whose control socket answers, with its counters, and every
+/// orphaned ublk device for which `still_exists(id)`. Records of devices
+/// that are gone are removed on the way.
+pub async fn list_devices(
+    run_dir: &Path,
+    still_exists: impl Fn(u32) -> bool,
+) -> std::io::Result<Vec<DeviceStatus>> {
     let mut devices = Vec::new();
     let entries = match std::fs::read_dir(run_dir) {
         Ok(entries) => entries,
@@ -106,12 +141,37 @@ pub async fn list_devices(run_dir: &Path) -> std::io::Result<Vec<DeviceStatus>> 
         )
         .await
         {
-            Ok(ControlResponse::Stats(stats)) => devices.push(DeviceStatus { record, stats }),
+            Ok(ControlResponse::Stats(stats)) => devices.push(DeviceStatus {
+                record,
+                state: DeviceState::Live,
+                stats: Some(stats),
+            }),
             Ok(_) => {}
-            Err(ControlError::Connect { .. }) => DeviceRecord::remove(run_dir, record.pid),
+            Err(ControlError::Connect { .. }) => match &record.ublk {
+                Some(ublk) if still_exists(ublk.id) => devices.push(DeviceStatus {
+                    record,
+                    state: DeviceState::Orphaned,
+                    stats: None,
+                }),
+                _ => DeviceRecord::remove(run_dir, record.pid),
+            },
             Err(e) => tracing::warn!("device {}: {e}", record.pid),
         }
     }
+    // A dead process's record for a number the driver has since given to
+    // a live device is stale.
+    let live: Vec<u32> = devices
+        .iter()
+        .filter(|d| d.state == DeviceState::Live)
+        .filter_map(|d| d.record.ublk.as_ref().map(|u| u.id))
+        .collect();
+    devices.retain(|d| match (&d.record.ublk, d.state) {
+        (Some(ublk), DeviceState::Orphaned) if live.contains(&ublk.id) => {
+            DeviceRecord::remove(run_dir, d.record.pid);
+            false
+        }
+        _ => true,
+    });
     devices.sort_by_key(|d| d.record.pid);
     Ok(devices)
 }

@@ -48,6 +48,7 @@ use crate::store::ChunkStore;
 
 mod error;
 mod fetch;
+mod plan;
 mod readahead;
 mod request;
 mod stats;
@@ -63,6 +64,7 @@ mod tests_readahead;
 mod tests_write;
 
 pub use error::EngineError;
+pub use plan::CachedRange;
 pub use stats::EngineStats;
 
 use fetch::Fill;

@@ -73,7 +73,7 @@ impl Engine {
     }
 
     /// Reports an in-range read to readahead.
-    fn note_request(self: &Arc<Self>, offset: u64, len: usize, missed: bool) {
+    pub(super) fn note_request(self: &Arc<Self>, offset: u64, len: usize, missed: bool) {
         if len > 0 {
             let first = offset / self.chunk_size();
             let last = (offset + len as u64 - 1) / self.chunk_size();

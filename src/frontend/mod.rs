@@ -5,3 +5,4 @@
 //! the one errno mapping. It holds no state of its own about the image.
 
 pub mod fuse;
+pub mod ublk;

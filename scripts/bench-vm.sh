@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Reads through lazyblk's ublk device, through FUSE + loop, and through a loop
+# device over the plain image, with the same fio jobs, all inside one VM on a
+# kernel with ublk (scripts/vm-run.sh). Prints a Markdown report on stdout
+# (progress goes to stderr), ready for docs/BENCHMARKS.md.
+#
+# The VM runs under TCG emulation: absolute figures mean little, ratios
+# between targets measured in the same run do. Everything lives in the
+# guest's tmpfs: the image, the store and the cache directories.
+#   rand: 4 KiB random reads, queue depth 32, for BENCH_RUNTIME seconds;
+#   seq:  1 MiB sequential reads of the whole device, queue depth 8.
+# fio uses io_uring and O_DIRECT on the block device. Cold: a fresh cache
+# directory (every chunk fetched from the store on first touch) and, for
+# FUSE + loop, dropped page caches. Warm: the same job after one full read
+# of the device. The baseline's image is in tmpfs, so it is always warm.
+#
+# Environment: BENCH_IMAGE_MIB (default 128), BENCH_RUNTIME (default 10),
+# LAZYBLK_VM_RUN (default scripts/vm-run.sh).
+set -euo pipefail
+# shellcheck source=scripts/lib/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+
+image_mib=${BENCH_IMAGE_MIB:-128}
+runtime=${BENCH_RUNTIME:-10}
+vm_run=${LAZYBLK_VM_RUN:-$REPO_ROOT/scripts/vm-run.sh}
+[[ -x $vm_run ]] || die "no VM runner at $vm_run"
+[[ $image_mib =~ ^[1-9][0-9]*$ ]] || die "BENCH_IMAGE_MIB wants a number of MiB, not '$image_mib'"
+[[ $runtime =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNTIME wants a number of seconds, not '$runtime'"
+
+note "cargo build --release"
+built=$(build_release)
+work=$(mktemp -d "${TMPDIR:-/tmp}/lazyblk-bench-vm.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+# A copy: another build into the same target directory cannot swap it.
+bin=$work/lazyblk
+cp "$built" "$bin"
+has_subcommand "$bin" add --recoverable || die "$built has no ublk support (add --recoverable): a stale build?"
+
+cat >"$work/bench-guest" <<'EOF'
+#!/bin/sh
+# In the guest: prints "BENCH target temp job iops kib_per_s" lines.
+set -eu
+image_mib=$1 runtime=$2
+cd /tmp
+dd if=/dev/urandom of=image bs=1M count="$image_mib" 2>/dev/null
+lazyblk keygen --out key >/dev/null
+echo "bench: pushing a $image_mib MiB random image" >&2
+lazyblk push image --store store --key key --name bench --json >push.json 2>push.err || { cat push.err >&2; exit 1; }
+
+job() { # target temp job device
+    case $3 in
+    rand) set -- "$1" "$2" "$3" "$4" --rw=randread --bs=4k --iodepth=32 --runtime="$runtime" --time_based ;;
+    seq) set -- "$1" "$2" "$3" "$4" --rw=read --bs=1M --iodepth=8 --size=100% ;;
+    esac
+    target=$1 temp=$2 name=$3 dev=$4
+    shift 4
+    echo "bench: $target $temp $name" >&2
+    fio --name="$name" --filename="$dev" --readonly --direct=1 --ioengine=io_uring \
+        --output-format=terse --terse-version=3 "$@" |
+        awk -F';' -v t="$target $temp $name" '{ printf "BENCH %s %d %d\n", t, $8, $7 }'
+}
+read_all() { dd if="$1" of=/dev/null bs=1M iflag=direct 2>/dev/null; }
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+loop=$(losetup -f)
+losetup -r "$loop" image
+for j in rand seq; do job loop warm $j "$loop"; done
+losetup -d "$loop"
+
+for j in rand seq; do
+    out=$(lazyblk add --store store --key key --name bench --cache-dir "cache-ublk-$j" --read-only)
+    dev=${out%% *}
+    job ublk cold $j "$dev"
+    read_all "$dev"
+    job ublk warm $j "$dev"
+    lazyblk del -n "$(echo "$out" | cut -d' ' -f3)" >/dev/null
+    rm -rf "cache-ublk-$j"
+done
+
+mkdir -p mnt
+for j in rand seq; do
+    lazyblk add --store store --key key --name bench --cache-dir "cache-fuse-$j" --read-only --fuse mnt >/dev/null
+    loop=$(losetup -f)
+    losetup -r "$loop" mnt/disk
+    drop_caches
+    job fuse cold $j "$loop"
+    read_all "$loop"
+    job fuse warm $j "$loop"
+    losetup -d "$loop"
+    lazyblk del --fuse mnt >/dev/null
+    rm -rf "cache-fuse-$j"
+done
+echo "BENCH-FIO $(fio --version)"
+echo "BENCH-KERNEL $(uname -r)"
+EOF
+chmod 755 "$work/bench-guest"
+
+note "running the benchmark in the VM (${image_mib} MiB image, ${runtime} s random jobs)"
+"$vm_run" --timeout 1800 --mem $((image_mib * 5 + 1024)) \
+    --add "$bin:/vm/lazyblk" --add "$work/bench-guest:/vm/bench-guest" \
+    -- bench-guest "$image_mib" "$runtime" >"$work/console.log" ||
+    die "the benchmark failed in the VM: $(tail -n 20 "$work/console.log")"
+
+declare -A iops kib
+while read -r _ target temp job i k; do
+    iops[$target.$temp.$job]=$i
+    kib[$target.$temp.$job]=$k
+done < <(grep -E '^BENCH [a-z]+ (cold|warm) (rand|seq) [0-9]+ [0-9]+$' "$work/console.log")
+fio_version=$(sed -n 's/^BENCH-FIO //p' "$work/console.log")
+kernel=$(sed -n 's/^BENCH-KERNEL //p' "$work/console.log")
+for key in loop.warm.rand loop.warm.seq ublk.{cold,warm}.{rand,seq} fuse.{cold,warm}.{rand,seq}; do
+    [[ -n ${iops[$key]:-} ]] || die "no figure for $key in the VM's output"
+done
+
+# value: rand in IOPS, seq in MiB/s.
+value() {
+    case $1 in
+    *.rand) printf '%s' "${iops[$1]}" ;;
+    *.seq) awk -v k="${kib[$1]}" 'BEGIN { printf "%.0f", k / 1024 }' ;;
+    esac
+}
+row() { # label, temp, job, unit
+    local l u f
+    l=$(value "loop.warm.$3")
+    u=$(value "ublk.$2.$3")
+    f=$(value "fuse.$2.$3")
+    printf '| %s (%s) | %s | %s | %s | %s | %s | %s |\n' "$1" "$4" "$l" "$u" "$(ratio "$u" "$l")" \
+        "$f" "$(ratio "$f" "$l")" "$(ratio "$u" "$f")"
+}
+
+echo "### ublk vs FUSE + loop vs loop, in the VM"
+echo
+echo "Command: \`scripts/bench-vm.sh\` (BENCH_IMAGE_MIB=$image_mib, BENCH_RUNTIME=$runtime): kernel $kernel under qemu TCG (2 vCPUs), $fio_version with \`--ioengine=io_uring --direct=1\` on the block device; rand = \`--rw=randread --bs=4k --iodepth=32 --runtime=$runtime --time_based\`, seq = \`--rw=read --bs=1M --iodepth=8\` over the whole device. Image, store and caches in the guest's tmpfs. The baseline is \`losetup -r\` over the image file (in memory, so always warm). lazyblk ublk: \`add --read-only\` with the default queues (one per vCPU) and depth 128. FUSE + loop: \`add --fuse --read-only\` and \`losetup -r\` over \`MNT/disk\`. Cold = fresh cache directory; warm = after one full read of the device."
+echo
+echo "| job | loop | ublk | ublk / loop | FUSE + loop | FUSE / loop | ublk / FUSE |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+row "rand 4 KiB QD32, warm" warm rand IOPS
+row "seq 1 MiB, warm" warm seq "MiB/s"
+row "rand 4 KiB QD32, cold" cold rand IOPS
+row "seq 1 MiB, cold" cold seq "MiB/s"

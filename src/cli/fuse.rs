@@ -1,0 +1,130 @@
+//! `add --fuse` in the foreground: the device process of a FUSE device.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use async_trait::async_trait;
+use tokio::net::UnixListener;
+
+use super::device::{
+    checkpoint_every, ensure_run_dir, list_devices, open_engine, say_ready, AddArgs,
+};
+use crate::daemon::{self, DeviceControl, DeviceRecord};
+use crate::engine::{Engine, EngineOptions, EngineStats};
+use crate::frontend::fuse::{FuseDevice, DISK_FILE_NAME};
+
+/// Glue between the control socket and a FUSE device.
+struct FuseControl {
+    engine: Arc<Engine>,
+    device: Arc<FuseDevice>,
+}
+
+#[async_trait]
+impl DeviceControl for FuseControl {
+    fn stats(&self) -> EngineStats {
+        self.engine.stats()
+    }
+
+    async fn stop(&self) -> Result<(), String> {
+        self.engine
+            .flush()
+            .await
+            .map_err(|e| format!("flush: {e}"))?;
+        self.device.unmount().map_err(|e| e.to_string())
+    }
+}
+
+pub(super) async fn serve(args: &AddArgs, mountpoint: &Path) -> anyhow::Result<()> {
+    let (engine, store) = open_engine(
+        &args.image,
+        &args.cache_dir,
+        EngineOptions {
+            read_only: args.read_only,
+            readahead_chunks: args.readahead_chunks,
+        },
+    )
+    .await?;
+    let name = &args.image.name;
+    let mountpoint = mountpoint
+        .canonicalize()
+        .with_context(|| format!("mountpoint {}", mountpoint.display()))?;
+
+    // Everything that can fail comes before the mount, so a failed start
+    // never leaves a mount behind.
+    let run_dir = ensure_run_dir()?;
+    if let Some(other) = list_devices(&run_dir)
+        .await?
+        .into_iter()
+        .find(|d| d.record.target == mountpoint)
+    {
+        bail!(
+            "device {} already serves {:?} at {}",
+            other.record.pid,
+            other.record.name,
+            mountpoint.display()
+        );
+    }
+    let pid = std::process::id();
+    let socket = DeviceRecord::socket_path(&run_dir, pid);
+    let _ = std::fs::remove_file(&socket);
+    let listener =
+        UnixListener::bind(&socket).with_context(|| format!("bind {}", socket.display()))?;
+    let record = DeviceRecord {
+        pid,
+        frontend: "fuse".into(),
+        target: mountpoint.clone(),
+        name: name.clone(),
+        store: store.describe(),
+        cache_dir: std::path::absolute(&args.cache_dir).unwrap_or(args.cache_dir.clone()),
+        read_only: args.read_only,
+        ublk: None,
+    };
+
+    let device = Arc::new(FuseDevice::mount(
+        engine.clone(),
+        tokio::runtime::Handle::current(),
+        &mountpoint,
+    )?);
+    if let Err(e) = record.publish(&run_dir) {
+        let _ = device.unmount();
+        DeviceRecord::remove(&run_dir, pid);
+        return Err(e).with_context(|| format!("write device record in {}", run_dir.display()));
+    }
+    let control = Arc::new(FuseControl {
+        engine: engine.clone(),
+        device: device.clone(),
+    });
+    let control_task = tokio::spawn(daemon::serve_control(listener, control.clone()));
+    tracing::info!(name, mountpoint = %mountpoint.display(), "device ready");
+    say_ready(&format!(
+        "{} ready",
+        mountpoint.join(DISK_FILE_NAME).display()
+    ))?;
+
+    let checkpoints = tokio::spawn(checkpoint_every(engine.clone()));
+    let session_device = device.clone();
+    let mut session = tokio::task::spawn_blocking(move || session_device.wait());
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let session_result = loop {
+        tokio::select! {
+            result = &mut session => break result,
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("signal received: flushing and unmounting");
+        if let Err(e) = control.stop().await {
+            tracing::error!("cannot stop yet: {e}");
+        }
+    };
+    control_task.abort();
+    checkpoints.abort();
+    let flushed = engine.flush().await;
+    DeviceRecord::remove(&run_dir, pid);
+    tracing::info!(stats = ?engine.stats(), "device stopped");
+    session_result
+        .map_err(|e| anyhow!("FUSE session task: {e}"))?
+        .context("FUSE session")?;
+    flushed.context("final flush")?;
+    Ok(())
+}

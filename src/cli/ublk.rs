@@ -1,0 +1,254 @@
+//! `add` (without `--fuse`), `recover` and `features`: the device process
+//! of a ublk device and what the kernel's driver offers.
+//!
+//! The device process runs [`ublk::serve`] on a blocking thread (it spawns
+//! the queue threads and blocks until they stop); fetches, the control
+//! socket and checkpoints run on the tokio runtime. Its record carries
+//! everything `recover` needs to serve the device again if it dies.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use async_trait::async_trait;
+use clap::Args;
+use tokio::net::UnixListener;
+
+use super::device::{
+    checkpoint_every, daemonize, ensure_run_dir, list_devices, open_engine, say_ready, AddArgs,
+};
+use super::ImageArgs;
+use crate::daemon::{self, DeviceControl, DeviceRecord, DeviceState, UblkRecord};
+use crate::engine::{Engine, EngineOptions, EngineStats};
+use crate::frontend::ublk::{self, DeviceInfo, DeviceOptions, Start};
+
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    /// The orphaned ublk device to serve again (/dev/ublkbID).
+    #[arg(short = 'n', long = "number", value_name = "ID")]
+    pub id: u32,
+    /// Stay in the foreground instead of returning once the device is live.
+    #[arg(long)]
+    pub foreground: bool,
+}
+
+/// What a device process serves, whether it adds or recovers the device.
+struct Spec {
+    image: ImageArgs,
+    cache_dir: PathBuf,
+    read_only: bool,
+    readahead_chunks: u32,
+    start: Start,
+    /// The record of the process that died, replaced once the device is live.
+    replaces: Option<u32>,
+}
+
+pub(super) async fn serve_add(args: &AddArgs) -> anyhow::Result<()> {
+    serve(Spec {
+        image: args.image.clone(),
+        cache_dir: args.cache_dir.clone(),
+        read_only: args.read_only,
+        readahead_chunks: args.readahead_chunks,
+        start: Start::Add(DeviceOptions {
+            id: args.id,
+            queues: args.queues.unwrap_or_else(ublk::default_queues),
+            depth: args.depth,
+            recoverable: args.recoverable,
+        }),
+        replaces: None,
+    })
+    .await
+}
+
+pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
+    ublk::require_driver()?;
+    let runtime = super::runtime()?;
+    let run_dir = ensure_run_dir()?;
+    let orphan = runtime
+        .block_on(list_devices(&run_dir))?
+        .into_iter()
+        .find(|d| d.record.ublk.as_ref().is_some_and(|u| u.id == args.id));
+    let Some(orphan) = orphan else {
+        bail!(
+            "no record of ublk device {} in {}: only devices added by lazyblk can be recovered",
+            args.id,
+            run_dir.display()
+        );
+    };
+    if orphan.state == DeviceState::Live {
+        bail!(
+            "ublk device {} is served by process {}: nothing to recover",
+            args.id,
+            orphan.record.pid
+        );
+    }
+    let ublk = orphan.record.ublk.clone().expect("found by its ublk id");
+    if !ublk.recoverable {
+        bail!(
+            "ublk device {} was not added with --recoverable; remove it with `lazyblk del -n {}`",
+            args.id,
+            args.id
+        );
+    }
+    if !args.foreground {
+        return daemonize(&orphan.record.cache_dir);
+    }
+    runtime.block_on(serve(Spec {
+        image: ImageArgs {
+            store: ublk.store_spec.clone(),
+            key: ublk.key.clone(),
+            name: orphan.record.name.clone(),
+        },
+        cache_dir: orphan.record.cache_dir.clone(),
+        read_only: orphan.record.read_only,
+        readahead_chunks: ublk.readahead_chunks,
+        start: Start::Recover { id: args.id },
+        replaces: Some(orphan.record.pid),
+    }))
+}
+
+/// Glue between the control socket and a ublk device.
+struct UblkControl {
+    engine: Arc<Engine>,
+    id: u32,
+}
+
+#[async_trait]
+impl DeviceControl for UblkControl {
+    fn stats(&self) -> EngineStats {
+        self.engine.stats()
+    }
+
+    async fn stop(&self) -> Result<(), String> {
+        self.engine
+            .flush()
+            .await
+            .map_err(|e| format!("flush: {e}"))?;
+        let id = self.id;
+        tokio::task::spawn_blocking(move || ublk::stop(id))
+            .await
+            .map_err(|e| format!("stop task: {e}"))?
+            .map_err(|e| format!("{:#}", anyhow::Error::from(e)))
+    }
+}
+
+async fn serve(spec: Spec) -> anyhow::Result<()> {
+    let (engine, store) = open_engine(
+        &spec.image,
+        &spec.cache_dir,
+        EngineOptions {
+            read_only: spec.read_only,
+            readahead_chunks: spec.readahead_chunks,
+        },
+    )
+    .await?;
+    let run_dir = ensure_run_dir()?;
+    let pid = std::process::id();
+    let socket = DeviceRecord::socket_path(&run_dir, pid);
+    let _ = std::fs::remove_file(&socket);
+    let listener =
+        UnixListener::bind(&socket).with_context(|| format!("bind {}", socket.display()))?;
+
+    let (live_tx, live_rx) = tokio::sync::oneshot::channel::<DeviceInfo>();
+    let runtime = tokio::runtime::Handle::current();
+    let device_engine = engine.clone();
+    let start = spec.start;
+    let mut device = tokio::task::spawn_blocking(move || {
+        ublk::serve(device_engine, runtime, start, move |info| {
+            let _ = live_tx.send(info);
+        })
+    });
+    let info = tokio::select! {
+        info = live_rx => info.ok(),
+        ended = &mut device => {
+            ended.context("ublk device task")??;
+            None
+        }
+    };
+    let Some(info) = info else {
+        let _ = std::fs::remove_file(&socket);
+        bail!("the ublk device stopped before it was live");
+    };
+
+    let record = DeviceRecord {
+        pid,
+        frontend: "ublk".into(),
+        target: info.path.clone(),
+        name: spec.image.name.clone(),
+        store: store.describe(),
+        cache_dir: std::path::absolute(&spec.cache_dir).unwrap_or(spec.cache_dir.clone()),
+        read_only: spec.read_only,
+        ublk: Some(UblkRecord {
+            id: info.id,
+            queues: info.queues,
+            depth: info.depth,
+            recoverable: info.recoverable,
+            store_spec: spec.image.store.clone(),
+            key: std::path::absolute(&spec.image.key).unwrap_or(spec.image.key.clone()),
+            readahead_chunks: spec.readahead_chunks,
+        }),
+    };
+    let control = Arc::new(UblkControl {
+        engine: engine.clone(),
+        id: info.id,
+    });
+    if let Err(e) = record.publish(&run_dir) {
+        // Without a record no one could find the device: take it down.
+        let _ = control.stop().await;
+        let _ = device.await;
+        DeviceRecord::remove(&run_dir, pid);
+        return Err(e).with_context(|| format!("write device record in {}", run_dir.display()));
+    }
+    if let Some(old) = spec.replaces {
+        DeviceRecord::remove(&run_dir, old);
+    }
+    let control_task = tokio::spawn(daemon::serve_control(listener, control.clone()));
+    tracing::info!(
+        name = spec.image.name,
+        path = %info.path.display(),
+        queues = info.queues,
+        depth = info.depth,
+        "device live"
+    );
+    say_ready(&format!("{} id {}", info.path.display(), info.id))?;
+
+    let checkpoints = tokio::spawn(checkpoint_every(engine.clone()));
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let ended = loop {
+        tokio::select! {
+            ended = &mut device => break ended,
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("signal received: flushing and stopping");
+        if let Err(e) = control.stop().await {
+            tracing::error!("cannot stop yet: {e}");
+        }
+    };
+    control_task.abort();
+    checkpoints.abort();
+    let flushed = engine.flush().await;
+    DeviceRecord::remove(&run_dir, pid);
+    tracing::info!(stats = ?engine.stats(), "device stopped");
+    ended.context("ublk device task")??;
+    flushed.context("final flush")?;
+    Ok(())
+}
+
+pub fn features(json: bool) -> anyhow::Result<()> {
+    let features = ublk::features()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&features)?);
+        return Ok(());
+    }
+    for f in features {
+        println!(
+            "{:<24} {:<3} (since {:<5}) {}",
+            f.name,
+            if f.supported { "yes" } else { "no" },
+            f.since,
+            f.what
+        );
+    }
+    Ok(())
+}
