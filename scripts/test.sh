@@ -39,6 +39,9 @@ cargo test --all-targets
 section "cargo test --doc"
 cargo test --doc
 
+section "ublk tests in a VM on Debian's 6.12 kernel (scripts/vm-test.sh)"
+scripts/vm-test.sh
+
 section "fuzz targets, 10 s each (scripts/fuzz.sh)"
 FUZZ_SECONDS=10 scripts/fuzz.sh
 

@@ -435,3 +435,72 @@ fn del_all_leaves_no_device_behind() {
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listed, serde_json::json!([]));
 }
+
+#[test]
+#[ignore = "needs /dev/ublk-control: run in the VM by scripts/vm-test.sh"]
+fn flattened_oci_image_serves_through_ublk() {
+    use common::layout::{write_layout, Item};
+    let w = UblkWorld::new();
+    let files: Vec<(String, Vec<u8>)> = (0..200)
+        .map(|i| {
+            (
+                format!("app/f{i:03}"),
+                pseudo_random(i, [10, 5000, 70_000][i as usize % 3]),
+            )
+        })
+        .collect();
+    let mut base = vec![Item::Dir("app"), Item::Dir("etc")];
+    base.extend(
+        files
+            .iter()
+            .map(|(p, d)| Item::File(p.clone(), d.clone(), 0o644)),
+    );
+    base.push(Item::File("etc/gone".into(), b"gone".to_vec(), 0o644));
+    base.push(Item::File(
+        "etc/big".into(),
+        pseudo_random(9, 8 << 20),
+        0o755,
+    ));
+    let top = vec![
+        Item::Whiteout("etc/gone"),
+        Item::File("etc/config".into(), b"layer two\n".to_vec(), 0o600),
+    ];
+    let layout = write_layout(&w.world.path("layout"), &[base, top]);
+    let out = run(w
+        .world
+        .lazyblk()
+        .arg("push")
+        .arg(format!("oci:{}:t", layout.display()))
+        .arg("--store")
+        .arg(w.world.store())
+        .arg("--key")
+        .arg(w.world.key())
+        .args(["--name", "oci-app", "--free-space", "16M", "--json"]));
+    let pushed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(
+        pushed["source_digest"],
+        format!("sha256:{}", "0".repeat(64)),
+        "{pushed}"
+    );
+
+    let dev = w.add("oci-app", "cache", &["--read-only"]);
+    let root = w.mount(&dev, "root", "ro");
+    for (path, data) in &files {
+        assert!(
+            fs::read(root.join(path)).unwrap() == *data,
+            "bytes of {path}"
+        );
+    }
+    assert_eq!(
+        fs::read(root.join("etc/big")).unwrap(),
+        pseudo_random(9, 8 << 20)
+    );
+    assert_eq!(fs::read(root.join("etc/config")).unwrap(), b"layer two\n");
+    assert!(
+        !root.join("etc/gone").exists(),
+        "the whiteout was not applied"
+    );
+    assert_eq!(w.stat(dev.id, "integrity_failures"), 0);
+    w.umount(&root);
+    w.del(&dev);
+}
