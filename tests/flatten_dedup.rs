@@ -5,6 +5,7 @@
 //!   chunks;
 //! * a one-line change in the top layer costs at most 4 new chunks.
 
+mod common;
 mod flatten_support;
 
 use std::collections::HashSet;

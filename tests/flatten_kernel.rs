@@ -6,6 +6,7 @@
 //!
 //! Needs root, loop devices and e2fsprogs; a missing prerequisite fails.
 
+mod common;
 mod flatten_support;
 
 use std::fs;

@@ -199,7 +199,42 @@ pub(super) async fn list_devices(run_dir: &Path) -> anyhow::Result<Vec<daemon::D
         .with_context(|| format!("read run directory {}", run_dir.display()))
 }
 
-pub(super) async fn checkpoint_every(engine: Arc<Engine>) {
+/// Serves until `device` (the frontend's session) ends, checkpointing
+/// meanwhile. SIGTERM or Ctrl-C asks `control` to stop the device, which it
+/// may refuse while the device is in use (it then keeps serving). Afterwards
+/// the control socket and checkpoints end, the engine is flushed and the
+/// device record removed. Returns what `device` returned and the final
+/// flush's result.
+pub(super) async fn serve_until_stopped<T>(
+    engine: &Arc<Engine>,
+    control: Arc<dyn daemon::DeviceControl>,
+    control_task: tokio::task::JoinHandle<()>,
+    run_dir: &Path,
+    device: impl std::future::Future<Output = T>,
+) -> anyhow::Result<(T, Result<(), crate::engine::EngineError>)> {
+    let checkpoints = tokio::spawn(checkpoint_every(engine.clone()));
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::pin!(device);
+    let ended = loop {
+        tokio::select! {
+            ended = &mut device => break ended,
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("signal received: flushing and stopping");
+        if let Err(e) = control.stop().await {
+            tracing::error!("cannot stop yet: {e}");
+        }
+    };
+    control_task.abort();
+    checkpoints.abort();
+    let flushed = engine.flush().await;
+    DeviceRecord::remove(run_dir, std::process::id());
+    tracing::info!(stats = ?engine.stats(), "device stopped");
+    Ok((ended, flushed))
+}
+
+async fn checkpoint_every(engine: Arc<Engine>) {
     let mut ticks = tokio::time::interval(CHECKPOINT_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

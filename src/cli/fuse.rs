@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use tokio::net::UnixListener;
 
 use super::device::{
-    checkpoint_every, ensure_run_dir, list_devices, open_engine, say_ready, AddArgs,
+    ensure_run_dir, list_devices, open_engine, say_ready, serve_until_stopped, AddArgs,
 };
 use crate::daemon::{self, DeviceControl, DeviceRecord};
 use crate::engine::{Engine, EngineOptions, EngineStats};
@@ -102,26 +102,10 @@ pub(super) async fn serve(args: &AddArgs, mountpoint: &Path) -> anyhow::Result<(
         mountpoint.join(DISK_FILE_NAME).display()
     ))?;
 
-    let checkpoints = tokio::spawn(checkpoint_every(engine.clone()));
     let session_device = device.clone();
-    let mut session = tokio::task::spawn_blocking(move || session_device.wait());
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let session_result = loop {
-        tokio::select! {
-            result = &mut session => break result,
-            _ = terminate.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        tracing::info!("signal received: flushing and unmounting");
-        if let Err(e) = control.stop().await {
-            tracing::error!("cannot stop yet: {e}");
-        }
-    };
-    control_task.abort();
-    checkpoints.abort();
-    let flushed = engine.flush().await;
-    DeviceRecord::remove(&run_dir, pid);
-    tracing::info!(stats = ?engine.stats(), "device stopped");
+    let session = tokio::task::spawn_blocking(move || session_device.wait());
+    let (session_result, flushed) =
+        serve_until_stopped(&engine, control, control_task, &run_dir, session).await?;
     session_result
         .map_err(|e| anyhow!("FUSE session task: {e}"))?
         .context("FUSE session")?;

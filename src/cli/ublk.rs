@@ -15,7 +15,7 @@ use clap::Args;
 use tokio::net::UnixListener;
 
 use super::device::{
-    checkpoint_every, daemonize, ensure_run_dir, list_devices, open_engine, say_ready, AddArgs,
+    daemonize, ensure_run_dir, list_devices, open_engine, say_ready, serve_until_stopped, AddArgs,
 };
 use super::ImageArgs;
 use crate::daemon::{self, DeviceControl, DeviceRecord, DeviceState, UblkRecord};
@@ -212,24 +212,8 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
     );
     say_ready(&format!("{} id {}", info.path.display(), info.id))?;
 
-    let checkpoints = tokio::spawn(checkpoint_every(engine.clone()));
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let ended = loop {
-        tokio::select! {
-            ended = &mut device => break ended,
-            _ = terminate.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        tracing::info!("signal received: flushing and stopping");
-        if let Err(e) = control.stop().await {
-            tracing::error!("cannot stop yet: {e}");
-        }
-    };
-    control_task.abort();
-    checkpoints.abort();
-    let flushed = engine.flush().await;
-    DeviceRecord::remove(&run_dir, pid);
-    tracing::info!(stats = ?engine.stats(), "device stopped");
+    let (ended, flushed) =
+        serve_until_stopped(&engine, control, control_task, &run_dir, &mut device).await?;
     ended.context("ublk device task")??;
     flushed.context("final flush")?;
     Ok(())

@@ -359,21 +359,6 @@ impl Model {
     }
 }
 
-fn xattrs_of(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut names = vec![0u8; 65536];
-    let n = rustix::fs::llistxattr(path, &mut names[..]).unwrap();
-    let mut out = Vec::new();
-    for name in names[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
-        let mut value = vec![0u8; 65536];
-        let c = std::ffi::CString::new(name).unwrap();
-        let len = rustix::fs::lgetxattr(path, c.as_c_str(), &mut value[..]).unwrap();
-        value.truncate(len);
-        out.push((name.to_vec(), value));
-    }
-    out.sort();
-    out
-}
-
 fn same_data(expected: &Data, actual: &Path) -> bool {
     let mut f = fs::File::open(actual).unwrap();
     let mut r = expected.reader();
@@ -496,7 +481,7 @@ pub fn check(root: &Path, model: &Model) -> usize {
             }
             MKind::Fifo => assert!(ft.is_fifo(), "{what} is a fifo"),
         }
-        assert_eq!(xattrs_of(&full), m.xattrs, "xattrs of {what}");
+        assert_eq!(crate::common::xattrs(&full), m.xattrs, "xattrs of {what}");
     }
     if let Some(m) = &model.root_meta {
         let md = fs::symlink_metadata(root).unwrap();
@@ -510,14 +495,4 @@ pub fn check(root: &Path, model: &Model) -> usize {
 }
 
 /// Pseudo-random bytes, reproducible from `seed`.
-pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
+pub use crate::common::pseudo_random as bytes;
