@@ -131,23 +131,11 @@ impl<W: Read + Write + Seek> Flattener<W> {
                     .tree
                     .make_dirs(&parent_path, layer)
                     .map_err(|e| self.not_a_dir(&path, e))?;
-                let existing = self
-                    .tree
-                    .node(parent)
-                    .dir()
-                    .expect("a directory")
-                    .children
-                    .get(name.as_slice())
-                    .copied();
+                let existing = self.tree.child(parent, &name);
                 match existing {
                     Some(child) if self.tree.node(child.id).body.is_dir() => {
                         self.tree.node_mut(child.id).set_meta(meta);
-                        self.tree
-                            .dir_mut(parent)
-                            .children
-                            .get_mut(name.as_slice())
-                            .expect("present")
-                            .layer = layer;
+                        self.tree.claim(parent, &name, layer);
                     }
                     _ => {
                         self.tree.unlink(parent, &name, &mut self.alloc);
@@ -181,21 +169,9 @@ impl<W: Read + Write + Seek> Flattener<W> {
                     .tree
                     .make_dirs(&parent_path, layer)
                     .map_err(|e| self.not_a_dir(&path, e))?;
-                let existing = self
-                    .tree
-                    .node(parent)
-                    .dir()
-                    .expect("a directory")
-                    .children
-                    .get(name.as_slice())
-                    .copied();
+                let existing = self.tree.child(parent, &name);
                 if existing.map(|c| c.id) == Some(target_id) {
-                    self.tree
-                        .dir_mut(parent)
-                        .children
-                        .get_mut(name.as_slice())
-                        .expect("present")
-                        .layer = layer;
+                    self.tree.claim(parent, &name, layer);
                 } else {
                     if self.tree.node(target_id).links >= LINK_MAX {
                         return Err(FlattenError::TooManyLinks {
@@ -265,12 +241,7 @@ impl<W: Read + Write + Seek> Flattener<W> {
     /// A whiteout of `name` in `parent`: removes what lower layers put
     /// there, keeps what this layer put there.
     fn whiteout(&mut self, parent: NodeId, name: &[u8]) {
-        let Some(child) = self
-            .tree
-            .node(parent)
-            .dir()
-            .and_then(|d| d.children.get(name).copied())
-        else {
+        let Some(child) = self.tree.child(parent, name) else {
             return;
         };
         if parent == ROOT && self.tree.node(child.id).ino == crate::ext4::LOST_FOUND_INO {

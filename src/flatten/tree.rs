@@ -300,6 +300,18 @@ impl Tree {
         Ok(id)
     }
 
+    /// The entry `name` in the directory `dir`, if any.
+    pub fn child(&self, dir: NodeId, name: &[u8]) -> Option<Child> {
+        self.node(dir).dir()?.children.get(name).copied()
+    }
+
+    /// Records that `layer`'s entry set the existing name `name` in `dir`.
+    pub fn claim(&mut self, dir: NodeId, name: &[u8], layer: u32) {
+        if let Some(child) = self.dir_mut(dir).children.get_mut(name) {
+            child.layer = layer;
+        }
+    }
+
     /// Adds the name `name` in `dir` for `id`.
     pub fn link(&mut self, dir: NodeId, name: &[u8], id: NodeId, layer: u32) {
         self.node_mut(id).links += 1;
