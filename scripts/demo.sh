@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job, end to end on one machine: build lazyblk, make a sample ext4
-# image, push it into a local chunk store, attach it lazily, run a program
-# from the mounted filesystem and show how little of the image that fetched.
+# The main job, end to end on one machine: build lazyblk, make a sample OCI
+# image (two layers, with umoci), flatten and push it into a local chunk
+# store in one command, attach it lazily (ublk where the kernel has it, FUSE
+# + loop otherwise), run a program from the mounted filesystem and show how
+# little of the image that fetched.
 #
 # Environment: LAZYBLK_DEMO_DIR (default /tmp/lazyblk-demo) is the work
 # directory, emptied at the start; LAZYBLK_DEMO_KEEP=1 keeps it afterwards.
@@ -19,24 +21,31 @@ ensure_kernel_devices
 step "cargo build --release"
 bin=$(build_release)
 echo "$bin"
-for sub in "keygen --out" "push --store" "add --fuse" "del --fuse" "list --json"; do
+for sub in "keygen --out" "push --free-space" "add --fuse" "del --fuse" "list --json"; do
     # shellcheck disable=SC2086 # "sub flag" splits on purpose
     has_subcommand "$bin" $sub || die "this build of lazyblk has no '${sub% *}' subcommand with ${sub#* }"
 done
 
 tree=$demo_dir/tree
-image=$demo_dir/image.ext4
+layout=$demo_dir/layout
 store=$demo_dir/store
 key=$demo_dir/key
 cache=$demo_dir/cache
 mnt=$demo_dir/mnt
 rootfs=$demo_dir/rootfs
 
-# Unmounts what this demo (or an earlier run of it) left mounted. Every step
-# tolerates "not mounted", so it serves both before a run and in the trap.
+ublk_id=""
+
+# Unmounts and detaches what this demo (or an earlier run of it) left
+# behind. Every step tolerates "not there", so it serves both before a run
+# and in the trap.
 teardown() {
     if mountpoint -q "$rootfs" 2>/dev/null; then
         umount "$rootfs" || umount -l "$rootfs" || true
+    fi
+    if [[ -n $ublk_id ]]; then
+        "$bin" del -n "$ublk_id" || true
+        ublk_id=""
     fi
     if mountpoint -q "$mnt" 2>/dev/null; then
         "$bin" del --fuse "$mnt" || fusermount3 -u -z "$mnt" || true
@@ -72,9 +81,18 @@ mkdir -p "$tree" "$mnt" "$rootfs"
 trap on_exit EXIT
 trap 'exit 130' INT TERM
 
-step "sample tree: documentation, a Python runtime, generated files"
-mkdir -p "$tree/usr/share" "$tree/usr/bin" "$tree/usr/lib" "$tree/data/small"
-cp -a /usr/share/doc "$tree/usr/share/"
+step "sample OCI image: a base layer of documentation and generated files, an app layer with Python"
+base=$tree/base
+app=$tree/app
+mkdir -p "$base/usr/share" "$base/data/small" "$app/usr/bin" "$app/usr/lib"
+cp -a /usr/share/doc "$base/usr/share/"
+for i in $(seq -w 1 300); do
+    head -c $((RANDOM % 64 * 1024 + 100)) /dev/urandom >"$base/data/small/file-$i"
+done
+ln -s small/file-001 "$base/data/link-to-first"
+ln -s /usr/share/doc "$base/data/docs"
+# A large file the program never reads: it stays in the store.
+head -c 100M /dev/urandom >"$base/data/large.bin"
 # Debian's own Python (a binary and its standard library) if the host has
 # one: the demo then starts an interpreter from the lazily loaded image.
 python=""
@@ -82,34 +100,28 @@ for candidate in /usr/bin/python3.[0-9]*; do
     [[ $candidate =~ ^/usr/bin/python3\.[0-9]+$ ]] || continue
     version=${candidate#/usr/bin/}
     if [[ -f /usr/lib/$version/os.py ]]; then
-        cp -a "$candidate" "$tree/usr/bin/"
-        cp -a "/usr/lib/$version" "$tree/usr/lib/"
+        cp -a "$candidate" "$app/usr/bin/"
+        cp -a "/usr/lib/$version" "$app/usr/lib/"
         python=/usr/bin/$version
         break
     fi
 done
-for i in $(seq -w 1 300); do
-    head -c $((RANDOM % 64 * 1024 + 100)) /dev/urandom >"$tree/data/small/file-$i"
-done
-ln -s small/file-001 "$tree/data/link-to-first"
-ln -s /usr/share/doc "$tree/data/docs"
-# A large file the program never reads: it stays in the store.
-head -c 100M /dev/urandom >"$tree/data/large.bin"
+umoci init --layout "$layout"
+umoci new --image "$layout:demo"
+umoci unpack --image "$layout:demo" "$demo_dir/bundle" >/dev/null
+cp -a "$base/." "$demo_dir/bundle/rootfs/"
+umoci repack --image "$layout:demo" "$demo_dir/bundle"
+cp -a "$app/." "$demo_dir/bundle/rootfs/"
+umoci repack --image "$layout:demo" "$demo_dir/bundle"
+rm -rf "$demo_dir/bundle"
 tree_mib=$(du -sm "$tree" | cut -f1)
 files=$(find "$tree" -type f | wc -l)
-echo "$files files, $tree_mib MiB${python:+, with $python}"
+echo "oci:$layout:demo: 2 gzip layers, $files files, $tree_mib MiB${python:+, with $python}"
 
-step "mkfs.ext4 -d: the image"
-# Room for the tree plus ext4's own metadata, and at least 512 MiB.
-size_mib=$((tree_mib * 3 / 2 + 64))
-((size_mib >= 512)) || size_mib=512
-truncate -s "${size_mib}M" "$image"
-mkfs.ext4 -q -F -d "$tree" -b 4096 "$image"
-echo "$image: $size_mib MiB"
-
-step "lazyblk keygen + push"
+step "lazyblk keygen + push oci:$layout:demo (flatten to ext4, chunk, seal, store)"
 "$bin" keygen --out "$key"
-"$bin" push "$image" --store "$store" --key "$key" --name demo --json >"$demo_dir/push.json"
+"$bin" push "oci:$layout:demo" --store "$store" --key "$key" --name demo \
+    --free-space 64M --work-dir "$demo_dir" --json >"$demo_dir/push.json"
 jq . "$demo_dir/push.json"
 image_bytes=$(jq -r .image_bytes "$demo_dir/push.json")
 chunks_total=$(jq -r .chunks_total "$demo_dir/push.json")
@@ -117,30 +129,36 @@ chunks_zero=$(jq -r .chunks_zero "$demo_dir/push.json")
 chunks_nonzero=$((chunks_total - chunks_zero))
 
 step "attach"
-if [[ -e /dev/ublk-control ]] && has_subcommand "$bin" add --ublk; then
-    echo "ublk is present, but this demo attaches through FUSE until the ublk frontend is wired in here"
-elif [[ -e /dev/ublk-control ]]; then
-    echo "/dev/ublk-control exists but this build of lazyblk has no ublk frontend: using FUSE + loop"
+attach_start=$(date +%s.%N)
+if [[ -e /dev/ublk-control ]]; then
+    added=$("$bin" add --store "$store" --key "$key" --name demo --cache-dir "$cache" --read-only)
+    echo "$added"
+    device=${added%% *}
+    ublk_id=$(awk '{ print $3 }' <<<"$added")
+    target=$device
+    mount -o ro "$device" "$rootfs"
+    echo "$device mounted read-only on $rootfs"
 else
     echo "no /dev/ublk-control (this kernel has no ublk): using FUSE + loop"
+    "$bin" add --store "$store" --key "$key" --name demo --cache-dir "$cache" --fuse "$mnt" --read-only
+    [[ -f $mnt/disk ]] || die "lazyblk add returned but $mnt/disk does not exist"
+    target=$(realpath "$mnt")
+    mount -o loop,ro "$mnt/disk" "$rootfs"
+    echo "$mnt/disk ($(stat -c %s "$mnt/disk") bytes) mounted read-only on $rootfs"
 fi
-attach_start=$(date +%s.%N)
-"$bin" add --store "$store" --key "$key" --name demo --cache-dir "$cache" --fuse "$mnt" --read-only
-[[ -f $mnt/disk ]] || die "lazyblk add returned but $mnt/disk does not exist"
-mount -o loop,ro "$mnt/disk" "$rootfs"
-echo "$mnt/disk ($(stat -c %s "$mnt/disk") bytes) mounted read-only on $rootfs"
 
 # The device's counters, from `lazyblk list --json`: an array of device
 # records, each with its counters under "stats"; ours is the one presented
-# at our mountpoint. Prints "chunks_fetched bytes_fetched".
+# at our target (ublk device or FUSE mountpoint). Prints "chunks_fetched
+# bytes_fetched".
 fetched_so_far() {
-    local list device
+    local list stats
     list=$("$bin" list --json) || die "lazyblk list --json failed"
     printf '%s\n' "$list" >"$demo_dir/list.json"
-    device=$(jq -c --arg mnt "$(realpath "$mnt")" 'map(select(.target == $mnt)) | first | .stats // empty' <<<"$list")
-    [[ -n $device ]] || die "lazyblk list --json shows no device at $mnt: $list"
-    jq -r '"\(.chunks_fetched) \(.bytes_fetched)"' <<<"$device" | grep -E '^[0-9]+ [0-9]+$' ||
-        die "lazyblk list --json has no chunks_fetched/bytes_fetched counters: $device"
+    stats=$(jq -c --arg target "$target" 'map(select(.target == $target)) | first | .stats // empty' <<<"$list")
+    [[ -n $stats ]] || die "lazyblk list --json shows no device at $target: $list"
+    jq -r '"\(.chunks_fetched) \(.bytes_fetched)"' <<<"$stats" | grep -E '^[0-9]+ [0-9]+$' ||
+        die "lazyblk list --json has no chunks_fetched/bytes_fetched counters: $stats"
 }
 
 now() { date +%s.%N; }
