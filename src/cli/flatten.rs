@@ -98,7 +98,8 @@ pub fn flatten_to(spec: &str, out: &Path, args: &SourceArgs) -> anyhow::Result<F
         Err(err) => {
             drop(file);
             let _ = std::fs::remove_file(out);
-            return Err(err).with_context(|| format!("flatten {spec}"));
+            // The error names the source, layer and entry itself.
+            return Err(err.into());
         }
     };
     file.sync_all()

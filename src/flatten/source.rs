@@ -12,24 +12,27 @@ use crate::oci::source::{ImageSource, SourceError};
 /// Why an image source could not be flattened.
 #[derive(Debug, thiserror::Error)]
 pub enum FlattenSourceError {
-    #[error("open layer {index} ({digest}) of {source_name}")]
+    #[error("open layer {number} ({digest}) of {source_name}")]
     OpenLayer {
-        index: usize,
+        /// 1 for the base layer.
+        number: usize,
         digest: String,
         source_name: String,
         #[source]
         source: Box<SourceError>,
     },
-    #[error("start reading layer {index} of {source_name}")]
+    #[error("start reading layer {number} of {source_name}")]
     StartPump {
-        index: usize,
+        /// 1 for the base layer.
+        number: usize,
         source_name: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("read layer {index} of {source_name}")]
+    #[error("read layer {number} of {source_name}")]
     ReadLayer {
-        index: usize,
+        /// 1 for the base layer.
+        number: usize,
         source_name: String,
         #[source]
         source: Box<LayerError>,
@@ -83,14 +86,14 @@ pub fn flatten_source<W: Read + Write + Seek>(
         let tar = source
             .open_layer(index)
             .map_err(|source| FlattenSourceError::OpenLayer {
-                index,
+                number: index + 1,
                 digest: digest.clone(),
                 source_name: source_name.clone(),
                 source: Box::new(source),
             })?;
         // Decompression runs beside the flattener rather than before it.
         let tar = PumpedReader::new(tar).map_err(|source| FlattenSourceError::StartPump {
-            index,
+            number: index + 1,
             source_name: source_name.clone(),
             source,
         })?;
@@ -110,7 +113,7 @@ pub fn flatten_source<W: Read + Write + Seek>(
         };
         read_layer(tar, &digest, limits, &mut apply).map_err(|source| {
             FlattenSourceError::ReadLayer {
-                index,
+                number: index + 1,
                 source_name: source_name.clone(),
                 source: Box::new(source),
             }
