@@ -5,7 +5,7 @@ use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -66,22 +66,30 @@ pub struct Flattened {
     pub elapsed: Duration,
 }
 
-/// Flattens `spec` into `out`, which is created and must not exist. On
-/// failure `out` is removed: a partial image is never left behind.
+/// Flattens `spec` into `out`, which must not exist. The image is written
+/// beside it under a temporary name and renamed into place once complete
+/// and synced, so `out` never holds a partial image.
 pub fn flatten_to(spec: &str, out: &Path, args: &SourceArgs) -> anyhow::Result<Flattened> {
     let started = Instant::now();
+    if out.symlink_metadata().is_ok() {
+        bail!(
+            "{} already exists; flatten writes a new file",
+            out.display()
+        );
+    }
     let options = SourceOptions {
         platform: args.platform.clone(),
         plain_http: args.plain_http,
         ..SourceOptions::default()
     };
     let source = open_source(spec, &options).with_context(|| format!("open {spec}"))?;
+    let partial = partial_path(out);
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
-        .open(out)
-        .with_context(|| format!("create {}", out.display()))?;
+        .open(&partial)
+        .with_context(|| format!("create {}", partial.display()))?;
     let bar = flatten_bar(source.layers().len());
     let progress = |p: FlattenProgress| {
         bar.set_position(p.layer as u64 - 1);
@@ -91,24 +99,33 @@ pub fn flatten_to(spec: &str, out: &Path, args: &SourceArgs) -> anyhow::Result<F
     let opts = FlattenOptions {
         free_space: args.free_space,
     };
-    let result = flatten_source(source.as_ref(), &file, opts, &mut limits, &progress);
+    let result = flatten_source(source.as_ref(), &file, opts, &mut limits, &progress)
+        .map_err(anyhow::Error::from)
+        .and_then(|report| {
+            file.sync_all()
+                .with_context(|| format!("sync {}", partial.display()))?;
+            std::fs::rename(&partial, out)
+                .with_context(|| format!("rename {} to {}", partial.display(), out.display()))?;
+            Ok(report)
+        });
     bar.finish_and_clear();
-    let report = match result {
-        Ok(report) => report,
-        Err(err) => {
-            drop(file);
-            let _ = std::fs::remove_file(out);
-            // The error names the source, layer and entry itself.
-            return Err(err.into());
-        }
-    };
-    file.sync_all()
-        .with_context(|| format!("sync {}", out.display()))?;
+    let report = result.inspect_err(|_| {
+        let _ = std::fs::remove_file(&partial);
+    })?;
     Ok(Flattened {
         report,
         image_digest: source.image_digest(),
         elapsed: started.elapsed(),
     })
+}
+
+/// `DIR/.NAME.partial` for `DIR/NAME`.
+fn partial_path(out: &Path) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    out.with_file_name(format!(".{name}.partial"))
 }
 
 fn flatten_bar(layers: usize) -> ProgressBar {
