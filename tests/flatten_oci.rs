@@ -197,7 +197,11 @@ fn a_tampered_layer_fails_naming_it_and_leaves_no_image() {
     );
     assert!(!out.exists(), "a failed flatten left {}", out.display());
     let partial = world.path(".image.ext4.partial");
-    assert!(!partial.exists(), "a failed flatten left {}", partial.display());
+    assert!(
+        !partial.exists(),
+        "a failed flatten left {}",
+        partial.display()
+    );
 }
 
 /// A layout written without umoci (as the VM tests do), whose second layer
