@@ -293,12 +293,9 @@ async fn del_one(run_dir: &Path, device: &daemon::DeviceStatus) -> anyhow::Resul
     let pid = device.record.pid;
     let target = device.record.target.display();
     if device.state == DeviceState::Orphaned {
-        let id = device
-            .record
-            .ublk
-            .as_ref()
-            .map(|u| u.id)
-            .expect("orphans are ublk");
+        let Some(id) = device.record.ublk.as_ref().map(|u| u.id) else {
+            bail!("device record {pid} is orphaned but names no ublk device");
+        };
         tokio::task::spawn_blocking(move || ublk::delete(id)).await??;
         DeviceRecord::remove(run_dir, pid);
         println!("deleted orphaned {target}");

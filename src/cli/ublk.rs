@@ -82,7 +82,9 @@ pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
             orphan.record.pid
         );
     }
-    let ublk = orphan.record.ublk.clone().expect("found by its ublk id");
+    let Some(ublk) = orphan.record.ublk.clone() else {
+        bail!("the record of device {} names no ublk device", args.id);
+    };
     if !ublk.recoverable {
         bail!(
             "ublk device {} was not added with --recoverable; remove it with `lazyblk del -n {}`",

@@ -139,10 +139,7 @@ impl ImageSource for LayoutSource {
     }
 
     fn open_layer(&self, index: usize) -> Result<Box<dyn Read + Send>, SourceError> {
-        let layer = self.layers.get(index).ok_or(SourceError::LayerIndex {
-            index,
-            count: self.layers.len(),
-        })?;
+        let layer = super::source::layer_at(&self.layers, index)?;
         let path = blob_path(&self.dir, &layer.digest);
         let file = File::open(&path).map_err(|source| SourceError::ReadFile { path, source })?;
         layer_stream(

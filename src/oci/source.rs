@@ -33,6 +33,17 @@ pub struct LayerDescriptor {
     pub size: u64,
 }
 
+/// Layer `index` of `layers`, or an error naming the index and the count.
+pub(super) fn layer_at(
+    layers: &[LayerDescriptor],
+    index: usize,
+) -> Result<&LayerDescriptor, SourceError> {
+    layers.get(index).ok_or(SourceError::LayerIndex {
+        index,
+        count: layers.len(),
+    })
+}
+
 /// An image whose layers can be read in order.
 pub trait ImageSource: Send + Sync {
     /// The source as a person would name it, for messages and progress.

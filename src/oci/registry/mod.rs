@@ -241,10 +241,7 @@ impl ImageSource for RegistrySource {
     }
 
     fn open_layer(&self, index: usize) -> Result<Box<dyn Read + Send>, SourceError> {
-        let layer = self.layers.get(index).ok_or(SourceError::LayerIndex {
-            index,
-            count: self.layers.len(),
-        })?;
+        let layer = crate::oci::source::layer_at(&self.layers, index)?;
         let url = self.client.url("blobs", &layer.digest.to_string());
         let body = BlobBody::open(Arc::clone(&self.client), url)?;
         layer_stream(Box::new(body), layer, true)
