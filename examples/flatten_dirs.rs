@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use lazyblk::flatten::{FlattenOptions, Flattener};
+use lazyblk::flatten::{FileSink, FlattenOptions, Flattener};
 use lazyblk::oci::entry::{EntryKind, EntryMeta, EntryPath, LayerEntry, Timestamp};
 
 fn xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -34,7 +34,7 @@ fn xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
     out
 }
 
-fn layer(f: &mut Flattener<fs::File>, root: &Path) -> Result<()> {
+fn layer(f: &mut Flattener<FileSink<fs::File>>, root: &Path) -> Result<()> {
     let mut links: HashMap<(u64, u64), EntryPath> = HashMap::new();
     let mut stack = vec![Vec::<u8>::new()];
     while let Some(rel) = stack.pop() {

@@ -121,7 +121,7 @@ echo "oci:$layout:demo: 2 gzip layers, $files files, $tree_mib MiB${python:+, wi
 step "lazyblk keygen + push oci:$layout:demo (flatten to ext4, chunk, seal, store)"
 "$bin" keygen --out "$key"
 "$bin" push "oci:$layout:demo" --store "$store" --key "$key" --name demo \
-    --free-space 64M --work-dir "$demo_dir" --json >"$demo_dir/push.json"
+    --free-space 64M --json >"$demo_dir/push.json"
 jq . "$demo_dir/push.json"
 image_bytes=$(jq -r .image_bytes "$demo_dir/push.json")
 chunks_total=$(jq -r .chunks_total "$demo_dir/push.json")

@@ -341,7 +341,7 @@ fn rebuilds_are_byte_identical_across_environments_and_entry_orders() {
         "sha256:{}",
         hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&x))
     );
-    assert_eq!(report.digest, digest);
+    assert_eq!(report.digest, Some(digest));
 }
 
 #[test]

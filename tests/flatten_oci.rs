@@ -147,7 +147,8 @@ fn oci_layout_flattens_like_umoci_unpack_and_serves_through_fuse() {
         "rebuild differs"
     );
 
-    // push flattens the source itself and records the image's digest.
+    // push flattens the source itself, in one pass with no image file, and
+    // records the image's digest; what it stores is the flattened image.
     let output = run(world
         .lazyblk()
         .arg("push")
@@ -160,6 +161,26 @@ fn oci_layout_flattens_like_umoci_unpack_and_serves_through_fuse() {
     let pushed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(pushed["source_digest"], report["source_digest"], "{pushed}");
     assert_eq!(pushed["image_bytes"], report["image_size"], "{pushed}");
+    let exported = world.path("exported.ext4");
+    run(world
+        .lazyblk()
+        .arg("export")
+        .arg("--store")
+        .arg(world.store())
+        .arg("--key")
+        .arg(world.key())
+        .args(["--name", "app", "--out"])
+        .arg(&exported));
+    assert!(
+        fs::read(&image).unwrap() == fs::read(&exported).unwrap(),
+        "the streamed push stored another image than flatten writes"
+    );
+    let from_file = world.push(&image, "from-file");
+    assert_eq!(from_file["chunks_uploaded"], 0, "{from_file}");
+    assert_eq!(
+        from_file["chunks_zero"], pushed["chunks_zero"],
+        "{from_file}"
+    );
 
     let fuse = world.add("app", "cache", "fuse", true);
     let served = world.mount_loop(&fuse, "served", true);
@@ -201,6 +222,32 @@ fn a_tampered_layer_fails_naming_it_and_leaves_no_image() {
         !partial.exists(),
         "a failed flatten left {}",
         partial.display()
+    );
+
+    // A streamed push fails the same way and stores no manifest.
+    run_failing(
+        world
+            .lazyblk()
+            .arg("push")
+            .arg(format!("oci:{}:t", layout.display()))
+            .arg("--store")
+            .arg(world.store())
+            .arg("--key")
+            .arg(world.key())
+            .args(["--name", "app"]),
+        &digest[..12],
+    );
+    run_failing(
+        world
+            .lazyblk()
+            .arg("export")
+            .arg("--store")
+            .arg(world.store())
+            .arg("--key")
+            .arg(world.key())
+            .args(["--name", "app", "--out"])
+            .arg(world.path("out")),
+        "not found",
     );
 }
 

@@ -11,10 +11,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::parse_size;
 use crate::flatten::{
-    flatten_source, FlattenOptions, FlattenProgress, FlattenReport, DEFAULT_FREE_SPACE,
+    flatten_source, FileSink, FlattenOptions, FlattenProgress, FlattenReport, ImageSink,
+    DEFAULT_FREE_SPACE,
 };
 use crate::oci::layer::LayerLimits;
-use crate::oci::source::{open_source, SourceOptions};
+use crate::oci::source::{open_source, ImageSource, SourceOptions};
 
 /// The prefixes that name an OCI image source rather than an image file.
 const SOURCE_PREFIXES: [&str; 3] = ["oci:", "docker-archive:", "docker://"];
@@ -66,6 +67,37 @@ pub struct Flattened {
     pub elapsed: Duration,
 }
 
+/// Opens the image `spec` names (for a registry, fetches its manifest and
+/// config).
+pub fn open_spec(spec: &str, args: &SourceArgs) -> anyhow::Result<Box<dyn ImageSource>> {
+    let options = SourceOptions {
+        platform: args.platform.clone(),
+        plain_http: args.plain_http,
+        ..SourceOptions::default()
+    };
+    open_source(spec, &options).with_context(|| format!("open {spec}"))
+}
+
+/// Flattens `source` into `sink`, with a progress bar on a terminal.
+pub fn flatten_into<S: ImageSink>(
+    source: &dyn ImageSource,
+    sink: S,
+    args: &SourceArgs,
+) -> anyhow::Result<FlattenReport> {
+    let bar = flatten_bar(source.layers().len());
+    let progress = |p: FlattenProgress| {
+        bar.set_position(p.layer as u64 - 1);
+        bar.set_message(format!("{} MB", p.layer_bytes / 1_000_000));
+    };
+    let mut limits = LayerLimits::new(args.max_expanded_bytes, args.max_entries);
+    let opts = FlattenOptions {
+        free_space: args.free_space,
+    };
+    let report = flatten_source(source, sink, opts, &mut limits, &progress);
+    bar.finish_and_clear();
+    Ok(report?)
+}
+
 /// Flattens `spec` into `out`, which must not exist. The image is written
 /// beside it under a temporary name and renamed into place once complete
 /// and synced, so `out` never holds a partial image.
@@ -77,12 +109,7 @@ pub fn flatten_to(spec: &str, out: &Path, args: &SourceArgs) -> anyhow::Result<F
             out.display()
         );
     }
-    let options = SourceOptions {
-        platform: args.platform.clone(),
-        plain_http: args.plain_http,
-        ..SourceOptions::default()
-    };
-    let source = open_source(spec, &options).with_context(|| format!("open {spec}"))?;
+    let source = open_spec(spec, args)?;
     let partial = partial_path(out);
     let file = OpenOptions::new()
         .read(true)
@@ -90,17 +117,9 @@ pub fn flatten_to(spec: &str, out: &Path, args: &SourceArgs) -> anyhow::Result<F
         .create_new(true)
         .open(&partial)
         .with_context(|| format!("create {}", partial.display()))?;
-    let bar = flatten_bar(source.layers().len());
-    let progress = |p: FlattenProgress| {
-        bar.set_position(p.layer as u64 - 1);
-        bar.set_message(format!("{} MB", p.layer_bytes / 1_000_000));
-    };
-    let mut limits = LayerLimits::new(args.max_expanded_bytes, args.max_entries);
-    let opts = FlattenOptions {
-        free_space: args.free_space,
-    };
-    let result = flatten_source(source.as_ref(), &file, opts, &mut limits, &progress)
+    let result = FileSink::new(&file)
         .map_err(anyhow::Error::from)
+        .and_then(|sink| flatten_into(source.as_ref(), sink, args))
         .and_then(|report| {
             file.sync_all()
                 .with_context(|| format!("sync {}", partial.display()))?;
@@ -108,7 +127,6 @@ pub fn flatten_to(spec: &str, out: &Path, args: &SourceArgs) -> anyhow::Result<F
                 .with_context(|| format!("rename {} to {}", partial.display(), out.display()))?;
             Ok(report)
         });
-    bar.finish_and_clear();
     let report = result.inspect_err(|_| {
         let _ = std::fs::remove_file(&partial);
     })?;
@@ -162,30 +180,13 @@ pub fn flatten(args: FlattenArgs) -> anyhow::Result<()> {
     println!("  files            {}", report.files);
     println!("  file bytes       {}", report.bytes);
     println!("  image size       {}", report.image_size);
-    println!("  image digest     {}", report.digest);
+    if let Some(digest) = &report.digest {
+        println!("  image digest     {digest}");
+    }
     println!(
         "  time             {:.2} s ({:.0} MB/s of file data)",
         secs,
         report.bytes as f64 / 1e6 / secs
     );
     Ok(())
-}
-
-/// A flattened image in a temporary file, removed when dropped.
-pub struct TempImage {
-    pub path: PathBuf,
-    pub flattened: Flattened,
-}
-
-impl Drop for TempImage {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// Flattens `spec` into a temporary file under `dir` for `push`.
-pub fn flatten_for_push(spec: &str, dir: &Path, args: &SourceArgs) -> anyhow::Result<TempImage> {
-    let path = dir.join(format!("lazyblk-flatten-{}.ext4", std::process::id()));
-    let flattened = flatten_to(spec, &path, args)?;
-    Ok(TempImage { path, flattened })
 }

@@ -1,24 +1,29 @@
 //! `push` and `export`: progress on a terminal, a summary (or JSON) at the end.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::flatten::{flatten_for_push, is_source, SourceArgs};
+use super::flatten::{flatten_into, is_source, open_spec, SourceArgs};
 use super::keys::load_key;
 use super::{parse_size, ImageArgs};
-use crate::chunk::{derive_salt, validate_chunk_size, validate_salt_domain, DEFAULT_CHUNK_SIZE};
-use crate::store::open_store;
-use crate::transfer::{self, PushOptions};
+use crate::chunk::{
+    derive_salt, validate_chunk_size, validate_salt_domain, Salt, TenantKey, DEFAULT_CHUNK_SIZE,
+};
+use crate::flatten::ChunkSink;
+use crate::store::{open_store, ChunkStore};
+use crate::transfer::{self, PushOptions, PushReport, TransferError};
 
 #[derive(Debug, Args)]
 pub struct PushArgs {
     /// The image: a regular file or block device, or an OCI image
     /// (oci:DIR[:TAG], docker-archive:FILE, docker://HOST/REPO:TAG), which is
-    /// flattened first and records its digest as the source digest.
+    /// flattened and chunked in one pass, with no image file, and records
+    /// its digest as the source digest.
     pub image: String,
     #[command(flatten)]
     pub target: ImageArgs,
@@ -42,10 +47,6 @@ pub struct PushArgs {
     pub json: bool,
     #[command(flatten)]
     pub source_args: SourceArgs,
-    /// Where an OCI image is flattened before it is chunked (the file is
-    /// removed afterwards); the system's temporary directory by default.
-    #[arg(long)]
-    pub work_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -97,42 +98,34 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
     };
     let salt = derive_salt(&salt_secret.0, &args.salt_domain);
     let store = open_store(&args.target.store)?;
-    let mut source_digest = args.source_digest.unwrap_or([0; 32]);
-    let flattened = if is_source(&args.image) {
-        let dir = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
-        let spec = args.image.clone();
-        let source_args = args.source_args.clone();
-        let image =
-            tokio::task::spawn_blocking(move || flatten_for_push(&spec, &dir, &source_args))
-                .await
-                .context("flatten task")??;
-        if args.source_digest.is_none() {
-            source_digest = image.flattened.image_digest;
-        }
-        Some(image)
-    } else {
-        None
-    };
-    let image_path = match &flattened {
-        Some(image) => image.path.clone(),
-        None => PathBuf::from(&args.image),
-    };
-    let bar = progress_bar("push");
     let options = PushOptions {
         name: args.target.name.clone(),
         salt_domain: args.salt_domain.clone(),
         chunk_size: args.chunk_size,
-        source_digest,
+        source_digest: args.source_digest.unwrap_or([0; 32]),
     };
-    let progress = |done: u64, total: u64| {
-        bar.set_length(total);
-        bar.set_position(done);
-    };
-    let report = transfer::push(&image_path, store, &tenant, &salt, options, &progress)
+    let (report, source_digest) = if is_source(&args.image) {
+        push_source(&args, store, tenant, salt, options).await?
+    } else {
+        let bar = progress_bar("push");
+        let progress = |done: u64, total: u64| {
+            bar.set_length(total);
+            bar.set_position(done);
+        };
+        let source_digest = options.source_digest;
+        let report = transfer::push(
+            args.image.as_ref(),
+            store,
+            &tenant,
+            &salt,
+            options,
+            &progress,
+        )
         .await
         .with_context(|| format!("push {}", args.image))?;
-    drop(flattened);
-    bar.finish_and_clear();
+        bar.finish_and_clear();
+        (report, source_digest)
+    };
     if args.json {
         let mut value = serde_json::to_value(&report)?;
         value["source_digest"] = format!("sha256:{}", hex::encode(source_digest)).into();
@@ -163,6 +156,43 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
         report.image_bytes as f64 / 1e6 / secs
     );
     Ok(())
+}
+
+/// Flattens an OCI source and pushes it in one pass: the flattener runs on
+/// a thread of its own and hands chunks to the push as it completes them.
+/// The image's digest is the source digest unless one was given.
+async fn push_source(
+    args: &PushArgs,
+    store: Arc<dyn ChunkStore>,
+    tenant: TenantKey,
+    salt: Salt,
+    mut options: PushOptions,
+) -> anyhow::Result<(PushReport, [u8; 32])> {
+    let (spec, source_args) = (args.image.clone(), args.source_args.clone());
+    let source = tokio::task::spawn_blocking(move || open_spec(&spec, &source_args))
+        .await
+        .context("open task")??;
+    if args.source_digest.is_none() {
+        options.source_digest = source.image_digest();
+    }
+    let source_digest = options.source_digest;
+    let (writer, pushing) = transfer::push_stream(store, tenant, salt, options)?;
+    let source_args = args.source_args.clone();
+    let flattening = tokio::task::spawn_blocking(move || {
+        let sink = ChunkSink::new(writer)?;
+        flatten_into(source.as_ref(), sink, &source_args)
+    });
+    let (flattened, pushed) = tokio::join!(flattening, pushing);
+    let context = || format!("push {}", args.image);
+    match (flattened.context("flatten task")?, pushed) {
+        (Ok(_), Ok(report)) => Ok((report, source_digest)),
+        // The push's own failure is the cause; the flattener only saw it stop.
+        (_, Err(err)) if !matches!(err, TransferError::ImageIncomplete) => {
+            Err(anyhow::Error::from(err).context(context()))
+        }
+        (Err(err), _) => Err(err.context(context())),
+        (Ok(_), Err(err)) => Err(anyhow::Error::from(err).context(context())),
+    }
 }
 
 pub async fn export(args: ExportArgs) -> anyhow::Result<()> {

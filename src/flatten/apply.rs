@@ -1,12 +1,12 @@
 //! One entry applied to the tree, a regular file's bytes streamed to the
 //! image as they are read.
 
-use std::io::{self, Read, Seek, Write};
+use std::io::{self, Read};
 
 use sha2::{Digest, Sha256};
 
 use super::tree::{Body, Dir, Meta, Node, NodeId, NotADirectory, ROOT};
-use super::{FlattenError, Flattener};
+use super::{FlattenError, Flattener, ImageSink};
 use crate::ext4::extent::{self, push_block};
 use crate::ext4::{xattr, Ext4Error, BLOCK_SIZE};
 use crate::oci::entry::{EntryKind, EntryPath, LayerEntry};
@@ -62,7 +62,7 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(got)
 }
 
-impl<W: Read + Write + Seek> Flattener<W> {
+impl<S: ImageSink> Flattener<S> {
     pub(super) fn layer_name(&self) -> String {
         if self.label.is_empty() {
             format!("#{}", self.layer)

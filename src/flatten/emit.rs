@@ -2,12 +2,10 @@
 //! attribute, slow-symlink and directory blocks it changed, written at the
 //! cursor in path order.
 
-use std::io::{Read, Seek, Write};
-
 use sha2::{Digest, Sha256};
 
 use super::tree::{Body, NodeId};
-use super::{FlattenError, Flattener};
+use super::{FlattenError, Flattener, ImageSink};
 use crate::ext4::extent::{self, Extent};
 use crate::ext4::layout::MAX_GROUPS;
 use crate::ext4::xattr::{self, Placement};
@@ -25,7 +23,7 @@ pub(super) fn derive16(label: &[u8], chain: &[u8; 32]) -> [u8; 16] {
     d[..16].try_into().expect("16 bytes")
 }
 
-impl<W: Read + Write + Seek> Flattener<W> {
+impl<S: ImageSink> Flattener<S> {
     fn layer_error(&self, source: Ext4Error) -> FlattenError {
         FlattenError::EncodeLayer {
             layer: self.layer_name(),

@@ -1,11 +1,9 @@
 //! The end of the image: size and group count, inode tables, bitmaps,
 //! descriptors and superblock, the file's length, and its digest.
 
-use std::io::{Read, Seek, Write};
-
 use super::emit::{derive16, FAST_SYMLINK_MAX};
 use super::tree::{Body, Node};
-use super::{FlattenError, FlattenReport, Flattener};
+use super::{FlattenError, FlattenReport, Flattener, ImageSink};
 use crate::ext4::inode::{self, Inode, EXTENTS_FL, INDEX_FL};
 use crate::ext4::layout::{self, DESC_SIZE, MAX_GROUPS};
 use crate::ext4::superblock::{self, GroupCounts, Summary};
@@ -19,7 +17,7 @@ const MIN_LAST_GROUP: u64 = 1024;
 /// The kernel's largest directory link count; past it, 1 means "many".
 const DIR_LINK_MAX: u32 = 65000;
 
-impl<W: Read + Write + Seek> Flattener<W> {
+impl<S: ImageSink> Flattener<S> {
     fn encode_inode(&self, node: &Node) -> Result<[u8; INODE_SIZE], Ext4Error> {
         let root = || extent::build(&node.extents, &node.tree_blocks).0;
         let mut links = node.links;
@@ -90,48 +88,54 @@ impl<W: Read + Write + Seek> Flattener<W> {
         let gdt_blocks = (groups as usize * DESC_SIZE).div_ceil(BLOCK_SIZE) as u64;
         let mut counts = vec![GroupCounts::default(); groups as usize];
 
-        // Inode tables, block by block; blocks with no inode in use stay holes.
+        // Group by group, so a sink that hands on chunks can let each
+        // group's metadata go before the next is built: the inode table
+        // block by block (blocks with no inode in use stay holes), then the
+        // bitmaps.
         let mut by_ino: Vec<(u32, u32)> = self.tree.iter().map(|(id, n)| (n.ino, id)).collect();
         by_ino.sort_unstable();
-        let mut used_inodes = vec![false; (u64::from(groups) * u64::from(ipg)) as usize + 1];
-        for ino in 1..LOST_FOUND_INO {
-            used_inodes[ino as usize] = true;
-        }
+        let mut by_ino = by_ino.into_iter().peekable();
         let per_block = (BLOCK_SIZE / INODE_SIZE) as u32;
-        let mut i = 0;
-        while i < by_ino.len() {
-            let table_block = (by_ino[i].0 - 1) / per_block;
-            let mut img = vec![0u8; BLOCK_SIZE];
-            while i < by_ino.len() && (by_ino[i].0 - 1) / per_block == table_block {
-                let (ino, id) = by_ino[i];
-                let node = self.tree.node(id);
-                let raw = self.encode_inode(node).map_err(FlattenError::Encode)?;
-                let slot = ((ino - 1) % per_block) as usize * INODE_SIZE;
-                img[slot..slot + INODE_SIZE].copy_from_slice(&raw);
-                used_inodes[ino as usize] = true;
-                if node.body.is_dir() {
-                    counts[((ino - 1) / ipg) as usize].dirs += 1;
-                }
-                i += 1;
-            }
-            let g = table_block / (ipg / per_block);
-            let at = layout::inode_table(g) + u64::from(table_block % (ipg / per_block));
-            self.sink
-                .write_block(at, &img)
-                .map_err(FlattenError::WriteImage)?;
-        }
-
-        // Bitmaps.
         let mut free_blocks_total = 0u64;
         let mut free_inodes_total = 0u64;
         for g in 0..groups {
+            let mut used_inodes = vec![false; ipg as usize];
+            if g == 0 {
+                used_inodes[..LOST_FOUND_INO as usize - 1].fill(true);
+            }
+            let group_inodes = g * ipg + 1..(g + 1) * ipg + 1;
+            while let Some(&(ino, _)) = by_ino.peek() {
+                if !group_inodes.contains(&ino) {
+                    break;
+                }
+                let table_block = (ino - 1) / per_block;
+                let mut img = vec![0u8; BLOCK_SIZE];
+                while let Some(&(ino, id)) = by_ino.peek() {
+                    if (ino - 1) / per_block != table_block {
+                        break;
+                    }
+                    by_ino.next();
+                    let node = self.tree.node(id);
+                    let raw = self.encode_inode(node).map_err(FlattenError::Encode)?;
+                    let slot = ((ino - 1) % per_block) as usize * INODE_SIZE;
+                    img[slot..slot + INODE_SIZE].copy_from_slice(&raw);
+                    used_inodes[((ino - 1) % ipg) as usize] = true;
+                    if node.body.is_dir() {
+                        counts[g as usize].dirs += 1;
+                    }
+                }
+                let at = layout::inode_table(g) + u64::from(table_block % (ipg / per_block));
+                self.sink
+                    .write_block(at, &img)
+                    .map_err(FlattenError::WriteImage)?;
+            }
+
             let mut ib = vec![0xffu8; BLOCK_SIZE];
             ib[..(ipg / 8) as usize].fill(0);
             let mut free_inodes = 0;
-            for k in 0..ipg {
-                let ino = (g * ipg + k + 1) as usize;
-                if used_inodes[ino] {
-                    ib[(k / 8) as usize] |= 1 << (k % 8);
+            for (k, used) in used_inodes.iter().enumerate() {
+                if *used {
+                    ib[k / 8] |= 1 << (k % 8);
                 } else {
                     free_inodes += 1;
                 }
@@ -158,6 +162,7 @@ impl<W: Read + Write + Seek> Flattener<W> {
             self.sink
                 .write_block(layout::block_bitmap(g), &bb)
                 .map_err(FlattenError::WriteImage)?;
+            self.sink.group_done(g).map_err(FlattenError::WriteImage)?;
             counts[g as usize].free_inodes = free_inodes;
             counts[g as usize].free_blocks = free_blocks;
             free_blocks_total += u64::from(free_blocks);
@@ -184,24 +189,18 @@ impl<W: Read + Write + Seek> Flattener<W> {
             .write_at(1024, &superblock::encode_superblock(&summary))
             .map_err(FlattenError::WriteImage)?;
         let image_size = blocks * BLOCK_SIZE as u64;
-        if self.sink.end < image_size {
-            self.sink
-                .write_at(image_size - 1, &[0])
-                .map_err(FlattenError::WriteImage)?;
-        }
-
         let files = self.tree.iter().count() as u64;
-        let (_, digest) = self
+        let digest = self
             .sink
             .finish(image_size)
-            .map_err(FlattenError::ReadImage)?;
+            .map_err(FlattenError::FinishImage)?;
         Ok(FlattenReport {
             layers: self.layer,
             entries: self.entries,
             files,
             bytes: self.bytes,
             image_size,
-            digest: format!("sha256:{}", hex::encode(digest)),
+            digest: digest.map(|d| format!("sha256:{}", hex::encode(d))),
         })
     }
 }

@@ -45,7 +45,7 @@ use sha2::{Digest, Sha256};
 use crate::ext4::layout::Allocator;
 use crate::ext4::{Ext4Error, FIRST_FREE_INO, LOST_FOUND_INO, ROOT_INO};
 use crate::oci::entry::{EntryPath, LayerEntry};
-use sink::Sink;
+pub use sink::{ChunkConsumer, ChunkSink, FileSink, ImageSink};
 pub use source::{flatten_source, FlattenProgress, FlattenSourceError};
 use tree::{Body, Dir, Meta, Node, Tree, ROOT};
 
@@ -79,8 +79,10 @@ pub struct FlattenReport {
     pub bytes: u64,
     /// The image's size in bytes.
     pub image_size: u64,
-    /// `sha256:` and the hex digest of the whole image.
-    pub digest: String,
+    /// `sha256:` and the hex digest of the whole image, where the sink
+    /// could compute it (a file, not a stream of chunks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 /// Why flattening failed. Entry errors name the layer and the entry.
@@ -137,8 +139,8 @@ pub enum FlattenError {
     },
     #[error("write image")]
     WriteImage(#[source] std::io::Error),
-    #[error("read back image for its digest")]
-    ReadImage(#[source] std::io::Error),
+    #[error("complete image")]
+    FinishImage(#[source] std::io::Error),
     #[error("{call} called out of order (a layer {state})")]
     Sequence {
         call: &'static str,
@@ -153,8 +155,8 @@ pub enum FlattenError {
 }
 
 /// Builds one ext4 image from layers pushed in order.
-pub struct Flattener<W> {
-    sink: Sink<W>,
+pub struct Flattener<S> {
+    sink: S,
     opts: FlattenOptions,
     alloc: Allocator,
     tree: Tree,
@@ -175,17 +177,18 @@ pub struct Flattener<W> {
     last_align: u64,
 }
 
-impl<W: Read + Write + Seek> Flattener<W> {
+impl<W: Read + Write + Seek> Flattener<FileSink<W>> {
     /// Starts an image written to `out`: an empty file opened read-write
     /// (blocks never written must read as zeros, and written ones are read
     /// back at the end for the digest).
-    pub fn new(mut out: W, opts: FlattenOptions) -> Result<Self, FlattenError> {
-        let len = out
-            .seek(std::io::SeekFrom::End(0))
-            .map_err(FlattenError::WriteImage)?;
-        if len != 0 {
-            return Err(FlattenError::OutputNotEmpty { len });
-        }
+    pub fn new(out: W, opts: FlattenOptions) -> Result<Self, FlattenError> {
+        Ok(Flattener::with_sink(FileSink::new(out)?, opts))
+    }
+}
+
+impl<S: ImageSink> Flattener<S> {
+    /// Starts an image written to `sink`.
+    pub fn with_sink(sink: S, opts: FlattenOptions) -> Self {
         let mut tree = Tree::new();
         tree.node_mut(ROOT).ino = ROOT_INO;
         let mut lost = Node::new(
@@ -201,8 +204,8 @@ impl<W: Read + Write + Seek> Flattener<W> {
         lost.ino = LOST_FOUND_INO;
         let id = tree.add(lost);
         tree.link(ROOT, b"lost+found", id, 0);
-        Ok(Flattener {
-            sink: Sink::new(out),
+        Flattener {
+            sink,
             opts,
             alloc: Allocator::new(),
             tree,
@@ -218,7 +221,7 @@ impl<W: Read + Write + Seek> Flattener<W> {
             poisoned: false,
             buf: Vec::new(),
             last_align: 0,
-        })
+        }
     }
 
     fn check(&self, call: &'static str, want_open: bool) -> Result<(), FlattenError> {

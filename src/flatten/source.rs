@@ -1,9 +1,9 @@
 //! Flattening an OCI image source: each layer's tar, read once, straight
 //! into the [`Flattener`].
 
-use std::io::{Read, Seek, Write};
+use std::io::Read;
 
-use super::{FlattenError, FlattenOptions, FlattenReport, Flattener};
+use super::{FlattenError, FlattenOptions, FlattenReport, Flattener, ImageSink};
 use crate::error::ErrorKind;
 use crate::oci::layer::{read_layer, LayerError, LayerLimits};
 use crate::oci::pump::PumpedReader;
@@ -65,11 +65,11 @@ pub struct FlattenProgress {
     pub layer_bytes: u64,
 }
 
-/// Applies every layer of `source`, base first, and writes the image to `out`
-/// (an empty file opened read-write). Any error leaves `out` unusable.
-pub fn flatten_source<W: Read + Write + Seek>(
+/// Applies every layer of `source`, base first, and writes the image to
+/// `sink`. Any error leaves what the sink received unusable.
+pub fn flatten_source<S: ImageSink>(
     source: &dyn ImageSource,
-    out: W,
+    sink: S,
     opts: FlattenOptions,
     limits: &mut LayerLimits,
     progress: &dyn Fn(FlattenProgress),
@@ -79,7 +79,7 @@ pub fn flatten_source<W: Read + Write + Seek>(
         source_name: source_name.clone(),
         source: Box::new(source),
     };
-    let mut flattener = Flattener::new(out, opts).map_err(flatten_error)?;
+    let mut flattener = Flattener::with_sink(sink, opts);
     let layers = source.layers();
     for (index, layer) in layers.iter().enumerate() {
         let digest = layer.digest.to_string();

@@ -1,12 +1,16 @@
 //! Properties of the flattener that need no kernel: within a layer, the
 //! order of entries other than file data does not change a byte of the
-//! image, and the same input always gives the same image.
+//! image, the same input always gives the same image, and the chunks handed
+//! on while it is made are that image's chunks.
 
-use std::io::Cursor;
+use std::collections::BTreeMap;
+use std::io::{self, Cursor, Read};
 
 use proptest::prelude::*;
 
-use super::{FlattenOptions, Flattener};
+use super::{
+    ChunkConsumer, ChunkSink, FileSink, FlattenOptions, FlattenReport, Flattener, ImageSink,
+};
 use crate::oci::entry::{EntryKind, EntryMeta, EntryPath, LayerEntry, Timestamp};
 
 const DIRS: [&str; 4] = ["d0", "d0/d1", "d2", "d2/d3/d4"];
@@ -110,9 +114,8 @@ fn layers(ops: &[Vec<Op>]) -> Vec<Vec<(LayerEntry, Vec<u8>)>> {
         .collect()
 }
 
-fn flatten(layers: &[Vec<(LayerEntry, Vec<u8>)>]) -> Vec<u8> {
-    let mut f = Flattener::new(Cursor::new(Vec::new()), FlattenOptions { free_space: 0 })
-        .expect("empty output");
+fn build<S: ImageSink>(layers: &[Vec<(LayerEntry, Vec<u8>)>], sink: S) -> FlattenReport {
+    let mut f = Flattener::with_sink(sink, FlattenOptions { free_space: 0 });
     for (i, layer) in layers.iter().enumerate() {
         f.begin_layer(&format!("{i}")).expect("begin");
         for (e, data) in layer {
@@ -120,20 +123,39 @@ fn flatten(layers: &[Vec<(LayerEntry, Vec<u8>)>]) -> Vec<u8> {
         }
         f.end_layer().expect("end");
     }
-    let report = f.finish().expect("finish");
+    f.finish().expect("finish")
+}
+
+/// The image of `layers`, built twice to a file and once more, for each
+/// chunk size, as chunks handed on while it is made: all must agree.
+fn flatten(layers: &[Vec<(LayerEntry, Vec<u8>)>]) -> Vec<u8> {
+    let report = build(
+        layers,
+        FileSink::new(Cursor::new(Vec::new())).expect("empty"),
+    );
     assert!(report.image_size > 0);
     let mut out = Vec::new();
-    let mut f2 = Flattener::new(Cursor::new(&mut out), FlattenOptions { free_space: 0 })
-        .expect("empty output");
-    for (i, layer) in layers.iter().enumerate() {
-        f2.begin_layer(&format!("{i}")).expect("begin");
-        for (e, data) in layer {
-            f2.apply(e.clone(), &mut &data[..]).expect("apply");
-        }
-        f2.end_layer().expect("end");
-    }
-    let again = f2.finish().expect("finish");
+    let again = build(layers, FileSink::new(Cursor::new(&mut out)).expect("empty"));
     assert_eq!(report, again, "the same input gives the same image");
+    for chunk_size in [64 << 10, 512 << 10] {
+        let mut collect = Collect::new(chunk_size);
+        let streamed = build(layers, ChunkSink::new(&mut collect).expect("chunk size"));
+        assert_eq!(streamed.digest, None);
+        assert_eq!(
+            FlattenReport {
+                digest: report.digest.clone(),
+                ..streamed
+            },
+            report
+        );
+        assert_eq!(collect.size, Some(out.len() as u64));
+        for (index, expected) in out.chunks(chunk_size as usize).enumerate() {
+            match collect.chunks.get(&(index as u64)) {
+                Some(chunk) => assert!(chunk == expected, "chunk {index} differs"),
+                None => assert!(expected.iter().all(|&b| b == 0), "chunk {index} missing"),
+            }
+        }
+    }
     out
 }
 
@@ -167,5 +189,116 @@ proptest! {
             layer.extend(data);
         }
         prop_assert!(flatten(&original) == flatten(&shuffled));
+    }
+}
+
+/// An image past one group, in data and in inodes, with free space after:
+/// streamed chunks still match the file, across group boundaries and the
+/// metadata held back for each group.
+#[test]
+fn chunks_match_the_file_across_groups() {
+    fn build_big<S: ImageSink>(sink: S) -> FlattenReport {
+        let meta = EntryMeta {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: Timestamp { secs: 1, nanos: 0 },
+            xattrs: Vec::new(),
+        };
+        let path = |p: String| EntryPath::parse(p.as_bytes()).expect("valid");
+        let mut f = Flattener::with_sink(
+            sink,
+            FlattenOptions {
+                free_space: 300 << 20,
+            },
+        );
+        f.begin_layer("base").unwrap();
+        let big = 130u64 << 20;
+        let regular = |size| EntryKind::Regular { size };
+        f.apply(
+            LayerEntry {
+                path: path("big".into()),
+                kind: regular(big),
+                meta: meta.clone(),
+            },
+            &mut io::repeat(0x5a).take(big),
+        )
+        .unwrap();
+        for i in 0..9000 {
+            let entry = LayerEntry {
+                path: path(format!("many/f{i}")),
+                kind: regular(5),
+                meta: meta.clone(),
+            };
+            f.apply(entry, &mut &b"hello"[..]).unwrap();
+        }
+        f.end_layer().unwrap();
+        f.begin_layer("top").unwrap();
+        let entry = LayerEntry {
+            path: path("many/f1".into()),
+            kind: EntryKind::Whiteout,
+            meta,
+        };
+        f.apply(entry, &mut io::empty()).unwrap();
+        f.finish().unwrap()
+    }
+
+    let file = tempfile::tempfile().unwrap();
+    let report = build_big(FileSink::new(&file).unwrap());
+    let mut collect = Collect::new(512 << 10);
+    let streamed = build_big(ChunkSink::new(&mut collect).unwrap());
+    assert!(report.image_size > 3 * (128 << 20), "{report:?}");
+    assert!(report.files > 9000);
+    assert_eq!(streamed.image_size, report.image_size);
+    assert_eq!(collect.size, Some(report.image_size));
+    let mut buf = vec![0u8; 512 << 10];
+    for index in 0..report.image_size.div_ceil(512 << 10) {
+        let at = index * (512 << 10);
+        let expected = &mut buf[..(report.image_size - at).min(512 << 10) as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&file, expected, at).unwrap();
+        match collect.chunks.get(&index) {
+            Some(chunk) => assert!(chunk[..] == expected[..], "chunk {index} differs"),
+            None => assert!(expected.iter().all(|&b| b == 0), "chunk {index} missing"),
+        }
+    }
+}
+
+/// Collects the chunks a sink hands on, checking each comes once.
+#[derive(Default)]
+pub(super) struct Collect {
+    chunk_size: u64,
+    pub(super) chunks: BTreeMap<u64, Vec<u8>>,
+    pub(super) size: Option<u64>,
+}
+
+impl Collect {
+    pub(super) fn new(chunk_size: u64) -> Collect {
+        Collect {
+            chunk_size,
+            ..Collect::default()
+        }
+    }
+}
+
+impl ChunkConsumer for &mut Collect {
+    type Chunk = Vec<u8>;
+    fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+    fn take(&mut self) -> Vec<u8> {
+        vec![0xa5; self.chunk_size as usize]
+    }
+    fn put(&mut self, index: u64, mut chunk: Vec<u8>, len: usize) -> io::Result<()> {
+        chunk.truncate(len);
+        assert!(self.size.is_none(), "a chunk after the end");
+        assert!(
+            self.chunks.insert(index, chunk).is_none(),
+            "chunk {index} twice"
+        );
+        Ok(())
+    }
+    fn finish(self, image_size: u64) -> io::Result<()> {
+        self.size = Some(image_size);
+        Ok(())
     }
 }

@@ -52,8 +52,8 @@ impl BufferPool {
 }
 
 /// One chunk's bytes inside a pooled allocation: the plaintext as read,
-/// then, after [`ChunkBuffer::seal_parts`], the envelope.
-pub(super) struct ChunkBuffer {
+/// then, once sealed, the envelope.
+pub struct ChunkBuffer {
     data: Vec<u8>,
     start: usize,
     len: usize,
@@ -61,8 +61,9 @@ pub(super) struct ChunkBuffer {
 }
 
 impl ChunkBuffer {
-    pub(super) fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.data[self.start..self.start + self.len]
+    /// Keeps the first `len` bytes (no more than it holds).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
     }
 
     /// The plaintext and the room after it for the tag. The buffer then
@@ -75,6 +76,12 @@ impl ChunkBuffer {
             .first_chunk_mut()
             .expect("the pool sizes buffers for a whole envelope");
         (body, tag)
+    }
+}
+
+impl AsMut<[u8]> for ChunkBuffer {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.data[self.start..self.start + self.len]
     }
 }
 

@@ -1,5 +1,7 @@
 //! Moving images between a file and a store: [`push`] (image → sealed
-//! chunks + manifest in a store) and [`export`] (store → image file).
+//! chunks + manifest in a store), [`push_stream`] (the same for an image
+//! handed over chunk by chunk as it is made) and [`export`] (store → image
+//! file).
 //!
 //! Both sit between [`crate::chunk`] (pure sealing) and [`crate::store`]
 //! (where envelopes live) and keep these invariants:
@@ -27,9 +29,12 @@ use crate::store::StoreError;
 mod buffer;
 mod export;
 mod push;
+mod stream;
 
+pub use buffer::ChunkBuffer;
 pub use export::export;
 pub use push::push;
+pub use stream::{push_stream, ChunkWriter};
 
 /// How many chunk uploads or fetches run at once: a push window's worth.
 /// Enough to hide a remote store's latency; a directory store gains from
@@ -151,6 +156,12 @@ pub enum TransferError {
         #[source]
         source: io::Error,
     },
+    #[error("the image's producer stopped before completing it; no manifest was stored")]
+    ImageIncomplete,
+    #[error("chunk {index} lies past the end of the {image_size}-byte image")]
+    ChunkPastEnd { index: u64, image_size: u64 },
+    #[error("chunk index {index} is beyond any image")]
+    ChunkIndex { index: u64 },
     #[error("{0} stopped before finishing (the runtime is shutting down)")]
     Cancelled(&'static str),
 }
@@ -160,8 +171,12 @@ impl TransferError {
     pub fn kind(&self) -> ErrorKind {
         use TransferError::*;
         match self {
-            InvalidOptions { .. } | NotAnImage { .. } | EmptyImage { .. } => ErrorKind::Invalid,
-            ReadImage { .. } | WriteOutput { .. } | Cancelled(_) => ErrorKind::Io,
+            InvalidOptions { .. }
+            | NotAnImage { .. }
+            | EmptyImage { .. }
+            | ChunkPastEnd { .. }
+            | ChunkIndex { .. } => ErrorKind::Invalid,
+            ReadImage { .. } | WriteOutput { .. } | ImageIncomplete | Cancelled(_) => ErrorKind::Io,
             QueryMissing(source) | UploadChunk(source) => source.kind(),
             PutManifest { source, .. } | GetManifest { source, .. } | FetchChunk { source, .. } => {
                 source.kind()
@@ -198,3 +213,5 @@ async fn on_rayon<T: Send + 'static>(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_stream;

@@ -31,7 +31,7 @@ use crate::store::{validate_manifest_name, ChunkStore, StoreError};
 /// Bytes read and sealed per window: enough chunks to keep every core
 /// busy and to batch the store's `missing` query, few enough to bound memory
 /// (two windows of buffers are alive: one sealing, one uploading).
-const WINDOW_BYTES: u64 = 32 << 20;
+pub(super) const WINDOW_BYTES: u64 = 32 << 20;
 
 /// Seals `image` into `store` under `opts.name`, uploading only the chunks the
 /// store lacks, and stores the manifest last.
@@ -66,22 +66,8 @@ pub(super) async fn push_windowed(
     let window = (window_bytes / chunk_size).max(1) * chunk_size;
     let salt = Arc::new(salt.clone());
 
-    let mut report = PushReport {
-        image_bytes: image_size,
-        chunk_size: opts.chunk_size,
-        chunks_total: image_size.div_ceil(chunk_size),
-        chunks_zero: 0,
-        chunks_distinct: 0,
-        chunks_existing: 0,
-        chunks_uploaded: 0,
-        bytes_uploaded: 0,
-        name: opts.name.clone(),
-        elapsed_secs: 0.0,
-    };
-    // Capped: a sparse file can claim a size no manifest could describe.
-    let mut entries = Vec::with_capacity(report.chunks_total.min(1 << 20) as usize);
-    let mut seen = HashSet::new();
-    let mut to_upload: Vec<(ChunkId, Bytes)> = Vec::new();
+    let mut report = PushReport::new(&opts, image_size);
+    let mut collected = Collected::default();
     let pool = BufferPool::new(chunk_size as usize);
     let mut offset = 0;
     progress(0, image_size);
@@ -103,56 +89,121 @@ pub(super) async fn push_windowed(
             on_rayon("sealing chunks", move || {
                 read_and_seal(&file, &path, &pool_ref, window, &salt)
             }),
-            upload(&*store, std::mem::take(&mut to_upload)),
+            upload(&*store, collected.take_upload()),
         );
         uploaded?.add_to(&mut report);
         // Every chunk before this window is stored now.
         progress(offset, image_size);
 
-        for chunk in sealed?? {
-            match chunk {
-                Sealed::Zero => {
-                    report.chunks_zero += 1;
-                    entries.push(ManifestEntry::Zero);
-                }
-                Sealed::Chunk { id, key, envelope } => {
-                    // A repeat's buffer goes back to the pool as it drops.
-                    if seen.insert(id) {
-                        to_upload.push((id, Bytes::from_owner(envelope)));
-                    }
-                    entries.push(ManifestEntry::Chunk { id, key });
-                }
-            }
+        let first = offset / chunk_size;
+        for (i, chunk) in sealed??.into_iter().enumerate() {
+            collected.record(first + i as u64, chunk);
         }
         offset += len;
     }
-    upload(&*store, to_upload).await?.add_to(&mut report);
-    report.chunks_distinct = seen.len() as u64;
-
-    let manifest = Manifest {
-        image_size,
-        chunk_size: opts.chunk_size,
-        salt_domain: opts.salt_domain,
-        source_digest: opts.source_digest,
-        entries,
-    };
-    let tenant = tenant.clone();
-    let sealed = on_rayon("sealing the manifest", move || manifest.seal(&tenant)).await?;
-    store
-        .put_manifest(&opts.name, Bytes::from(sealed))
-        .await
-        .map_err(|source| TransferError::PutManifest {
-            name: opts.name,
-            source,
-        })?;
+    upload(&*store, collected.take_upload())
+        .await?
+        .add_to(&mut report);
+    collected
+        .store_manifest(&*store, tenant, opts, &mut report)
+        .await?;
     progress(image_size, image_size);
     report.elapsed_secs = started.elapsed().as_secs_f64();
     Ok(report)
 }
 
+impl PushReport {
+    pub(super) fn new(opts: &PushOptions, image_size: u64) -> PushReport {
+        PushReport {
+            image_bytes: image_size,
+            chunk_size: opts.chunk_size,
+            chunks_total: image_size.div_ceil(u64::from(opts.chunk_size)),
+            chunks_zero: 0,
+            chunks_distinct: 0,
+            chunks_existing: 0,
+            chunks_uploaded: 0,
+            bytes_uploaded: 0,
+            name: opts.name.clone(),
+            elapsed_secs: 0.0,
+        }
+    }
+}
+
+/// The sealed chunks of one push so far: the manifest's entries and the
+/// envelopes new to this push that still wait for their upload.
+#[derive(Default)]
+pub(super) struct Collected {
+    /// By chunk index; indices not recorded yet are zeros.
+    entries: Vec<ManifestEntry>,
+    seen: HashSet<ChunkId>,
+    to_upload: Vec<(ChunkId, Bytes)>,
+}
+
+impl Collected {
+    pub(super) fn record(&mut self, index: u64, chunk: Sealed) {
+        let index = index as usize;
+        if index >= self.entries.len() {
+            self.entries.resize(index + 1, ManifestEntry::Zero);
+        }
+        self.entries[index] = match chunk {
+            Sealed::Zero => ManifestEntry::Zero,
+            Sealed::Chunk { id, key, envelope } => {
+                // A repeat's buffer goes back to the pool as it drops.
+                if self.seen.insert(id) {
+                    self.to_upload.push((id, Bytes::from_owner(envelope)));
+                }
+                ManifestEntry::Chunk { id, key }
+            }
+        };
+    }
+
+    /// Entries recorded so far: one past the highest index.
+    pub(super) fn len(&self) -> u64 {
+        self.entries.len() as u64
+    }
+
+    pub(super) fn take_upload(&mut self) -> Vec<(ChunkId, Bytes)> {
+        std::mem::take(&mut self.to_upload)
+    }
+
+    /// Seals the manifest of an image of `report.image_bytes` and stores it:
+    /// call only once every chunk it names is stored.
+    pub(super) async fn store_manifest(
+        self,
+        store: &dyn ChunkStore,
+        tenant: &TenantKey,
+        opts: PushOptions,
+        report: &mut PushReport,
+    ) -> Result<(), TransferError> {
+        let mut entries = self.entries;
+        entries.resize(report.chunks_total as usize, ManifestEntry::Zero);
+        report.chunks_zero = entries
+            .iter()
+            .filter(|e| **e == ManifestEntry::Zero)
+            .count() as u64;
+        report.chunks_distinct = self.seen.len() as u64;
+        let manifest = Manifest {
+            image_size: report.image_bytes,
+            chunk_size: opts.chunk_size,
+            salt_domain: opts.salt_domain,
+            source_digest: opts.source_digest,
+            entries,
+        };
+        let tenant = tenant.clone();
+        let sealed = on_rayon("sealing the manifest", move || manifest.seal(&tenant)).await?;
+        store
+            .put_manifest(&opts.name, Bytes::from(sealed))
+            .await
+            .map_err(|source| TransferError::PutManifest {
+                name: opts.name,
+                source,
+            })
+    }
+}
+
 /// Refuses bad options before any work, so a typo does not cost a whole
 /// upload.
-fn validate(opts: &PushOptions) -> Result<(), TransferError> {
+pub(super) fn validate(opts: &PushOptions) -> Result<(), TransferError> {
     let invalid = |reason| TransferError::InvalidOptions { reason };
     validate_chunk_size(opts.chunk_size).map_err(invalid)?;
     validate_salt_domain(&opts.salt_domain).map_err(invalid)?;
@@ -207,8 +258,8 @@ struct Window {
     chunk_size: u64,
 }
 
-/// One chunk of a window after sealing.
-enum Sealed {
+/// One chunk after sealing.
+pub(super) enum Sealed {
     /// All zeros: not sealed, not stored.
     Zero,
     Chunk {
@@ -242,18 +293,23 @@ fn read_and_seal(
             let at = offset + i * chunk_size;
             let mut buffer = pool.take(chunk_size.min(offset + len - at) as usize);
             read_chunk(file, path, at, buffer.as_mut())?;
-            if is_zero(buffer.as_ref()) {
-                return Ok(Sealed::Zero);
-            }
-            let (plaintext, tag) = buffer.seal_parts();
-            let (id, key) = seal_chunk_in_place(salt, plaintext, tag);
-            Ok(Sealed::Chunk {
-                id,
-                key,
-                envelope: buffer,
-            })
+            Ok(seal(buffer, salt))
         })
         .collect()
+}
+
+/// Seals one chunk's plaintext in its buffer, unless it is all zeros.
+pub(super) fn seal(mut buffer: ChunkBuffer, salt: &Salt) -> Sealed {
+    if is_zero(buffer.as_ref()) {
+        return Sealed::Zero;
+    }
+    let (plaintext, tag) = buffer.seal_parts();
+    let (id, key) = seal_chunk_in_place(salt, plaintext, tag);
+    Sealed::Chunk {
+        id,
+        key,
+        envelope: buffer,
+    }
 }
 
 fn read_chunk(file: &File, path: &Path, at: u64, buffer: &mut [u8]) -> Result<(), TransferError> {
@@ -282,14 +338,14 @@ fn shrunk(offset: u64, len: usize) -> io::Error {
 
 /// Counts from uploading one batch of chunks new to this push.
 #[derive(Default)]
-struct Uploaded {
+pub(super) struct Uploaded {
     distinct: u64,
     uploaded: u64,
     bytes: u64,
 }
 
 impl Uploaded {
-    fn add_to(self, report: &mut PushReport) {
+    pub(super) fn add_to(self, report: &mut PushReport) {
         report.chunks_existing += self.distinct - self.uploaded;
         report.chunks_uploaded += self.uploaded;
         report.bytes_uploaded += self.bytes;
@@ -297,7 +353,7 @@ impl Uploaded {
 }
 
 /// Asks the store once which of `batch` it lacks and uploads those.
-async fn upload(
+pub(super) async fn upload(
     store: &dyn ChunkStore,
     batch: Vec<(ChunkId, Bytes)>,
 ) -> Result<Uploaded, TransferError> {

@@ -14,17 +14,17 @@ use crate::chunk::{derive_salt, ChunkId, Manifest, ManifestEntry, Salt, TenantKe
 use crate::store::dir::DirStore;
 use crate::store::ChunkStore;
 
-const CS: usize = 64 * 1024;
+pub(super) const CS: usize = 64 * 1024;
 
-struct Fixture {
-    dir: tempfile::TempDir,
-    store: DirStore,
-    tenant: TenantKey,
-    salt: Salt,
+pub(super) struct Fixture {
+    pub(super) dir: tempfile::TempDir,
+    pub(super) store: DirStore,
+    pub(super) tenant: TenantKey,
+    pub(super) salt: Salt,
 }
 
 impl Fixture {
-    fn new() -> Fixture {
+    pub(super) fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store = DirStore::open(&dir.path().join("store")).unwrap();
         let tenant = TenantKey([5; 32]);
@@ -37,17 +37,17 @@ impl Fixture {
         }
     }
 
-    fn shared(&self) -> Arc<dyn ChunkStore> {
+    pub(super) fn shared(&self) -> Arc<dyn ChunkStore> {
         Arc::new(self.store.clone())
     }
 
-    fn write_image(&self, name: &str, data: &[u8]) -> std::path::PathBuf {
+    pub(super) fn write_image(&self, name: &str, data: &[u8]) -> std::path::PathBuf {
         let path = self.dir.path().join(name);
         fs::write(&path, data).unwrap();
         path
     }
 
-    async fn push_with(
+    pub(super) async fn push_with(
         &self,
         image: &Path,
         store: Arc<dyn ChunkStore>,
@@ -67,17 +67,17 @@ impl Fixture {
         .await
     }
 
-    async fn export_to(&self, out: &Path) -> Result<ExportReport, TransferError> {
+    pub(super) async fn export_to(&self, out: &Path) -> Result<ExportReport, TransferError> {
         export(self.shared(), &self.tenant, "app", out, &|_, _| {}).await
     }
 
-    async fn manifest(&self) -> Manifest {
+    pub(super) async fn manifest(&self) -> Manifest {
         let sealed = self.store.get_manifest("app").await.unwrap();
         Manifest::open("app", &sealed, &self.tenant).unwrap()
     }
 }
 
-fn options(name: &str) -> PushOptions {
+pub(super) fn options(name: &str) -> PushOptions {
     PushOptions {
         name: name.into(),
         salt_domain: "default".into(),
@@ -88,7 +88,7 @@ fn options(name: &str) -> PushOptions {
 
 /// Chunks 0-2 and 5-6 random, 3-4 zero, 7 a copy of 0, 8 zero but for its
 /// last byte, 9 short and random.
-fn sample_image() -> Vec<u8> {
+pub(super) fn sample_image() -> Vec<u8> {
     let mut rng = StdRng::seed_from_u64(1);
     let mut image = vec![0u8; CS * 9 + 1234];
     rng.fill_bytes(&mut image[..3 * CS]);
@@ -317,11 +317,11 @@ async fn bad_images_and_options_are_refused_before_any_upload() {
 
 /// A directory store that counts `missing` calls and can fail uploads.
 #[derive(Debug)]
-struct Spy {
-    inner: DirStore,
-    missing_calls: AtomicUsize,
-    puts: AtomicUsize,
-    fail_after_puts: usize,
+pub(super) struct Spy {
+    pub(super) inner: DirStore,
+    pub(super) missing_calls: AtomicUsize,
+    pub(super) puts: AtomicUsize,
+    pub(super) fail_after_puts: usize,
 }
 
 #[async_trait]
