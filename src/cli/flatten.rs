@@ -99,8 +99,9 @@ pub fn flatten_into<S: ImageSink>(
 }
 
 /// Flattens `spec` into `out`, which must not exist. The image is written
-/// beside it under a temporary name and renamed into place once complete
-/// and synced, so `out` never holds a partial image.
+/// beside it under a temporary name and linked into place once complete
+/// and synced, so `out` never holds a partial image; the link fails rather
+/// than replace a file that appeared at `out` meanwhile.
 pub fn flatten_to(spec: &str, out: &Path, args: &SourceArgs) -> anyhow::Result<Flattened> {
     let started = Instant::now();
     if out.symlink_metadata().is_ok() {
@@ -123,8 +124,10 @@ pub fn flatten_to(spec: &str, out: &Path, args: &SourceArgs) -> anyhow::Result<F
         .and_then(|report| {
             file.sync_all()
                 .with_context(|| format!("sync {}", partial.display()))?;
-            std::fs::rename(&partial, out)
-                .with_context(|| format!("rename {} to {}", partial.display(), out.display()))?;
+            std::fs::hard_link(&partial, out)
+                .with_context(|| format!("link {} to {}", partial.display(), out.display()))?;
+            std::fs::remove_file(&partial)
+                .with_context(|| format!("remove {}", partial.display()))?;
             Ok(report)
         });
     let report = result.inspect_err(|_| {
