@@ -146,6 +146,17 @@ fn oci_layout_flattens_like_umoci_unpack_and_serves_through_fuse() {
         fs::read(&image).unwrap() == fs::read(&again).unwrap(),
         "rebuild differs"
     );
+    // An existing output is never replaced.
+    run_failing(
+        world
+            .lazyblk()
+            .arg("flatten")
+            .arg(&source)
+            .arg("-o")
+            .arg(&again),
+        "already exists",
+    );
+    assert!(fs::read(&image).unwrap() == fs::read(&again).unwrap());
 
     // push flattens the source itself, in one pass with no image file, and
     // records the image's digest; what it stores is the flattened image.
