@@ -1,10 +1,10 @@
-//! Reads a frontend serves itself from the cache's data file.
+//! Reads that need no fetch, planned before they are served.
 //!
-//! [`Engine::try_plan_read`] is [`Engine::try_read_now`] without the copy:
-//! it says where each byte of a read that needs no fetch lies, so a frontend
-//! with its own asynchronous file I/O (a ublk queue's io_uring) can read the
-//! data file without a blocking syscall on its thread. Chunks are never
-//! unmarked once present, so a plan stays valid after it is made.
+//! [`Engine::try_plan_read`] says where each byte of such a read lies, so a
+//! frontend with its own asynchronous file I/O (a ublk queue's io_uring) can
+//! read the data file without a blocking syscall on its thread;
+//! [`Engine::try_read_now`] serves the same plan with `pread`. Chunks are
+//! never unmarked once present, so a plan stays valid after it is made.
 
 use std::fs::File;
 use std::io;
@@ -75,6 +75,30 @@ impl Engine {
             self.pieces(offset, len).count() as u64,
         );
         Some(Ok(plan))
+    }
+
+    /// Serves `plan` into `buf` with a `pread` per file range.
+    pub(super) fn serve_plan(
+        &self,
+        plan: &[CachedRange],
+        buf: &mut [u8],
+    ) -> Result<(), EngineError> {
+        for range in plan {
+            match *range {
+                CachedRange::File {
+                    offset,
+                    len,
+                    in_buf,
+                } => self
+                    .cache
+                    .read_at(&mut buf[in_buf..][..len], offset)
+                    .map_err(|source| EngineError::ReadCache {
+                        source: Arc::new(source),
+                    })?,
+                CachedRange::Zero { len, in_buf } => buf[in_buf..][..len].fill(0),
+            }
+        }
+        Ok(())
     }
 
     /// Counts the bytes of a planned read its caller served.

@@ -24,24 +24,13 @@ impl Engine {
         offset: u64,
         buf: &mut [u8],
     ) -> Option<Result<(), EngineError>> {
-        if let Err(error) = self.check_range(offset, buf.len()) {
-            add(&self.counters.read_requests, 1);
-            return Some(Err(error));
-        }
-        let mut pieces = 0;
-        for piece in self.pieces(offset, buf.len()) {
-            if !self.servable(piece.index) {
-                self.note_request(offset, buf.len(), true);
-                return None;
-            }
-            pieces += 1;
-        }
-        self.note_request(offset, buf.len(), false);
-        add(&self.counters.read_requests, 1);
-        add(&self.counters.cache_hits, pieces);
-        let served = self.serve(offset, buf);
+        let plan = match self.try_plan_read(offset, buf.len())? {
+            Ok(plan) => plan,
+            Err(error) => return Some(Err(error)),
+        };
+        let served = self.serve_plan(&plan, buf);
         if served.is_ok() {
-            add(&self.counters.read_bytes, buf.len() as u64);
+            self.planned_read_done(buf.len());
         }
         Some(served)
     }
