@@ -160,26 +160,19 @@ fn oci_layout_flattens_like_umoci_unpack_and_serves_through_fuse() {
 
     // push flattens the source itself, in one pass with no image file, and
     // records the image's digest; what it stores is the flattened image.
-    let output = run(world
-        .lazyblk()
-        .arg("push")
-        .arg(&source)
-        .arg("--store")
-        .arg(world.store())
-        .arg("--key")
-        .arg(world.key())
-        .args(["--name", "app", "--free-space", "32M", "--json"]));
+    let output = run(world.with_store("push").arg(&source).args([
+        "--name",
+        "app",
+        "--free-space",
+        "32M",
+        "--json",
+    ]));
     let pushed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(pushed["source_digest"], report["source_digest"], "{pushed}");
     assert_eq!(pushed["image_bytes"], report["image_size"], "{pushed}");
     let exported = world.path("exported.ext4");
     run(world
-        .lazyblk()
-        .arg("export")
-        .arg("--store")
-        .arg(world.store())
-        .arg("--key")
-        .arg(world.key())
+        .with_store("export")
         .args(["--name", "app", "--out"])
         .arg(&exported));
     assert!(
@@ -238,24 +231,14 @@ fn a_tampered_layer_fails_naming_it_and_leaves_no_image() {
     // A streamed push fails the same way and stores no manifest.
     run_failing(
         world
-            .lazyblk()
-            .arg("push")
+            .with_store("push")
             .arg(format!("oci:{}:t", layout.display()))
-            .arg("--store")
-            .arg(world.store())
-            .arg("--key")
-            .arg(world.key())
             .args(["--name", "app"]),
         &digest[..12],
     );
     run_failing(
         world
-            .lazyblk()
-            .arg("export")
-            .arg("--store")
-            .arg(world.store())
-            .arg("--key")
-            .arg(world.key())
+            .with_store("export")
             .args(["--name", "app", "--out"])
             .arg(world.path("out")),
         "not found",

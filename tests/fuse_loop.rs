@@ -89,12 +89,7 @@ fn read_only_mount_serves_the_tree_lazily_and_export_round_trips() {
 
     let exported = world.path("exported.ext4");
     run(world
-        .lazyblk()
-        .arg("export")
-        .arg("--store")
-        .arg(world.store())
-        .arg("--key")
-        .arg(world.key())
+        .with_store("export")
         .args(["--name", "app", "--out"])
         .arg(&exported));
     run(Command::new("cmp").arg(&image).arg(&exported));
@@ -181,12 +176,7 @@ fn a_corrupted_chunk_fails_the_read_and_is_counted() {
     // A second device at the same mountpoint is refused.
     run_failing(
         world
-            .lazyblk()
-            .arg("add")
-            .arg("--store")
-            .arg(world.store())
-            .arg("--key")
-            .arg(world.key())
+            .with_store("add")
             .args(["--name", "raw", "--cache-dir"])
             .arg(world.path("cache2"))
             .arg("--fuse")

@@ -63,12 +63,7 @@ impl UblkWorld {
     fn add(&self, name: &str, cache: &str, extra: &[&str]) -> Dev {
         let out = run(self
             .world
-            .lazyblk()
-            .arg("add")
-            .arg("--store")
-            .arg(self.world.store())
-            .arg("--key")
-            .arg(self.world.key())
+            .with_store("add")
             .args(["--name", name])
             .arg("--cache-dir")
             .arg(self.world.path(cache))
@@ -468,13 +463,8 @@ fn flattened_oci_image_serves_through_ublk() {
     let layout = write_layout(&w.world.path("layout"), &[base, top]);
     let out = run(w
         .world
-        .lazyblk()
-        .arg("push")
+        .with_store("push")
         .arg(format!("oci:{}:t", layout.display()))
-        .arg("--store")
-        .arg(w.world.store())
-        .arg("--key")
-        .arg(w.world.key())
         .args(["--name", "oci-app", "--free-space", "16M", "--json"]));
     let pushed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_ne!(

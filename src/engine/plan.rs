@@ -121,28 +121,9 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::FileExt;
-
     use super::*;
     use crate::engine::testing::{fixture, open_engine, CSU};
     use crate::engine::EngineOptions;
-
-    /// Serves a plan the way a frontend would.
-    fn serve(engine: &Engine, plan: &[CachedRange], buf: &mut [u8]) {
-        for range in plan {
-            match *range {
-                CachedRange::File {
-                    offset,
-                    len,
-                    in_buf,
-                } => engine
-                    .cache_file()
-                    .read_exact_at(&mut buf[in_buf..][..len], offset)
-                    .unwrap(),
-                CachedRange::Zero { len, in_buf } => buf[in_buf..][..len].fill(0),
-            }
-        }
-    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn plans_serve_the_image_once_chunks_are_present() {
@@ -156,7 +137,7 @@ mod tests {
         for offset in [0, 1, CSU as u64 / 2, image.len() as u64 - len as u64] {
             let plan = engine.try_plan_read(offset, len).unwrap().unwrap();
             let mut buf = vec![0xAA; len];
-            serve(&engine, &plan, &mut buf);
+            engine.serve_plan(&plan, &mut buf).unwrap();
             assert!(buf == image[offset as usize..][..len], "at {offset}");
             let files = plan
                 .iter()

@@ -120,15 +120,21 @@ impl World {
         cmd
     }
 
-    pub fn push(&self, image: &Path, name: &str) -> serde_json::Value {
-        let out = run(self
-            .lazyblk()
-            .arg("push")
-            .arg(image)
+    /// `lazyblk VERB --store STORE --key KEY`, for this world's store and key.
+    pub fn with_store(&self, verb: &str) -> Command {
+        let mut cmd = self.lazyblk();
+        cmd.arg(verb)
             .arg("--store")
             .arg(self.store())
             .arg("--key")
-            .arg(self.key())
+            .arg(self.key());
+        cmd
+    }
+
+    pub fn push(&self, image: &Path, name: &str) -> serde_json::Value {
+        let out = run(self
+            .with_store("push")
+            .arg(image)
             .args(["--name", name, "--json"]));
         serde_json::from_slice(&out.stdout).expect("push --json prints JSON")
     }
@@ -149,13 +155,8 @@ impl World {
     ) -> PathBuf {
         let mnt = self.path(mountpoint);
         fs::create_dir_all(&mnt).unwrap();
-        let mut cmd = self.lazyblk();
-        cmd.arg("add")
-            .arg("--store")
-            .arg(self.store())
-            .arg("--key")
-            .arg(self.key())
-            .args(["--name", name])
+        let mut cmd = self.with_store("add");
+        cmd.args(["--name", name])
             .arg("--cache-dir")
             .arg(self.path(cache))
             .arg("--fuse")
