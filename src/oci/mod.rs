@@ -29,6 +29,7 @@ pub mod pump;
 pub mod registry;
 pub mod resolve;
 pub mod source;
+pub mod sparse;
 pub mod spec;
 pub mod verify;
 
