@@ -34,6 +34,8 @@ pub mod spec;
 pub mod verify;
 
 #[cfg(test)]
+mod layer_pax_tests;
+#[cfg(test)]
 mod layer_tests;
 
 pub use entry::{EntryKind, EntryMeta, EntryPath, LayerEntry, Timestamp};
