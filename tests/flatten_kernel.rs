@@ -536,3 +536,99 @@ fn a_non_empty_output_is_refused() {
         "{err}"
     );
 }
+
+/// `/lost+found` after a layer, as a mounted image shows it: its inode,
+/// mode and names, or its file type and bytes.
+fn lost_found(root: &std::path::Path) -> (u64, u32, Vec<String>) {
+    use std::os::unix::fs::MetadataExt;
+    let path = root.join("lost+found");
+    let md = fs::symlink_metadata(&path).unwrap();
+    let names = if md.is_dir() {
+        let mut n: Vec<String> = fs::read_dir(&path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    } else {
+        vec![String::from_utf8_lossy(&fs::read(&path).unwrap_or_default()).into_owned()]
+    };
+    (md.ino(), md.mode(), names)
+}
+
+#[test]
+fn layers_that_replace_or_remove_lost_found_leave_clean_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let white = |path: &str| ent(path, EntryKind::Whiteout, meta(0, 0, 0, 0, 0));
+    let f = |path: &str, data: &[u8]| file(path, data.to_vec(), meta(0o644, 0, 0, 1, 0));
+    let cases: Vec<(&str, Layers, (u64, u32, Vec<String>))> = vec![
+        (
+            // What a lower layer put in it goes with a whiteout; the
+            // directory stays the image's own.
+            "whiteout",
+            vec![
+                vec![dir("lost+found", 0o755, 5), f("lost+found/kept", b"k")],
+                vec![white("lost+found")],
+            ],
+            (11, 0o40700, vec![]),
+        ),
+        (
+            "opaque root",
+            vec![
+                vec![f("a", b"a"), f("lost+found/x", b"x")],
+                vec![
+                    ent("", EntryKind::OpaqueDirectory, meta(0, 0, 0, 0, 0)),
+                    f("b", b"b"),
+                ],
+            ],
+            (11, 0o40700, vec![]),
+        ),
+        (
+            // The layer wins: never lose its data.
+            "replaced by a file",
+            vec![vec![f("lost+found", b"mine")]],
+            (12, 0o100644, vec!["mine".into()]),
+        ),
+        (
+            "replaced, then whited out",
+            vec![
+                vec![ent(
+                    "lost+found",
+                    EntryKind::Symlink {
+                        target: b"elsewhere".to_vec(),
+                    },
+                    meta(0o777, 0, 0, 1, 0),
+                )],
+                vec![white("lost+found")],
+            ],
+            (11, 0o40700, vec![]),
+        ),
+        (
+            "taken over by a directory",
+            vec![vec![dir("lost+found", 0o750, 5), f("lost+found/in", b"i")]],
+            (11, 0o40750, vec!["in".into()]),
+        ),
+    ];
+    for (i, (what, layers, want)) in cases.into_iter().enumerate() {
+        let image = tmp.path().join(format!("case{i}.ext4"));
+        build(&layers, &image);
+        fsck(&image);
+        {
+            let m = Mount::new(&image, true);
+            assert_eq!(lost_found(m.path()), want, "{what}");
+            if what == "opaque root" {
+                let mut top: Vec<_> = fs::read_dir(m.path())
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect();
+                top.sort();
+                assert_eq!(top, ["b", "lost+found"], "{what}");
+            }
+        }
+        {
+            let m = Mount::new(&image, false);
+            fs::write(m.path().join("new"), b"n").unwrap();
+        }
+        fsck(&image);
+    }
+}
