@@ -1,11 +1,13 @@
 //! One tar member, as its headers wrote it, turned into a [`LayerEntry`].
 //!
 //! [`super::layer`] walks the stream and collects, for each member, its
-//! 512-byte header plus the GNU long name/link and PAX records that came
-//! before it; [`classify`] reads every field through the `tar` crate's header
-//! parsers, lets PAX records override the header (path, linkpath, uid, gid,
-//! mtime with nanoseconds), gathers `SCHILY.xattr.*`, and recognises the
-//! OCI whiteouts. Nothing here decides which entry wins: that is the
+//! 512-byte header plus the GNU long name/link before it and the PAX records
+//! in force ([`GlobalPax`]: global headers' records, then the member's own);
+//! [`classify`] reads every field through the `tar` crate's header parsers,
+//! lets PAX records override the header (path, linkpath, uid, gid, mtime
+//! with nanoseconds), gathers attributes (`SCHILY.xattr.*` and bsdtar's
+//! `LIBARCHIVE.xattr.*`), and recognises the OCI whiteouts. `GNU.sparse.*`
+//! records are collected for [`super::sparse`]. Nothing here decides which entry wins: that is the
 //! flattener's. Every check that can fail names what was wrong in an
 //! [`EntryError`]; no input panics.
 

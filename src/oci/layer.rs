@@ -8,11 +8,15 @@
 //! PAX header larger than [`MAX_METADATA_LEN`] is refused before it is read,
 //! every byte read counts against the image's [`LayerLimits`], and the
 //! stream is read to its very end so that a digest check at EOF (see
-//! [`super::verify`]) always runs.
+//! [`super::verify`]) always runs. PAX global headers change the records in
+//! force for every later member; a GNU sparse member's map is read (from
+//! its header, extension blocks or the start of its data) and checked, and
+//! its reader yields the real size ([`super::sparse`]).
 //!
 //! Invariants: every error names the layer and the member (its path as
 //! written); an entry's data reader yields its declared size or an error,
-//! never fewer bytes silently; no input panics.
+//! never fewer bytes silently; sparse holes count against the byte budget;
+//! no input panics.
 
 use std::io::{self, Read};
 
@@ -44,7 +48,7 @@ impl<R: Read> Read for Stream<'_, R> {
         let n = self.inner.read(buf)?;
         self.offset += n as u64;
         self.limits.bytes += n as u64;
-        if self.limits.bytes > self.limits.max_bytes {
+        if self.limits.bytes + self.limits.holes > self.limits.max_bytes {
             let limit = Limit::Bytes(self.limits.max_bytes);
             self.limits.exceeded = Some(limit);
             return Err(io::Error::other(limit));
@@ -365,6 +369,16 @@ pub fn read_layer<R: Read>(
             map.validate(stored).map_err(entry_error)?;
         }
         let real_size = map.as_ref().map_or(size, |m| m.real_size);
+        stream.limits.holes += real_size - map.as_ref().map_or(real_size, |_| stored);
+        if stream.limits.bytes + stream.limits.holes > stream.limits.max_bytes {
+            let limit = Limit::Bytes(stream.limits.max_bytes);
+            stream.limits.exceeded = Some(limit);
+            return Err(LayerError::LimitExceeded {
+                layer: layer_name(),
+                entry: entry.clone(),
+                limit,
+            });
+        }
         let classified = classify(&member, real_size).map_err(entry_error)?;
         long_name = None;
         long_link = None;

@@ -355,3 +355,33 @@ fn malformed_sparse_maps_name_the_layer_and_entry() {
         .bytes();
     assert!(sparse_problem(&tar).contains("numbytes"));
 }
+
+#[test]
+fn sparse_holes_count_against_the_byte_budget() {
+    let sparse = |real: &str| {
+        Tar::new()
+            .pax(&[
+                ("GNU.sparse.size", real.as_bytes()),
+                ("GNU.sparse.map", b"0,1"),
+            ])
+            .file("bomb", b"x")
+            .bytes()
+    };
+    // A terabyte of holes from a few hundred bytes of tar.
+    let err = read_all(&sparse("1099511627776")).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LayerError::LimitExceeded {
+                limit: super::layer::Limit::Bytes(_),
+                ref entry,
+                ..
+            } if entry == "bomb"
+        ),
+        "{err:?}"
+    );
+    let mut limits = super::layer::LayerLimits::default();
+    let tar = sparse("1000000");
+    super::layer_tests::read_with(&tar, &mut limits).unwrap();
+    assert_eq!(limits.bytes_used(), tar.len() as u64 + 999_999);
+}
