@@ -30,6 +30,8 @@ tools=(
     "docker-registry docker-registry" # a loopback registry for source tests
     "mkfifo coreutils"
     "setfattr attr"          # xattrs in the OCI test layouts
+    "bsdtar libarchive-tools" # LIBARCHIVE.xattr records in the layer tests
+    "tar tar"                # GNU tar sparse members in the layer tests
 )
 # Packages with no command of their own, checked through dpkg.
 libraries=(

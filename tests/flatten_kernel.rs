@@ -536,3 +536,224 @@ fn a_non_empty_output_is_refused() {
         "{err}"
     );
 }
+
+/// Inode number, mode, and names (a directory) or bytes (a file).
+type Seen = (u64, u32, Vec<String>);
+
+/// `/lost+found` after a layer, as a mounted image shows it: its inode,
+/// mode and names, or its file type and bytes.
+fn lost_found(root: &std::path::Path) -> Seen {
+    use std::os::unix::fs::MetadataExt;
+    let path = root.join("lost+found");
+    let md = fs::symlink_metadata(&path).unwrap();
+    let names = if md.is_dir() {
+        let mut n: Vec<String> = fs::read_dir(&path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    } else {
+        vec![String::from_utf8_lossy(&fs::read(&path).unwrap_or_default()).into_owned()]
+    };
+    (md.ino(), md.mode(), names)
+}
+
+#[test]
+fn layers_that_replace_or_remove_lost_found_leave_clean_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let white = |path: &str| ent(path, EntryKind::Whiteout, meta(0, 0, 0, 0, 0));
+    let f = |path: &str, data: &[u8]| file(path, data.to_vec(), meta(0o644, 0, 0, 1, 0));
+    let cases: Vec<(&str, Layers, Seen)> = vec![
+        (
+            // What a lower layer put in it goes with a whiteout; the
+            // directory stays the image's own.
+            "whiteout",
+            vec![
+                vec![dir("lost+found", 0o755, 5), f("lost+found/kept", b"k")],
+                vec![white("lost+found")],
+            ],
+            (11, 0o40700, vec![]),
+        ),
+        (
+            "opaque root",
+            vec![
+                vec![f("a", b"a"), f("lost+found/x", b"x")],
+                vec![
+                    ent("", EntryKind::OpaqueDirectory, meta(0, 0, 0, 0, 0)),
+                    f("b", b"b"),
+                ],
+            ],
+            (11, 0o40700, vec![]),
+        ),
+        (
+            // The layer wins: never lose its data.
+            "replaced by a file",
+            vec![vec![f("lost+found", b"mine")]],
+            (12, 0o100644, vec!["mine".into()]),
+        ),
+        (
+            "replaced, then whited out",
+            vec![
+                vec![ent(
+                    "lost+found",
+                    EntryKind::Symlink {
+                        target: b"elsewhere".to_vec(),
+                    },
+                    meta(0o777, 0, 0, 1, 0),
+                )],
+                vec![white("lost+found")],
+            ],
+            (11, 0o40700, vec![]),
+        ),
+        (
+            "taken over by a directory",
+            vec![vec![dir("lost+found", 0o750, 5), f("lost+found/in", b"i")]],
+            (11, 0o40750, vec!["in".into()]),
+        ),
+    ];
+    for (i, (what, layers, want)) in cases.into_iter().enumerate() {
+        let image = tmp.path().join(format!("case{i}.ext4"));
+        build(&layers, &image);
+        fsck(&image);
+        {
+            let m = Mount::new(&image, true);
+            assert_eq!(lost_found(m.path()), want, "{what}");
+            if what == "opaque root" {
+                let mut top: Vec<_> = fs::read_dir(m.path())
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect();
+                top.sort();
+                assert_eq!(top, ["b", "lost+found"], "{what}");
+            }
+        }
+        {
+            let m = Mount::new(&image, false);
+            fs::write(m.path().join("new"), b"n").unwrap();
+        }
+        fsck(&image);
+    }
+}
+
+/// Runs a tool, failing with its output unless it succeeds.
+fn tool(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .expect("run the tool (scripts/install-deps.sh)");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn gnu_tar_sparse_files_and_bsdtar_attributes_survive_flattening() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let sparse = src.join("sparse");
+    tool(Command::new("truncate").args(["-s", "64M"]).arg(&sparse));
+    for (seek, count) in [(0, 1), (5000, 3), (16383, 1)] {
+        tool(
+            Command::new("dd")
+                .args(["if=/dev/urandom", "bs=4096", "conv=notrunc", "status=none"])
+                .arg(format!("of={}", sparse.display()))
+                .arg(format!("seek={seek}"))
+                .arg(format!("count={count}")),
+        );
+    }
+    let attrs = src.join("attrs");
+    fs::write(&attrs, b"with attributes").unwrap();
+    for (name, value) in [("user.plain", "0x0102ff"), ("user.sp ace=%", "0sAAEC")] {
+        tool(
+            Command::new("setfattr")
+                .args(["-n", name, "-v", value])
+                .arg(&attrs),
+        );
+    }
+    let layers = [
+        ("gnu", "tar", vec!["--sparse", "--format=gnu"], "sparse"),
+        ("pax", "tar", vec!["--sparse", "--format=pax"], "sparse"),
+        (
+            "bsdtar",
+            "bsdtar",
+            vec!["--xattrs", "--format=pax"],
+            "attrs",
+        ),
+    ];
+    let image = tmp.path().join("image.ext4");
+    let out = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&image)
+        .unwrap();
+    let mut f = Flattener::new(
+        out,
+        FlattenOptions {
+            free_space: 1 << 20,
+        },
+    )
+    .unwrap();
+    let mut limits = lazyblk::oci::LayerLimits::default();
+    for (label, cmd, args, name) in &layers {
+        let tar = tmp.path().join(format!("{label}.tar"));
+        tool(
+            Command::new(cmd)
+                .args(args)
+                .arg("-cf")
+                .arg(&tar)
+                .arg("-C")
+                .arg(&src)
+                .args(if *cmd == "bsdtar" {
+                    ["-s".to_string(), format!(",^,{label}/,")]
+                } else {
+                    ["--transform".to_string(), format!("s,^,{label}/,")]
+                })
+                .arg(name),
+        );
+        f.begin_layer(label).unwrap();
+        lazyblk::oci::read_layer(
+            fs::File::open(&tar).unwrap(),
+            label,
+            &mut limits,
+            &mut |entry, data| Ok(f.apply(entry, data)?),
+        )
+        .unwrap();
+        f.end_layer().unwrap();
+    }
+    let report = f.finish().unwrap();
+    assert!(report.image_size < 16 << 20, "holes stay holes: {report:?}");
+    fsck(&image);
+    let m = Mount::new(&image, true);
+    let want = fs::read(&sparse).unwrap();
+    for label in ["gnu", "pax"] {
+        let path = m.path().join(label).join("sparse");
+        assert!(fs::read(&path).unwrap() == want, "{label}: bytes differ");
+        let blocks = fs::metadata(&path).unwrap().blocks();
+        assert!(blocks <= 5 * 8 + 8, "{label}: {blocks} sectors allocated");
+    }
+    let path = m.path().join("bsdtar/attrs");
+    assert_eq!(fs::read(&path).unwrap(), b"with attributes");
+    for (name, value) in [
+        ("user.plain", &[1u8, 2, 0xff][..]),
+        ("user.sp ace=%", &[0u8, 1, 2][..]),
+    ] {
+        let mut buf = [0u8; 16];
+        let n = rustix::fs::lgetxattr(&path, name, &mut buf).unwrap();
+        assert_eq!(&buf[..n], value, "{name}");
+    }
+    let mut list = [0u8; 256];
+    let n = rustix::fs::llistxattr(&path, &mut list).unwrap();
+    assert_eq!(
+        list[..n]
+            .split(|&b| b == 0)
+            .filter(|s| !s.is_empty())
+            .count(),
+        2,
+        "no duplicate attributes"
+    );
+}

@@ -105,6 +105,13 @@ impl<S: ImageSink> Flattener<S> {
                     self.entry_digests.push(h.finalize().into());
                     Ok(())
                 }
+                // `.wh..wh..opq` at the top of a layer.
+                EntryKind::OpaqueDirectory => {
+                    self.tree.dir_mut(ROOT).traversed = layer;
+                    self.tree.prune_lower(ROOT, layer, &mut self.alloc);
+                    self.entry_digests.push(h.finalize().into());
+                    Ok(())
+                }
                 _ => Err(FlattenError::RootNotDirectory {
                     layer: self.layer_name(),
                     path,
@@ -245,10 +252,12 @@ impl<S: ImageSink> Flattener<S> {
             return;
         };
         if parent == ROOT && self.tree.node(child.id).ino == crate::ext4::LOST_FOUND_INO {
-            return;
+            self.tree
+                .hide_lower_lost_found(child, self.layer, &mut self.alloc);
+        } else {
+            self.tree
+                .hide_lower(parent, name, child, self.layer, &mut self.alloc);
         }
-        self.tree
-            .hide_lower(parent, name, child, self.layer, &mut self.alloc);
     }
 
     /// Puts a non-directory at `path`. A file with no other name keeps its

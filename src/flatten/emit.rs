@@ -4,12 +4,15 @@
 
 use sha2::{Digest, Sha256};
 
-use super::tree::{Body, NodeId};
+use super::tree::{Body, Node, NodeId, ROOT};
 use super::{FlattenError, Flattener, ImageSink};
 use crate::ext4::extent::{self, Extent};
 use crate::ext4::layout::MAX_GROUPS;
 use crate::ext4::xattr::{self, Placement};
 use crate::ext4::{dir, Ext4Error, BLOCK_SIZE, INODES_PER_GROUP};
+
+/// The name e2fsck looks for in the root.
+pub(super) const LOST_FOUND: &[u8] = b"lost+found";
 
 /// Symlink targets this long or longer need a data block.
 pub(super) const FAST_SYMLINK_MAX: usize = 59;
@@ -79,6 +82,7 @@ impl<S: ImageSink> Flattener<S> {
                 u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().expect("4 bytes"))
             })
         });
+        self.restore_lost_found();
         let order = self.tree.walk();
         for &id in &order {
             if self.tree.node(id).ino == 0 {
@@ -96,6 +100,17 @@ impl<S: ImageSink> Flattener<S> {
             self.emit_node(id, &seed_bytes)?;
         }
         self.sink.flush().map_err(FlattenError::WriteImage)
+    }
+
+    /// A layer may replace `/lost+found` with a non-directory (the layer
+    /// wins) and a later one white that out: the name is free again, and
+    /// the image's own empty directory comes back at its inode, which
+    /// nothing else takes (numbering starts after it).
+    fn restore_lost_found(&mut self) {
+        if self.tree.child(ROOT, LOST_FOUND).is_none() {
+            let id = self.tree.add(Node::lost_found());
+            self.tree.link(ROOT, LOST_FOUND, id, 0);
+        }
     }
 
     fn emit_node(&mut self, id: NodeId, seed: &[u32; 4]) -> Result<(), FlattenError> {

@@ -43,11 +43,11 @@ use std::io::{Read, Seek, Write};
 use sha2::{Digest, Sha256};
 
 use crate::ext4::layout::Allocator;
-use crate::ext4::{Ext4Error, FIRST_FREE_INO, LOST_FOUND_INO, ROOT_INO};
+use crate::ext4::{Ext4Error, FIRST_FREE_INO, ROOT_INO};
 use crate::oci::entry::{EntryPath, LayerEntry};
 pub use sink::{ChunkConsumer, ChunkSink, FileSink, ImageSink};
 pub use source::{flatten_source, FlattenProgress, FlattenSourceError};
-use tree::{Body, Dir, Meta, Node, Tree, ROOT};
+use tree::{Node, Tree, ROOT};
 
 /// Free space added after the content when nothing else is asked for.
 pub const DEFAULT_FREE_SPACE: u64 = 256 << 20;
@@ -191,19 +191,8 @@ impl<S: ImageSink> Flattener<S> {
     pub fn with_sink(sink: S, opts: FlattenOptions) -> Self {
         let mut tree = Tree::new();
         tree.node_mut(ROOT).ino = ROOT_INO;
-        let mut lost = Node::new(
-            Body::Dir(Box::new(Dir {
-                dirty: true,
-                ..Dir::default()
-            })),
-            Meta {
-                mode: 0o700,
-                ..Meta::implicit()
-            },
-        );
-        lost.ino = LOST_FOUND_INO;
-        let id = tree.add(lost);
-        tree.link(ROOT, b"lost+found", id, 0);
+        let id = tree.add(Node::lost_found());
+        tree.link(ROOT, emit::LOST_FOUND, id, 0);
         Flattener {
             sink,
             opts,

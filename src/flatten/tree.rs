@@ -44,6 +44,14 @@ impl Meta {
         }
     }
 
+    /// What the image's own `/lost+found` gets: 0700, root:root, the epoch.
+    pub fn lost_found() -> Meta {
+        Meta {
+            mode: 0o700,
+            ..Meta::implicit()
+        }
+    }
+
     pub fn from_entry(m: &EntryMeta) -> Meta {
         Meta {
             mode: (m.mode & 0o7777) as u16,
@@ -143,6 +151,19 @@ impl Node {
             xattr_dirty,
             born: 0,
         }
+    }
+
+    /// The image's own empty `/lost+found`, at the inode e2fsck expects.
+    pub fn lost_found() -> Node {
+        let mut node = Node::new(
+            Body::Dir(Box::new(Dir {
+                dirty: true,
+                ..Dir::default()
+            })),
+            Meta::lost_found(),
+        );
+        node.ino = crate::ext4::LOST_FOUND_INO;
+        node
     }
 
     pub fn dir(&self) -> Option<&Dir> {
@@ -365,9 +386,10 @@ impl Tree {
             .collect();
         for (name, child) in children {
             if dir == ROOT && self.node(child.id).ino == crate::ext4::LOST_FOUND_INO {
-                continue;
+                self.hide_lower_lost_found(child, layer, alloc);
+            } else {
+                self.hide_lower(dir, &name, child, layer, alloc);
             }
-            self.hide_lower(dir, &name, child, layer, alloc);
         }
     }
 
@@ -395,6 +417,17 @@ impl Tree {
             self.prune_lower(child.id, layer, alloc);
         } else {
             self.unlink(dir, name, alloc);
+        }
+    }
+
+    /// Hiding lower layers from the image's own `/lost+found` (a whiteout
+    /// of it, an opaque root): what they put in it goes, and its metadata
+    /// goes back to its own unless `layer` set it, but the directory stays
+    /// at its inode: the image is not a layer's, and fsck wants it.
+    pub fn hide_lower_lost_found(&mut self, child: Child, layer: u32, alloc: &mut Allocator) {
+        self.prune_lower(child.id, layer, alloc);
+        if child.layer != layer && self.node(child.id).meta != Meta::lost_found() {
+            self.node_mut(child.id).set_meta(Meta::lost_found());
         }
     }
 

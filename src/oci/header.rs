@@ -1,20 +1,27 @@
 //! One tar member, as its headers wrote it, turned into a [`LayerEntry`].
 //!
 //! [`super::layer`] walks the stream and collects, for each member, its
-//! 512-byte header plus the GNU long name/link and PAX records that came
-//! before it; [`classify`] reads every field through the `tar` crate's header
-//! parsers, lets PAX records override the header (path, linkpath, uid, gid,
-//! mtime with nanoseconds), gathers `SCHILY.xattr.*`, and recognises the
-//! OCI whiteouts. Nothing here decides which entry wins: that is the
+//! 512-byte header plus the GNU long name/link before it and the PAX records
+//! in force ([`GlobalPax`]: global headers' records, then the member's own);
+//! [`classify`] reads every field through the `tar` crate's header parsers,
+//! lets PAX records override the header (path, linkpath, uid, gid, mtime
+//! with nanoseconds), gathers attributes (`SCHILY.xattr.*` and bsdtar's
+//! `LIBARCHIVE.xattr.*`), and recognises the OCI whiteouts. `GNU.sparse.*`
+//! records are collected for [`super::sparse`]. Nothing here decides which entry wins: that is the
 //! flattener's. Every check that can fail names what was wrong in an
 //! [`EntryError`]; no input panics.
 
 use std::collections::BTreeMap;
 use std::io;
 
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use base64::Engine as _;
 use tar::{EntryType, Header, PaxExtensions};
 
 use super::entry::{EntryKind, EntryMeta, EntryPath, LayerEntry, PathError, Timestamp};
+use super::layer_error::MAX_METADATA_LEN;
+use super::sparse::{SparseKind, SparsePax};
 
 /// Prefix of a whiteout's file name.
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
@@ -23,6 +30,12 @@ const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
 /// The opaque-directory marker's file name.
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 const XATTR_PREFIX: &[u8] = b"SCHILY.xattr.";
+const LIBARCHIVE_XATTR_PREFIX: &[u8] = b"LIBARCHIVE.xattr.";
+/// libarchive writes base64 without padding; accept it either way.
+const LIBARCHIVE_BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 /// Linux's limit on a symlink target (PATH_MAX less the terminating NUL).
 pub const MAX_SYMLINK_LEN: usize = 4095;
 /// Linux's limits on an extended attribute's name and value.
@@ -56,8 +69,12 @@ pub enum EntryError {
     EmptyWhiteout,
     #[error("unsupported tar entry type {0:?}")]
     UnsupportedType(char),
-    #[error("unsupported GNU sparse file (PAX record {0})")]
+    #[error("unsupported GNU sparse file ({0})")]
     UnsupportedSparse(String),
+    #[error("GNU sparse map: {problem}")]
+    SparseMap { problem: String },
+    #[error("PAX global headers hold {held} bytes of attributes, more than {MAX_METADATA_LEN}")]
+    GlobalTooLarge { held: usize },
     #[error("reading the header's {field} field")]
     Field {
         field: &'static str,
@@ -79,7 +96,8 @@ pub struct RawMember<'a> {
     pub header: &'a Header,
     pub long_name: Option<&'a [u8]>,
     pub long_link: Option<&'a [u8]>,
-    pub pax: Option<&'a [u8]>,
+    /// The PAX records in force (global and the member's own).
+    pub pax: &'a Pax,
 }
 
 /// What a member turned into.
@@ -90,60 +108,171 @@ pub enum Classified {
     Skip,
 }
 
-/// PAX records this reader acts on, decoded.
-#[derive(Default)]
-struct Pax<'a> {
-    path: Option<&'a [u8]>,
-    linkpath: Option<&'a [u8]>,
+/// PAX records this reader acts on, decoded: those in force from global
+/// headers, overridden by the member's own.
+#[derive(Clone, Default)]
+pub struct Pax {
+    path: Option<Vec<u8>>,
+    linkpath: Option<Vec<u8>>,
     uid: Option<u64>,
     gid: Option<u64>,
     mtime: Option<Timestamp>,
     size: Option<u64>,
     xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    sparse: SparsePax,
 }
 
-fn parse_pax(bytes: &[u8]) -> Result<Pax<'_>, EntryError> {
-    let mut pax = Pax::default();
-    for record in PaxExtensions::new(bytes) {
-        let record = record.map_err(EntryError::PaxSyntax)?;
-        let key = record.key_bytes();
-        let value = record.value_bytes();
-        let key_name = || String::from_utf8_lossy(key).into_owned();
-        let number = || -> Result<u64, EntryError> {
-            std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or_else(|| EntryError::Pax {
-                    key: key_name(),
-                    problem: format!("{:?} is not a decimal number", lossy(value)),
-                })
-        };
-        match key {
-            b"path" => pax.path = Some(value),
-            b"linkpath" => pax.linkpath = Some(value),
-            b"uid" => pax.uid = Some(number()?),
-            b"gid" => pax.gid = Some(number()?),
-            b"size" => pax.size = Some(number()?),
-            b"mtime" => {
-                pax.mtime = Some(parse_pax_time(value).ok_or_else(|| EntryError::Pax {
-                    key: key_name(),
-                    problem: format!("{:?} is not a time", lossy(value)),
-                })?)
-            }
-            _ if key.starts_with(XATTR_PREFIX) => {
-                let name = &key[XATTR_PREFIX.len()..];
-                check_xattr(name, value)?;
-                pax.xattrs.insert(name.to_vec(), value.to_vec());
-            }
-            _ if key.starts_with(b"GNU.sparse.") => {
-                return Err(EntryError::UnsupportedSparse(key_name()))
-            }
-            // atime, ctime, comments, charset, vendor records: nothing an
-            // image keeps.
-            _ => {}
+/// Where a PAX header came from: keys that name one member (`path`,
+/// `linkpath`, `GNU.sparse.*`) mean nothing in a global header.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Global,
+    Member,
+}
+
+/// The attributes global headers (typeflag `g`) set for every member that
+/// follows, until another global header changes them.
+#[derive(Default)]
+pub struct GlobalPax {
+    pax: Pax,
+}
+
+impl GlobalPax {
+    /// Applies one global header's records over the earlier ones. What
+    /// they hold together stays within [`MAX_METADATA_LEN`].
+    pub fn update(&mut self, bytes: &[u8]) -> Result<(), EntryError> {
+        let mut next = self.pax.clone();
+        next.apply(bytes, Scope::Global)?;
+        let held: usize = next.xattrs.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if held as u64 > MAX_METADATA_LEN {
+            return Err(EntryError::GlobalTooLarge { held });
+        }
+        self.pax = next;
+        Ok(())
+    }
+
+    /// The records in force for a member with PAX header `own`, if any.
+    pub fn resolve(&self, own: Option<&[u8]>) -> Result<Pax, EntryError> {
+        let mut pax = self.pax.clone();
+        if let Some(bytes) = own {
+            pax.apply(bytes, Scope::Member)?;
+        }
+        Ok(pax)
+    }
+}
+
+/// `%XX` escapes decoded, as libarchive writes attribute names.
+fn url_decode(name: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(name.len());
+    let mut i = 0;
+    while i < name.len() {
+        if name[i] == b'%' {
+            let hex = std::str::from_utf8(name.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(name[i]);
+            i += 1;
         }
     }
-    Ok(pax)
+    Some(out)
+}
+
+fn pax_error(key: &[u8], problem: String) -> EntryError {
+    EntryError::Pax {
+        key: lossy(key),
+        problem,
+    }
+}
+
+impl Pax {
+    /// Applies one header's records in order: a later record for the same
+    /// key wins, and an empty value for a field removes what was in force,
+    /// so the ustar header's own field counts again (POSIX).
+    ///
+    /// Attributes come as `SCHILY.xattr.NAME=VALUE` (GNU tar, star) or as
+    /// `LIBARCHIVE.xattr.NAME=BASE64` with NAME percent-encoded (bsdtar).
+    /// bsdtar writes each attribute both ways, its SCHILY name encoded
+    /// the same way; the LIBARCHIVE record is then the authoritative one and
+    /// a SCHILY record spelled like one of the header's LIBARCHIVE names is
+    /// dropped, whatever the order. Otherwise, when two records of a header
+    /// name the same attribute, the later wins.
+    fn apply(&mut self, bytes: &[u8], scope: Scope) -> Result<(), EntryError> {
+        let mut schily: Vec<(&[u8], &[u8])> = Vec::new();
+        let mut libarchive: Vec<(&[u8], Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut order: Vec<(bool, usize)> = Vec::new();
+        for record in PaxExtensions::new(bytes) {
+            let record = record.map_err(EntryError::PaxSyntax)?;
+            let key = record.key_bytes();
+            let value = record.value_bytes();
+            let number = || -> Result<Option<u64>, EntryError> {
+                if value.is_empty() {
+                    return Ok(None);
+                }
+                std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(Some)
+                    .ok_or_else(|| {
+                        pax_error(key, format!("{:?} is not a decimal number", lossy(value)))
+                    })
+            };
+            let text = || (!value.is_empty()).then(|| value.to_vec());
+            match key {
+                b"path" if scope == Scope::Member => self.path = text(),
+                b"linkpath" if scope == Scope::Member => self.linkpath = text(),
+                b"uid" => self.uid = number()?,
+                b"gid" => self.gid = number()?,
+                b"size" => self.size = number()?,
+                b"mtime" if value.is_empty() => self.mtime = None,
+                b"mtime" => {
+                    self.mtime = Some(parse_pax_time(value).ok_or_else(|| {
+                        pax_error(key, format!("{:?} is not a time", lossy(value)))
+                    })?)
+                }
+                _ if key.starts_with(XATTR_PREFIX) => {
+                    order.push((true, schily.len()));
+                    schily.push((&key[XATTR_PREFIX.len()..], value));
+                }
+                _ if key.starts_with(LIBARCHIVE_XATTR_PREFIX) => {
+                    let raw = &key[LIBARCHIVE_XATTR_PREFIX.len()..];
+                    let name = url_decode(raw).ok_or_else(|| {
+                        pax_error(key, "the name is not validly percent-encoded".into())
+                    })?;
+                    let value = LIBARCHIVE_BASE64
+                        .decode(value)
+                        .map_err(|e| pax_error(key, format!("the value is not base64: {e}")))?;
+                    order.push((false, libarchive.len()));
+                    libarchive.push((raw, name, value));
+                }
+                _ if scope == Scope::Member && self.sparse.record(key, value)? => {}
+                // atime, ctime, uname, gname (an image keeps numeric ids),
+                // comments, charset, vendor records; and in a global header
+                // the keys that name one member: nothing an image keeps.
+                _ => {}
+            }
+        }
+        for (is_schily, i) in order {
+            let (name, value) = if is_schily {
+                let (name, value) = schily[i];
+                if libarchive.iter().any(|(raw, _, _)| *raw == name) {
+                    continue;
+                }
+                (name.to_vec(), value.to_vec())
+            } else {
+                let (_, name, value) = &libarchive[i];
+                (name.clone(), value.clone())
+            };
+            check_xattr(&name, &value)?;
+            self.xattrs.insert(name, value);
+        }
+        Ok(())
+    }
+
+    /// How a sparse member's map is found, if the records make it one.
+    pub fn sparse(&self) -> Result<Option<SparseKind>, EntryError> {
+        self.sparse.kind()
+    }
 }
 
 fn check_xattr(name: &[u8], value: &[u8]) -> Result<(), EntryError> {
@@ -243,12 +372,8 @@ fn to_u32(field: &'static str, value: u64) -> Result<u32, EntryError> {
 impl RawMember<'_> {
     /// The member's path exactly as its headers spell it (for messages).
     pub fn raw_path(&self) -> Vec<u8> {
-        if let Some(pax) = self.pax {
-            for record in PaxExtensions::new(pax).flatten() {
-                if record.key_bytes() == b"path" {
-                    return record.value_bytes().to_vec();
-                }
-            }
+        if let Some(name) = self.pax.sparse.name.as_ref().or(self.pax.path.as_ref()) {
+            return name.clone();
         }
         match self.long_name {
             Some(name) => trim_nul(name).to_vec(),
@@ -256,14 +381,13 @@ impl RawMember<'_> {
         }
     }
 
-    /// The size of the member's data, PAX `size` taking precedence.
+    /// The size of the member's data in the stream, PAX `size` taking
+    /// precedence.
     pub fn size(&self) -> Result<u64, EntryError> {
-        if let Some(pax) = self.pax {
-            if let Some(size) = parse_pax(pax)?.size {
-                return Ok(size);
-            }
+        match self.pax.size {
+            Some(size) => Ok(size),
+            None => numeric(self.header, "size", SIZE, self.header.entry_size()),
         }
-        numeric(self.header, "size", SIZE, self.header.entry_size())
     }
 }
 
@@ -272,25 +396,23 @@ fn trim_nul(bytes: &[u8]) -> &[u8] {
     bytes.strip_suffix(&[0]).unwrap_or(bytes)
 }
 
-/// Validates one member and says what it is.
+/// Validates one member and says what it is. `size` is a regular file's
+/// length as its reader will yield it (a sparse file's real size).
 pub fn classify(member: &RawMember<'_>, size: u64) -> Result<Classified, EntryError> {
     let header = member.header;
-    let pax = match member.pax {
-        Some(bytes) => parse_pax(bytes)?,
-        None => Pax::default(),
-    };
+    let pax = member.pax;
     let raw_path = member.raw_path();
     let mut path = EntryPath::parse(&raw_path).map_err(EntryError::Path)?;
 
-    let raw_link: Option<Vec<u8>> = match (pax.linkpath, member.long_link) {
-        (Some(link), _) => Some(link.to_vec()),
+    let raw_link: Option<Vec<u8>> = match (&pax.linkpath, member.long_link) {
+        (Some(link), _) => Some(link.clone()),
         (None, Some(link)) => Some(trim_nul(link).to_vec()),
         (None, None) => header.link_name_bytes().map(|l| l.into_owned()),
     };
 
     let entry_type = header.entry_type();
     let mut kind = match entry_type {
-        EntryType::Regular | EntryType::Continuous => {
+        EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
             // Pre-POSIX tars mark directories by a trailing slash only.
             if raw_path.ends_with(b"/") && size == 0 {
                 EntryKind::Directory
@@ -408,7 +530,11 @@ pub fn classify(member: &RawMember<'_>, size: u64) -> Result<Classified, EntryEr
         uid: to_u32("uid", uid)?,
         gid: to_u32("gid", gid)?,
         mtime,
-        xattrs: pax.xattrs.into_iter().collect(),
+        xattrs: pax
+            .xattrs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     };
     Ok(Classified::Entry(LayerEntry { path, kind, meta }))
 }

@@ -8,23 +8,29 @@
 //! PAX header larger than [`MAX_METADATA_LEN`] is refused before it is read,
 //! every byte read counts against the image's [`LayerLimits`], and the
 //! stream is read to its very end so that a digest check at EOF (see
-//! [`super::verify`]) always runs.
+//! [`super::verify`]) always runs. PAX global headers change the records in
+//! force for every later member; a GNU sparse member's map is read (from
+//! its header, extension blocks or the start of its data) and checked, and
+//! its reader yields the real size ([`super::sparse`]).
 //!
 //! Invariants: every error names the layer and the member (its path as
 //! written); an entry's data reader yields its declared size or an error,
-//! never fewer bytes silently; no input panics.
+//! never fewer bytes silently; sparse holes count against the byte budget;
+//! no input panics.
 
 use std::io::{self, Read};
 
 use tar::{EntryType, Header};
 
-use super::entry::LayerEntry;
-use super::header::{classify, Classified, RawMember};
+use super::entry::{EntryKind, LayerEntry};
+use super::header::EntryError;
+use super::header::{classify, Classified, GlobalPax, RawMember};
 use super::layer_error::truncated;
 pub use super::layer_error::{
     find_in_chain, ApplyError, LayerError, LayerLimits, LayerStats, Limit, Truncated,
     MAX_METADATA_LEN,
 };
+use super::sparse::{self, SparseKind, SparseMap, SparseReader};
 
 const BLOCK: usize = 512;
 /// Read-ahead between the tar walk and its source.
@@ -42,7 +48,7 @@ impl<R: Read> Read for Stream<'_, R> {
         let n = self.inner.read(buf)?;
         self.offset += n as u64;
         self.limits.bytes += n as u64;
-        if self.limits.bytes > self.limits.max_bytes {
+        if self.limits.bytes + self.limits.holes > self.limits.max_bytes {
             let limit = Limit::Bytes(self.limits.max_bytes);
             self.limits.exceeded = Some(limit);
             return Err(io::Error::other(limit));
@@ -65,6 +71,16 @@ impl<R: Read> Stream<'_, R> {
             }
         }
         Ok(true)
+    }
+
+    /// The next 512 bytes, which must be there.
+    fn next_block(&mut self, inside: &'static str) -> io::Result<[u8; BLOCK]> {
+        let mut block = [0u8; BLOCK];
+        if self.read_block(&mut block)? {
+            Ok(block)
+        } else {
+            Err(truncated(BLOCK as u64, inside))
+        }
     }
 
     /// Reads and drops `len` bytes.
@@ -180,6 +196,7 @@ pub fn read_layer<R: Read>(
     let mut long_name: Option<Vec<u8>> = None;
     let mut long_link: Option<Vec<u8>> = None;
     let mut pax: Option<Vec<u8>> = None;
+    let mut globals = GlobalPax::default();
     let mut previous = String::from("the start of the layer");
     let mut block = [0u8; BLOCK];
     let layer_name = || layer.to_owned();
@@ -220,11 +237,75 @@ pub fn read_layer<R: Read>(
             stored,
             computed,
         })?;
+        let extension = match header.entry_type() {
+            EntryType::GNULongName => Some(Extension::LongName),
+            EntryType::GNULongLink => Some(Extension::LongLink),
+            EntryType::XHeader => Some(Extension::Pax),
+            EntryType::XGlobalHeader => Some(Extension::Global),
+            _ => None,
+        };
+        if let Some(extension) = extension {
+            // Its own header alone frames it: PAX records describe members.
+            let size = header.entry_size().map_err(|source| LayerError::Entry {
+                layer: layer_name(),
+                entry: entry_name.clone(),
+                source: EntryError::Field {
+                    field: "size",
+                    source,
+                },
+            })?;
+            if size > MAX_METADATA_LEN {
+                return Err(LayerError::MetadataTooLarge {
+                    layer: layer_name(),
+                    entry: entry_name,
+                    what: extension.what(),
+                    len: size,
+                });
+            }
+            let data = stream
+                .read_vec(size, "an extension header")
+                .and_then(|data| stream.skip(padding(size), "padding").map(|()| data))
+                .map_err(|source| {
+                    limit_or(stream.limits, layer, &entry_name, || LayerError::ReadData {
+                        layer: layer_name(),
+                        entry: entry_name.clone(),
+                        source,
+                    })
+                })?;
+            // A second one for the same member: the later wins, as in GNU
+            // tar. A global header changes what every later member gets.
+            match extension {
+                Extension::LongName => long_name = Some(data),
+                Extension::LongLink => long_link = Some(data),
+                Extension::Pax => pax = Some(data),
+                Extension::Global => {
+                    globals.update(&data).map_err(|source| LayerError::Entry {
+                        layer: layer_name(),
+                        entry: entry_name.clone(),
+                        source,
+                    })?;
+                    stats.skipped += 1;
+                }
+            }
+            continue;
+        }
+
+        let records = globals.resolve(pax.as_deref()).map_err(|source| {
+            let entry = match &long_name {
+                Some(name) => String::from_utf8_lossy(name).into_owned(),
+                None => entry_name.clone(),
+            };
+            LayerError::Entry {
+                layer: layer_name(),
+                entry,
+                source,
+            }
+        })?;
         let member = RawMember {
             header,
             long_name: long_name.as_deref(),
             long_link: long_link.as_deref(),
-            pax: pax.as_deref(),
+            pax: &records,
         };
         let entry = String::from_utf8_lossy(&member.raw_path()).into_owned();
         let entry_error = |source| LayerError::Entry {
@@ -241,37 +322,6 @@ pub fn read_layer<R: Read>(
             })
         };
 
-        let extension = match header.entry_type() {
-            EntryType::GNULongName => Some(Extension::LongName),
-            EntryType::GNULongLink => Some(Extension::LongLink),
-            EntryType::XHeader => Some(Extension::Pax),
-            EntryType::XGlobalHeader => Some(Extension::Global),
-            _ => None,
-        };
-        if let Some(extension) = extension {
-            if size > MAX_METADATA_LEN {
-                return Err(LayerError::MetadataTooLarge {
-                    layer: layer_name(),
-                    entry: entry_name,
-                    what: extension.what(),
-                    len: size,
-                });
-            }
-            let data = stream
-                .read_vec(size, "an extension header")
-                .and_then(|data| stream.skip(padding(size), "padding").map(|()| data))
-                .map_err(|e| read_error(stream.limits, e))?;
-            // A second one for the same member: the later wins, as in GNU
-            // tar. Global headers set defaults no image tool relies on.
-            match extension {
-                Extension::LongName => long_name = Some(data),
-                Extension::LongLink => long_link = Some(data),
-                Extension::Pax => pax = Some(data),
-                Extension::Global => stats.skipped += 1,
-            }
-            continue;
-        }
-
         stream.limits.entries += 1;
         if stream.limits.entries > stream.limits.max_entries {
             let limit = Limit::Entries(stream.limits.max_entries);
@@ -282,27 +332,91 @@ pub fn read_layer<R: Read>(
                 limit,
             });
         }
-        let classified = classify(&member, size).map_err(entry_error)?;
+        // A sparse member: its map, and the bytes of data that precede the
+        // stored regions (PAX 1.0 keeps the map there).
+        let sparse_kind = if header.entry_type() == EntryType::GNUSparse {
+            Some(SparseKind::OldGnu)
+        } else {
+            records.sparse().map_err(entry_error)?
+        };
+        let sparse_error = |limits: &LayerLimits, e: Result<EntryError, io::Error>| match e {
+            Ok(source) => entry_error(source),
+            Err(source) => read_error(limits, source),
+        };
+        let (map, map_len): (Option<SparseMap>, u64) = match sparse_kind {
+            None => (None, 0),
+            Some(SparseKind::Complete(map)) => (Some(map), 0),
+            Some(SparseKind::OldGnu) => {
+                let map = sparse::old_gnu_map(header, || {
+                    stream.next_block("a GNU sparse extension block")
+                })
+                .map_err(|e| sparse_error(stream.limits, e))?;
+                (Some(map), 0)
+            }
+            Some(SparseKind::InData { real_size }) => {
+                let (segments, used) =
+                    sparse::read_map_1_0(size, || stream.next_block("a GNU sparse map"))
+                        .map_err(|e| sparse_error(stream.limits, e))?;
+                let map = SparseMap {
+                    real_size,
+                    segments,
+                };
+                (Some(map), used)
+            }
+        };
+        let stored = size - map_len;
+        if let Some(map) = &map {
+            map.validate(stored).map_err(entry_error)?;
+        }
+        let real_size = map.as_ref().map_or(size, |m| m.real_size);
+        stream.limits.holes += real_size - map.as_ref().map_or(real_size, |_| stored);
+        if stream.limits.bytes + stream.limits.holes > stream.limits.max_bytes {
+            let limit = Limit::Bytes(stream.limits.max_bytes);
+            stream.limits.exceeded = Some(limit);
+            return Err(LayerError::LimitExceeded {
+                layer: layer_name(),
+                entry: entry.clone(),
+                limit,
+            });
+        }
+        let classified = classify(&member, real_size).map_err(entry_error)?;
         long_name = None;
         long_link = None;
         pax = None;
         let unread = match classified {
             Classified::Skip => {
                 stats.skipped += 1;
-                size
+                stored
             }
             Classified::Entry(layer_entry) => {
                 let data_len = match layer_entry.kind {
-                    super::entry::EntryKind::Regular { size } => size,
+                    EntryKind::Regular { size } => size,
                     _ => 0,
+                };
+                // What the stream holds for the reader: a sparse file's
+                // stored regions, another file's data whole.
+                let stream_len = match (&map, data_len) {
+                    (_, 0) => 0,
+                    (Some(_), _) => stored,
+                    (None, len) => len,
                 };
                 let mut data = EntryData {
                     stream: &mut stream,
-                    remaining: data_len,
+                    remaining: stream_len,
                     failure: None,
                 };
-                let applied = apply(layer_entry, &mut data);
-                let (remaining, failure) = (data.remaining, data.failure);
+                let (applied, remaining, failure) = match (map, data_len) {
+                    (Some(map), len) if len > 0 => {
+                        let mut expanded = SparseReader::new(data, map);
+                        let applied = apply(layer_entry, &mut expanded);
+                        let data = expanded.inner;
+                        (applied, data.remaining, data.failure)
+                    }
+                    _ => {
+                        let applied = apply(layer_entry, &mut data);
+                        (applied, data.remaining, data.failure)
+                    }
+                };
                 if let Err(source) = applied {
                     if stream.limits.exceeded.is_some() {
                         return Err(read_error(stream.limits, io::Error::other("limit")));
@@ -318,7 +432,7 @@ pub fn read_layer<R: Read>(
                 }
                 stats.entries += 1;
                 stats.data_bytes += data_len;
-                remaining + (size - data_len)
+                remaining + (stored - stream_len)
             }
         };
         stream

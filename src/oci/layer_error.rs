@@ -19,12 +19,15 @@ pub type ApplyError = Box<dyn StdError + Send + Sync>;
 
 /// The budget of one image, spent across its layers: expanded (tar) bytes
 /// and entries. It protects against decompression bombs, so it counts what
-/// is read, not what the headers claim.
+/// is read, not what the headers claim; the holes of sparse files count
+/// too, since a few bytes of map can claim terabytes of them.
 #[derive(Debug, Clone)]
 pub struct LayerLimits {
     pub max_bytes: u64,
     pub max_entries: u64,
     pub(super) bytes: u64,
+    /// Zeros of sparse files' holes handed out (not read).
+    pub(super) holes: u64,
     pub(super) entries: u64,
     pub(super) exceeded: Option<Limit>,
 }
@@ -51,14 +54,15 @@ impl LayerLimits {
             max_bytes,
             max_entries,
             bytes: 0,
+            holes: 0,
             entries: 0,
             exceeded: None,
         }
     }
 
-    /// Expanded bytes read so far, over all layers.
+    /// Expanded bytes read so far, over all layers, sparse holes included.
     pub fn bytes_used(&self) -> u64 {
-        self.bytes
+        self.bytes + self.holes
     }
 
     /// Entries read so far, over all layers.

@@ -11,9 +11,9 @@ use super::layer::{find_in_chain, read_layer, LayerError, LayerLimits, LayerStat
 use crate::error::ErrorKind;
 
 /// A tar under construction.
-struct Tar(tar::Builder<Vec<u8>>);
+pub(super) struct Tar(pub(super) tar::Builder<Vec<u8>>);
 
-fn header(kind: EntryType, size: u64, mode: u32) -> Header {
+pub(super) fn header(kind: EntryType, size: u64, mode: u32) -> Header {
     let mut h = Header::new_gnu();
     h.set_entry_type(kind);
     h.set_size(size);
@@ -25,17 +25,17 @@ fn header(kind: EntryType, size: u64, mode: u32) -> Header {
 }
 
 impl Tar {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Tar(tar::Builder::new(Vec::new()))
     }
 
-    fn file(&mut self, path: &str, data: &[u8]) -> &mut Self {
+    pub(super) fn file(&mut self, path: &str, data: &[u8]) -> &mut Self {
         let mut h = header(EntryType::Regular, data.len() as u64, 0o644);
         self.0.append_data(&mut h, path, data).unwrap();
         self
     }
 
-    fn dir(&mut self, path: &str) -> &mut Self {
+    pub(super) fn dir(&mut self, path: &str) -> &mut Self {
         let mut h = header(EntryType::Directory, 0, 0o755);
         self.0.append_data(&mut h, path, io::empty()).unwrap();
         self
@@ -56,7 +56,7 @@ impl Tar {
     }
 
     /// A PAX header for the next member.
-    fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
+    pub(super) fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
         let mut data = Vec::new();
         for (key, value) in records {
             // "LEN KEY=VALUE\n", LEN counting itself.
@@ -75,7 +75,7 @@ impl Tar {
     }
 
     /// A member whose name bytes go into the header unchecked.
-    fn raw(&mut self, name: &[u8], kind: EntryType, data: &[u8]) -> &mut Self {
+    pub(super) fn raw(&mut self, name: &[u8], kind: EntryType, data: &[u8]) -> &mut Self {
         let mut h = header(kind, data.len() as u64, 0o644);
         h.as_old_mut().name = [0; 100];
         h.as_old_mut().name[..name.len()].copy_from_slice(name);
@@ -84,19 +84,22 @@ impl Tar {
         self
     }
 
-    fn bytes(&mut self) -> Vec<u8> {
+    pub(super) fn bytes(&mut self) -> Vec<u8> {
         self.0.finish().unwrap();
         self.0.get_ref().clone()
     }
 }
 
-type Seen = Vec<(LayerEntry, Vec<u8>)>;
+pub(super) type Seen = Vec<(LayerEntry, Vec<u8>)>;
 
-fn read_all(tar: &[u8]) -> Result<(Seen, LayerStats), LayerError> {
+pub(super) fn read_all(tar: &[u8]) -> Result<(Seen, LayerStats), LayerError> {
     read_with(tar, &mut LayerLimits::default())
 }
 
-fn read_with(tar: &[u8], limits: &mut LayerLimits) -> Result<(Seen, LayerStats), LayerError> {
+pub(super) fn read_with(
+    tar: &[u8],
+    limits: &mut LayerLimits,
+) -> Result<(Seen, LayerStats), LayerError> {
     let mut seen = Vec::new();
     let stats = read_layer(tar, "sha256:test", limits, &mut |entry, data| {
         let mut bytes = Vec::new();
@@ -108,7 +111,7 @@ fn read_with(tar: &[u8], limits: &mut LayerLimits) -> Result<(Seen, LayerStats),
 }
 
 /// The error and all its causes, as a command line prints them.
-fn chain(err: &dyn std::error::Error) -> String {
+pub(super) fn chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut next = err.source();
     while let Some(e) = next {

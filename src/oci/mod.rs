@@ -29,9 +29,12 @@ pub mod pump;
 pub mod registry;
 pub mod resolve;
 pub mod source;
+pub mod sparse;
 pub mod spec;
 pub mod verify;
 
+#[cfg(test)]
+mod layer_pax_tests;
 #[cfg(test)]
 mod layer_tests;
 
