@@ -208,7 +208,7 @@ impl<W: Read + Write + Seek> Flattener<W> {
                     &path,
                     &parent_path,
                     &name,
-                    Body::Symlink(target.into()),
+                    Body::Symlink(Box::new(target.into())),
                     meta,
                 )?;
             }
@@ -272,8 +272,7 @@ impl<W: Read + Write + Seek> Flattener<W> {
             .dir()
             .expect("a directory")
             .children
-            .get(name)
-            .copied();
+            .get(name);
         if let Some(child) = existing {
             let node = self.tree.node(child.id);
             if !node.body.is_dir() && node.links == 1 {
@@ -399,9 +398,8 @@ impl<W: Read + Write + Seek> Flattener<W> {
             }
         }
         let node = self.tree.node_mut(id);
-        extents.shrink_to_fit();
-        node.extents = extents;
-        node.tree_blocks = tree_blocks.into_boxed_slice();
+        node.extents = extents.into();
+        node.tree_blocks = tree_blocks.into();
         Ok(())
     }
 }

@@ -6,9 +6,9 @@ use std::io::{Read, Seek, Write};
 
 use sha2::{Digest, Sha256};
 
-use super::tree::{Body, NodeId};
+use super::tree::{Body, Extents, NodeId, TreeBlocks};
 use super::{FlattenError, Flattener};
-use crate::ext4::extent::{self, Extent};
+use crate::ext4::extent;
 use crate::ext4::layout::MAX_GROUPS;
 use crate::ext4::xattr::{self, Placement};
 use crate::ext4::{dir, Ext4Error, BLOCK_SIZE, INODES_PER_GROUP};
@@ -34,7 +34,7 @@ impl<W: Read + Write + Seek> Flattener<W> {
     }
 
     /// Writes `blocks` at the cursor; the extents they landed in.
-    fn write_new(&mut self, blocks: &[Vec<u8>]) -> Result<(Vec<Extent>, Box<[u64]>), FlattenError> {
+    fn write_new(&mut self, blocks: &[Vec<u8>]) -> Result<(Extents, TreeBlocks), FlattenError> {
         let runs = self
             .alloc
             .alloc_runs(blocks.len() as u64)
@@ -69,8 +69,7 @@ impl<W: Read + Write + Seek> Flattener<W> {
                     .map_err(FlattenError::WriteImage)?;
             }
         }
-        extents.shrink_to_fit();
-        Ok((extents, tree_blocks.into_boxed_slice()))
+        Ok((extents.into(), tree_blocks.into()))
     }
 
     pub(super) fn emit(&mut self) -> Result<(), FlattenError> {
@@ -114,7 +113,7 @@ impl<W: Read + Write + Seek> Flattener<W> {
             let attrs = xattr::to_disk(&node.meta.xattrs).map_err(|e| self.layer_error(e))?;
             if let Placement::Block(img) = xattr::place(&attrs).map_err(|e| self.layer_error(e))? {
                 let (extents, _) = self.write_new(&[img])?;
-                self.tree.node_mut(id).xattr_block = extents[0].start;
+                self.tree.node_mut(id).xattr_block = extents[0].start();
             }
         }
         let node = self.tree.node(id);
@@ -149,6 +148,7 @@ impl<W: Read + Write + Seek> Flattener<W> {
                 let d = node.dir_mut().expect("a directory");
                 d.dirty = false;
                 d.indexed = indexed;
+                d.children.shrink_to_fit();
             }
             _ => {}
         }
