@@ -35,7 +35,9 @@ umoci unpack --image "$layout:t" "$work/bundle" >/dev/null
 mkdir -p "$work/bundle/rootfs/usr/share" "$work/bundle/rootfs/usr/lib"
 cp -a /usr/share/doc "$work/bundle/rootfs/usr/share/"
 cp -a /usr/lib/python3 "$work/bundle/rootfs/usr/lib/"
-umoci repack --image "$layout:t" "$work/bundle"
+# Without --refresh-bundle the second repack diffs against the empty image
+# again and the tag ends up with one layer holding everything.
+umoci repack --refresh-bundle --image "$layout:t" "$work/bundle"
 cp -a /usr/lib/python3.11 "$work/bundle/rootfs/usr/lib/"
 umoci repack --image "$layout:t" "$work/bundle"
 rm -rf "$work/bundle"
@@ -45,6 +47,7 @@ bin=$(build_release)
 # The layer blobs, base first, and their uncompressed size.
 manifest=$(jq -r '.manifests[0].digest' "$layout/index.json" | cut -d: -f2)
 mapfile -t layers < <(jq -r '.layers[].digest' "$layout/blobs/sha256/$manifest" | cut -d: -f2)
+[[ ${#layers[@]} -eq 2 ]] || die "the layout has ${#layers[@]} layers, 2 expected"
 tar_bytes=0
 for l in "${layers[@]}"; do
     n=$(gzip -dc "$layout/blobs/sha256/$l" | wc -c)

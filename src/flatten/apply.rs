@@ -215,7 +215,7 @@ impl<S: ImageSink> Flattener<S> {
                     &path,
                     &parent_path,
                     &name,
-                    Body::Symlink(target.into()),
+                    Body::Symlink(Box::new(target.into())),
                     meta,
                 )?;
             }
@@ -281,8 +281,7 @@ impl<S: ImageSink> Flattener<S> {
             .dir()
             .expect("a directory")
             .children
-            .get(name)
-            .copied();
+            .get(name);
         if let Some(child) = existing {
             let node = self.tree.node(child.id);
             if !node.body.is_dir() && node.links == 1 {
@@ -408,9 +407,8 @@ impl<S: ImageSink> Flattener<S> {
             }
         }
         let node = self.tree.node_mut(id);
-        extents.shrink_to_fit();
-        node.extents = extents;
-        node.tree_blocks = tree_blocks.into_boxed_slice();
+        node.extents = extents.into();
+        node.tree_blocks = tree_blocks.into();
         Ok(())
     }
 }

@@ -4,9 +4,9 @@
 
 use sha2::{Digest, Sha256};
 
-use super::tree::{Body, Node, NodeId, ROOT};
+use super::tree::{Body, Extents, Node, NodeId, TreeBlocks, ROOT};
 use super::{FlattenError, Flattener, ImageSink};
-use crate::ext4::extent::{self, Extent};
+use crate::ext4::extent;
 use crate::ext4::layout::MAX_GROUPS;
 use crate::ext4::xattr::{self, Placement};
 use crate::ext4::{dir, Ext4Error, BLOCK_SIZE, INODES_PER_GROUP};
@@ -35,7 +35,7 @@ impl<S: ImageSink> Flattener<S> {
     }
 
     /// Writes `blocks` at the cursor; the extents they landed in.
-    fn write_new(&mut self, blocks: &[Vec<u8>]) -> Result<(Vec<Extent>, Box<[u64]>), FlattenError> {
+    fn write_new(&mut self, blocks: &[Vec<u8>]) -> Result<(Extents, TreeBlocks), FlattenError> {
         let runs = self
             .alloc
             .alloc_runs(blocks.len() as u64)
@@ -70,8 +70,7 @@ impl<S: ImageSink> Flattener<S> {
                     .map_err(FlattenError::WriteImage)?;
             }
         }
-        extents.shrink_to_fit();
-        Ok((extents, tree_blocks.into_boxed_slice()))
+        Ok((extents.into(), tree_blocks.into()))
     }
 
     pub(super) fn emit(&mut self) -> Result<(), FlattenError> {
@@ -127,7 +126,7 @@ impl<S: ImageSink> Flattener<S> {
             let attrs = xattr::to_disk(&node.meta.xattrs).map_err(|e| self.layer_error(e))?;
             if let Placement::Block(img) = xattr::place(&attrs).map_err(|e| self.layer_error(e))? {
                 let (extents, _) = self.write_new(&[img])?;
-                self.tree.node_mut(id).xattr_block = extents[0].start;
+                self.tree.node_mut(id).xattr_block = extents[0].start();
             }
         }
         let node = self.tree.node(id);
@@ -162,6 +161,7 @@ impl<S: ImageSink> Flattener<S> {
                 let d = node.dir_mut().expect("a directory");
                 d.dirty = false;
                 d.indexed = indexed;
+                d.children.shrink_to_fit();
             }
             _ => {}
         }

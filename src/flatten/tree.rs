@@ -10,12 +10,20 @@
 //! Invariants: every live node is reachable from the root; `links` counts
 //! the names of a node; a directory has exactly one name (no hard links to
 //! directories); blocks of a node that dies go back to the allocator.
+//!
+//! Memory: the tree is all the flattener keeps per file, so a node is kept
+//! near 100 bytes and a name near 16 bytes plus its own; whatever most
+//! nodes lack (attributes, extent trees, directory contents, symlink
+//! targets) sits behind one pointer.
 
-use std::collections::BTreeMap;
+mod children;
+mod parts;
 
-use crate::ext4::extent::Extent;
+pub use children::Children;
+pub use parts::{Extents, Mtime, TreeBlocks, Xattrs};
+
 use crate::ext4::layout::{Allocator, Run};
-use crate::oci::entry::{EntryMeta, EntryPath, Timestamp};
+use crate::oci::entry::{EntryMeta, EntryPath};
 
 pub type NodeId = u32;
 pub const ROOT: NodeId = 0;
@@ -27,8 +35,8 @@ pub struct Meta {
     pub mode: u16,
     pub uid: u32,
     pub gid: u32,
-    pub mtime: Timestamp,
-    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub mtime: Mtime,
+    pub xattrs: Xattrs,
 }
 
 impl Meta {
@@ -39,8 +47,8 @@ impl Meta {
             mode: 0o755,
             uid: 0,
             gid: 0,
-            mtime: Timestamp::default(),
-            xattrs: Vec::new(),
+            mtime: Mtime::default(),
+            xattrs: Xattrs::default(),
         }
     }
 
@@ -57,8 +65,8 @@ impl Meta {
             mode: (m.mode & 0o7777) as u16,
             uid: m.uid,
             gid: m.gid,
-            mtime: m.mtime,
-            xattrs: m.xattrs.clone(),
+            mtime: m.mtime.into(),
+            xattrs: m.xattrs.clone().into(),
         }
     }
 }
@@ -66,7 +74,7 @@ impl Meta {
 /// A directory's names.
 #[derive(Debug, Default)]
 pub struct Dir {
-    pub children: BTreeMap<Box<[u8]>, Child>,
+    pub children: Children,
     pub parent: NodeId,
     /// Its entries changed since its blocks were last written.
     pub dirty: bool,
@@ -92,7 +100,8 @@ pub enum Body {
     File {
         size: u64,
     },
-    Symlink(Box<[u8]>),
+    /// Doubly boxed: a thin pointer keeps every body one word.
+    Symlink(Box<Box<[u8]>>),
     CharDevice(u32, u32),
     BlockDevice(u32, u32),
     Fifo,
@@ -125,9 +134,9 @@ pub struct Node {
     /// 0 until the end of the layer that created it.
     pub ino: u32,
     /// Data blocks (files, slow symlinks) or directory blocks.
-    pub extents: Vec<Extent>,
+    pub extents: Extents,
     /// Extent tree blocks, leaves first.
-    pub tree_blocks: Box<[u64]>,
+    pub tree_blocks: TreeBlocks,
     /// External attribute block, or 0.
     pub xattr_block: u64,
     /// Attributes changed since their placement was last decided.
@@ -145,8 +154,8 @@ impl Node {
             meta,
             links: 0,
             ino: 0,
-            extents: Vec::new(),
-            tree_blocks: Box::new([]),
+            extents: Extents::None,
+            tree_blocks: TreeBlocks::default(),
             xattr_block: 0,
             xattr_dirty,
             born: 0,
@@ -194,16 +203,17 @@ impl Node {
 
     /// Gives back the data (or directory) blocks and the extent tree.
     pub fn free_data(&mut self, alloc: &mut Allocator) {
-        for e in self.extents.drain(..) {
+        for e in self.extents.iter() {
             alloc.free(Run {
-                start: e.start,
+                start: e.start(),
                 len: u32::from(e.len),
             });
         }
         for &b in self.tree_blocks.iter() {
             alloc.free(Run { start: b, len: 1 });
         }
-        self.tree_blocks = Box::new([]);
+        self.extents = Extents::None;
+        self.tree_blocks = TreeBlocks::default();
     }
 
     /// Replaces the metadata, noting whether the attributes need placing.
@@ -225,6 +235,10 @@ pub struct Tree {
     free_ids: Vec<NodeId>,
     /// The layer being applied.
     pub layer: u32,
+    /// The directory that last gained a name. Its spare room is given back
+    /// when another one does: tar writers keep a directory's entries
+    /// together, so the spare room of all but one directory is freed early.
+    growing: NodeId,
 }
 
 impl Tree {
@@ -241,6 +255,7 @@ impl Tree {
             nodes: vec![Some(root)],
             free_ids: Vec::new(),
             layer: 0,
+            growing: ROOT,
         };
         t.node_mut(ROOT).links = 1;
         t
@@ -276,7 +291,7 @@ impl Tree {
     pub fn lookup(&self, path: &EntryPath) -> Option<NodeId> {
         let mut id = ROOT;
         for c in path.components() {
-            id = self.node(id).dir()?.children.get(c.as_slice())?.id;
+            id = self.node(id).dir()?.children.get(c)?.id;
         }
         Some(id)
     }
@@ -292,8 +307,7 @@ impl Tree {
                 .dir()
                 .expect("walked directories only")
                 .children
-                .get(c.as_slice())
-                .copied();
+                .get(c);
             let child = match next {
                 Some(child) => {
                     if !self.node(child.id).body.is_dir() {
@@ -323,7 +337,7 @@ impl Tree {
 
     /// The entry `name` in the directory `dir`, if any.
     pub fn child(&self, dir: NodeId, name: &[u8]) -> Option<Child> {
-        self.node(dir).dir()?.children.get(name).copied()
+        self.node(dir).dir()?.children.get(name)
     }
 
     /// Records that `layer`'s entry set the existing name `name` in `dir`.
@@ -339,8 +353,17 @@ impl Tree {
         if let Body::Dir(d) = &mut self.node_mut(id).body {
             d.parent = dir;
         }
+        if dir != self.growing {
+            // It may have died since, and its id gone to another node.
+            if let Some(Some(node)) = self.nodes.get_mut(self.growing as usize) {
+                if let Some(d) = node.dir_mut() {
+                    d.children.shrink_to_fit();
+                }
+            }
+            self.growing = dir;
+        }
         let d = self.dir_mut(dir);
-        d.children.insert(name.into(), Child { id, layer });
+        d.children.insert(name, Child { id, layer });
         d.dirty = true;
     }
 
@@ -364,7 +387,7 @@ impl Tree {
         self.free_ids.push(id);
         node.free_blocks(alloc);
         if let Body::Dir(d) = node.body {
-            for child in d.children.into_values() {
+            for child in d.children.values() {
                 self.release(child.id, alloc);
             }
         }
@@ -382,7 +405,7 @@ impl Tree {
             .expect("a directory")
             .children
             .iter()
-            .map(|(n, c)| (n.clone(), *c))
+            .map(|(n, c)| (n.into(), c))
             .collect();
         for (name, child) in children {
             if dir == ROOT && self.node(child.id).ino == crate::ext4::LOST_FOUND_INO {
@@ -479,5 +502,18 @@ impl Tree {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-file memory budget rests on these sizes.
+    #[test]
+    fn nodes_stay_small() {
+        assert!(std::mem::size_of::<Option<Node>>() <= 96);
+        assert!(std::mem::size_of::<Body>() <= 16);
+        assert!(std::mem::size_of::<Meta>() <= 32);
     }
 }

@@ -5,9 +5,14 @@
 //! thread reads (and so decompresses and verifies) ahead into a bounded queue
 //! of buffers while the caller consumes them. Bytes and errors arrive in the
 //! order the source produced them; nothing is read past the first error.
+//!
+//! The pump fills whole buffers and the reader sends each emptied one back
+//! to be filled again: a decoder yields only tens of KiB per call, and a
+//! fresh zeroed megabyte per call took more of the pump thread's time than
+//! a third of the inflating itself.
 
 use std::io::{self, Read};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
 use std::thread::JoinHandle;
 
 /// Bytes per buffer handed from the pump thread to the reader.
@@ -20,6 +25,8 @@ pub struct PumpedReader {
     /// Declared before `thread` so dropping the reader first disconnects the
     /// queue, which ends the pump's next send, then joins it.
     queue: Receiver<io::Result<Vec<u8>>>,
+    /// Emptied buffers on their way back to the pump.
+    spent: Sender<Vec<u8>>,
     current: Vec<u8>,
     offset: usize,
     done: bool,
@@ -29,26 +36,50 @@ pub struct PumpedReader {
 impl PumpedReader {
     pub fn new(mut source: Box<dyn Read + Send>) -> io::Result<PumpedReader> {
         let (tx, queue) = sync_channel(BUFFERS_AHEAD);
+        let (spent, recycled) = channel::<Vec<u8>>();
         let thread = std::thread::Builder::new()
             .name("layer-pump".into())
             .spawn(move || loop {
-                let mut buffer = vec![0u8; BUFFER_BYTES];
-                let result = match source.read(&mut buffer) {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        buffer.truncate(n);
-                        Ok(buffer)
+                // Only the first few buffers are allocated (and zeroed); a
+                // returned one is cut back only when it held a source's
+                // last bytes.
+                let mut buffer = recycled
+                    .try_recv()
+                    .unwrap_or_else(|_| vec![0u8; BUFFER_BYTES]);
+                buffer.resize(BUFFER_BYTES, 0);
+                // Whole buffers, so a handoff (a wake-up of the reader)
+                // carries a megabyte, not one decoder call's output.
+                let mut filled = 0;
+                let mut failure = None;
+                while filled < BUFFER_BYTES {
+                    match source.read(&mut buffer[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                        Err(err) => {
+                            failure = Some(err);
+                            break;
+                        }
                     }
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(err) => Err(err),
-                };
-                let failed = result.is_err();
-                if tx.send(result).is_err() || failed {
+                }
+                let ended = filled < BUFFER_BYTES;
+                if filled > 0 {
+                    buffer.truncate(filled);
+                    if tx.send(Ok(buffer)).is_err() {
+                        return;
+                    }
+                }
+                if let Some(err) = failure {
+                    let _ = tx.send(Err(err));
+                    return;
+                }
+                if ended {
                     return;
                 }
             })?;
         Ok(PumpedReader {
             queue,
+            spent,
             current: Vec::new(),
             offset: 0,
             done: false,
@@ -65,7 +96,11 @@ impl Read for PumpedReader {
             }
             match self.queue.recv() {
                 Ok(Ok(buffer)) => {
-                    self.current = buffer;
+                    let spent = std::mem::replace(&mut self.current, buffer);
+                    if spent.capacity() == BUFFER_BYTES {
+                        // The pump may have ended; then the buffer is dropped.
+                        let _ = self.spent.send(spent);
+                    }
                     self.offset = 0;
                 }
                 Ok(Err(err)) => {
