@@ -12,24 +12,8 @@ use tar::EntryType;
 use super::entry::{EntryKind, Timestamp};
 use super::header::EntryError;
 use super::layer::LayerError;
-use super::layer_tests::{chain, header, read_all, Tar};
+use super::layer_tests::{chain, header, pax_records as records, read_all, Tar};
 use crate::error::ErrorKind;
-
-/// PAX records as "LEN KEY=VALUE\n".
-fn records(records: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut data = Vec::new();
-    for (key, value) in records {
-        let body = key.len() + value.len() + 3;
-        let mut len = body + body.to_string().len();
-        if len.to_string().len() != body.to_string().len() {
-            len += 1;
-        }
-        data.extend_from_slice(format!("{len} {key}=").as_bytes());
-        data.extend_from_slice(value);
-        data.push(b'\n');
-    }
-    data
-}
 
 impl Tar {
     fn global(&mut self, recs: &[(&str, &[u8])]) -> &mut Self {

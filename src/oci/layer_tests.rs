@@ -57,18 +57,7 @@ impl Tar {
 
     /// A PAX header for the next member.
     pub(super) fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
-        let mut data = Vec::new();
-        for (key, value) in records {
-            // "LEN KEY=VALUE\n", LEN counting itself.
-            let body = key.len() + value.len() + 3;
-            let mut len = body + body.to_string().len();
-            if len.to_string().len() != body.to_string().len() {
-                len += 1;
-            }
-            data.extend_from_slice(format!("{len} {key}=").as_bytes());
-            data.extend_from_slice(value);
-            data.push(b'\n');
-        }
+        let data = pax_records(records);
         let mut h = header(EntryType::XHeader, data.len() as u64, 0o644);
         self.0.append_data(&mut h, "PaxHeader", &data[..]).unwrap();
         self
@@ -641,4 +630,20 @@ fn sizes_beyond_4_gib_come_from_gnu_binary_and_pax_fields() {
             "{err:?}"
         );
     }
+}
+
+/// PAX records as "LEN KEY=VALUE\n", LEN counting itself.
+pub(super) fn pax_records(records: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for (key, value) in records {
+        let body = key.len() + value.len() + 3;
+        let mut len = body + body.to_string().len();
+        if len.to_string().len() != body.to_string().len() {
+            len += 1;
+        }
+        data.extend_from_slice(format!("{len} {key}=").as_bytes());
+        data.extend_from_slice(value);
+        data.push(b'\n');
+    }
+    data
 }
