@@ -137,7 +137,7 @@ pub(super) fn daemonize(cache_dir: &Path) -> anyhow::Result<()> {
         .read_line(&mut line)
         .context("wait for the device process")?;
     if let Some(said) = line.trim_end().strip_prefix(READY_WORD) {
-        println!(
+        outln!(
             "{} (pid {}, log {})",
             said.trim(),
             child.id(),
@@ -268,7 +268,7 @@ pub async fn del(args: DelArgs) -> anyhow::Result<()> {
             // Not ours (or its record is lost): still ublk's to delete.
             if ublk::device_exists(id) {
                 tokio::task::spawn_blocking(move || ublk::delete(id)).await??;
-                println!("deleted {}", ublk::device_path(id).display());
+                outln!("deleted {}", ublk::device_path(id).display());
                 return Ok(());
             }
             bail!("there is no ublk device {id}");
@@ -298,7 +298,7 @@ async fn del_one(run_dir: &Path, device: &daemon::DeviceStatus) -> anyhow::Resul
         };
         tokio::task::spawn_blocking(move || ublk::delete(id)).await??;
         DeviceRecord::remove(run_dir, pid);
-        println!("deleted orphaned {target}");
+        outln!("deleted orphaned {target}");
         return Ok(());
     }
     let socket = DeviceRecord::socket_path(run_dir, pid);
@@ -314,7 +314,7 @@ async fn del_one(run_dir: &Path, device: &daemon::DeviceStatus) -> anyhow::Resul
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("stopped device {pid} at {target}");
+    outln!("stopped device {pid} at {target}");
     Ok(())
 }
 
@@ -322,14 +322,14 @@ pub async fn list(json: bool) -> anyhow::Result<()> {
     let run_dir = daemon::run_dir();
     let devices = list_devices(&run_dir).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&devices)?);
+        outln!("{}", serde_json::to_string_pretty(&devices)?);
         return Ok(());
     }
     if devices.is_empty() {
-        println!("no devices");
+        outln!("no devices");
         return Ok(());
     }
-    println!(
+    outln!(
         "{:>4} {:>7} {:<5} {:<8} {:<24} {:<14} {:>3} {:>11} {:>9} {:>8} {:>8} {:>8} {:>8} {:>4}  CACHE",
         "ID",
         "PID",
@@ -377,7 +377,7 @@ pub async fn list(json: bool) -> anyhow::Result<()> {
                 "-", "-", "-", "-", "-", "-", "-"
             ),
         };
-        println!(
+        outln!(
             "{:>4} {:>7} {:<5} {:<8} {:<24} {:<14} {:>3} {counters}  {}",
             id,
             d.record.pid,

@@ -169,24 +169,24 @@ pub fn flatten(args: FlattenArgs) -> anyhow::Result<()> {
         value["source"] = args.source.clone().into();
         value["source_digest"] = format!("sha256:{}", hex::encode(done.image_digest)).into();
         value["elapsed_secs"] = done.elapsed.as_secs_f64().into();
-        println!("{value}");
+        outln!("{value}");
         return Ok(());
     }
     let secs = done.elapsed.as_secs_f64().max(1e-9);
-    println!("flattened {} into {}", args.source, args.out.display());
-    println!(
+    outln!("flattened {} into {}", args.source, args.out.display());
+    outln!(
         "  source digest    sha256:{}",
         hex::encode(done.image_digest)
     );
-    println!("  layers applied   {}", report.layers);
-    println!("  entries          {}", report.entries);
-    println!("  files            {}", report.files);
-    println!("  file bytes       {}", report.bytes);
-    println!("  image size       {}", report.image_size);
+    outln!("  layers applied   {}", report.layers);
+    outln!("  entries          {}", report.entries);
+    outln!("  files            {}", report.files);
+    outln!("  file bytes       {}", report.bytes);
+    outln!("  image size       {}", report.image_size);
     if let Some(digest) = &report.digest {
-        println!("  image digest     {digest}");
+        outln!("  image digest     {digest}");
     }
-    println!(
+    outln!(
         "  time             {:.2} s ({:.0} MB/s of file data)",
         secs,
         report.bytes as f64 / 1e6 / secs

@@ -20,7 +20,7 @@ pub fn keygen(out: &Path) -> anyhow::Result<()> {
     file.write_all(key.to_file_text().as_bytes())
         .and_then(|()| file.sync_all())
         .with_context(|| format!("write key file {}", out.display()))?;
-    println!("wrote a new tenant key to {}", out.display());
+    outln!("wrote a new tenant key to {}", out.display());
     Ok(())
 }
 

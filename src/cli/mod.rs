@@ -1,6 +1,15 @@
 //! The command line: parsing, and turning library results into output.
 //! anyhow lives here and in main.rs only.
 
+/// `println!` for command output: a reader that went away (`| head`, a
+/// pager that quit) ends the output quietly instead of a panic, and any
+/// other failure to write is the command's error.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_line(format_args!($($arg)*))?
+    };
+}
+
 mod device;
 mod flatten;
 mod fuse;
@@ -8,6 +17,7 @@ mod keys;
 mod transfer;
 mod ublk;
 
+use std::io::{self, Write};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -115,4 +125,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .thread_name("lazyblk-worker")
         .build()?)
+}
+
+/// One line of command output; see [`outln!`].
+fn write_line(line: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    match writeln!(io::stdout().lock(), "{line}") {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("write to standard output"))
+        }
+        _ => Ok(()),
+    }
 }

@@ -129,28 +129,31 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
     if args.json {
         let mut value = serde_json::to_value(&report)?;
         value["source_digest"] = format!("sha256:{}", hex::encode(source_digest)).into();
-        println!("{value}");
+        outln!("{value}");
         return Ok(());
     }
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
     let secs = report.elapsed_secs.max(1e-9);
-    println!("pushed {} as {:?}", args.image, report.name);
-    println!(
+    outln!("pushed {} as {:?}", args.image, report.name);
+    if source_digest != [0; 32] {
+        outln!("  source digest    sha256:{}", hex::encode(source_digest));
+    }
+    outln!(
         "  image bytes      {} ({:.1} MiB)",
         report.image_bytes,
         mib(report.image_bytes)
     );
-    println!("  chunk size       {}", report.chunk_size);
-    println!("  chunks total     {}", report.chunks_total);
-    println!("  zero chunks      {}", report.chunks_zero);
-    println!("  distinct chunks  {}", report.chunks_distinct);
-    println!("  already stored   {}", report.chunks_existing);
-    println!(
+    outln!("  chunk size       {}", report.chunk_size);
+    outln!("  chunks total     {}", report.chunks_total);
+    outln!("  zero chunks      {}", report.chunks_zero);
+    outln!("  distinct chunks  {}", report.chunks_distinct);
+    outln!("  already stored   {}", report.chunks_existing);
+    outln!(
         "  uploaded         {} chunks, {:.1} MiB",
         report.chunks_uploaded,
         mib(report.bytes_uploaded)
     );
-    println!(
+    outln!(
         "  time             {:.2} s ({:.0} MB/s)",
         report.elapsed_secs,
         report.image_bytes as f64 / 1e6 / secs
@@ -207,7 +210,7 @@ pub async fn export(args: ExportArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("export {:?} to {}", args.source.name, args.out.display()))?;
     bar.finish_and_clear();
-    println!(
+    outln!(
         "exported {:?} to {}: {}",
         args.source.name,
         args.out.display(),

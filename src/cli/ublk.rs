@@ -224,11 +224,11 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
 pub fn features(json: bool) -> anyhow::Result<()> {
     let features = ublk::features()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&features)?);
+        outln!("{}", serde_json::to_string_pretty(&features)?);
         return Ok(());
     }
     for f in features {
-        println!(
+        outln!(
             "{:<24} {:<3} (since {:<5}) {}",
             f.name,
             if f.supported { "yes" } else { "no" },
