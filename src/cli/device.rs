@@ -14,13 +14,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use async_trait::async_trait;
 use clap::Args;
 
 use super::keys::load_key;
 use super::ImageArgs;
 use crate::chunk::{manifest_digest, Manifest};
 use crate::daemon::{self, ControlRequest, ControlResponse, DeviceRecord, DeviceState};
-use crate::engine::{Engine, EngineOptions, DEFAULT_READAHEAD_CHUNKS};
+use crate::engine::{Engine, EngineOptions, EngineStats, DEFAULT_READAHEAD_CHUNKS};
 use crate::frontend::ublk;
 use crate::store::{open_store, ChunkStore};
 
@@ -197,6 +198,35 @@ pub(super) async fn list_devices(run_dir: &Path) -> anyhow::Result<Vec<daemon::D
     daemon::list_devices(run_dir, ublk::device_exists)
         .await
         .with_context(|| format!("read run directory {}", run_dir.display()))
+}
+
+/// How a device process takes its frontend down.
+#[async_trait]
+pub(super) trait Detach: Send + Sync {
+    async fn detach(&self) -> Result<(), String>;
+}
+
+/// Glue between the control socket and a device: its stats are the
+/// engine's; stopping flushes the engine first, so no acknowledged write is
+/// lost, then detaches the frontend.
+pub(super) struct EngineControl<F> {
+    pub engine: Arc<Engine>,
+    pub frontend: F,
+}
+
+#[async_trait]
+impl<F: Detach> daemon::DeviceControl for EngineControl<F> {
+    fn stats(&self) -> EngineStats {
+        self.engine.stats()
+    }
+
+    async fn stop(&self) -> Result<(), String> {
+        self.engine
+            .flush()
+            .await
+            .map_err(|e| format!("flush: {e}"))?;
+        self.frontend.detach().await
+    }
 }
 
 /// Serves until `device` (the frontend's session) ends, checkpointing

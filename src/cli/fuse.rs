@@ -8,30 +8,17 @@ use async_trait::async_trait;
 use tokio::net::UnixListener;
 
 use super::device::{
-    ensure_run_dir, list_devices, open_engine, say_ready, serve_until_stopped, AddArgs,
+    ensure_run_dir, list_devices, open_engine, say_ready, serve_until_stopped, AddArgs, Detach,
+    EngineControl,
 };
-use crate::daemon::{self, DeviceControl, DeviceRecord};
-use crate::engine::{Engine, EngineOptions, EngineStats};
+use crate::daemon::{self, DeviceRecord};
+use crate::engine::EngineOptions;
 use crate::frontend::fuse::{FuseDevice, DISK_FILE_NAME};
 
-/// Glue between the control socket and a FUSE device.
-struct FuseControl {
-    engine: Arc<Engine>,
-    device: Arc<FuseDevice>,
-}
-
 #[async_trait]
-impl DeviceControl for FuseControl {
-    fn stats(&self) -> EngineStats {
-        self.engine.stats()
-    }
-
-    async fn stop(&self) -> Result<(), String> {
-        self.engine
-            .flush()
-            .await
-            .map_err(|e| format!("flush: {e}"))?;
-        self.device.unmount().map_err(|e| e.to_string())
+impl Detach for Arc<FuseDevice> {
+    async fn detach(&self) -> Result<(), String> {
+        self.unmount().map_err(|e| e.to_string())
     }
 }
 
@@ -91,9 +78,9 @@ pub(super) async fn serve(args: &AddArgs, mountpoint: &Path) -> anyhow::Result<(
         DeviceRecord::remove(&run_dir, pid);
         return Err(e).with_context(|| format!("write device record in {}", run_dir.display()));
     }
-    let control = Arc::new(FuseControl {
+    let control = Arc::new(EngineControl {
         engine: engine.clone(),
-        device: device.clone(),
+        frontend: device.clone(),
     });
     let control_task = tokio::spawn(daemon::serve_control(listener, control.clone()));
     tracing::info!(name, mountpoint = %mountpoint.display(), "device ready");

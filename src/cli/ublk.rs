@@ -16,10 +16,11 @@ use tokio::net::UnixListener;
 
 use super::device::{
     daemonize, ensure_run_dir, list_devices, open_engine, say_ready, serve_until_stopped, AddArgs,
+    Detach, EngineControl,
 };
 use super::ImageArgs;
 use crate::daemon::{self, DeviceControl, DeviceRecord, DeviceState, UblkRecord};
-use crate::engine::{Engine, EngineOptions, EngineStats};
+use crate::engine::EngineOptions;
 use crate::frontend::ublk::{self, DeviceInfo, DeviceOptions, Start};
 
 #[derive(Debug, Args)]
@@ -109,24 +110,13 @@ pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
     }))
 }
 
-/// Glue between the control socket and a ublk device.
-struct UblkControl {
-    engine: Arc<Engine>,
-    id: u32,
-}
+/// A ublk device by its id, as the control socket stops it.
+struct UblkDevice(u32);
 
 #[async_trait]
-impl DeviceControl for UblkControl {
-    fn stats(&self) -> EngineStats {
-        self.engine.stats()
-    }
-
-    async fn stop(&self) -> Result<(), String> {
-        self.engine
-            .flush()
-            .await
-            .map_err(|e| format!("flush: {e}"))?;
-        let id = self.id;
+impl Detach for UblkDevice {
+    async fn detach(&self) -> Result<(), String> {
+        let id = self.0;
         tokio::task::spawn_blocking(move || ublk::stop(id))
             .await
             .map_err(|e| format!("stop task: {e}"))?
@@ -190,9 +180,9 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
             readahead_chunks: spec.readahead_chunks,
         }),
     };
-    let control = Arc::new(UblkControl {
+    let control = Arc::new(EngineControl {
         engine: engine.clone(),
-        id: info.id,
+        frontend: UblkDevice(info.id),
     });
     if let Err(e) = record.publish(&run_dir) {
         // Without a record no one could find the device: take it down.
