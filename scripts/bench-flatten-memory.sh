@@ -18,11 +18,7 @@ cd "$REPO_ROOT"
 
 files=${FILES:-1000000}
 [[ $files =~ ^[0-9]+$ && $files -gt 0 ]] || die "FILES must be a positive number, not '$files'"
-work=${LAZYBLK_BENCH_DIR:-}
-if [[ -z $work ]]; then
-    work=$(mktemp -d /var/tmp/bench-flatten-memory.XXXXXX)
-    trap 'rm -rf "$work"' EXIT
-fi
+bench_work_dir /var/tmp bench-flatten-memory
 load=$(cut -d' ' -f1-3 /proc/loadavg)
 
 note "building the example"

@@ -17,11 +17,7 @@ cd "$REPO_ROOT"
 
 "$REPO_ROOT/scripts/install-deps.sh" >&2
 load=$(cut -d' ' -f1-3 /proc/loadavg)
-work=${LAZYBLK_BENCH_DIR:-}
-if [[ -z $work ]]; then
-    work=$(mktemp -d /var/tmp/bench-flatten-oci.XXXXXX)
-    trap 'rm -rf "$work"' EXIT
-fi
+bench_work_dir /var/tmp bench-flatten-oci
 for src in /usr/share/doc /usr/lib/python3 /usr/lib/python3.11; do
     [[ -e $src ]] || die "missing input $src"
 done

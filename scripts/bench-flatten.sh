@@ -20,11 +20,7 @@ cd "$REPO_ROOT"
 
 "$REPO_ROOT/scripts/install-deps.sh" >&2
 load=$(cut -d' ' -f1-3 /proc/loadavg)
-work=${LAZYBLK_BENCH_DIR:-}
-if [[ -z $work ]]; then
-    work=$(mktemp -d /tmp/bench-flatten.XXXXXX)
-    trap 'rm -rf "$work"' EXIT
-fi
+bench_work_dir /tmp bench-flatten
 for src in /usr/share/doc /usr/lib/python3 /usr/lib/python3.11/os.py; do
     [[ -e $src ]] || die "missing input $src"
 done

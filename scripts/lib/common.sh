@@ -77,3 +77,15 @@ release_work_dir() {
     [[ -e $dir/$WORK_STAMP ]] && rm -rf "$dir"
     return 0
 }
+
+# Sets $work to $LAZYBLK_BENCH_DIR, or to a fresh directory under DIR named
+# after PREFIX that is removed when the script exits.
+bench_work_dir() {
+    local dir=$1 prefix=$2
+    work=${LAZYBLK_BENCH_DIR:-}
+    if [[ -z $work ]]; then
+        work=$(mktemp -d "$dir/$prefix.XXXXXX")
+        # shellcheck disable=SC2064 # expanded now: $work is set
+        trap "rm -rf '$work'" EXIT
+    fi
+}
