@@ -122,14 +122,9 @@ fn oci_layout_flattens_like_umoci_unpack_and_serves_through_fuse() {
     let report = flatten(&world, &source, &image);
     assert_eq!(report["layers"], 2, "{report}");
     fsck(&image);
-    let mounted = world.path("mnt");
-    fs::create_dir(&mounted).unwrap();
-    run(Command::new("mount")
-        .args(["-o", "loop,ro"])
-        .arg(&image)
-        .arg(&mounted));
+    let mounted = world.mount_image(&image, "mnt", true);
     let compared = assert_identical_trees(&expected, &mounted);
-    run(Command::new("umount").arg(&mounted));
+    world.umount(&mounted);
     assert!(compared > 10, "compared only {compared} entries");
 
     // Same input, another umask, time zone and locale: the same bytes.
@@ -273,12 +268,7 @@ fn a_written_layout_flattens_with_its_whiteouts_applied() {
     let image = world.path("image.ext4");
     flatten(&world, &format!("oci:{}:t", layout.display()), &image);
     fsck(&image);
-    let mounted = world.path("mnt");
-    fs::create_dir(&mounted).unwrap();
-    run(Command::new("mount")
-        .args(["-o", "loop,ro"])
-        .arg(&image)
-        .arg(&mounted));
+    let mounted = world.mount_image(&image, "mnt", true);
     let etc: Vec<_> = fs::read_dir(mounted.join("etc"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -286,7 +276,7 @@ fn a_written_layout_flattens_with_its_whiteouts_applied() {
     let keep = fs::read(mounted.join("etc/keep"));
     let mode = fs::metadata(mounted.join("etc/keep")).map(|m| m.permissions().mode());
     let data_exists = mounted.join("data").exists();
-    run(Command::new("umount").arg(&mounted));
+    world.umount(&mounted);
     let mut etc = etc;
     etc.sort();
     assert_eq!(etc, ["keep", "link"]);
