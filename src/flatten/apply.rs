@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 
 use super::tree::{Body, Dir, Meta, Node, NodeId, NotADirectory, ROOT};
 use super::{FlattenError, Flattener, ImageSink};
-use crate::ext4::extent::{self, push_block};
+use crate::ext4::extent::push_block;
 use crate::ext4::{xattr, Ext4Error, BLOCK_SIZE};
 use crate::oci::entry::{EntryKind, EntryPath, LayerEntry};
 
@@ -386,26 +386,12 @@ impl<S: ImageSink> Flattener<S> {
         })();
         self.buf = buf;
         result?;
-        let needed = extent::tree_blocks_needed(extents.len());
-        let mut tree_blocks = Vec::with_capacity(needed);
-        if needed > 0 {
-            let runs = self.alloc.alloc_runs(needed as u64).map_err(|source| {
-                FlattenError::EncodeEntry {
-                    layer: self.layer_name(),
-                    path: path.clone(),
-                    source,
-                }
+        let tree_blocks =
+            self.write_extent_tree(&extents, |f, source| FlattenError::EncodeEntry {
+                layer: f.layer_name(),
+                path: path.clone(),
+                source,
             })?;
-            for r in runs {
-                tree_blocks.extend(r.start..r.start + u64::from(r.len));
-            }
-            let (_, images) = extent::build(&extents, &tree_blocks);
-            for (b, img) in tree_blocks.iter().zip(images) {
-                self.sink
-                    .write_block(*b, &img)
-                    .map_err(FlattenError::WriteImage)?;
-            }
-        }
         let node = self.tree.node_mut(id);
         node.extents = extents.into();
         node.tree_blocks = tree_blocks.into();

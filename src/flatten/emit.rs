@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 
 use super::tree::{Body, Extents, Node, NodeId, TreeBlocks, ROOT};
 use super::{FlattenError, Flattener, ImageSink};
-use crate::ext4::extent;
+use crate::ext4::extent::{self, Extent};
 use crate::ext4::layout::MAX_GROUPS;
 use crate::ext4::xattr::{self, Placement};
 use crate::ext4::{dir, Ext4Error, BLOCK_SIZE, INODES_PER_GROUP};
@@ -53,24 +53,36 @@ impl<S: ImageSink> Flattener<S> {
                 logical += 1;
             }
         }
+        let tree_blocks = self.write_extent_tree(&extents, Self::layer_error)?;
+        Ok((extents.into(), tree_blocks.into()))
+    }
+
+    /// Allocates and writes the extent-tree blocks `extents` need beyond
+    /// the inode's own four slots (none for most files); their numbers.
+    /// `alloc_error` names what was being written when allocation fails.
+    pub(super) fn write_extent_tree(
+        &mut self,
+        extents: &[Extent],
+        alloc_error: impl Fn(&Self, Ext4Error) -> FlattenError,
+    ) -> Result<Vec<u64>, FlattenError> {
         let needed = extent::tree_blocks_needed(extents.len());
         let mut tree_blocks = Vec::with_capacity(needed);
         if needed > 0 {
-            for r in self
+            let runs = self
                 .alloc
                 .alloc_runs(needed as u64)
-                .map_err(|e| self.layer_error(e))?
-            {
+                .map_err(|e| alloc_error(self, e))?;
+            for r in runs {
                 tree_blocks.extend(r.start..r.start + u64::from(r.len));
             }
-            let (_, imgs) = extent::build(&extents, &tree_blocks);
-            for (b, img) in tree_blocks.iter().zip(imgs) {
+            let (_, images) = extent::build(extents, &tree_blocks);
+            for (b, img) in tree_blocks.iter().zip(images) {
                 self.sink
                     .write_block(*b, &img)
                     .map_err(FlattenError::WriteImage)?;
             }
         }
-        Ok((extents.into(), tree_blocks.into()))
+        Ok(tree_blocks)
     }
 
     pub(super) fn emit(&mut self) -> Result<(), FlattenError> {
