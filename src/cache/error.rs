@@ -105,6 +105,14 @@ pub enum CacheError {
         #[source]
         source: io::Error,
     },
+    #[error("punch {len} bytes at offset {offset} of {}", path.display())]
+    PunchData {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        #[source]
+        source: io::Error,
+    },
     #[error("sync cache data file {}", path.display())]
     SyncData {
         path: PathBuf,
@@ -136,6 +144,7 @@ impl CacheError {
             | CacheError::OpenData { .. }
             | CacheError::ReadData { .. }
             | CacheError::WriteData { .. }
+            | CacheError::PunchData { .. }
             | CacheError::SyncData { .. }
             | CacheError::PersistBitmap { .. } => ErrorKind::Io,
         }

@@ -24,13 +24,14 @@
 #![forbid(unsafe_code)]
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 pub mod bitmap;
 mod error;
+pub mod io;
 #[cfg(test)]
 mod tests;
 
@@ -88,7 +89,7 @@ impl CacheDir {
 
         let bitmap = match fs::read(&bitmap_path) {
             Ok(bytes) => Some(bytes),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(source) => {
                 return Err(CacheError::ReadBitmap {
                     path: bitmap_path,
@@ -195,17 +196,36 @@ impl CacheDir {
             })
     }
 
-    /// The data file, for a reader that does its own I/O on it (a ublk
-    /// queue reading on its io_uring). Its offsets are the image's; only
-    /// the ranges of present chunks hold image bytes.
+    /// The data file, for requests whose I/O goes through a
+    /// [`io::CacheIo`]. Its offsets are the image's; only the ranges of
+    /// present chunks hold image bytes.
     pub fn data_file(&self) -> &File {
         &self.data
     }
 
-    /// What a failed read of the data file reports, for a reader doing its
-    /// own I/O on [`CacheDir::data_file`].
-    pub fn read_error(&self, offset: u64, len: usize, source: io::Error) -> CacheError {
+    /// What a failed read of the data file through a [`io::CacheIo`] reports.
+    pub fn read_error(&self, offset: u64, len: usize, source: std::io::Error) -> CacheError {
         CacheError::ReadData {
+            path: self.data_path(),
+            offset,
+            len,
+            source,
+        }
+    }
+
+    /// What a failed write of the data file through a [`io::CacheIo`] reports.
+    pub fn write_error(&self, offset: u64, len: usize, source: std::io::Error) -> CacheError {
+        CacheError::WriteData {
+            path: self.data_path(),
+            offset,
+            len,
+            source,
+        }
+    }
+
+    /// What a failed hole punch through a [`io::CacheIo`] reports.
+    pub fn punch_error(&self, offset: u64, len: u64, source: std::io::Error) -> CacheError {
+        CacheError::PunchData {
             path: self.data_path(),
             offset,
             len,
@@ -345,6 +365,6 @@ fn write_bitmap(dir: &Path, bytes: &[u8]) -> Result<(), CacheError> {
     })
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }

@@ -21,7 +21,9 @@ use super::keys::load_key;
 use super::ImageArgs;
 use crate::chunk::{manifest_digest, Manifest};
 use crate::daemon::{self, ControlRequest, ControlResponse, DeviceRecord, DeviceState};
-use crate::engine::{Engine, EngineOptions, EngineStats, DEFAULT_READAHEAD_CHUNKS};
+use crate::engine::{
+    Engine, EngineOptions, EngineStats, FetchPolicy, DEFAULT_FETCH_TIMEOUT, DEFAULT_READAHEAD_CHUNKS,
+};
 use crate::frontend::ublk;
 use crate::store::{open_store, ChunkStore};
 
@@ -70,6 +72,11 @@ pub struct AddArgs {
     /// readahead off (random-access workloads then fetch only what they read).
     #[arg(long, default_value_t = DEFAULT_READAHEAD_CHUNKS)]
     pub readahead_chunks: u32,
+    /// Most seconds a chunk's fetch may take, retries of transient store
+    /// failures included; a read that needs it then fails with EIO, well
+    /// before the kernel's 30 s I/O timeout, and a later read tries again.
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_FETCH_TIMEOUT.as_secs_f64(), value_parser = parse_fetch_timeout)]
+    pub fetch_timeout: f64,
     /// Stay in the foreground instead of returning once the device is ready.
     #[arg(long)]
     pub foreground: bool,
@@ -164,6 +171,30 @@ pub(super) fn say_ready(what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_fetch_timeout(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if secs > 0.0 && secs <= 3600.0 => Ok(secs),
+        _ => Err(format!("{text:?} is not a number of seconds between 0 and 3600")),
+    }
+}
+
+/// The engine options of a device with these settings.
+pub(super) fn engine_options(
+    read_only: bool,
+    readahead_chunks: u32,
+    fetch_timeout_secs: f64,
+) -> EngineOptions {
+    EngineOptions {
+        read_only,
+        readahead_chunks,
+        fetch: FetchPolicy {
+            deadline: Duration::from_secs_f64(fetch_timeout_secs),
+            ..FetchPolicy::default()
+        },
+        ..EngineOptions::default()
+    }
+}
+
 /// Opens the image's manifest and cache for serving.
 pub(super) async fn open_engine(
     image: &ImageArgs,
@@ -175,13 +206,16 @@ pub(super) async fn open_engine(
     let name = &image.name;
     let sealed = store.get_manifest(name).await?;
     let manifest = Manifest::open(name, &sealed, &tenant)?;
-    let engine = Engine::open(
-        manifest,
-        manifest_digest(&sealed),
+    let (runtime, engine_store, dir) = (
+        tokio::runtime::Handle::current(),
         store.clone(),
-        cache_dir,
-        opts,
-    )
+        cache_dir.to_owned(),
+    );
+    let digest = manifest_digest(&sealed);
+    let engine = tokio::task::spawn_blocking(move || {
+        Engine::open(manifest, digest, engine_store, &dir, opts, runtime)
+    })
+    .await?
     .with_context(|| format!("open cache {}", cache_dir.display()))?;
     Ok((engine, store))
 }
@@ -222,7 +256,7 @@ impl<F: Detach> daemon::DeviceControl for EngineControl<F> {
 
     async fn stop(&self) -> Result<(), String> {
         self.engine
-            .flush()
+            .checkpoint()
             .await
             .map_err(|e| format!("flush: {e}"))?;
         self.frontend.detach().await
@@ -258,7 +292,7 @@ pub(super) async fn serve_until_stopped<T>(
     };
     control_task.abort();
     checkpoints.abort();
-    let flushed = engine.flush().await;
+    let flushed = engine.checkpoint().await;
     DeviceRecord::remove(run_dir, std::process::id());
     tracing::info!(stats = ?engine.stats(), "device stopped");
     Ok((ended, flushed))

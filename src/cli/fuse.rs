@@ -8,11 +8,11 @@ use async_trait::async_trait;
 use tokio::net::UnixListener;
 
 use super::device::{
+    engine_options,
     ensure_run_dir, list_devices, open_engine, say_ready, serve_until_stopped, AddArgs, Detach,
     EngineControl,
 };
 use crate::daemon::{self, DeviceRecord};
-use crate::engine::EngineOptions;
 use crate::frontend::fuse::{FuseDevice, DISK_FILE_NAME};
 
 #[async_trait]
@@ -26,10 +26,7 @@ pub(super) async fn serve(args: &AddArgs, mountpoint: &Path) -> anyhow::Result<(
     let (engine, store) = open_engine(
         &args.image,
         &args.cache_dir,
-        EngineOptions {
-            read_only: args.read_only,
-            readahead_chunks: args.readahead_chunks,
-        },
+        engine_options(args.read_only, args.readahead_chunks, args.fetch_timeout),
     )
     .await?;
     let name = &args.image.name;

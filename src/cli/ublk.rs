@@ -15,12 +15,12 @@ use clap::Args;
 use tokio::net::UnixListener;
 
 use super::device::{
+    engine_options,
     daemonize, ensure_run_dir, list_devices, open_engine, say_ready, serve_until_stopped, AddArgs,
     Detach, EngineControl,
 };
 use super::ImageArgs;
 use crate::daemon::{self, DeviceControl, DeviceRecord, DeviceState, UblkRecord};
-use crate::engine::EngineOptions;
 use crate::frontend::ublk::{self, DeviceInfo, DeviceOptions, Start};
 
 #[derive(Debug, Args)]
@@ -39,6 +39,7 @@ struct Spec {
     cache_dir: PathBuf,
     read_only: bool,
     readahead_chunks: u32,
+    fetch_timeout: f64,
     start: Start,
     /// The record of the process that died, replaced once the device is live.
     replaces: Option<u32>,
@@ -50,6 +51,7 @@ pub(super) async fn serve_add(args: &AddArgs) -> anyhow::Result<()> {
         cache_dir: args.cache_dir.clone(),
         read_only: args.read_only,
         readahead_chunks: args.readahead_chunks,
+        fetch_timeout: args.fetch_timeout,
         start: Start::Add(DeviceOptions {
             id: args.id,
             queues: args.queues.unwrap_or_else(ublk::default_queues),
@@ -105,6 +107,7 @@ pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
         cache_dir: orphan.record.cache_dir.clone(),
         read_only: orphan.record.read_only,
         readahead_chunks: ublk.readahead_chunks,
+        fetch_timeout: ublk.fetch_timeout_secs,
         start: Start::Recover { id: args.id },
         replaces: Some(orphan.record.pid),
     }))
@@ -128,10 +131,7 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
     let (engine, store) = open_engine(
         &spec.image,
         &spec.cache_dir,
-        EngineOptions {
-            read_only: spec.read_only,
-            readahead_chunks: spec.readahead_chunks,
-        },
+        engine_options(spec.read_only, spec.readahead_chunks, spec.fetch_timeout),
     )
     .await?;
     let run_dir = ensure_run_dir()?;
@@ -178,6 +178,7 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
             store_spec: spec.image.store.clone(),
             key: std::path::absolute(&spec.image.key).unwrap_or(spec.image.key.clone()),
             readahead_chunks: spec.readahead_chunks,
+            fetch_timeout_secs: spec.fetch_timeout,
         }),
     };
     let control = Arc::new(EngineControl {

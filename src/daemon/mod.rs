@@ -51,7 +51,7 @@ pub struct DeviceRecord {
 }
 
 /// The ublk side of a device record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UblkRecord {
     /// The driver's device number: `/dev/ublkbID`.
     pub id: u32,
@@ -63,6 +63,14 @@ pub struct UblkRecord {
     /// The tenant key file the device was added with.
     pub key: PathBuf,
     pub readahead_chunks: u32,
+    /// `--fetch-timeout` in seconds (records written before it existed
+    /// get the default).
+    #[serde(default = "default_fetch_timeout_secs")]
+    pub fetch_timeout_secs: f64,
+}
+
+fn default_fetch_timeout_secs() -> f64 {
+    crate::engine::DEFAULT_FETCH_TIMEOUT.as_secs_f64()
 }
 
 /// Whether a device's process answers.

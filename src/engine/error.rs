@@ -21,15 +21,25 @@ pub enum EngineError {
         source: Arc<CacheError>,
     },
     #[error("{len} bytes at offset {offset} lie beyond the end of the {size}-byte image")]
-    OutOfRange { offset: u64, len: usize, size: u64 },
+    OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("write to a read-only device")]
     ReadOnly,
-    #[error("fetch chunk {index} ({id})")]
+    #[error("fetch chunk {index} ({id}), {attempts} attempt(s)")]
     FetchChunk {
         index: u64,
         id: ChunkId,
+        attempts: u32,
         #[source]
         source: Arc<StoreError>,
+    },
+    /// The store did not deliver within the chunk's deadline
+    /// (`--fetch-timeout`), retries included.
+    #[error("fetch chunk {index} ({id}): no answer within {after:?} ({attempts} attempt(s))")]
+    FetchTimeout {
+        index: u64,
+        id: ChunkId,
+        after: std::time::Duration,
+        attempts: u32,
     },
     #[error("verify chunk {index}")]
     VerifyChunk {
@@ -94,6 +104,7 @@ impl EngineError {
                 ErrorKind::Invalid | ErrorKind::Unsupported | ErrorKind::ReadOnly => ErrorKind::Io,
                 kind => kind,
             },
+            EngineError::FetchTimeout { .. } => ErrorKind::Transient,
             EngineError::VerifyChunk { .. } | EngineError::ChunkLength { .. } => {
                 ErrorKind::Integrity
             }

@@ -1,61 +1,79 @@
-//! The block engine: serves reads and writes at byte offsets of one image.
+//! The block engine: serves block requests at byte offsets of one image.
 //!
-//! It sits between a frontend (FUSE today; ublk and NBD later) and the
-//! cache and store:
+//! A request travels one way:
 //!
 //! ```text
-//! frontend ── read/write(offset, len) ──▶ Engine ──▶ CacheDir (data + present)
-//!                                           │
-//!                                           └─ miss ─▶ ChunkStore::get ─▶ open_chunk
+//! frontend ── Request (read, write, flush, discard, write-zeroes) ──▶ Engine::submit
+//!   (ublk tag, FUSE op, …)        │ split into chunk pieces once; readahead told once
+//!                                 ├─ present pieces ──▶ CacheIo (the frontend's: sync or its ring)
+//!                                 ├─ zero pieces ────▶ zeros, no I/O
+//!                                 └─ missing pieces ─▶ Fetcher: one flight per chunk, priorities,
+//!                                                      deadline ─▶ ChunkStore ─▶ verify, decrypt,
+//!                                                      fill the cache ─▶ plaintext to every waiter
 //! ```
 //!
-//! A request is cut into *pieces*, one per chunk it touches. A piece of a
-//! chunk the cache holds is read from the data file; a piece of an all-zero
-//! chunk the cache does not hold is zeros without I/O; any other piece waits
-//! for its chunk to be fetched, verified, decrypted and written to the cache.
+//! Each part is one type in its own file: [`Layout`](layout.rs) (offsets to
+//! chunks, what the manifest says), `Fetcher` (fetcher.rs, with its
+//! priority `Slots` and the store side in retrieve.rs), `Readahead`
+//! (readahead.rs), `Counters` (stats.rs). The engine wires them and holds
+//! the request logic below.
 //!
 //! Invariants:
 //! * no byte reaches a reader unless it came from the cache (whose chunks
-//!   were verified against their ids or written by the user) or from a
-//!   manifest zero: a failed check fails the request;
-//! * one fetch per missing chunk however many requests wait on it, run in its
-//!   own task so a cancelled requester does not cancel it for the others;
+//!   were verified against their ids or written by the user), from a
+//!   verified fetch, or from a manifest zero: a failed check fails the
+//!   request;
+//! * one fetch per missing chunk however many requests wait on it, run in
+//!   its own task so a cancelled requester does not cancel it for the
+//!   others;
 //! * a chunk is marked present only after its bytes are in the data file, and
 //!   a bit is never persisted before those bytes are durable (see
 //!   [`crate::cache`]);
-//! * nothing that fills a whole chunk (a fetch, a whole-chunk write, the
-//!   first write to a zero chunk) runs concurrently with another fill of the
-//!   same chunk: the in-flight map doubles as a per-chunk fill lock;
-//! * sequential readahead (see `readahead.rs`) only starts ordinary fetches
-//!   through that map, never awaited by the reader that prompted them, and
-//!   a failed one fails no request.
+//! * nothing that replaces a whole chunk (a fetch, a whole-chunk write or
+//!   discard, the first write to a zero chunk) runs concurrently with
+//!   another fill of the same chunk: the in-flight map doubles as a
+//!   per-chunk fill lock;
+//! * discards and write-zeroes of whole chunks never fetch.
+//!
+//! # Threads
+//! A request runs where its frontend polls it. With [`SyncIo`] a request
+//! whose chunks are all present or zero completes in its first poll, on
+//! the caller's thread; only a fetch or a flush makes it wait. Fetches run
+//! on the engine's tokio runtime, their verification, decryption and cache
+//! fill on its blocking pool; no cache file I/O runs on an async worker.
 //!
 //! # Cancel safety
-//! Dropping a [`Engine::read`] or [`Engine::write`] future never leaves a
-//! chunk half-filled or wrongly marked: fetches run in their own tasks, and a
-//! write holds a chunk's fill lock only across synchronous code. A dropped
-//! write may have been applied in part, as with any block device.
-#![forbid(unsafe_code)]
+//! Dropping a [`Engine::submit`] future never leaves a chunk half-filled or
+//! wrongly marked: fetches run in their own tasks, and a request holds a
+//! chunk's fill lock only while it writes that chunk. A dropped write may
+//! have been applied in part, as with any block device.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use dashmap::DashMap;
+use tokio::runtime::Handle;
 
+use crate::cache::io::CacheIo;
 use crate::cache::CacheDir;
-use crate::chunk::{validate_chunk_size, Manifest, ManifestEntry};
+use crate::chunk::Manifest;
 use crate::store::ChunkStore;
 
 mod error;
-mod fetch;
-mod plan;
+mod fetcher;
+mod layout;
 mod readahead;
 mod request;
+mod retrieve;
+mod slots;
 mod stats;
 #[cfg(test)]
 pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_discard;
+#[cfg(test)]
+mod tests_faults;
 #[cfg(test)]
 mod tests_model;
 #[cfg(test)]
@@ -63,22 +81,29 @@ mod tests_readahead;
 #[cfg(test)]
 mod tests_write;
 
+pub use crate::cache::io::SyncIo;
 pub use error::EngineError;
-pub use plan::CachedRange;
+pub use request::Request;
+pub use retrieve::{get_envelope, open_envelope, FetchPolicy, DEFAULT_FETCH_TIMEOUT};
+pub use slots::Priority;
 pub use stats::EngineStats;
 
-use fetch::Fill;
+use fetcher::{Fetcher, Fill, Filled};
+use layout::{Layout, Piece};
 use readahead::Readahead;
-use stats::Counters;
+use stats::{add, Counters};
 
 /// The default of [`EngineOptions::readahead_chunks`]: with 512 KiB chunks,
 /// up to 4 MiB in flight and 8 MiB ahead of a long sequential reader.
 pub const DEFAULT_READAHEAD_CHUNKS: u32 = 8;
+/// The default of [`EngineOptions::max_fetches`].
+pub const DEFAULT_MAX_FETCHES: usize = 64;
 
 /// How a device is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineOptions {
-    /// Refuse every write with [`crate::error::ErrorKind::ReadOnly`].
+    /// Refuse every write, discard and write-zeroes with
+    /// [`crate::error::ErrorKind::ReadOnly`].
     pub read_only: bool,
     /// Most readahead fetches one sequential reader keeps in flight (its
     /// window starts at 2 and doubles, each time the reader gets as many
@@ -87,6 +112,11 @@ pub struct EngineOptions {
     /// w²/2 non-zero chunks ahead (never fewer than w nor more than 2w).
     /// 0 turns readahead off.
     pub readahead_chunks: u32,
+    /// Deadline and retries of each fetch.
+    pub fetch: FetchPolicy,
+    /// Most requests to the store at once; more wait in line, demand
+    /// fetches before readahead before prefetch.
+    pub max_fetches: usize,
 }
 
 impl Default for EngineOptions {
@@ -94,6 +124,8 @@ impl Default for EngineOptions {
         EngineOptions {
             read_only: false,
             readahead_chunks: DEFAULT_READAHEAD_CHUNKS,
+            fetch: FetchPolicy::default(),
+            max_fetches: DEFAULT_MAX_FETCHES,
         }
     }
 }
@@ -101,86 +133,71 @@ impl Default for EngineOptions {
 /// Serves one image: reads fetch on demand, writes stay in the local cache.
 #[derive(Debug)]
 pub struct Engine {
-    manifest: Manifest,
-    store: Arc<dyn ChunkStore>,
+    layout: Arc<Layout>,
     cache: Arc<CacheDir>,
+    fetcher: Arc<Fetcher>,
+    readahead: Arc<Readahead>,
+    counters: Arc<Counters>,
     read_only: bool,
-    chunks_zero: u64,
-    /// Chunks being filled (fetched, or written whole) right now.
-    inflight: DashMap<u64, Fill>,
-    readahead: Readahead,
-    counters: Counters,
-}
-
-/// The part of one request that falls in one chunk.
-#[derive(Debug, Clone, Copy)]
-struct Piece {
-    index: u64,
-    /// Offset of the piece in the image.
-    offset: u64,
-    /// Offset of the piece within its chunk.
-    in_chunk: usize,
-    /// Offset of the piece within the request's buffer.
-    in_buf: usize,
-    len: usize,
 }
 
 impl Engine {
     /// Opens the cache in `cache_dir` for `manifest` (creating it if absent)
-    /// and serves the image from it, fetching misses from `store`.
+    /// and serves the image from it, fetching misses from `store` on
+    /// `runtime`.
     ///
     /// `manifest_digest` is [`crate::chunk::manifest_digest`] of the sealed
     /// manifest; a cache made for another digest is refused. Blocks on file
-    /// I/O while opening the cache.
+    /// I/O: call it from a blocking context (`spawn_blocking`), not from
+    /// an async task.
     pub fn open(
         manifest: Manifest,
         manifest_digest: [u8; 32],
         store: Arc<dyn ChunkStore>,
         cache_dir: &Path,
         opts: EngineOptions,
+        runtime: Handle,
     ) -> Result<Arc<Engine>, EngineError> {
-        validate_chunk_size(manifest.chunk_size)
-            .map_err(|reason| EngineError::InvalidManifest { reason })?;
-        let expected = manifest.image_size.div_ceil(u64::from(manifest.chunk_size));
-        if manifest.chunk_count() != expected {
-            return Err(EngineError::InvalidManifest {
-                reason: format!(
-                    "{} entries for an image of {} bytes in chunks of {}, which needs {expected}",
-                    manifest.chunk_count(),
-                    manifest.image_size,
-                    manifest.chunk_size
-                ),
-            });
-        }
+        let layout = Arc::new(Layout::new(manifest)?);
         let cache = CacheDir::open_or_create(
             cache_dir,
             manifest_digest,
-            manifest.image_size,
-            manifest.chunk_size,
+            layout.image_size(),
+            layout.chunk_size() as u32,
         )
         .map_err(|source| EngineError::OpenCache {
             source: Arc::new(source),
         })?;
-        let chunks_zero = manifest
-            .entries
-            .iter()
-            .filter(|e| matches!(e, ManifestEntry::Zero))
-            .count() as u64;
-        Ok(Arc::new(Engine {
-            manifest,
+        let cache = Arc::new(cache);
+        let counters = Arc::new(Counters::new());
+        let fetcher = Arc::new(Fetcher::new(
             store,
-            cache: Arc::new(cache),
+            Arc::clone(&cache),
+            Arc::clone(&layout),
+            runtime,
+            opts.fetch,
+            opts.max_fetches,
+            Arc::clone(&counters),
+        ));
+        let readahead = Arc::new(Readahead::new(
+            opts.readahead_chunks,
+            Arc::clone(&fetcher),
+            Arc::clone(&layout),
+            Arc::clone(&counters),
+        ));
+        Ok(Arc::new(Engine {
+            layout,
+            cache,
+            fetcher,
+            readahead,
+            counters,
             read_only: opts.read_only,
-            chunks_zero,
-            inflight: DashMap::new(),
-            readahead: Readahead::new(opts.readahead_chunks),
-            counters: Counters::new(),
         }))
     }
 
     /// Size of the image in bytes.
     pub fn size(&self) -> u64 {
-        self.manifest.image_size
+        self.layout.image_size()
     }
 
     /// Whether writes are refused.
@@ -191,10 +208,10 @@ impl Engine {
     /// The device's counters now.
     pub fn stats(&self) -> EngineStats {
         let mut stats = EngineStats {
-            image_bytes: self.manifest.image_size,
-            chunk_size: self.manifest.chunk_size,
-            chunks_total: self.manifest.chunk_count(),
-            chunks_zero: self.chunks_zero,
+            image_bytes: self.layout.image_size(),
+            chunk_size: self.layout.chunk_size() as u32,
+            chunks_total: self.layout.chunk_count(),
+            chunks_zero: self.layout.chunks_zero(),
             chunks_present: self.cache.present_count(),
             ..EngineStats::default()
         };
@@ -202,79 +219,342 @@ impl Engine {
         stats
     }
 
-    fn chunk_size(&self) -> u64 {
-        u64::from(self.manifest.chunk_size)
-    }
-
-    /// Bytes in chunk `index` (the last chunk may be short).
-    fn chunk_len(&self, index: u64) -> usize {
-        let start = index * self.chunk_size();
-        self.manifest
-            .image_size
-            .saturating_sub(start)
-            .min(self.chunk_size()) as usize
-    }
-
-    fn entry(&self, index: u64) -> Option<&ManifestEntry> {
-        usize::try_from(index)
-            .ok()
-            .and_then(|i| self.manifest.entries.get(i))
-    }
-
-    fn is_zero(&self, index: u64) -> bool {
-        matches!(self.entry(index), Some(ManifestEntry::Zero))
-    }
-
-    /// Whether a piece of chunk `index` can be read without waiting.
-    fn servable(&self, index: u64) -> bool {
-        self.cache.is_present(index) || self.is_zero(index)
-    }
-
-    fn check_range(&self, offset: u64, len: usize) -> Result<(), EngineError> {
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.size() => Ok(()),
-            _ => Err(EngineError::OutOfRange {
-                offset,
-                len,
-                size: self.size(),
-            }),
-        }
-    }
-
-    /// The pieces of an in-range request, in order.
-    fn pieces(&self, offset: u64, len: usize) -> impl Iterator<Item = Piece> + '_ {
-        let chunk_size = self.chunk_size();
-        let mut done = 0usize;
-        std::iter::from_fn(move || {
-            if done >= len {
-                return None;
+    /// Serves `request`, doing its cache I/O through `io`. Completes whole
+    /// or fails, never short: out of range, a failed fetch or a chunk that
+    /// fails verification fails the request.
+    ///
+    /// With [`SyncIo`], a request that needs no fetch and no flush is
+    /// complete after the future's first poll.
+    pub async fn submit<I: CacheIo>(&self, io: &I, request: Request<'_>) -> Result<(), EngineError> {
+        match request {
+            Request::Read { offset, buf } => self.serve_read(io, offset, buf).await,
+            Request::Write { offset, data } => self.serve_write(io, offset, data).await,
+            Request::Flush => {
+                self.persist().await?;
+                add(&self.counters.flushes, 1);
+                Ok(())
             }
-            let at = offset + done as u64;
-            let in_chunk = (at % chunk_size) as usize;
-            let piece_len = (len - done).min(chunk_size as usize - in_chunk);
-            let piece = Piece {
-                index: at / chunk_size,
-                offset: at,
-                in_chunk,
-                in_buf: done,
-                len: piece_len,
-            };
-            done += piece_len;
-            Some(piece)
-        })
-    }
-}
-
-impl Drop for Engine {
-    /// Persists what the cache holds, so a clean stop never costs a
-    /// refetch. Errors cannot be returned from here; they are logged.
-    fn drop(&mut self) {
-        if let Err(error) = self.cache.flush() {
-            tracing::warn!(
-                cache = %self.cache.dir().display(),
-                error = %error,
-                "final flush of the cache failed"
-            );
+            Request::Discard { offset, len } => {
+                add(&self.counters.discard_requests, 1);
+                self.zero_range(io, offset, len, false).await
+            }
+            Request::WriteZeroes { offset, len } => {
+                add(&self.counters.write_zeroes_requests, 1);
+                self.zero_range(io, offset, len, true).await
+            }
         }
+    }
+
+    /// What a flush does, without counting as a flush the device was asked
+    /// for: a device process calls it now and then so that chunks fetched
+    /// by a read-only device survive a crash too, and once when it stops.
+    pub async fn checkpoint(&self) -> Result<(), EngineError> {
+        self.persist().await
+    }
+
+    async fn serve_read<I: CacheIo>(&self, io: &I, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
+        add(&self.counters.read_requests, 1);
+        let len = buf.len() as u64;
+        self.layout.check_range(offset, len)?;
+        let Some((first, last)) = self.layout.chunk_span(offset, len) else {
+            return Ok(());
+        };
+        // Every fetch starts before any waiting, so a request's misses are
+        // fetched in parallel.
+        let mut waits: Vec<(Piece, Fill)> = Vec::new();
+        for piece in self.layout.pieces(offset, len) {
+            if self.cache.is_present(piece.index) || self.layout.is_zero(piece.index) {
+                add(&self.counters.cache_hits, 1);
+            } else {
+                add(&self.counters.cache_misses, 1);
+                if let Some(fill) = self.fetcher.fetch(piece.index, Priority::Demand) {
+                    waits.push((piece, fill));
+                }
+            }
+        }
+        self.readahead.note_read(first, last, !waits.is_empty());
+
+        // Then what is here already, adjacent cached pieces in one read.
+        let mut run: Option<(u64, usize, usize)> = None;
+        for piece in self.layout.pieces(offset, len) {
+            let waiting = waits.iter().any(|(p, _)| p.index == piece.index);
+            if !waiting && self.cache.is_present(piece.index) {
+                run = match run {
+                    Some((at, in_buf, n)) if in_buf + n == piece.in_buf => {
+                        Some((at, in_buf, n + piece.len))
+                    }
+                    other => {
+                        if let Some((at, in_buf, n)) = other {
+                            self.read_cache(io, &mut buf[in_buf..][..n], at).await?;
+                        }
+                        Some((piece.offset, piece.in_buf, piece.len))
+                    }
+                };
+            } else if !waiting && self.layout.is_zero(piece.index) {
+                buf[piece.in_buf..][..piece.len].fill(0);
+            } else if !waiting {
+                // Became present or lost between the passes: rare.
+                self.serve_unfilled(io, &piece, buf).await?;
+            }
+        }
+        if let Some((at, in_buf, n)) = run {
+            self.read_cache(io, &mut buf[in_buf..][..n], at).await?;
+        }
+
+        for (piece, fill) in waits {
+            self.serve_filled(io, &piece, fill, buf).await?;
+        }
+        add(&self.counters.read_bytes, len);
+        Ok(())
+    }
+
+    /// Serves a piece whose chunk was not present when looked at: zeros for
+    /// a zero chunk, else whatever fills it now.
+    async fn serve_unfilled<I: CacheIo>(
+        &self,
+        io: &I,
+        piece: &Piece,
+        buf: &mut [u8],
+    ) -> Result<(), EngineError> {
+        match self.fetcher.fetch(piece.index, Priority::Demand) {
+            Some(fill) => self.serve_filled(io, piece, fill, buf).await,
+            // Present first: a zero chunk that was written to is present.
+            None if self.cache.is_present(piece.index) => {
+                self.read_cache(io, &mut buf[piece.in_buf..][..piece.len], piece.offset)
+                    .await
+            }
+            None if self.layout.is_zero(piece.index) => {
+                buf[piece.in_buf..][..piece.len].fill(0);
+                Ok(())
+            }
+            None => Err(EngineError::ChunkNotPresent { index: piece.index }),
+        }
+    }
+
+    /// Waits for `fill` and serves the piece from the plaintext it hands
+    /// over, or, if it says to look again, from the cache or a new fill.
+    async fn serve_filled<I: CacheIo>(
+        &self,
+        io: &I,
+        piece: &Piece,
+        mut fill: Fill,
+        buf: &mut [u8],
+    ) -> Result<(), EngineError> {
+        loop {
+            match fill.await? {
+                Filled::Plaintext(plaintext) => {
+                    buf[piece.in_buf..][..piece.len]
+                        .copy_from_slice(&plaintext[piece.in_chunk..][..piece.len]);
+                    return Ok(());
+                }
+                Filled::LookAgain => match self.fetcher.fetch(piece.index, Priority::Demand) {
+                    Some(next) => fill = next,
+                    None => return Box::pin(self.serve_unfilled(io, piece, buf)).await,
+                },
+            }
+        }
+    }
+
+    /// Writes `data` at `offset`. Chunks the write only partly covers are
+    /// fetched first (all at once); chunks it covers whole, and zero
+    /// chunks, are not fetched.
+    async fn serve_write<I: CacheIo>(&self, io: &I, offset: u64, data: &[u8]) -> Result<(), EngineError> {
+        add(&self.counters.write_requests, 1);
+        if self.read_only {
+            return Err(EngineError::ReadOnly);
+        }
+        self.layout.check_range(offset, data.len() as u64)?;
+        let mut waits = Vec::new();
+        for piece in self.layout.pieces(offset, data.len() as u64) {
+            if self.layout.is_whole(&piece) || self.layout.is_zero(piece.index) {
+                continue;
+            }
+            if self.cache.is_present(piece.index) {
+                add(&self.counters.cache_hits, 1);
+            } else {
+                add(&self.counters.cache_misses, 1);
+                waits.extend(self.fetcher.fetch(piece.index, Priority::Demand));
+            }
+        }
+        for fill in waits {
+            fill.await?;
+        }
+        for piece in self.layout.pieces(offset, data.len() as u64) {
+            self.write_piece(io, &piece, &data[piece.in_buf..][..piece.len])
+                .await?;
+        }
+        add(&self.counters.write_bytes, data.len() as u64);
+        Ok(())
+    }
+
+    async fn write_piece<I: CacheIo>(
+        &self,
+        io: &I,
+        piece: &Piece,
+        data: &[u8],
+    ) -> Result<(), EngineError> {
+        let whole = self.layout.is_whole(piece);
+        loop {
+            if self.cache.is_present(piece.index) {
+                return self.write_cache(io, data, piece.offset).await;
+            }
+            if !whole && !self.layout.is_zero(piece.index) {
+                // Normally fetched already by `write`; a chunk is never
+                // unmarked, so this loops at most once more.
+                self.ensure_present(piece.index).await?;
+                continue;
+            }
+            let _guard = match self.fetcher.try_lock_fill(piece.index) {
+                Ok(guard) => guard,
+                Err(fill) => {
+                    // A fetch or another fill is running; its outcome does
+                    // not matter, only the bit afterwards.
+                    let _ = fill.await;
+                    continue;
+                }
+            };
+            if self.cache.is_present(piece.index) {
+                return self.write_cache(io, data, piece.offset).await;
+            }
+            let chunk_start = self.layout.chunk_start(piece.index);
+            if whole {
+                self.write_cache(io, data, chunk_start).await?;
+            } else {
+                // A zero chunk. The data file may hold stale bytes where no
+                // bit is set (a write acknowledged but not flushed before a
+                // crash), so write the whole chunk rather than trust it.
+                let mut chunk = vec![0; self.layout.chunk_len(piece.index)];
+                chunk[piece.in_chunk..][..piece.len].copy_from_slice(data);
+                self.write_cache(io, &chunk, chunk_start).await?;
+            }
+            self.cache.mark_present(piece.index);
+            return Ok(());
+        }
+    }
+
+    /// Discard (`must_zero` false) and write-zeroes (true) of a range.
+    async fn zero_range<I: CacheIo>(
+        &self,
+        io: &I,
+        offset: u64,
+        len: u64,
+        must_zero: bool,
+    ) -> Result<(), EngineError> {
+        if self.read_only {
+            return Err(EngineError::ReadOnly);
+        }
+        self.layout.check_range(offset, len)?;
+        for piece in self.layout.pieces(offset, len) {
+            if self.layout.is_whole(&piece) {
+                self.punch_chunk(io, piece.index).await?;
+            } else if self.cache.is_present(piece.index) {
+                self.punch(io, piece.offset, piece.len as u64).await?;
+            } else if must_zero && !self.layout.is_zero(piece.index) {
+                // The rest of the chunk must keep its bytes: fetch them.
+                self.ensure_present(piece.index).await?;
+                self.punch(io, piece.offset, piece.len as u64).await?;
+            }
+            // Otherwise the range reads as zeros (a zero chunk) or may keep
+            // its old bytes (a discard of a chunk the cache lacks).
+        }
+        Ok(())
+    }
+
+    /// Makes chunk `index` a hole that reads as zeros, without fetching it.
+    async fn punch_chunk<I: CacheIo>(&self, io: &I, index: u64) -> Result<(), EngineError> {
+        let (start, len) = (
+            self.layout.chunk_start(index),
+            self.layout.chunk_len(index) as u64,
+        );
+        loop {
+            if self.cache.is_present(index) {
+                self.punch(io, start, len).await?;
+                add(&self.counters.chunks_punched, 1);
+                return Ok(());
+            }
+            if self.layout.is_zero(index) {
+                return Ok(());
+            }
+            let _guard = match self.fetcher.try_lock_fill(index) {
+                Ok(guard) => guard,
+                Err(fill) => {
+                    let _ = fill.await;
+                    continue;
+                }
+            };
+            // Stale bytes may sit where no bit is set: the hole clears them.
+            self.punch(io, start, len).await?;
+            self.cache.mark_present(index);
+            add(&self.counters.chunks_punched, 1);
+            return Ok(());
+        }
+    }
+
+    /// Returns once chunk `index` is present (or zero), fetching it if no
+    /// one else is.
+    async fn ensure_present(&self, index: u64) -> Result<(), EngineError> {
+        while let Some(fill) = self.fetcher.fetch(index, Priority::Demand) {
+            fill.await?;
+        }
+        Ok(())
+    }
+
+    /// `fdatasync` of the data file, then the present-bitmap, on the
+    /// blocking pool.
+    async fn persist(&self) -> Result<(), EngineError> {
+        let cache = Arc::clone(&self.cache);
+        self.fetcher
+            .runtime()
+            .spawn_blocking(move || cache.flush())
+            .await
+            .map_err(|e| EngineError::TaskFailed {
+                task: "flush".into(),
+                reason: e.to_string(),
+            })?
+            .map_err(|source| EngineError::Flush {
+                source: Arc::new(source),
+            })
+    }
+
+    async fn read_cache<I: CacheIo>(
+        &self,
+        io: &I,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<(), EngineError> {
+        let len = buf.len();
+        io.read_at(self.cache.data_file(), buf, offset)
+            .await
+            .map_err(|source| EngineError::ReadCache {
+                source: Arc::new(self.cache.read_error(offset, len, source)),
+            })
+    }
+
+    async fn write_cache<I: CacheIo>(
+        &self,
+        io: &I,
+        data: &[u8],
+        offset: u64,
+    ) -> Result<(), EngineError> {
+        io.write_at(self.cache.data_file(), data, offset)
+            .await
+            .map_err(|source| EngineError::WriteCache {
+                source: Arc::new(self.cache.write_error(offset, data.len(), source)),
+            })
+    }
+
+    async fn punch<I: CacheIo>(&self, io: &I, offset: u64, len: u64) -> Result<(), EngineError> {
+        io.punch_hole(self.cache.data_file(), offset, len)
+            .await
+            .map_err(|source| EngineError::WriteCache {
+                source: Arc::new(self.cache.punch_error(offset, len, source)),
+            })
+    }
+
+    /// Whether no fetch, readahead included, still holds the cache: a test
+    /// that reopens the cache waits for this.
+    #[cfg(test)]
+    pub(crate) fn is_idle(&self) -> bool {
+        Arc::strong_count(&self.fetcher) == 2 && Arc::strong_count(&self.readahead) == 1
     }
 }

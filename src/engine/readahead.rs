@@ -4,7 +4,7 @@
 //! Reads through FUSE + loop reach the engine a chunk or two ahead of the
 //! reader at most, so a cold sequential scan would wait for one fetch after
 //! another. Readahead sits beside the request path: every read reports the
-//! chunks it touched ([`Engine::note_read`]) and readahead may start fetches
+//! chunks it touched ([`Readahead::note_read`], once per request) and readahead may start fetches
 //! that nobody awaits.
 //!
 //! **Detection.** The engine remembers the last chunk of a few recent access
@@ -45,21 +45,20 @@
 //!   that needs the chunk fetches it itself.
 //!
 //! # Cancel safety
-//! Readahead fetches run in their own tasks, holding the engine; nothing
-//! awaits them but requests for their chunks. Dropping a request does not
-//! stop them, and dropping the last other handle to the engine leaves it
-//! alive (and its cache locked) until they end.
+//! Readahead fetches run in their own tasks, holding the fetcher (and so the
+//! cache); nothing awaits them but requests for their chunks. Dropping a
+//! request does not stop them, and dropping the last handle to the engine
+//! leaves the cache locked until they end.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use dashmap::mapref::entry::Entry;
-use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 
-use super::stats::add;
-use super::Engine;
-use crate::chunk::ManifestEntry;
+use super::fetcher::{Fetcher, Filled};
+use super::layout::Layout;
+use super::slots::Priority;
+use super::stats::{add, Counters};
 
 /// Window of a newly confirmed stream, in fetches.
 pub(super) const FIRST_WINDOW: u64 = 2;
@@ -106,15 +105,14 @@ struct Streams {
 /// Readahead state of one engine.
 #[derive(Debug)]
 pub(super) struct Readahead {
+    fetcher: Arc<Fetcher>,
+    layout: Arc<Layout>,
+    counters: Arc<Counters>,
     /// Largest window, and the bound on readahead fetches in flight over all
     /// streams; 0 turns readahead off.
     max: u64,
     permits: Arc<Semaphore>,
     streams: Mutex<Streams>,
-    /// The runtime fetches are spawned on when a read is noted outside any
-    /// (the FUSE session thread serves hits there): the one the first
-    /// stream was confirmed on.
-    runtime: OnceLock<Handle>,
     /// Whether any read ever missed: until then there is no stream for a
     /// hit to move on, and hits skip the lock.
     tracking: AtomicBool,
@@ -130,12 +128,19 @@ enum Outcome {
 }
 
 impl Readahead {
-    pub fn new(max_chunks: u32) -> Readahead {
+    pub fn new(
+        max_chunks: u32,
+        fetcher: Arc<Fetcher>,
+        layout: Arc<Layout>,
+        counters: Arc<Counters>,
+    ) -> Readahead {
         Readahead {
+            fetcher,
+            layout,
+            counters,
             max: u64::from(max_chunks),
             permits: Arc::new(Semaphore::new(max_chunks as usize)),
             streams: Mutex::new(Streams::default()),
-            runtime: OnceLock::new(),
             tracking: AtomicBool::new(false),
         }
     }
@@ -193,61 +198,51 @@ impl Streams {
     }
 }
 
-impl Engine {
-    /// Tells readahead that a read touched chunks `first..=last`, `missed`
-    /// when some of them were neither present nor zero. Starts the fetches
-    /// the read's stream calls for; never waits for one.
-    pub(super) fn note_read(self: &Arc<Self>, first: u64, last: u64, missed: bool) {
-        let ra = &self.readahead;
-        if ra.max == 0 {
+impl Readahead {
+    /// Tells readahead that a request touched chunks `first..=last`,
+    /// `missed` when some of them were neither present nor zero. Starts the
+    /// fetches the request's stream calls for; never waits for one.
+    pub fn note_read(self: &Arc<Self>, first: u64, last: u64, missed: bool) {
+        if self.max == 0 {
             return;
         }
         if missed {
-            ra.tracking.store(true, Ordering::Relaxed);
-        } else if !ra.tracking.load(Ordering::Relaxed) {
+            self.tracking.store(true, Ordering::Relaxed);
+        } else if !self.tracking.load(Ordering::Relaxed) {
             return;
         }
-        let mut streams = ra.lock();
-        let Some(i) = streams.access(first, last, missed, ra.max) else {
+        let mut streams = self.lock();
+        let Some(i) = streams.access(first, last, missed, self.max) else {
             return;
         };
-        let runtime = match Handle::try_current() {
-            Ok(current) => ra.runtime.get_or_init(|| current).clone(),
-            Err(_) => match ra.runtime.get() {
-                Some(runtime) => runtime.clone(),
-                // No runtime seen yet: the next read noted on one scans.
-                None => return,
-            },
-        };
-        let _entered = runtime.enter();
         self.fill_window(&mut streams.streams[i]);
     }
 
     /// Called by a readahead fetch that succeeded, once its permit is free:
-    /// every stream may start another fetch now. Runs on the runtime.
-    pub(super) fn readahead_done(self: &Arc<Self>) {
-        let mut streams = self.readahead.lock();
+    /// every stream may start another fetch now.
+    fn fetch_done(self: &Arc<Self>) {
+        let mut streams = self.lock();
         for stream in streams.streams.iter_mut().filter(|s| s.window > 0) {
             self.fill_window(stream);
         }
     }
 
     /// Starts fetches until `stream` has `window` in flight, within its
-    /// horizon. Needs a runtime to spawn on.
+    /// horizon.
     fn fill_window(self: &Arc<Self>, stream: &mut Stream) {
-        let end = self.manifest.chunk_count();
+        let end = self.layout.chunk_count();
         let horizon = horizon(stream.window);
         let (mut index, mut ahead, mut busy, mut scanned) = (stream.last + 1, 0, 0, 0);
         while busy < stream.window && ahead < horizon && index < end && scanned < MAX_SCAN {
-            if !self.is_zero(index) {
+            if !self.layout.is_zero(index) {
                 ahead += 1;
                 if index < stream.until {
                     // Started once already: count it, never restart it.
-                    if self.inflight.contains_key(&index) {
+                    if self.fetcher.is_busy(index) {
                         busy += 1;
                     }
                 } else {
-                    match self.start_readahead(index) {
+                    match self.start(index) {
                         Outcome::Busy => busy += 1,
                         Outcome::Done => {}
                         Outcome::NoPermit => break,
@@ -262,30 +257,26 @@ impl Engine {
 
     /// Starts a detached fetch of chunk `index` unless it is present or
     /// being filled, or all readahead permits are taken.
-    fn start_readahead(self: &Arc<Self>, index: u64) -> Outcome {
-        if self.cache.is_present(index) {
-            return Outcome::Done;
-        }
-        if self.inflight.contains_key(&index) {
+    fn start(self: &Arc<Self>, index: u64) -> Outcome {
+        if self.fetcher.is_busy(index) {
             return Outcome::Busy;
         }
-        let Some(ManifestEntry::Chunk { id, key }) = self.entry(index) else {
-            return Outcome::Done;
-        };
-        let Ok(permit) = Arc::clone(&self.readahead.permits).try_acquire_owned() else {
+        let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
             return Outcome::NoPermit;
         };
-        match self.inflight.entry(index) {
-            Entry::Occupied(_) => Outcome::Busy,
-            Entry::Vacant(entry) => {
-                if self.cache.is_present(index) {
-                    return Outcome::Done;
-                }
-                let fill = self.start_fetch(index, *id, key.clone(), Some(permit));
-                entry.insert(fill);
-                add(&self.counters.chunks_readahead, 1);
-                Outcome::Busy
+        let Some(fill) = self.fetcher.fetch(index, Priority::Readahead) else {
+            return Outcome::Done;
+        };
+        add(&self.counters.chunks_readahead, 1);
+        let readahead = Arc::clone(self);
+        self.fetcher.runtime().spawn(async move {
+            let fetched = matches!(fill.await, Ok(Filled::Plaintext(_)));
+            // Permit free first: the streams can start the next.
+            drop(permit);
+            if fetched {
+                readahead.fetch_done();
             }
-        }
+        });
+        Outcome::Busy
     }
 }

@@ -57,8 +57,26 @@ pub struct EngineStats {
     /// Envelope bytes received from the store (including any that then
     /// failed verification).
     pub bytes_fetched: u64,
-    /// Fetches the store failed (not found, I/O, timeout).
+    /// Fetches the store failed (not found, I/O, transient failures that
+    /// outlasted their retries); deadlines are counted apart.
     pub fetch_errors: u64,
+    /// Requests to the store retried after a transient failure.
+    #[serde(default)]
+    pub fetch_retries: u64,
+    /// Fetches that failed because their deadline passed (the store hung or
+    /// kept failing): each failed its readers with EIO.
+    #[serde(default)]
+    pub fetch_timeouts: u64,
+    /// Discard requests received.
+    #[serde(default)]
+    pub discard_requests: u64,
+    /// Write-zeroes requests received.
+    #[serde(default)]
+    pub write_zeroes_requests: u64,
+    /// Whole chunks that discards and write-zeroes turned into holes in the
+    /// cache, without fetching them.
+    #[serde(default)]
+    pub chunks_punched: u64,
     /// Fetched envelopes that failed their hash or authentication check.
     pub integrity_failures: u64,
     /// Median time of a successful fetch (store get, verify, decrypt,
@@ -82,6 +100,11 @@ pub(crate) struct Counters {
     pub chunks_readahead: AtomicU64,
     pub bytes_fetched: AtomicU64,
     pub fetch_errors: AtomicU64,
+    pub fetch_retries: AtomicU64,
+    pub fetch_timeouts: AtomicU64,
+    pub discard_requests: AtomicU64,
+    pub write_zeroes_requests: AtomicU64,
+    pub chunks_punched: AtomicU64,
     pub integrity_failures: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
 }
@@ -109,6 +132,11 @@ impl Counters {
             chunks_readahead: AtomicU64::new(0),
             bytes_fetched: AtomicU64::new(0),
             fetch_errors: AtomicU64::new(0),
+            fetch_retries: AtomicU64::new(0),
+            fetch_timeouts: AtomicU64::new(0),
+            discard_requests: AtomicU64::new(0),
+            write_zeroes_requests: AtomicU64::new(0),
+            chunks_punched: AtomicU64::new(0),
             integrity_failures: AtomicU64::new(0),
             // 1 µs to 1 hour at 3 significant digits: a few tens of KiB.
             latency_us: Mutex::new(
@@ -139,6 +167,11 @@ impl Counters {
         stats.chunks_readahead = get(&self.chunks_readahead);
         stats.bytes_fetched = get(&self.bytes_fetched);
         stats.fetch_errors = get(&self.fetch_errors);
+        stats.fetch_retries = get(&self.fetch_retries);
+        stats.fetch_timeouts = get(&self.fetch_timeouts);
+        stats.discard_requests = get(&self.discard_requests);
+        stats.write_zeroes_requests = get(&self.write_zeroes_requests);
+        stats.chunks_punched = get(&self.chunks_punched);
         stats.integrity_failures = get(&self.integrity_failures);
         let latency = self.latency_us.lock().unwrap_or_else(|e| e.into_inner());
         if !latency.is_empty() {

@@ -17,7 +17,9 @@ use crate::cache::CacheError;
 use crate::chunk::{
     is_zero, manifest_digest, seal_chunk, ChunkId, Manifest, ManifestEntry, Salt, TenantKey,
 };
-use crate::engine::{Engine, EngineError, EngineOptions};
+use crate::engine::{Engine, EngineError, EngineOptions, Request, SyncIo};
+use futures::future::BoxFuture;
+use futures::FutureExt;
 use crate::store::{ChunkStore, StoreError};
 
 /// A chunk store in memory with knobs for misbehaving.
@@ -27,9 +29,11 @@ pub(crate) struct MemStore {
     manifests: Mutex<HashMap<String, Bytes>>,
     gets: AtomicU64,
     gets_by_id: Mutex<HashMap<ChunkId, u64>>,
+    get_order: Mutex<Vec<ChunkId>>,
     delay: Mutex<Option<Duration>>,
     corrupt: Mutex<HashSet<ChunkId>>,
     failing: Mutex<HashSet<ChunkId>>,
+    transient: Mutex<HashMap<ChunkId, u64>>,
     gates: Mutex<HashMap<ChunkId, Arc<Notify>>>,
 }
 
@@ -48,6 +52,11 @@ impl MemStore {
         lock(&self.gets_by_id).get(id).copied().unwrap_or(0)
     }
 
+    /// The ids asked for, in the order the gets started.
+    pub fn get_order(&self) -> Vec<ChunkId> {
+        lock(&self.get_order).clone()
+    }
+
     /// Every get sleeps this long before answering.
     pub fn set_delay(&self, delay: Option<Duration>) {
         *lock(&self.delay) = delay;
@@ -63,7 +72,13 @@ impl MemStore {
         toggle(&self.failing, id, on);
     }
 
-    /// Gets of `id` wait until the returned `Notify` is notified (once per get).
+    /// The next `failures` gets of `id` fail with a transient error.
+    pub fn set_transient(&self, id: ChunkId, failures: u64) {
+        lock(&self.transient).insert(id, failures);
+    }
+
+    /// Gets of `id` wait until the returned `Notify` is notified (once per
+    /// get); never notified, they hang.
     pub fn gate(&self, id: ChunkId) -> Arc<Notify> {
         Arc::clone(lock(&self.gates).entry(id).or_default())
     }
@@ -82,6 +97,7 @@ impl ChunkStore for MemStore {
     async fn get(&self, id: &ChunkId) -> Result<Bytes, StoreError> {
         self.gets.fetch_add(1, Ordering::SeqCst);
         *lock(&self.gets_by_id).entry(*id).or_default() += 1;
+        lock(&self.get_order).push(*id);
         let delay = *lock(&self.delay);
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
@@ -96,6 +112,15 @@ impl ChunkStore for MemStore {
         };
         if lock(&self.failing).contains(id) {
             return Err(not_found());
+        }
+        if let Some(left) = lock(&self.transient).get_mut(id).filter(|n| **n > 0) {
+            *left -= 1;
+            return Err(StoreError::Unavailable {
+                op: "get",
+                store: self.describe(),
+                object: id.to_string(),
+                source: std::io::ErrorKind::ConnectionReset.into(),
+            });
         }
         let envelope = lock(&self.chunks).get(id).cloned().ok_or_else(not_found)?;
         if lock(&self.corrupt).contains(id) {
@@ -170,7 +195,15 @@ pub(crate) fn open_engine(
 ) -> Result<Arc<Engine>, EngineError> {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        match Engine::open(fx.manifest.clone(), fx.digest, fx.store.clone(), dir, opts) {
+        let runtime = tokio::runtime::Handle::current();
+        match Engine::open(
+            fx.manifest.clone(),
+            fx.digest,
+            fx.store.clone(),
+            dir,
+            opts,
+            runtime,
+        ) {
             Err(EngineError::OpenCache { source })
                 if matches!(*source, CacheError::InUse { .. }) && Instant::now() < deadline =>
             {
@@ -191,11 +224,68 @@ pub(crate) async fn eventually(mut done: impl FnMut() -> bool) {
     .await
 }
 
-/// Waits until the caller's handle is the only one left to `engine`: no
-/// fetch, readahead included, is still running. Reopening a cache needs it,
-/// since a running fetch keeps the engine, and so the cache's lock, alive.
+/// Waits until no fetch, readahead included, is still running. Reopening
+/// a cache needs it, since a running fetch keeps the cache, and so its
+/// lock, alive.
 pub(crate) async fn idle(engine: &Arc<Engine>) {
-    eventually(|| Arc::strong_count(engine) == 1).await
+    eventually(|| engine.is_idle()).await
+}
+
+/// The engine's request API in the shapes tests use most.
+pub(crate) trait EngineExt {
+    /// A read of `len` bytes into a fresh buffer.
+    fn read(&self, offset: u64, len: usize) -> BoxFuture<'static, Result<Vec<u8>, EngineError>>;
+    fn write<'a>(&self, offset: u64, data: &'a [u8]) -> BoxFuture<'a, Result<(), EngineError>>;
+    fn flush(&self) -> BoxFuture<'static, Result<(), EngineError>>;
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<(), EngineError>>;
+    fn write_zeroes(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<(), EngineError>>;
+    /// A read that completes in its first poll, or `None` if it would wait.
+    fn try_read_now(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), EngineError>>;
+}
+
+impl EngineExt for Arc<Engine> {
+    fn read(&self, offset: u64, len: usize) -> BoxFuture<'static, Result<Vec<u8>, EngineError>> {
+        let engine = Arc::clone(self);
+        async move {
+            let mut buf = vec![0xA5; len];
+            let read = Request::Read {
+                offset,
+                buf: &mut buf,
+            };
+            engine.submit(&SyncIo, read).await.map(|()| buf)
+        }
+        .boxed()
+    }
+
+    fn write<'a>(&self, offset: u64, data: &'a [u8]) -> BoxFuture<'a, Result<(), EngineError>> {
+        let engine = Arc::clone(self);
+        async move { engine.submit(&SyncIo, Request::Write { offset, data }).await }.boxed()
+    }
+
+    fn flush(&self) -> BoxFuture<'static, Result<(), EngineError>> {
+        let engine = Arc::clone(self);
+        async move { engine.submit(&SyncIo, Request::Flush).await }.boxed()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<(), EngineError>> {
+        let engine = Arc::clone(self);
+        async move { engine.submit(&SyncIo, Request::Discard { offset, len }).await }.boxed()
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<(), EngineError>> {
+        let engine = Arc::clone(self);
+        async move {
+            engine
+                .submit(&SyncIo, Request::WriteZeroes { offset, len })
+                .await
+        }
+        .boxed()
+    }
+
+    fn try_read_now(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), EngineError>> {
+        let read = Request::Read { offset, buf };
+        self.submit(&SyncIo, read).now_or_never()
+    }
 }
 
 /// A sealed image: its manifest, the manifest's digest and a store holding

@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use futures::future::join_all;
 
-use super::testing::{fixture, idle, open_engine, within, Fixture, CS, CSU};
+use super::testing::{EngineExt, fixture, idle, open_engine, within, Fixture, CS, CSU};
 use super::*;
+use crate::chunk::ManifestEntry;
 use crate::error::ErrorKind;
 
 fn open(fx: &Fixture, dir: &Path, read_only: bool) -> Result<Arc<Engine>, EngineError> {

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use proptest::sample::Index;
 
-use super::testing::{idle, open_engine, sample_image, seal_image, CS, CSU};
+use super::testing::{EngineExt, idle, open_engine, sample_image, seal_image, CS, CSU};
 use super::*;
+use crate::chunk::ManifestEntry;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -95,6 +96,7 @@ proptest! {
             .enable_all()
             .build()
             .unwrap();
+        let _entered = rt.enter();
         let opts = EngineOptions { readahead_chunks, ..EngineOptions::default() };
         let open = || open_engine(&fx, tmp.path(), opts).unwrap();
         let mut engine: Arc<Engine> = open();

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::testing::{fixture, open_engine, sample_image, seal_image, within, Fixture, CS, CSU};
+use super::testing::{EngineExt, fixture, open_engine, sample_image, seal_image, within, Fixture, CS, CSU};
 use super::*;
 use crate::cache::CacheError;
 use crate::error::ErrorKind;
@@ -111,6 +111,7 @@ async fn a_manifest_that_does_not_cover_the_image_is_refused() {
         fx.store.clone(),
         tmp.path(),
         EngineOptions::default(),
+        tokio::runtime::Handle::current(),
     )
     .unwrap_err();
     assert!(matches!(err, EngineError::InvalidManifest { .. }), "{err}");

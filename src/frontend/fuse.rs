@@ -4,13 +4,18 @@
 //! The loop driver sends the filesystem's flushes as fsync, which this
 //! frontend turns into an engine flush. It serves hosts without ublk.
 //!
-//! Requests arrive on one session thread. A read whose chunks are all
-//! present or zero is answered on that thread; anything that may wait for
-//! the store runs as a task on the tokio runtime and replies from there, so
-//! a cold chunk never holds up reads of warm ones.
+//! Each FUSE operation becomes one engine [`Request`]. Requests arrive on
+//! one session thread, which polls each once with [`SyncIo`]: a request
+//! whose chunks are all present or zero completes there, without a
+//! thread hop. One that must wait (a fetch, a flush) is finished on the
+//! runtime's blocking pool, which also does its remaining cache I/O, so a
+//! cold chunk never holds up warm requests and no file I/O runs on an async
+//! worker. `fallocate` turns into discard (punch hole) and write-zeroes
+//! (zero range), which is how the loop driver passes those on.
 #![forbid(unsafe_code)]
 
 use std::ffi::OsStr;
+use std::future::Future;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,9 +26,10 @@ use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, Session, TimeOrNow,
 };
+use futures::FutureExt;
 use tokio::runtime::Handle;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineError, Request as BlockRequest, SyncIo};
 
 const ROOT_INO: u64 = 1;
 const DISK_INO: u64 = 2;
@@ -157,6 +163,16 @@ struct DiskFs {
 }
 
 impl DiskFs {
+    /// Runs `request` on this thread if it completes without waiting, else
+    /// finishes it on a blocking thread.
+    fn run(&self, request: impl Future<Output = ()> + Send + 'static) {
+        let mut request = Box::pin(request);
+        if request.as_mut().now_or_never().is_none() {
+            self.runtime
+                .spawn_blocking(move || futures::executor::block_on(request));
+        }
+    }
+
     fn attr(&self, ino: u64) -> FileAttr {
         let (kind, perm, size, nlink) = if ino == ROOT_INO {
             (FileType::Directory, 0o755, 0, 2)
@@ -273,20 +289,18 @@ impl Filesystem for DiskFs {
         if len == 0 {
             return reply.data(&[]);
         }
-        let mut buf = vec![0u8; len];
-        match self.engine.try_read_now(offset, &mut buf) {
-            Some(Ok(())) => reply.data(&buf),
-            Some(Err(e)) => reply.error(e.kind().errno()),
-            None => {
-                let engine = self.engine.clone();
-                self.runtime.spawn(async move {
-                    match engine.read(offset, len).await {
-                        Ok(data) => reply.data(&data),
-                        Err(e) => reply.error(e.kind().errno()),
-                    }
-                });
+        let engine = self.engine.clone();
+        self.run(async move {
+            let mut buf = vec![0u8; len];
+            let read = BlockRequest::Read {
+                offset,
+                buf: &mut buf,
+            };
+            match engine.submit(&SyncIo, read).await {
+                Ok(()) => reply.data(&buf),
+                Err(e) => reply.error(errno(&e)),
             }
-        }
+        });
     }
 
     fn write(
@@ -309,10 +323,14 @@ impl Filesystem for DiskFs {
         };
         let engine = self.engine.clone();
         let data = data.to_vec();
-        self.runtime.spawn(async move {
-            match engine.write(offset, &data).await {
+        self.run(async move {
+            let write = BlockRequest::Write {
+                offset,
+                data: &data,
+            };
+            match engine.submit(&SyncIo, write).await {
                 Ok(()) => reply.written(data.len() as u32),
-                Err(e) => reply.error(e.kind().errno()),
+                Err(e) => reply.error(errno(&e)),
             }
         });
     }
@@ -326,10 +344,46 @@ impl Filesystem for DiskFs {
         reply: ReplyEmpty,
     ) {
         let engine = self.engine.clone();
-        self.runtime.spawn(async move {
-            match engine.flush().await {
+        self.run(async move {
+            match engine.submit(&SyncIo, BlockRequest::Flush).await {
                 Ok(()) => reply.ok(),
-                Err(e) => reply.error(e.kind().errno()),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn fallocate(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        length: i64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        if ino != DISK_INO {
+            return reply.error(libc::EISDIR);
+        }
+        let (Ok(offset), Ok(len)) = (u64::try_from(offset), u64::try_from(length)) else {
+            return reply.error(libc::EINVAL);
+        };
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let request = if mode == punch {
+            BlockRequest::Discard { offset, len }
+        } else if mode & !libc::FALLOC_FL_KEEP_SIZE == libc::FALLOC_FL_ZERO_RANGE {
+            BlockRequest::WriteZeroes { offset, len }
+        } else if mode & !libc::FALLOC_FL_KEEP_SIZE == 0 && offset.checked_add(len).is_some_and(|end| end <= self.engine.size()) {
+            // Allocating space inside a disk of fixed size: nothing to do.
+            return reply.ok();
+        } else {
+            return reply.error(libc::EOPNOTSUPP);
+        };
+        let engine = self.engine.clone();
+        self.run(async move {
+            match engine.submit(&SyncIo, request).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
             }
         });
     }
@@ -369,4 +423,13 @@ impl Filesystem for DiskFs {
         }
         reply.ok();
     }
+}
+
+/// The errno a failed request is answered with; failures other than a
+/// refused write are logged, since the kernel reports only the errno.
+fn errno(error: &EngineError) -> i32 {
+    if error.kind() != crate::error::ErrorKind::ReadOnly {
+        tracing::warn!("request failed: {}", crate::error::chain(error));
+    }
+    error.kind().errno()
 }

@@ -99,16 +99,7 @@ pub(super) fn read_with(
     Ok((seen, stats))
 }
 
-/// The error and all its causes, as a command line prints them.
-pub(super) fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut next = err.source();
-    while let Some(e) = next {
-        text += &format!(": {e}");
-        next = e.source();
-    }
-    text
-}
+pub(super) use crate::error::chain;
 
 fn path(p: &str) -> EntryPath {
     EntryPath::parse(p.as_bytes()).unwrap()

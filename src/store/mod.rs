@@ -33,6 +33,16 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A passing failure (a timeout, a reset connection, a busy server):
+    /// the same request may succeed if retried after a pause.
+    #[error("{op} {object} in {store}: temporarily unavailable")]
+    Unavailable {
+        op: &'static str,
+        store: String,
+        object: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid store {spec:?}: {reason}")]
     InvalidSpec { spec: String, reason: String },
     #[error("invalid manifest name {name:?}: {reason}")]
@@ -46,6 +56,7 @@ impl StoreError {
                 ErrorKind::NotFound
             }
             StoreError::Io { .. } => ErrorKind::Io,
+            StoreError::Unavailable { .. } => ErrorKind::Transient,
             StoreError::InvalidSpec { .. } | StoreError::InvalidName { .. } => ErrorKind::Invalid,
         }
     }

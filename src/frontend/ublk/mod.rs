@@ -2,9 +2,9 @@
 //! ublk driver (Linux ≥ 6.0, `CONFIG_BLK_DEV_UBLK`, module `ublk_drv`).
 //!
 //! ```text
-//! reader ─▶ /dev/ublkbN ─▶ ublk_drv ─▶ queue thread (io_uring) ─▶ Engine
-//!                                          │  try_read_now: present chunks, no wait
-//!                                          └─ tokio runtime: fetches, writes, flushes
+//! reader ─▶ /dev/ublkbN ─▶ ublk_drv ─▶ queue thread (io_uring) ─▶ Engine::submit
+//!                                          │  cache I/O on the queue's ring (RingIo)
+//!                                          └─ waits for fetches and flushes on the runtime
 //! ```
 //!
 //! [`serve`] adds (or recovers) a device and blocks while it runs: one
@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 mod queue;
+mod ring_io;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

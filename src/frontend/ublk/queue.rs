@@ -1,28 +1,38 @@
 //! One ublk queue: one thread, one io_uring, one task per tag.
 //!
 //! Each tag's task owns its I/O buffer, fetches a request from the kernel,
-//! serves it and commits the result, which also fetches the next request.
-//! The tasks run on a single-threaded executor driven by the queue's ring:
-//! the thread sleeps in `io_uring_enter` until a completion arrives.
+//! translates it into an engine [`Request`] over that buffer, awaits the
+//! engine and commits the result, which also fetches the next request. The
+//! tasks run on a single-threaded executor driven by the queue's ring: the
+//! thread sleeps in `io_uring_enter` until a completion arrives.
 //!
-//! A read whose chunks are all present (or zero) is answered from the
-//! cache's data file by reads on the queue's own ring
-//! ([`Engine::try_plan_read`]), never waiting on a fetch. Anything that may wait
-//! (a fetch, a write, a flush) runs on the tokio runtime; its task's result
-//! comes back through a oneshot channel, and an eventfd the queue polls on
-//! its own ring wakes the thread, so other tags keep completing meanwhile and
-//! nothing spins.
+//! The engine does its cache I/O on this ring ([`RingIo`]), so a request
+//! whose chunks are present completes here without leaving the thread.
+//! What the engine waits for elsewhere (a fetch on the runtime, a flush on
+//! its blocking pool) wakes the tag through a waker that also writes an
+//! eventfd the queue polls on its own ring ([`Kicked`]), so other tags keep
+//! completing meanwhile and nothing spins.
 //!
 //! Invariant: every request a tag fetches is committed with the byte count
 //! or a negative errno from [`crate::error::ErrorKind::errno`]; no path
 //! through [`Tag::serve`] panics.
+//!
+//! Teardown order: a tag's buffer lives in its task's future. The queue
+//! drops the tasks (and with them the buffers) only once every tag has seen
+//! the queue go down, i.e. the kernel aborted its last command and none of
+//! its ring operations is in flight; then the executor, then the ring. If
+//! the event loop fails with tags still running, the tasks and the executor
+//! are leaked instead: the kernel or the ring may still write into their
+//! buffers, and the process is about to exit anyway.
 
 use std::future::Future;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::ThreadId;
 
-use futures::channel::oneshot;
 use io_uring::{opcode, types};
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
@@ -32,18 +42,16 @@ use libublk::{BufDesc, UblkError, UblkUringData};
 use rustix::event::{eventfd, EventfdFlags};
 use tokio::runtime::Handle;
 
-use crate::engine::{CachedRange, Engine, EngineError};
+use super::ring_io::RingIo;
+use crate::engine::{Engine, EngineError, Request};
 use crate::error::ErrorKind;
 
 /// Idle time after which libublk lets a queue release its buffers' pages.
 const IDLE_SECS: u64 = 20;
-/// Largest zero buffer a discard writes at once.
-const ZERO_PIECE: usize = 1 << 20;
 
-/// Wakes a queue thread from another thread. Cloned into every task the
-/// queue hands to the runtime.
+/// Wakes a queue thread from another thread.
 #[derive(Debug, Clone)]
-pub(super) struct Kicker(Arc<OwnedFd>);
+struct Kicker(Arc<OwnedFd>);
 
 impl Kicker {
     fn new() -> std::io::Result<Kicker> {
@@ -63,58 +71,58 @@ impl Kicker {
     }
 }
 
-/// Sends a task's result to its tag, then kicks the queue; kicks it also
-/// when the task is dropped unfinished (runtime shut down), so the tag
-/// wakes to a cancelled channel rather than sleeping forever.
-struct Reply<T> {
-    tx: Option<oneshot::Sender<T>>,
+/// A waker for a tag's task that, woken from another thread, also kicks
+/// the queue out of `io_uring_enter`. Woken on the queue's own thread (a
+/// ring completion) it only schedules the task: no eventfd write.
+struct KickWaker {
+    task: Waker,
     kicker: Kicker,
+    home: ThreadId,
 }
 
-impl<T> Reply<T> {
-    fn send(mut self, value: T) {
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(value);
+impl Wake for KickWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // Scheduled before the kick: a queue that wakes finds it ready.
+        self.task.wake_by_ref();
+        if std::thread::current().id() != self.home {
+            self.kicker.kick();
         }
     }
 }
 
-impl<T> Drop for Reply<T> {
-    fn drop(&mut self) {
-        // The value (if any) is in the channel before the kick: a queue that
-        // wakes finds its tag ready to run.
-        self.tx.take();
-        self.kicker.kick();
-    }
+/// Awaits `future` with a [`KickWaker`], so wakes from the runtime reach
+/// this queue's sleeping thread.
+async fn kicked<F: Future>(future: F, kicker: &Kicker) -> F::Output {
+    let mut future = pin!(future);
+    let home = std::thread::current().id();
+    let mut cached: Option<(Waker, Waker)> = None;
+    std::future::poll_fn(move |cx: &mut Context<'_>| {
+        let waker = match &cached {
+            Some((task, waker)) if task.will_wake(cx.waker()) => waker.clone(),
+            _ => {
+                let waker = Waker::from(Arc::new(KickWaker {
+                    task: cx.waker().clone(),
+                    kicker: kicker.clone(),
+                    home,
+                }));
+                cached = Some((cx.waker().clone(), waker.clone()));
+                waker
+            }
+        };
+        let poll: Poll<F::Output> = future.as_mut().poll(&mut Context::from_waker(&waker));
+        poll
+    })
+    .await
 }
 
 /// What every tag of one queue shares.
 struct Shared {
     engine: Arc<Engine>,
-    runtime: Handle,
     kicker: Kicker,
-}
-
-impl Shared {
-    /// Runs `work` on the runtime and waits for it without blocking the queue.
-    async fn offload<T, F>(&self, work: F) -> Result<T, EngineError>
-    where
-        T: Send + 'static,
-        F: Future<Output = Result<T, EngineError>> + Send + 'static,
-    {
-        let (tx, rx) = oneshot::channel();
-        let reply = Reply {
-            tx: Some(tx),
-            kicker: self.kicker.clone(),
-        };
-        self.runtime.spawn(async move { reply.send(work.await) });
-        rx.await.unwrap_or_else(|_| {
-            Err(EngineError::TaskFailed {
-                task: "ublk request".into(),
-                reason: "the runtime dropped the task".into(),
-            })
-        })
-    }
 }
 
 /// Serves queue `qid` of `dev` until the device stops. Runs on the queue's
@@ -136,11 +144,11 @@ pub(super) fn run_queue(qid: u16, dev: &UblkDev, engine: Arc<Engine>, runtime: H
     };
     let shared = Rc::new(Shared {
         engine,
-        runtime,
         kicker: kicker.clone(),
     });
-    // Readahead noted by reads served here spawns its fetches on the runtime.
-    let _entered = shared.runtime.enter();
+    // Fetches the engine starts from here are spawned on its runtime; the
+    // stores' futures may also want its context.
+    let _entered = runtime.enter();
     let executor = Rc::new(smol::LocalExecutor::new());
     let tags: Vec<_> = queue
         .tags()
@@ -172,6 +180,14 @@ pub(super) fn run_queue(qid: u16, dev: &UblkDev, engine: Arc<Engine>, runtime: H
             tracing::error!(queue = qid, "queue event loop: {e}");
         }
     }));
+    if !tags.iter().all(|t| t.is_finished()) {
+        tracing::error!(
+            queue = qid,
+            "queue stopped with requests in flight: leaking its buffers rather than free memory the kernel may still use"
+        );
+        std::mem::forget(tags);
+        std::mem::forget(driver);
+    }
 }
 
 /// Keeps a poll for the eventfd on the queue's ring: a kick completes it,
@@ -219,127 +235,45 @@ impl Tag<'_> {
         let iod = self.queue.get_iod(self.tag);
         let op = iod.op_flags & 0xff;
         let offset = iod.start_sector << 9;
-        let len = (iod.nr_sectors as usize) << 9;
-        let engine = &self.shared.engine;
-        let outcome = match op {
+        let sectors = u64::from(iod.nr_sectors);
+        let len = (sectors << 9) as usize;
+        let request = match op {
             sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE if len > buf.len() => {
                 return -libc::EINVAL
             }
-            sys::UBLK_IO_OP_READ => self.read(offset, &mut buf[..len]).await,
-            sys::UBLK_IO_OP_WRITE => {
-                let data = buf[..len].to_vec();
-                let engine = engine.clone();
-                self.shared
-                    .offload(async move { engine.write(offset, &data).await })
-                    .await
-            }
-            sys::UBLK_IO_OP_FLUSH => {
-                let engine = engine.clone();
-                self.shared
-                    .offload(async move { engine.flush().await })
-                    .await
-            }
-            sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {
-                let engine = engine.clone();
-                self.shared
-                    .offload(async move { write_zeroes(&engine, offset, len).await })
-                    .await
-            }
+            sys::UBLK_IO_OP_READ => Request::Read {
+                offset,
+                buf: &mut buf[..len],
+            },
+            sys::UBLK_IO_OP_WRITE => Request::Write {
+                offset,
+                data: &buf[..len],
+            },
+            sys::UBLK_IO_OP_FLUSH => Request::Flush,
+            sys::UBLK_IO_OP_DISCARD => Request::Discard {
+                offset,
+                len: sectors << 9,
+            },
+            sys::UBLK_IO_OP_WRITE_ZEROES => Request::WriteZeroes {
+                offset,
+                len: sectors << 9,
+            },
             _ => return -libc::EOPNOTSUPP,
         };
-        match outcome {
-            Ok(()) if op == sys::UBLK_IO_OP_FLUSH => 0,
-            Ok(()) => len as i32,
-            Err(e) => {
-                if e.kind() != ErrorKind::ReadOnly {
-                    tracing::warn!(op, offset, len, "request failed: {e}");
-                }
-                -e.kind().errno()
-            }
-        }
-    }
-
-    async fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), EngineError> {
         let engine = &self.shared.engine;
-        match engine.try_plan_read(offset, out.len()) {
-            Some(Ok(plan)) => {
-                read_cached(engine, &plan, out).await?;
-                engine.planned_read_done(out.len());
-                Ok(())
-            }
-            Some(Err(e)) => Err(e),
-            None => {
-                let len = out.len();
-                let engine = engine.clone();
-                let data = self
-                    .shared
-                    .offload(async move { engine.read(offset, len).await })
-                    .await?;
-                out.copy_from_slice(&data);
-                Ok(())
-            }
+        match kicked(engine.submit(&RingIo, request), &self.shared.kicker).await {
+            Ok(()) if op == sys::UBLK_IO_OP_READ || op == sys::UBLK_IO_OP_WRITE => len as i32,
+            Ok(()) => 0,
+            Err(e) => failed(op, offset, len, &e),
         }
     }
 }
 
-/// Serves a planned read with reads of the cache's data file on the queue's
-/// ring: the thread never blocks in a syscall, and other tags run while the
-/// file is read.
-async fn read_cached(
-    engine: &Engine,
-    plan: &[CachedRange],
-    out: &mut [u8],
-) -> Result<(), EngineError> {
-    let fd = types::Fd(engine.cache_file().as_raw_fd());
-    for range in plan {
-        let (offset, len, in_buf) = match *range {
-            CachedRange::Zero { len, in_buf } => {
-                out[in_buf..][..len].fill(0);
-                continue;
-            }
-            CachedRange::File {
-                offset,
-                len,
-                in_buf,
-            } => (offset, len, in_buf),
-        };
-        let mut done = 0;
-        while done < len {
-            let dst = &mut out[in_buf + done..][..len - done];
-            // The kernel writes into `dst` until the read completes. `dst`
-            // is part of the tag's buffer, which the tag's task owns and
-            // does not drop before this await returns (the queue drops a
-            // task only once it has finished, see `run_queue`); and the
-            // engine keeps the file open while it lives.
-            let sqe = opcode::Read::new(fd, dst.as_mut_ptr(), dst.len() as u32)
-                .offset(offset + done as u64)
-                .build();
-            let read = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
-                .await
-                .unwrap_or(-libc::EBUSY);
-            if read <= 0 {
-                let source = if read == 0 {
-                    std::io::Error::from(std::io::ErrorKind::UnexpectedEof)
-                } else {
-                    std::io::Error::from_raw_os_error(-read)
-                };
-                return Err(engine.cache_read_failed(offset + done as u64, len - done, source));
-            }
-            done += read as usize;
-        }
+/// The negative errno a failed request is committed with; failures other
+/// than a refused write are logged, since the kernel reports only the errno.
+fn failed(op: u32, offset: u64, len: usize, error: &EngineError) -> i32 {
+    if error.kind() != ErrorKind::ReadOnly {
+        tracing::warn!(op, offset, len, "request failed: {}", crate::error::chain(error));
     }
-    Ok(())
-}
-
-/// Discard and write-zeroes: the engine has no way to drop a range, so the
-/// range is written with zeros (a later read must not see the old bytes).
-async fn write_zeroes(engine: &Arc<Engine>, offset: u64, len: usize) -> Result<(), EngineError> {
-    let zeros = vec![0u8; len.min(ZERO_PIECE)];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len());
-        engine.write(offset + done as u64, &zeros[..n]).await?;
-        done += n;
-    }
-    Ok(())
+    -error.kind().errno()
 }

@@ -1,0 +1,125 @@
+//! The cache I/O seam: how the engine reads, writes and punches the data
+//! file on behalf of a request.
+//!
+//! A request's cache I/O runs wherever its frontend runs it, so the
+//! frontend chooses the implementation and hands it to
+//! [`crate::engine::Engine::submit`]:
+//! * [`SyncIo`] does the syscall inside the future's first poll: a warm
+//!   request completes on the caller's thread without any runtime (the FUSE
+//!   session thread; tests);
+//! * the ublk frontend's ring implementation (`frontend/ublk/ring_io.rs`)
+//!   submits the same operations to its queue's own io_uring, so a queue
+//!   thread never blocks in a syscall and other tags run meanwhile. It lives
+//!   beside the queue because the ring is the queue's.
+//!
+//! Fills by the fetcher do not go through this seam: they run on a blocking
+//! thread that already holds the decrypted chunk, where a plain `pwrite` is
+//! the cheapest thing to do.
+//!
+//! Every operation is whole or fails: a short read or write is retried
+//! until done, and end of file where the image should be is an error.
+
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+/// Reads, writes and hole punches on the cache's data file.
+///
+/// The futures are not required to be `Send`: an implementation bound to
+/// one thread's ring is fine, as long as the caller polls the request there.
+pub trait CacheIo {
+    /// Fills `buf` from `file` at `offset`.
+    fn read_at(
+        &self,
+        file: &File,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> impl Future<Output = io::Result<()>>;
+    /// Writes all of `data` to `file` at `offset`.
+    fn write_at(&self, file: &File, data: &[u8], offset: u64) -> impl Future<Output = io::Result<()>>;
+    /// Deallocates `len` bytes at `offset`, keeping the file's size: the
+    /// range reads as zeros afterwards.
+    fn punch_hole(&self, file: &File, offset: u64, len: u64)
+        -> impl Future<Output = io::Result<()>>;
+}
+
+/// Cache I/O by plain syscalls, done in the future's first poll.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SyncIo;
+
+impl CacheIo for SyncIo {
+    fn read_at(
+        &self,
+        file: &File,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> impl Future<Output = io::Result<()>> {
+        std::future::ready(file.read_exact_at(buf, offset))
+    }
+
+    fn write_at(&self, file: &File, data: &[u8], offset: u64) -> impl Future<Output = io::Result<()>> {
+        std::future::ready(file.write_all_at(data, offset))
+    }
+
+    fn punch_hole(
+        &self,
+        file: &File,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = io::Result<()>> {
+        std::future::ready(punch_hole(file, offset, len))
+    }
+}
+
+/// `fallocate(PUNCH_HOLE | KEEP_SIZE)`: the filesystem frees whole blocks
+/// and zeroes the partial ones at either end.
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    rustix::fs::fallocate(
+        file,
+        rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    )
+    .map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    #[test]
+    fn sync_io_completes_in_the_first_poll_and_punched_ranges_read_as_zeros() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(64 << 10).unwrap();
+        let data = vec![0xAB; 64 << 10];
+        SyncIo
+            .write_at(&file, &data, 0)
+            .now_or_never()
+            .unwrap()
+            .unwrap();
+        SyncIo
+            .punch_hole(&file, 4096, 8192)
+            .now_or_never()
+            .unwrap()
+            .unwrap();
+        let mut back = vec![0; 64 << 10];
+        SyncIo
+            .read_at(&file, &mut back, 0)
+            .now_or_never()
+            .unwrap()
+            .unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0xAB));
+        assert!(back[4096..12288].iter().all(|&b| b == 0));
+        assert!(back[12288..].iter().all(|&b| b == 0xAB));
+        let past_end = SyncIo
+            .read_at(&file, &mut back, 1)
+            .now_or_never()
+            .unwrap();
+        assert!(past_end.is_err(), "a read past the end must fail, not be short");
+    }
+}
