@@ -37,11 +37,20 @@ pub trait CacheIo {
         offset: u64,
     ) -> impl Future<Output = io::Result<()>>;
     /// Writes all of `data` to `file` at `offset`.
-    fn write_at(&self, file: &File, data: &[u8], offset: u64) -> impl Future<Output = io::Result<()>>;
+    fn write_at(
+        &self,
+        file: &File,
+        data: &[u8],
+        offset: u64,
+    ) -> impl Future<Output = io::Result<()>>;
     /// Deallocates `len` bytes at `offset`, keeping the file's size: the
     /// range reads as zeros afterwards.
-    fn punch_hole(&self, file: &File, offset: u64, len: u64)
-        -> impl Future<Output = io::Result<()>>;
+    fn punch_hole(
+        &self,
+        file: &File,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = io::Result<()>>;
 }
 
 /// Cache I/O by plain syscalls, done in the future's first poll.
@@ -58,7 +67,12 @@ impl CacheIo for SyncIo {
         std::future::ready(file.read_exact_at(buf, offset))
     }
 
-    fn write_at(&self, file: &File, data: &[u8], offset: u64) -> impl Future<Output = io::Result<()>> {
+    fn write_at(
+        &self,
+        file: &File,
+        data: &[u8],
+        offset: u64,
+    ) -> impl Future<Output = io::Result<()>> {
         std::future::ready(file.write_all_at(data, offset))
     }
 
@@ -116,10 +130,10 @@ mod tests {
         assert!(back[..4096].iter().all(|&b| b == 0xAB));
         assert!(back[4096..12288].iter().all(|&b| b == 0));
         assert!(back[12288..].iter().all(|&b| b == 0xAB));
-        let past_end = SyncIo
-            .read_at(&file, &mut back, 1)
-            .now_or_never()
-            .unwrap();
-        assert!(past_end.is_err(), "a read past the end must fail, not be short");
+        let past_end = SyncIo.read_at(&file, &mut back, 1).now_or_never().unwrap();
+        assert!(
+            past_end.is_err(),
+            "a read past the end must fail, not be short"
+        );
     }
 }

@@ -22,7 +22,8 @@ use super::ImageArgs;
 use crate::chunk::{manifest_digest, Manifest};
 use crate::daemon::{self, ControlRequest, ControlResponse, DeviceRecord, DeviceState};
 use crate::engine::{
-    Engine, EngineOptions, EngineStats, FetchPolicy, DEFAULT_FETCH_TIMEOUT, DEFAULT_READAHEAD_CHUNKS,
+    Engine, EngineOptions, EngineStats, FetchPolicy, DEFAULT_FETCH_TIMEOUT,
+    DEFAULT_READAHEAD_CHUNKS,
 };
 use crate::frontend::ublk;
 use crate::store::{open_store, ChunkStore};
@@ -174,7 +175,9 @@ pub(super) fn say_ready(what: &str) -> anyhow::Result<()> {
 fn parse_fetch_timeout(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(secs) if secs > 0.0 && secs <= 3600.0 => Ok(secs),
-        _ => Err(format!("{text:?} is not a number of seconds between 0 and 3600")),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds between 0 and 3600"
+        )),
     }
 }
 

@@ -8,9 +8,8 @@ use async_trait::async_trait;
 use tokio::net::UnixListener;
 
 use super::device::{
-    engine_options,
-    ensure_run_dir, list_devices, open_engine, say_ready, serve_until_stopped, AddArgs, Detach,
-    EngineControl,
+    engine_options, ensure_run_dir, list_devices, open_engine, say_ready, serve_until_stopped,
+    AddArgs, Detach, EngineControl,
 };
 use crate::daemon::{self, DeviceRecord};
 use crate::frontend::fuse::{FuseDevice, DISK_FILE_NAME};

@@ -15,9 +15,8 @@ use clap::Args;
 use tokio::net::UnixListener;
 
 use super::device::{
-    engine_options,
-    daemonize, ensure_run_dir, list_devices, open_engine, say_ready, serve_until_stopped, AddArgs,
-    Detach, EngineControl,
+    daemonize, engine_options, ensure_run_dir, list_devices, open_engine, say_ready,
+    serve_until_stopped, AddArgs, Detach, EngineControl,
 };
 use super::ImageArgs;
 use crate::daemon::{self, DeviceControl, DeviceRecord, DeviceState, UblkRecord};

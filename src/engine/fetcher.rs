@@ -200,7 +200,13 @@ impl Fetcher {
     /// Spawns the fetch of chunk `index`. Called with the map's shard lock
     /// held; the task's removal of its entry waits for that lock, so it
     /// cannot run before the entry is inserted.
-    fn start(self: &Arc<Self>, index: u64, id: ChunkId, key: ChunkKey, ticket: Arc<Ticket>) -> Fill {
+    fn start(
+        self: &Arc<Self>,
+        index: u64,
+        id: ChunkId,
+        key: ChunkKey,
+        ticket: Arc<Ticket>,
+    ) -> Fill {
         let fetcher = Arc::clone(self);
         let task = self.runtime.spawn(async move {
             let done = FlightDone { fetcher, index };

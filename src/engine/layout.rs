@@ -30,7 +30,10 @@ pub(super) struct Piece {
 pub(super) enum Content<'a> {
     /// All zeros: never stored, never fetched.
     Zero,
-    Sealed { id: &'a ChunkId, key: &'a ChunkKey },
+    Sealed {
+        id: &'a ChunkId,
+        key: &'a ChunkKey,
+    },
 }
 
 impl Layout {
@@ -185,7 +188,10 @@ mod tests {
             assert_eq!(pieces.last().unwrap().index, last);
         }
         let tail = layout.pieces(5 * 65536, 100).next().unwrap();
-        assert!(layout.is_whole(&tail), "the short last chunk is whole at 100 bytes");
+        assert!(
+            layout.is_whole(&tail),
+            "the short last chunk is whole at 100 bytes"
+        );
         assert!(layout.check_range(5 * 65536, 101).is_err());
         assert!(layout.check_range(u64::MAX, 2).is_err());
     }

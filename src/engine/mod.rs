@@ -225,7 +225,11 @@ impl Engine {
     ///
     /// With [`SyncIo`], a request that needs no fetch and no flush is
     /// complete after the future's first poll.
-    pub async fn submit<I: CacheIo>(&self, io: &I, request: Request<'_>) -> Result<(), EngineError> {
+    pub async fn submit<I: CacheIo>(
+        &self,
+        io: &I,
+        request: Request<'_>,
+    ) -> Result<(), EngineError> {
         match request {
             Request::Read { offset, buf } => self.serve_read(io, offset, buf).await,
             Request::Write { offset, data } => self.serve_write(io, offset, data).await,
@@ -252,7 +256,12 @@ impl Engine {
         self.persist().await
     }
 
-    async fn serve_read<I: CacheIo>(&self, io: &I, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
+    async fn serve_read<I: CacheIo>(
+        &self,
+        io: &I,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), EngineError> {
         add(&self.counters.read_requests, 1);
         let len = buf.len() as u64;
         self.layout.check_range(offset, len)?;
@@ -358,7 +367,12 @@ impl Engine {
     /// Writes `data` at `offset`. Chunks the write only partly covers are
     /// fetched first (all at once); chunks it covers whole, and zero
     /// chunks, are not fetched.
-    async fn serve_write<I: CacheIo>(&self, io: &I, offset: u64, data: &[u8]) -> Result<(), EngineError> {
+    async fn serve_write<I: CacheIo>(
+        &self,
+        io: &I,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), EngineError> {
         add(&self.counters.write_requests, 1);
         if self.read_only {
             return Err(EngineError::ReadOnly);
@@ -549,6 +563,17 @@ impl Engine {
             .map_err(|source| EngineError::WriteCache {
                 source: Arc::new(self.cache.punch_error(offset, len, source)),
             })
+    }
+
+    /// Whether a read of the range would need no fetch (or fail at once,
+    /// being out of range).
+    #[cfg(test)]
+    pub(crate) fn servable_now(&self, offset: u64, len: u64) -> bool {
+        self.layout.check_range(offset, len).is_err()
+            || self
+                .layout
+                .pieces(offset, len)
+                .all(|p| self.cache.is_present(p.index) || self.layout.is_zero(p.index))
     }
 
     /// Whether no fetch, readahead included, still holds the cache: a test

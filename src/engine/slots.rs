@@ -157,16 +157,15 @@ impl Slots {
         }
     }
 
-    /// Moves a ticket that may still be waiting to a more urgent line.
+    /// Moves a ticket still waiting to a more urgent line. A ticket that
+    /// holds its slot already keeps the priority it ran with.
     pub fn raise(&self, ticket: &Arc<Ticket>, priority: Priority) {
         let mut state = self.lock();
-        if priority >= ticket.priority() {
+        if priority >= ticket.priority() || ticket.granted.load(Ordering::Acquire) {
             return;
         }
         ticket.priority.store(priority as u8, Ordering::Release);
-        if !ticket.granted.load(Ordering::Acquire) {
-            state.waiting[priority as usize].push_back(Arc::clone(ticket));
-        }
+        state.waiting[priority as usize].push_back(Arc::clone(ticket));
     }
 
     fn release(&self) {
@@ -213,7 +212,14 @@ mod tests {
             })
             .collect();
         tokio::task::yield_now().await;
-        while slots.lock().waiting.iter().map(VecDeque::len).sum::<usize>() < 3 {
+        while slots
+            .lock()
+            .waiting
+            .iter()
+            .map(VecDeque::len)
+            .sum::<usize>()
+            < 3
+        {
             tokio::task::yield_now().await;
         }
         slots.raise(&raised, Priority::Demand);

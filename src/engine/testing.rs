@@ -18,9 +18,9 @@ use crate::chunk::{
     is_zero, manifest_digest, seal_chunk, ChunkId, Manifest, ManifestEntry, Salt, TenantKey,
 };
 use crate::engine::{Engine, EngineError, EngineOptions, Request, SyncIo};
+use crate::store::{ChunkStore, StoreError};
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use crate::store::{ChunkStore, StoreError};
 
 /// A chunk store in memory with knobs for misbehaving.
 #[derive(Debug, Default)]
@@ -239,7 +239,8 @@ pub(crate) trait EngineExt {
     fn flush(&self) -> BoxFuture<'static, Result<(), EngineError>>;
     fn discard(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<(), EngineError>>;
     fn write_zeroes(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<(), EngineError>>;
-    /// A read that completes in its first poll, or `None` if it would wait.
+    /// A read that needs no fetch, served in its first poll; `None` (and
+    /// nothing started) if it would need one.
     fn try_read_now(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), EngineError>>;
 }
 
@@ -259,7 +260,12 @@ impl EngineExt for Arc<Engine> {
 
     fn write<'a>(&self, offset: u64, data: &'a [u8]) -> BoxFuture<'a, Result<(), EngineError>> {
         let engine = Arc::clone(self);
-        async move { engine.submit(&SyncIo, Request::Write { offset, data }).await }.boxed()
+        async move {
+            engine
+                .submit(&SyncIo, Request::Write { offset, data })
+                .await
+        }
+        .boxed()
     }
 
     fn flush(&self) -> BoxFuture<'static, Result<(), EngineError>> {
@@ -269,7 +275,12 @@ impl EngineExt for Arc<Engine> {
 
     fn discard(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<(), EngineError>> {
         let engine = Arc::clone(self);
-        async move { engine.submit(&SyncIo, Request::Discard { offset, len }).await }.boxed()
+        async move {
+            engine
+                .submit(&SyncIo, Request::Discard { offset, len })
+                .await
+        }
+        .boxed()
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<(), EngineError>> {
@@ -283,6 +294,9 @@ impl EngineExt for Arc<Engine> {
     }
 
     fn try_read_now(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), EngineError>> {
+        if !self.servable_now(offset, buf.len() as u64) {
+            return None;
+        }
         let read = Request::Read { offset, buf };
         self.submit(&SyncIo, read).now_or_never()
     }

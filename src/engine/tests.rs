@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 
-use super::testing::{EngineExt, fixture, idle, open_engine, within, Fixture, CS, CSU};
+use super::testing::{fixture, idle, open_engine, within, EngineExt, Fixture, CS, CSU};
 use super::*;
 use crate::chunk::ManifestEntry;
 use crate::error::ErrorKind;

@@ -31,10 +31,16 @@ async fn discarding_absent_chunks_fetches_nothing_and_reads_zeros() {
     // zero chunks in the manifest anyway.
     assert_eq!(stats.chunks_punched, 3);
     let got = engine.read(2 * CS as u64, 3 * CSU).await.unwrap();
-    assert!(got.iter().all(|&b| b == 0), "discarded chunks read as zeros");
+    assert!(
+        got.iter().all(|&b| b == 0),
+        "discarded chunks read as zeros"
+    );
     assert_eq!(fx.store.gets(), 0);
     // Everything else is as it was.
-    let got = engine.read(6 * CS as u64, image.len() - 6 * CSU).await.unwrap();
+    let got = engine
+        .read(6 * CS as u64, image.len() - 6 * CSU)
+        .await
+        .unwrap();
     assert!(got == image[6 * CSU..]);
 }
 
@@ -72,10 +78,17 @@ async fn partial_write_zeroes_of_an_absent_chunk_keeps_the_rest_of_it() {
     let engine = open(&fx, tmp.path());
     engine.write_zeroes(3 * CS as u64 + 10, 100).await.unwrap();
     model[3 * CSU + 10..3 * CSU + 110].fill(0);
-    assert_eq!(fx.store.gets_of(&fx.id(3)), 1, "the kept bytes had to be fetched");
+    assert_eq!(
+        fx.store.gets_of(&fx.id(3)),
+        1,
+        "the kept bytes had to be fetched"
+    );
     assert!(engine.read(3 * CS as u64, CSU).await.unwrap() == model[3 * CSU..4 * CSU]);
     // Whole chunks: no fetch.
-    engine.write_zeroes(4 * CS as u64, 2 * CS as u64).await.unwrap();
+    engine
+        .write_zeroes(4 * CS as u64, 2 * CS as u64)
+        .await
+        .unwrap();
     assert_eq!(fx.store.gets_of(&fx.id(4)), 0);
     model[4 * CSU..6 * CSU].fill(0);
     assert!(engine.read(0, model.len()).await.unwrap() == model);
@@ -102,7 +115,11 @@ async fn discarded_chunks_free_cache_space_and_stay_zero_after_a_restart() {
     let engine = open(&fx, tmp.path());
     let gets = fx.store.gets();
     assert!(engine.read(0, model.len()).await.unwrap() == model);
-    assert_eq!(fx.store.gets(), gets, "a discarded chunk was fetched after a restart");
+    assert_eq!(
+        fx.store.gets(),
+        gets,
+        "a discarded chunk was fetched after a restart"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,7 +135,10 @@ async fn a_read_only_device_refuses_discards() {
         engine.discard(0, CS as u64).await,
         engine.write_zeroes(0, CS as u64).await,
     ] {
-        assert_eq!(result.unwrap_err().kind(), crate::error::ErrorKind::ReadOnly);
+        assert_eq!(
+            result.unwrap_err().kind(),
+            crate::error::ErrorKind::ReadOnly
+        );
     }
 }
 

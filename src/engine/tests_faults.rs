@@ -43,14 +43,21 @@ async fn retries_are_bounded_and_other_failures_never_retried() {
     let attempts = FetchPolicy::default().max_attempts;
     fx.store.set_transient(fx.id(3), 1000);
     let err = within(engine.read(3 * CS as u64, 100)).await.unwrap_err();
-    assert!(matches!(err, EngineError::FetchChunk { attempts: a, .. } if a == attempts), "{err}");
+    assert!(
+        matches!(err, EngineError::FetchChunk { attempts: a, .. } if a == attempts),
+        "{err}"
+    );
     assert_eq!(fx.store.gets_of(&fx.id(3)), u64::from(attempts));
     assert_eq!(err.kind().errno(), libc::EIO);
 
     fx.store.set_failing(fx.id(4), true);
     let err = within(engine.read(4 * CS as u64, 100)).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
-    assert_eq!(fx.store.gets_of(&fx.id(4)), 1, "a missing chunk was asked for again");
+    assert_eq!(
+        fx.store.gets_of(&fx.id(4)),
+        1,
+        "a missing chunk was asked for again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,7 +121,10 @@ async fn demand_fetches_go_before_readahead_when_fetches_are_bounded() {
     let demand_last = position(8).expect("chunk 8 was fetched");
     for ahead in [4, 6] {
         if let Some(at) = position(ahead) {
-            assert!(at > demand_last, "readahead of chunk {ahead} went first: {order:?}");
+            assert!(
+                at > demand_last,
+                "readahead of chunk {ahead} went first: {order:?}"
+            );
         }
     }
     assert!(position(4).is_some(), "readahead never ran");

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use proptest::sample::Index;
 
-use super::testing::{EngineExt, idle, open_engine, sample_image, seal_image, CS, CSU};
+use super::testing::{idle, open_engine, sample_image, seal_image, EngineExt, CS, CSU};
 use super::*;
 use crate::chunk::ManifestEntry;
 
@@ -152,6 +152,8 @@ proptest! {
             prop_assert!(fx.store.gets() <= stored, "a chunk was fetched twice");
         }
         prop_assert!(rt.block_on(engine.read(0, size)).unwrap() == model);
+        // A clean stop: the device process flushes before it lets go.
+        rt.block_on(engine.flush()).unwrap();
         rt.block_on(idle(&engine));
         drop(engine);
         let engine = open();

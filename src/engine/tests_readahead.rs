@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 
-use super::testing::{EngineExt, eventually, idle, open_engine, seal_image, within, Fixture, CS, CSU};
+use super::testing::{
+    eventually, idle, open_engine, seal_image, within, EngineExt, Fixture, CS, CSU,
+};
 use super::*;
 
 /// `chunks` random chunks plus `tail` bytes, with the chunks in `zeros` all

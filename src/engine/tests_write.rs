@@ -6,7 +6,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::testing::{EngineExt, fixture, open_engine, sample_image, seal_image, within, Fixture, CS, CSU};
+use super::testing::{
+    fixture, open_engine, sample_image, seal_image, within, EngineExt, Fixture, CS, CSU,
+};
 use super::*;
 use crate::cache::CacheError;
 use crate::error::ErrorKind;
@@ -226,6 +228,7 @@ fn acknowledged_writes_survive_sigkill() {
     model[2 * CSU + 100..][..21].copy_from_slice(b"flushed partial write");
     model[6 * CSU..7 * CSU].fill(0x5A);
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let _entered = rt.enter();
     let engine = open(&fx, tmp.path());
     assert_eq!(engine.stats().chunks_present, 3);
     rt.block_on(async {

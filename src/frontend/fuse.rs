@@ -373,7 +373,11 @@ impl Filesystem for DiskFs {
             BlockRequest::Discard { offset, len }
         } else if mode & !libc::FALLOC_FL_KEEP_SIZE == libc::FALLOC_FL_ZERO_RANGE {
             BlockRequest::WriteZeroes { offset, len }
-        } else if mode & !libc::FALLOC_FL_KEEP_SIZE == 0 && offset.checked_add(len).is_some_and(|end| end <= self.engine.size()) {
+        } else if mode & !libc::FALLOC_FL_KEEP_SIZE == 0
+            && offset
+                .checked_add(len)
+                .is_some_and(|end| end <= self.engine.size())
+        {
             // Allocating space inside a disk of fixed size: nothing to do.
             return reply.ok();
         } else {

@@ -273,7 +273,13 @@ impl Tag<'_> {
 /// than a refused write are logged, since the kernel reports only the errno.
 fn failed(op: u32, offset: u64, len: usize, error: &EngineError) -> i32 {
     if error.kind() != ErrorKind::ReadOnly {
-        tracing::warn!(op, offset, len, "request failed: {}", crate::error::chain(error));
+        tracing::warn!(
+            op,
+            offset,
+            len,
+            "request failed: {}",
+            crate::error::chain(error)
+        );
     }
     -error.kind().errno()
 }

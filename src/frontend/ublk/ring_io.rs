@@ -66,7 +66,12 @@ impl CacheIo for RingIo {
         }
     }
 
-    fn write_at(&self, file: &File, data: &[u8], offset: u64) -> impl Future<Output = io::Result<()>> {
+    fn write_at(
+        &self,
+        file: &File,
+        data: &[u8],
+        offset: u64,
+    ) -> impl Future<Output = io::Result<()>> {
         let fd = types::Fd(file.as_raw_fd());
         async move {
             let mut done = 0;
