@@ -12,14 +12,15 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::BytesMut;
 use futures::{StreamExt, TryStreamExt};
 
 use super::{blocking, on_rayon, ExportReport, Progress, TransferError, CONCURRENCY};
-use crate::chunk::{open_chunk_in_place, ChunkId, ChunkKey, Manifest, ManifestEntry, TenantKey};
+use crate::chunk::{ChunkId, ChunkKey, Manifest, ManifestEntry, TenantKey};
+use crate::engine::{get_envelope, open_envelope, EngineError, FetchPolicy};
 use crate::store::dir::{sync_dir, TempGuard};
 use crate::store::ChunkStore;
 
@@ -93,8 +94,9 @@ pub async fn export(
     progress(done, manifest.image_size);
 
     let (store, manifest_ref, output_ref) = (&*store, &manifest, &output);
+    let retries = AtomicU64::new(0);
     futures::stream::iter(groups)
-        .map(|group| fetch_and_write(store, manifest_ref, output_ref, group))
+        .map(|group| fetch_and_write(store, manifest_ref, output_ref, group, &retries))
         .buffer_unordered(CONCURRENCY)
         .try_for_each(|(fetched, written)| {
             report.chunks_fetched += 1;
@@ -105,6 +107,10 @@ pub async fn export(
         })
         .await?;
 
+    let retried = retries.load(Ordering::Relaxed);
+    if retried > 0 {
+        tracing::info!(retried, "store requests retried after transient failures");
+    }
     output.commit().await?;
     report.elapsed_secs = started.elapsed().as_secs_f64();
     Ok(report)
@@ -117,43 +123,39 @@ async fn fetch_and_write(
     manifest: &Manifest,
     output: &Output,
     group: Group,
+    retries: &AtomicU64,
 ) -> Result<(u64, u64), TransferError> {
     let chunk_size = u64::from(manifest.chunk_size);
     let first = group.indices[0];
     let offset = first * chunk_size;
-    let envelope = store
-        .get(&group.id)
-        .await
-        .map_err(|source| TransferError::FetchChunk {
-            index: first,
-            offset,
-            source,
-        })?;
-    let fetched = envelope.len() as u64;
-    // Opened in place unless the store still holds the buffer.
-    let mut plain = envelope
-        .try_into_mut()
-        .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-    let Group { id, key, indices } = group;
-    let plain = on_rayon("verifying chunks", move || {
-        let len = open_chunk_in_place(&id, &key, &mut plain)?.len();
-        plain.truncate(len);
-        Ok(plain)
-    })
-    .await?
-    .map_err(|source| TransferError::VerifyChunk {
+    let read_error = |source| TransferError::ReadChunk {
         index: first,
         offset,
         source,
-    })?;
+    };
+    let envelope = get_envelope(store, &FetchPolicy::default(), first, &group.id, retries)
+        .await
+        .map_err(read_error)?;
+    let fetched = envelope.len() as u64;
+    let Group { id, key, indices } = group;
+    let expected = manifest.chunk_len(first);
+    let plain = on_rayon("verifying chunks", move || {
+        open_envelope(first, &id, &key, envelope, expected)
+    })
+    .await?
+    .map_err(read_error)?;
     for &index in &indices {
         let expected = manifest.chunk_len(index);
         if plain.len() != expected {
-            return Err(TransferError::ChunkLength {
+            return Err(TransferError::ReadChunk {
                 index,
                 offset: index * chunk_size,
-                expected,
-                actual: plain.len(),
+                source: EngineError::ChunkLength {
+                    index,
+                    id,
+                    expected,
+                    actual: plain.len(),
+                },
             });
         }
     }

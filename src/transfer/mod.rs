@@ -22,7 +22,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::chunk::{ChunkError, ManifestError};
+use crate::chunk::ManifestError;
+use crate::engine::EngineError;
 use crate::error::ErrorKind;
 use crate::store::StoreError;
 
@@ -129,26 +130,14 @@ pub enum TransferError {
     },
     #[error("open manifest")]
     OpenManifest(#[source] ManifestError),
-    #[error("fetch chunk {index} (image offset {offset})")]
-    FetchChunk {
+    /// A chunk could not be fetched (after retries of transient failures,
+    /// within its deadline), or failed verification.
+    #[error("read chunk {index} (image offset {offset}) from the store")]
+    ReadChunk {
         index: u64,
         offset: u64,
         #[source]
-        source: StoreError,
-    },
-    #[error("verify chunk {index} (image offset {offset})")]
-    VerifyChunk {
-        index: u64,
-        offset: u64,
-        #[source]
-        source: ChunkError,
-    },
-    #[error("chunk {index} (image offset {offset}) opened to {actual} bytes where the manifest says {expected}")]
-    ChunkLength {
-        index: u64,
-        offset: u64,
-        expected: usize,
-        actual: usize,
+        source: EngineError,
     },
     #[error("write {path}")]
     WriteOutput {
@@ -178,10 +167,9 @@ impl TransferError {
             | ChunkIndex { .. } => ErrorKind::Invalid,
             ReadImage { .. } | WriteOutput { .. } | ImageIncomplete | Cancelled(_) => ErrorKind::Io,
             QueryMissing(source) | UploadChunk(source) => source.kind(),
-            PutManifest { source, .. } | GetManifest { source, .. } | FetchChunk { source, .. } => {
-                source.kind()
-            }
-            OpenManifest(_) | VerifyChunk { .. } | ChunkLength { .. } => ErrorKind::Integrity,
+            PutManifest { source, .. } | GetManifest { source, .. } => source.kind(),
+            ReadChunk { source, .. } => source.kind(),
+            OpenManifest(_) => ErrorKind::Integrity,
         }
     }
 }

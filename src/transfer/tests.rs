@@ -206,11 +206,11 @@ async fn corrupted_chunk_fails_export_naming_it() {
     let out = fx.dir.path().join("out.img");
     let err = fx.export_to(&out).await.unwrap_err();
     assert!(
-        matches!(err, TransferError::VerifyChunk { index: 5, .. }),
+        matches!(err, TransferError::ReadChunk { index: 5, .. }),
         "{err:?}"
     );
     assert_eq!(err.kind(), crate::error::ErrorKind::Integrity);
-    let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    let chain = crate::error::chain(&err);
     assert!(chain.contains("chunk 5"), "{chain}");
     assert!(chain.contains(&id.to_hex()), "{chain}");
     // Neither the output nor its temp file is left behind.
@@ -233,7 +233,7 @@ async fn missing_chunk_fails_export_as_not_found() {
     fx.store.delete(&id).await.unwrap();
     let err = fx.export_to(&fx.dir.path().join("out")).await.unwrap_err();
     assert!(
-        matches!(err, TransferError::FetchChunk { index: 9, .. }),
+        matches!(err, TransferError::ReadChunk { index: 9, .. }),
         "{err:?}"
     );
     assert_eq!(err.kind(), crate::error::ErrorKind::NotFound);
