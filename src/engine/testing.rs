@@ -28,6 +28,7 @@ pub(crate) struct MemStore {
     chunks: Mutex<HashMap<ChunkId, Bytes>>,
     manifests: Mutex<HashMap<String, Bytes>>,
     gets: AtomicU64,
+    served: AtomicU64,
     gets_by_id: Mutex<HashMap<ChunkId, u64>>,
     get_order: Mutex<Vec<ChunkId>>,
     delay: Mutex<Option<Duration>>,
@@ -45,6 +46,11 @@ impl MemStore {
     /// Gets of any chunk so far.
     pub fn gets(&self) -> u64 {
         self.gets.load(Ordering::SeqCst)
+    }
+
+    /// Gets that answered with an envelope (corrupt ones included).
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::SeqCst)
     }
 
     /// Gets of `id` so far.
@@ -75,6 +81,11 @@ impl MemStore {
     /// The next `failures` gets of `id` fail with a transient error.
     pub fn set_transient(&self, id: ChunkId, failures: u64) {
         lock(&self.transient).insert(id, failures);
+    }
+
+    /// Gets of `id` no longer wait for a gate.
+    pub fn ungate(&self, id: &ChunkId) {
+        lock(&self.gates).remove(id);
     }
 
     /// Gets of `id` wait until the returned `Notify` is notified (once per
@@ -123,6 +134,7 @@ impl ChunkStore for MemStore {
             });
         }
         let envelope = lock(&self.chunks).get(id).cloned().ok_or_else(not_found)?;
+        self.served.fetch_add(1, Ordering::SeqCst);
         if lock(&self.corrupt).contains(id) {
             let mut bad = envelope.to_vec();
             let mid = bad.len() / 2;
