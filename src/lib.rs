@@ -20,11 +20,14 @@
 //! * [`engine`]: the block engine serving reads and writes at byte offsets.
 //! * [`frontend`]: how the engine is presented to the kernel (FUSE today).
 //! * [`daemon`]: the run directory and control socket shared by all frontends.
+//! * [`durable`]: replacing a file atomically and durably, for every layer
+//!   that keeps files.
 
 pub mod cache;
 pub mod chunk;
 pub mod cli;
 pub mod daemon;
+pub mod durable;
 pub mod engine;
 pub mod error;
 pub mod ext4;
