@@ -22,6 +22,10 @@
 //! * [`daemon`]: the run directory and control socket shared by all frontends.
 //! * [`durable`]: replacing a file atomically and durably, for every layer
 //!   that keeps files.
+//!
+//! No module uses `unsafe`: the crate forbids it, so the first one that
+//! needs it is a decision made in the open (see [`frontend`]).
+#![forbid(unsafe_code)]
 
 pub mod cache;
 pub mod chunk;

@@ -35,7 +35,6 @@
 //! chunk half-filled or wrongly marked: fetches run in their own tasks, and a
 //! write holds a chunk's fill lock only across synchronous code. A dropped
 //! write may have been applied in part, as with any block device.
-#![forbid(unsafe_code)]
 
 use std::path::Path;
 use std::sync::Arc;

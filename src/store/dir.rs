@@ -17,7 +17,6 @@
 //!   store.
 //!
 //! Blocking file I/O runs on tokio's blocking pool, never on its workers.
-#![forbid(unsafe_code)]
 
 use std::fs::{self, File};
 use std::io::{self, Read};
