@@ -10,7 +10,7 @@
 //! an object. A temp file that was not renamed into place is removed when
 //! its [`TempFile`] drops, whatever failed.
 //!
-//! [`write`] does it all for bytes in memory; [`TempFile`] serves a writer
+//! [`write()`] does it all for bytes in memory; [`TempFile`] serves a writer
 //! that fills the file itself (in pieces, from several threads) before
 //! [`TempFile::commit`].
 
