@@ -93,8 +93,8 @@ impl DeviceRecord {
         run_dir.join(format!("{pid}.json"))
     }
 
-    /// Writes the record atomically, so `list` never reads half of one,
-    /// and durably, so `recover` finds it after a crash.
+    /// Writes the record atomically (so `list` never reads half of one) and
+    /// durably.
     pub fn publish(&self, run_dir: &Path) -> std::io::Result<()> {
         let path = Self::record_path(run_dir, self.pid);
         crate::durable::write(&path, &serde_json::to_vec_pretty(self)?)
