@@ -2,7 +2,6 @@
 //! on (store → engine → frontend). Each layer keeps its own error enum and
 //! maps it onto an [`ErrorKind`]; the frontend turns a kind into an errno in
 //! exactly one place.
-#![forbid(unsafe_code)]
 
 /// What a caller can do about a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

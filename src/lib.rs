@@ -20,11 +20,18 @@
 //! * [`engine`]: the block engine serving reads and writes at byte offsets.
 //! * [`frontend`]: how the engine is presented to the kernel (FUSE today).
 //! * [`daemon`]: the run directory and control socket shared by all frontends.
+//! * [`durable`]: replacing a file atomically and durably, for every layer
+//!   that keeps files.
+//!
+//! No module uses `unsafe`: the crate forbids it, so the first one that
+//! needs it is a decision made in the open (see [`frontend`]).
+#![forbid(unsafe_code)]
 
 pub mod cache;
 pub mod chunk;
 pub mod cli;
 pub mod daemon;
+pub mod durable;
 pub mod engine;
 pub mod error;
 pub mod ext4;

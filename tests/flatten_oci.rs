@@ -256,7 +256,7 @@ fn a_written_layout_flattens_with_its_whiteouts_applied() {
                 Item::File("etc/gone".into(), b"gone".to_vec(), 0o600),
                 Item::Dir("data"),
                 Item::File("data/big".into(), pseudo_random(3, 3 << 20), 0o755),
-                Item::Symlink("etc/link", "keep"),
+                Item::Symlink("etc/link", "keep", 0o777),
             ],
             vec![
                 Item::Whiteout("etc/gone"),
@@ -283,4 +283,47 @@ fn a_written_layout_flattens_with_its_whiteouts_applied() {
     assert_eq!(keep.unwrap(), b"replaced");
     assert_eq!(mode.unwrap() & 0o7777, 0o640);
     assert!(!data_exists, "a whited-out directory survived");
+}
+
+/// A layer may give a symlink any mode in its header; Linux creates every
+/// symlink 0777, and so do `umoci unpack`, `tar -x` and Docker. The image
+/// must show what they show, for fast (in the inode) and slow (in a block)
+/// symlinks alike, setuid bits included.
+#[test]
+fn symlinks_are_0777_whatever_the_header_says_like_umoci_unpack() {
+    use common::layout::{write_layout, Item};
+    use std::os::unix::fs::MetadataExt;
+    require_kernel_prerequisites();
+    let world = World::new();
+    let slow_target: &'static str =
+        "../etc/keep/././././././././././././././././././././././././././.";
+    assert!(
+        slow_target.len() > 60,
+        "the slow link must not fit in the inode"
+    );
+    let layout = write_layout(
+        &world.path("layout"),
+        &[vec![
+            Item::Dir("etc"),
+            Item::File("etc/keep".into(), b"keep".to_vec(), 0o644),
+            Item::Symlink("etc/fast", "keep", 0o644),
+            Item::Symlink("etc/slow", slow_target, 0o4600),
+        ]],
+    );
+    let expected = world.path("unpacked");
+    umoci(&layout, "unpack", &expected);
+    let expected = expected.join("rootfs");
+
+    let image = world.path("image.ext4");
+    flatten(&world, &format!("oci:{}:t", layout.display()), &image);
+    fsck(&image);
+    let mounted = world.mount_image(&image, "mnt", true);
+    let modes: Vec<u32> = ["etc/fast", "etc/slow"]
+        .iter()
+        .map(|l| fs::symlink_metadata(mounted.join(l)).unwrap().mode())
+        .collect();
+    let compared = assert_identical_trees(&expected, &mounted);
+    world.umount(&mounted);
+    assert_eq!(compared, 4);
+    assert_eq!(modes, [0o120777, 0o120777]);
 }

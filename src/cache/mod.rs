@@ -21,10 +21,8 @@
 //!   persists the snapshot;
 //! * the `present` file is replaced atomically (temp file, fsync, rename,
 //!   fsync directory), so a crash leaves the old or the new bitmap, whole.
-#![forbid(unsafe_code)]
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -42,7 +40,6 @@ use bitmap::PresentBits;
 
 const DATA_FILE: &str = "data";
 const BITMAP_FILE: &str = "present";
-const BITMAP_TEMP: &str = "present.tmp";
 const LOCK_FILE: &str = "lock";
 
 /// One device's open cache directory.
@@ -340,31 +337,13 @@ fn open_data(dir: &Path, path: &Path, image_size: u64, exists: bool) -> Result<F
         // all-zero chunk must read as once written to.
         file.set_len(image_size).map_err(open_err)?;
         file.sync_all().map_err(open_err)?;
-        sync_dir(dir).map_err(open_err)?;
+        crate::durable::sync_dir(dir).map_err(open_err)?;
     }
     Ok(file)
 }
 
 /// Replaces the `present` file atomically and durably.
 fn write_bitmap(dir: &Path, bytes: &[u8]) -> Result<(), CacheError> {
-    let temp = dir.join(BITMAP_TEMP);
     let path = dir.join(BITMAP_FILE);
-    let result = (|| {
-        let mut file = File::create(&temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&temp, &path)?;
-        sync_dir(dir)
-    })();
-    result.map_err(|source| {
-        // Best effort: a leftover temp file is harmless (it is overwritten
-        // next time), so a failure to remove it is not reported over the
-        // error that matters.
-        let _ = fs::remove_file(&temp);
-        CacheError::PersistBitmap { path, source }
-    })
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
+    crate::durable::write(&path, bytes).map_err(|source| CacheError::PersistBitmap { path, source })
 }

@@ -9,7 +9,6 @@
 //! that is gone; readers clean it up, except for a ublk device the kernel
 //! still has (an orphan, waiting for `recover` or `del`), whose record says
 //! how to serve it again.
-#![forbid(unsafe_code)]
 
 mod control;
 
@@ -102,12 +101,11 @@ impl DeviceRecord {
         run_dir.join(format!("{pid}.json"))
     }
 
-    /// Writes the record atomically, so `list` never reads half of one.
+    /// Writes the record atomically (so `list` never reads half of one) and
+    /// durably.
     pub fn publish(&self, run_dir: &Path) -> std::io::Result<()> {
         let path = Self::record_path(run_dir, self.pid);
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        std::fs::rename(tmp, path)
+        crate::durable::write(&path, &serde_json::to_vec_pretty(self)?)
     }
 
     /// Removes the record and socket of device `pid`.
@@ -182,4 +180,35 @@ pub async fn list_devices(
     });
     devices.sort_by_key(|d| d.record.pid);
     Ok(devices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_republished_record_replaces_the_old_one_and_leaves_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut record = DeviceRecord {
+            pid: 42,
+            frontend: "fuse".into(),
+            target: "/mnt/app".into(),
+            name: "app".into(),
+            store: "/srv/store".into(),
+            cache_dir: "/var/cache/app".into(),
+            read_only: true,
+            ublk: None,
+        };
+        record.publish(dir.path()).unwrap();
+        record.read_only = false;
+        record.publish(dir.path()).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["42.json"]);
+        let read: DeviceRecord =
+            serde_json::from_slice(&std::fs::read(dir.path().join("42.json")).unwrap()).unwrap();
+        assert!(!read.read_only);
+    }
 }

@@ -16,12 +16,16 @@ use crate::ext4::{
 const MIN_LAST_GROUP: u64 = 1024;
 /// The kernel's largest directory link count; past it, 1 means "many".
 const DIR_LINK_MAX: u32 = 65000;
+/// Linux creates every symlink 0777 and never changes it (permission checks
+/// ignore a link's own bits), so `tar -x`, `umoci unpack` and Docker all show
+/// 0777 whatever the layer's header says; the image must too.
+const SYMLINK_PERMISSIONS: u16 = 0o777;
 
 impl<S: ImageSink> Flattener<S> {
     fn encode_inode(&self, node: &Node) -> Result<[u8; INODE_SIZE], Ext4Error> {
         let root = || extent::build(&node.extents, &node.tree_blocks).0;
         let mut links = node.links;
-        let (mode, size, flags, block) = match &node.body {
+        let (kind, size, flags, block) = match &node.body {
             Body::Dir(d) => {
                 let subdirs = d
                     .children
@@ -54,8 +58,12 @@ impl<S: ImageSink> Flattener<S> {
             Placement::Inode(area) => Some(area),
             _ => None,
         };
+        let permissions = match node.body {
+            Body::Symlink(_) => SYMLINK_PERMISSIONS,
+            _ => node.meta.mode,
+        };
         Ok(Inode {
-            mode: mode | node.meta.mode,
+            mode: kind | permissions,
             uid: node.meta.uid,
             gid: node.meta.gid,
             size,

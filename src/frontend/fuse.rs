@@ -12,7 +12,6 @@
 //! cold chunk never holds up warm requests and no file I/O runs on an async
 //! worker. `fallocate` turns into discard (punch hole) and write-zeroes
 //! (zero range), which is how the loop driver passes those on.
-#![forbid(unsafe_code)]
 
 use std::ffi::OsStr;
 use std::future::Future;

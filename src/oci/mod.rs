@@ -16,7 +16,6 @@
 //! * [`entry`]: the validated form of a layer's entries, which the
 //!   flattener applies in order. Which entry wins and what a whiteout
 //!   removes is the flattener's business, not this module's.
-#![forbid(unsafe_code)]
 
 pub mod archive;
 pub mod compress;

@@ -9,20 +9,17 @@
 //! ```
 //!
 //! Invariants:
-//! * an object is visible whole or not at all: every write goes to a temp
-//!   file in the target directory, is `sync_all`ed, renamed over its final
-//!   name, and the directory is fsynced, so after `put` returns it survives
-//!   a crash; a failed write leaves no temp file behind;
-//! * temp files start with `.`, which neither a chunk id nor a manifest name
-//!   can, so they are never listed or read as objects;
+//! * an object is visible whole or not at all, and survives a crash once
+//!   `put` returns: every write goes through [`durable::write`], whose temp
+//!   files start with `.`, which neither a chunk id nor a manifest name can,
+//!   so they are never listed or read as objects;
 //! * a directory that holds other things and no marker is never adopted as a
 //!   store.
 //!
 //! Blocking file I/O runs on tokio's blocking pool, never on its workers.
-#![forbid(unsafe_code)]
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::{self, File};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -31,6 +28,7 @@ use bytes::Bytes;
 
 use super::{validate_manifest_name, ChunkStore, StoreError};
 use crate::chunk::ChunkId;
+use crate::durable::{self, sync_dir};
 
 /// The marker file's name and exact contents.
 const MARKER: &str = "lazyblk-store";
@@ -103,7 +101,7 @@ impl DirStore {
                     fs::create_dir(path.join(dir)).map_err(io_err("create", dir))?;
                 }
                 // The marker goes last: a store with a marker has its layout.
-                write_durably(path, MARKER, MARKER_TEXT.as_bytes())
+                durable::write(&path.join(MARKER), MARKER_TEXT.as_bytes())
                     .map_err(io_err("create", MARKER))?;
             }
             Err(e) => return Err(io_err("read", MARKER)(e)),
@@ -183,43 +181,6 @@ fn manifest_object(name: &str) -> String {
     format!("manifest {name:?}")
 }
 
-/// Removes a temp file unless it was renamed into place (then set the
-/// path to `None`).
-pub(crate) struct TempGuard(pub(crate) Option<PathBuf>);
-
-impl Drop for TempGuard {
-    fn drop(&mut self) {
-        if let Some(path) = self.0.take() {
-            let _ = fs::remove_file(path);
-        }
-    }
-}
-
-/// Writes `data` to `dir/name` so that it is either absent or whole and
-/// durable, replacing any previous file atomically.
-fn write_durably(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
-    let (mut file, temp_path) = loop {
-        let temp = dir.join(format!(".tmp-{name}-{:016x}", rand::random::<u64>()));
-        match OpenOptions::new().write(true).create_new(true).open(&temp) {
-            Ok(file) => break (file, temp),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    };
-    let mut guard = TempGuard(Some(temp_path.clone()));
-    file.write_all(data)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&temp_path, dir.join(name))?;
-    guard.0 = None;
-    sync_dir(dir)
-}
-
-/// Makes a directory's entries (a rename, a new file, a removal) durable.
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 /// Where a chunk read from disk starts in its buffer.
 const ALIGN: usize = 64;
 
@@ -277,9 +238,7 @@ impl ChunkStore for DirStore {
                     Err(e) => return Err(err("create")(e)),
                 }
             }
-            let file_name = path.file_name().and_then(|n| n.to_str());
-            let file_name = file_name.expect("chunk file names are hex");
-            write_durably(dir, file_name, &envelope).map_err(err("write"))
+            durable::write(&path, &envelope).map_err(err("write"))
         })
         .await
     }
@@ -350,7 +309,7 @@ impl ChunkStore for DirStore {
         validate_manifest_name(name)?;
         let name = name.to_owned();
         self.blocking(move |inner| {
-            write_durably(&inner.root.join(MANIFESTS), &name, &manifest)
+            durable::write(&inner.root.join(MANIFESTS).join(&name), &manifest)
                 .map_err(inner.io("write", manifest_object(&name)))
         })
         .await

@@ -6,7 +6,6 @@
 //!
 //! Engines sit side by side behind [`ChunkStore`]: [`dir`] today; HTTP and S3
 //! engines fit the same trait.
-#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 

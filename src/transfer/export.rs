@@ -7,9 +7,7 @@
 //! renamed over it only when whole and synced.
 
 use std::collections::hash_map::{Entry, HashMap};
-use std::ffi::OsString;
-use std::fs::{File, OpenOptions};
-use std::io;
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,8 +18,8 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::{blocking, on_rayon, ExportReport, Progress, TransferError, CONCURRENCY};
 use crate::chunk::{ChunkId, ChunkKey, Manifest, ManifestEntry, TenantKey};
+use crate::durable::TempFile;
 use crate::engine::{get_envelope, open_envelope, EngineError, FetchPolicy};
-use crate::store::dir::{sync_dir, TempGuard};
 use crate::store::ChunkStore;
 
 /// One distinct chunk and every index it fills.
@@ -160,7 +158,7 @@ async fn fetch_and_write(
         }
     }
 
-    let (file, path) = (Arc::clone(&output.file), output.temp_path.clone());
+    let (file, path) = (Arc::clone(&output.file), output.temp.path().to_owned());
     // Buffered writes to one file serialise on its inode lock anyway;
     // queueing here keeps blocked threads from spinning on it.
     let _turn = output.write_turn.lock().await;
@@ -181,10 +179,9 @@ async fn fetch_and_write(
 struct Output {
     file: Arc<File>,
     write_turn: tokio::sync::Mutex<()>,
-    temp_path: PathBuf,
     out: PathBuf,
     /// Declared last: dropping an unfinished output removes the temp file.
-    guard: TempGuard,
+    temp: TempFile,
 }
 
 impl Output {
@@ -195,36 +192,15 @@ impl Output {
                 path: path.to_owned(),
                 source,
             };
-            let Some(file_name) = out.file_name() else {
-                let source = io::Error::new(io::ErrorKind::InvalidInput, "names no file");
-                return Err(write_err(&out, source));
-            };
-            let dir = parent_dir(&out);
-            let (file, temp_path) = loop {
-                let mut temp_name = OsString::from(".");
-                temp_name.push(file_name);
-                temp_name.push(format!(".export-{:016x}", rand::random::<u64>()));
-                let temp_path = dir.join(temp_name);
-                match OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&temp_path)
-                {
-                    Ok(file) => break (file, temp_path),
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                    Err(e) => return Err(write_err(&temp_path, e)),
-                }
-            };
-            let guard = TempGuard(Some(temp_path.clone()));
+            let (temp, file) = TempFile::create(&out).map_err(|source| write_err(&out, source))?;
             // Sized first, so every zero chunk is a hole never written.
             file.set_len(size)
-                .map_err(|source| write_err(&temp_path, source))?;
+                .map_err(|source| write_err(temp.path(), source))?;
             Ok(Output {
                 file: Arc::new(file),
                 write_turn: tokio::sync::Mutex::new(()),
-                temp_path,
                 out,
-                guard,
+                temp,
             })
         })
         .await
@@ -234,30 +210,11 @@ impl Output {
     async fn commit(self) -> Result<(), TransferError> {
         blocking("finishing the output", move || {
             let Output {
-                file,
-                temp_path,
-                out,
-                mut guard,
-                ..
+                file, out, temp, ..
             } = self;
-            let write_err = |path: &Path, source| TransferError::WriteOutput {
-                path: path.to_owned(),
-                source,
-            };
-            file.sync_all()
-                .map_err(|source| write_err(&temp_path, source))?;
-            std::fs::rename(&temp_path, &out).map_err(|source| write_err(&out, source))?;
-            guard.0 = None;
-            sync_dir(&parent_dir(&out)).map_err(|source| write_err(&out, source))
+            temp.commit(&file)
+                .map_err(|source| TransferError::WriteOutput { path: out, source })
         })
         .await
-    }
-}
-
-/// The directory holding `path`; `.` for a bare file name.
-fn parent_dir(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
-        _ => PathBuf::from("."),
     }
 }

@@ -15,7 +15,6 @@
 //! * export checks every envelope against its name, then its tag, before a
 //!   byte of it reaches the output, and the output appears under its name
 //!   only whole, by a final rename.
-#![forbid(unsafe_code)]
 
 use std::io;
 use std::path::PathBuf;

@@ -11,7 +11,9 @@ use sha2::{Digest, Sha256};
 pub enum Item {
     Dir(&'static str),
     File(String, Vec<u8>, u32),
-    Symlink(&'static str, &'static str),
+    /// Path, target and the header's mode (Linux shows every symlink 0777;
+    /// a layer may still say otherwise).
+    Symlink(&'static str, &'static str, u32),
     Whiteout(&'static str),
 }
 
@@ -43,8 +45,8 @@ fn layer_tar(items: &[Item]) -> Vec<u8> {
                 let mut h = header(tar::EntryType::Regular, *mode, data.len() as u64);
                 builder.append_data(&mut h, path, &data[..]).unwrap();
             }
-            Item::Symlink(path, target) => {
-                let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+            Item::Symlink(path, target, mode) => {
+                let mut h = header(tar::EntryType::Symlink, *mode, 0);
                 builder.append_link(&mut h, path, target).unwrap();
             }
             Item::Whiteout(path) => {

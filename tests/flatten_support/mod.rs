@@ -260,7 +260,8 @@ impl PartialEq for Data {
 /// The expected image: paths to inodes, straight from the spec's rules
 /// (whiteouts and opaque markers hide lower layers only; later entries
 /// replace earlier ones; a directory replacing a directory keeps its
-/// children; missing parents are 0755 root:root at time 0).
+/// children; missing parents are 0755 root:root at time 0; symlinks are
+/// 0777).
 #[derive(Default, Debug)]
 pub struct Model {
     pub paths: BTreeMap<Vec<Vec<u8>>, usize>,
@@ -349,12 +350,14 @@ impl Model {
             EntryKind::BlockDevice { major, minor } => MKind::Block(*major, *minor),
             EntryKind::Fifo => MKind::Fifo,
         };
+        let mut meta = i.entry.meta.clone();
+        if matches!(kind, MKind::Symlink(_)) {
+            // Linux shows every symlink 0777, whatever the header says.
+            meta.mode = 0o777;
+        }
         self.parents(&path);
         self.remove_under(&path);
-        self.inodes.push(MInode {
-            kind,
-            meta: i.entry.meta.clone(),
-        });
+        self.inodes.push(MInode { kind, meta });
         self.paths.insert(path, self.inodes.len() - 1);
     }
 }

@@ -23,7 +23,6 @@
 //! and `UBLK_F_USER_RECOVERY_REISSUE`: if the process dies, the kernel
 //! keeps the device and holds its I/O; [`Start::Recover`] in a new process
 //! re-attaches and the held requests are issued again.
-#![forbid(unsafe_code)]
 
 mod queue;
 mod ring_io;
