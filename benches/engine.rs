@@ -1,0 +1,188 @@
+//! The engine alone, no frontend: a cold sequential read of a whole image
+//! from a directory store, against the crypto bound of this machine.
+//!
+//! `cargo bench --bench engine` seals a 1 GiB image of random data
+//! (`LAZYBLK_BENCH_BYTES` changes the size) into a directory store under
+//! `LAZYBLK_BENCH_DIR` (default `/dev/shm`, so the store is memory and the
+//! figure is the engine's), then, for each of `LAZYBLK_BENCH_ROUNDS` rounds
+//! (default 3, the best counts), opens a fresh cache beside it and reads the
+//! image through [`Engine::submit`] in 512 KiB requests:
+//!
+//! * `sequential_mbps`: one reader, one request after another: what
+//!   readahead makes of a cold scan;
+//! * `parallel_mbps`: as many readers as twice the cores, each on its own
+//!   stripe, so every core can verify and decrypt;
+//! * `open_chunk_mbps`: [`open_chunk`] of the same chunks on one core, and
+//!   `bound_mbps` that times the cores: the most the engine could reach;
+//! * `parallel_ratio` and `sequential_ratio`: each against the bound.
+//!
+//! Under `cargo test` (no `--bench` argument) it reads a few chunks once.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use lazyblk::chunk::{
+    manifest_digest, open_chunk, seal_chunk, Manifest, ManifestEntry, Salt, TenantKey,
+    DEFAULT_CHUNK_SIZE,
+};
+use lazyblk::engine::{Engine, EngineOptions, Request, SyncIo};
+use lazyblk::store::dir::DirStore;
+use lazyblk::store::ChunkStore;
+use rand::RngCore;
+use rayon::prelude::*;
+
+const CHUNK: usize = DEFAULT_CHUNK_SIZE as usize;
+
+fn env_bytes(name: &str, default: usize) -> usize {
+    let Ok(text) = std::env::var(name) else {
+        return default;
+    };
+    let text = text.trim().to_ascii_uppercase();
+    let (digits, shift) = match text.chars().last() {
+        Some('K') => (&text[..text.len() - 1], 10),
+        Some('M') => (&text[..text.len() - 1], 20),
+        Some('G') => (&text[..text.len() - 1], 30),
+        _ => (&text[..], 0),
+    };
+    match digits.parse::<usize>() {
+        Ok(n) => n << shift,
+        Err(_) => {
+            eprintln!("{name}={text:?} is not a size (suffixes K, M, G allowed)");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn main() {
+    let benchmarking = std::env::args().any(|a| a == "--bench");
+    let (bytes, rounds) = if benchmarking {
+        (
+            env_bytes("LAZYBLK_BENCH_BYTES", 1 << 30),
+            env_bytes("LAZYBLK_BENCH_ROUNDS", 3).max(1),
+        )
+    } else {
+        (8 * CHUNK, 1)
+    };
+    let chunks = (bytes / CHUNK).max(1);
+    let base = std::env::var_os("LAZYBLK_BENCH_DIR").unwrap_or_else(|| "/dev/shm".into());
+    let base = if Path::new(&base).is_dir() {
+        base
+    } else {
+        std::env::temp_dir().into()
+    };
+    let work = tempfile::tempdir_in(base).expect("create the bench directory");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("build a runtime");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    eprintln!("sealing {chunks} chunks of random data");
+    let salt = Salt([3; 32]);
+    let sealed: Vec<_> = (0..chunks)
+        .into_par_iter()
+        .map(|i| {
+            let mut plaintext = vec![0u8; CHUNK];
+            rand::thread_rng().fill_bytes(&mut plaintext);
+            plaintext[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            seal_chunk(&salt, &plaintext)
+        })
+        .collect();
+    let store = Arc::new(DirStore::open(&work.path().join("store")).expect("open the store"));
+    runtime.block_on(async {
+        for chunk in &sealed {
+            store
+                .put(&chunk.id, Bytes::from(chunk.envelope.clone()))
+                .await
+                .expect("store a chunk");
+        }
+    });
+    let manifest = Manifest {
+        image_size: (chunks * CHUNK) as u64,
+        chunk_size: DEFAULT_CHUNK_SIZE,
+        salt_domain: "bench".into(),
+        source_digest: [0; 32],
+        entries: sealed
+            .iter()
+            .map(|c| ManifestEntry::Chunk {
+                id: c.id,
+                key: c.key.clone(),
+            })
+            .collect(),
+    };
+    let digest = manifest_digest(&manifest.seal(&TenantKey([1; 32])));
+
+    // The bound: opening every chunk on one core, times the cores.
+    let mut open_best = 0f64;
+    for _ in 0..rounds {
+        let started = Instant::now();
+        for chunk in &sealed {
+            std::hint::black_box(
+                open_chunk(&chunk.id, &chunk.key, chunk.envelope.clone()).expect("open a chunk"),
+            );
+        }
+        open_best = open_best.max(bytes_per_sec(chunks, started));
+    }
+
+    let mut best = [0f64; 2];
+    for round in 0..rounds {
+        for (slot, readers) in [(0, 1), (1, 2 * cores)] {
+            let cache = work.path().join(format!("cache-{round}-{readers}"));
+            let engine = Engine::open(
+                manifest.clone(),
+                digest,
+                store.clone(),
+                &cache,
+                EngineOptions::default(),
+                runtime.handle().clone(),
+            )
+            .expect("open the engine");
+            let started = Instant::now();
+            runtime.block_on(read_all(&engine, chunks, readers));
+            best[slot] = best[slot].max(bytes_per_sec(chunks, started));
+            let stats = engine.stats();
+            assert_eq!(stats.chunks_fetched, chunks as u64, "every chunk fetched once");
+            drop(engine);
+            std::fs::remove_dir_all(&cache).expect("remove the cache");
+        }
+    }
+    let bound = open_best * cores as f64;
+    println!("image_bytes={}", chunks * CHUNK);
+    println!("cores={cores}");
+    println!("sequential_mbps={:.0}", best[0] / 1e6);
+    println!("parallel_mbps={:.0}", best[1] / 1e6);
+    println!("open_chunk_mbps={:.0}", open_best / 1e6);
+    println!("bound_mbps={:.0}", bound / 1e6);
+    println!("sequential_ratio={:.2}", best[0] / bound);
+    println!("parallel_ratio={:.2}", best[1] / bound);
+}
+
+fn bytes_per_sec(chunks: usize, started: Instant) -> f64 {
+    (chunks * CHUNK) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Reads chunks `0..chunks` whole, `readers` at a time, reader `r` taking
+/// every `readers`-th chunk from `r` on, in order.
+async fn read_all(engine: &Arc<Engine>, chunks: usize, readers: usize) {
+    let tasks: Vec<_> = (0..readers)
+        .map(|first| {
+            let engine = Arc::clone(engine);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; CHUNK];
+                for index in (first..chunks).step_by(readers) {
+                    let read = Request::Read {
+                        offset: (index * CHUNK) as u64,
+                        buf: &mut buf,
+                    };
+                    engine.submit(&SyncIo, read).await.expect("read a chunk");
+                    assert_eq!(buf[..8], (index as u64).to_le_bytes(), "chunk {index}");
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("reader task");
+    }
+}
