@@ -143,7 +143,10 @@ fn main() {
             runtime.block_on(read_all(&engine, chunks, readers));
             best[slot] = best[slot].max(bytes_per_sec(chunks, started));
             let stats = engine.stats();
-            assert_eq!(stats.chunks_fetched, chunks as u64, "every chunk fetched once");
+            assert_eq!(
+                stats.chunks_fetched, chunks as u64,
+                "every chunk fetched once"
+            );
             drop(engine);
             std::fs::remove_dir_all(&cache).expect("remove the cache");
         }

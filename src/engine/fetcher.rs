@@ -23,7 +23,7 @@
 //! waiting in a lower line, the fetch is raised to demand and its outcome,
 //! error included, is theirs.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -55,6 +55,18 @@ pub(super) enum Filled {
 
 /// Completes when a fill of one chunk ends.
 pub(super) type Fill = Shared<BoxFuture<'static, Result<Filled, EngineError>>>;
+
+/// Where a fetch sends its outcome: once, by whoever has it first (the
+/// blocking thread with the plaintext, else the task).
+type Reply = Arc<Mutex<Option<oneshot::Sender<Result<Filled, EngineError>>>>>;
+
+fn send(reply: &Reply, outcome: Result<Filled, EngineError>) {
+    let sender = reply.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(sender) = sender {
+        // No waiter left is fine: the chunk is in the cache either way.
+        let _ = sender.send(outcome);
+    }
+}
 
 struct Flight {
     fill: Fill,
@@ -207,23 +219,30 @@ impl Fetcher {
         key: ChunkKey,
         ticket: Arc<Ticket>,
     ) -> Fill {
+        let (tx, rx) = oneshot::channel();
+        let reply: Reply = Arc::new(Mutex::new(Some(tx)));
         let fetcher = Arc::clone(self);
-        let task = self.runtime.spawn(async move {
-            let done = FlightDone { fetcher, index };
-            let fetched = done.fetcher.run(index, id, key, &ticket).await;
-            match fetched {
+        self.runtime.spawn(async move {
+            let fetched = {
+                let done = FlightDone { fetcher, index };
+                done.fetcher.run(index, id, key, &ticket, &reply).await
+            };
+            // The entry is gone now: a waiter told to look again, or failed,
+            // finds no stale flight to join.
+            let outcome = match fetched {
                 Err(_) if ticket.priority() != Priority::Demand => Ok(Filled::LookAgain),
                 fetched => fetched,
-            }
+            };
+            send(&reply, outcome);
         });
-        async move {
-            task.await.unwrap_or_else(|e| {
+        rx.map(move |sent| {
+            sent.unwrap_or_else(|_| {
                 Err(EngineError::TaskFailed {
                     task: format!("fetch of chunk {index}"),
-                    reason: e.to_string(),
+                    reason: "the runtime dropped it".into(),
                 })
             })
-        }
+        })
         .boxed()
         .shared()
     }
@@ -234,6 +253,7 @@ impl Fetcher {
         id: ChunkId,
         key: ChunkKey,
         ticket: &Arc<Ticket>,
+        reply: &Reply,
     ) -> Result<Filled, EngineError> {
         let slot: Slot = self.slots.acquire(ticket).await;
         let started = Instant::now();
@@ -262,9 +282,11 @@ impl Fetcher {
         add(&self.counters.bytes_fetched, envelope.len() as u64);
         let cache = Arc::clone(&self.cache);
         let (expected, offset) = (self.layout.chunk_len(index), self.layout.chunk_start(index));
+        let waiters = Arc::clone(reply);
         // SHA-256 and AES-GCM of a whole chunk take a few hundred
         // microseconds, and the cache write may block: a blocking thread,
-        // never an async worker.
+        // never an async worker. It also hands the plaintext to the
+        // waiters, so they wake straight from there.
         let filled = tokio::task::spawn_blocking(move || {
             let plaintext = open_envelope(index, &id, &key, envelope, expected)?;
             cache
@@ -274,6 +296,7 @@ impl Fetcher {
                     source: Arc::new(source),
                 })?;
             cache.mark_present(index);
+            send(&waiters, Ok(Filled::Plaintext(plaintext.clone())));
             Ok(plaintext)
         })
         .await
