@@ -132,8 +132,9 @@ vm_fetch_kernel() {
     local tmp debs=() deb p
     tmp=$(mktemp -d "$VM_CACHE/extract.XXXXXX")
     for p in "${pkgs[@]}"; do
-        deb=$(cd "$apt/archives" && ls -t -- "$p"_*.deb 2>/dev/null | head -n1) || true
-        [[ -n $deb ]] || { rm -rf "$tmp"; die "apt-get download left no $p .deb"; }
+        deb=$(vm_apt apt-cache show --no-all-versions "$p" | awk '$1 == "Filename:" { print $2; exit }')
+        deb=${deb##*/}
+        [[ -n $deb && -f $apt/archives/$deb ]] || { rm -rf "$tmp"; die "apt-get download left no $p .deb"; }
         debs+=("$deb")
         dpkg-deb -x "$apt/archives/$deb" "$tmp/root" || { rm -rf "$tmp"; die "dpkg-deb -x $deb failed"; }
     done
