@@ -25,6 +25,7 @@ tools=(
     "cpio cpio"              # packs the VM's initramfs
     "xz xz-utils"            # unpacks the kernel modules for busybox insmod
     "dpkg-deb dpkg"          # unpacks the VM's kernel package
+    "modinfo kmod"           # the VM's modules' dependencies (scripts/lib/vm.sh)
     "skopeo skopeo"          # image copies between layouts, archives, registries
     "umoci umoci"            # OCI layouts built from directories
     "docker-registry docker-registry" # a loopback registry for source tests

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Runs one command inside a throwaway VM on Debian trixie's cloud kernel
-# (6.12, with ublk_drv and loop loaded), and exits with that command's exit
-# code. The guest has no network card and no disk: everything it needs is in
-# its initramfs, /tmp is a tmpfs.
+# Runs one command inside a throwaway VM on a Debian cloud kernel (with
+# ublk_drv and loop loaded), and exits with that command's exit code. The
+# guest has no network card and no disk: everything it needs is in its
+# initramfs, /tmp is a tmpfs.
 #
 #   scripts/vm-run.sh [--timeout SECS] [--mem MIB] [--cwd GUESTDIR]
 #                     [--env NAME=VALUE]... [--add HOSTPATH[:GUESTPATH]]...
 #                     -- COMMAND [ARGS...]
 #
 # --add copies a file or directory into the guest, at GUESTPATH or else at
-# /vm/BASENAME (/vm is on PATH and is the default working directory). Every
+# /vm/BASENAME (/vm is on PATH and is the default working directory); not
+# under /tmp, /run, /dev, /proc or /sys, which the guest mounts over. Every
 # ELF file added gets the shared libraries `ldd` lists. The guest always has
 # busybox, fio, mkfs.ext4, e2fsck, debugfs, losetup, mount, umount, findmnt
 # and fusermount3.
@@ -17,7 +18,8 @@
 # The console streams to stdout. Exit status: the guest command's, or 124
 # when the VM ran past --timeout, or 125 when the guest ended without
 # reporting (kernel panic, /init failure) or the VM could not start.
-# Kernel cache: $LAZYBLK_VM_CACHE (default ~/.cache/lazyblk/vm).
+# Kernel: LAZYBLK_VM_SUITE (trixie: 6.12, the default; trixie-backports:
+# 7.x). Cache: $LAZYBLK_VM_CACHE (default ~/.cache/lazyblk/vm).
 set -euo pipefail
 # shellcheck source=scripts/lib/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
@@ -65,6 +67,7 @@ done
 
 vm_fetch_kernel
 kernel=$VM_KERNEL_DIR/vmlinuz
+note "kernel $(vm_kernel_version) ($VM_SUITE)"
 
 # Single-quotes a word for the guest's busybox sh.
 shq() {
@@ -104,8 +107,9 @@ add_path() {
 }
 
 # The static part of the initramfs (busybox and its applets, the test tools
-# with their libraries, the kernel modules), cached as one cpio archive
-# keyed on what went into it.
+# with their libraries), cached as one cpio archive keyed on what went into
+# it. It holds nothing of the kernel, so every kernel shares it; the modules
+# (a few hundred KiB) go in with each run.
 base_tools=(fio mkfs.ext4 mke2fs e2fsck debugfs losetup mount umount findmnt fusermount3)
 base_files=(/etc/mke2fs.conf)
 base_cpio() {
@@ -118,9 +122,7 @@ base_cpio() {
     key=$({
         sed -n '/^base_cpio()/,/^}/p' "${BASH_SOURCE[0]}"
         printf '%s\n' "${base_tools[@]}"
-        stat -L -c '%n %s %Y' "$(command -v busybox)" "${paths[@]}" "${base_files[@]}" \
-            "$VM_KERNEL_DIR"/*.ko
-        cat "$VM_KERNEL_DIR/VERSION"
+        stat -L -c '%n %s %Y' "$(command -v busybox)" "${paths[@]}" "${base_files[@]}"
     } | sha256sum | cut -c1-16)
     local out=$VM_CACHE/base-$key.cpio
     if [[ -s $out ]]; then
@@ -130,7 +132,7 @@ base_cpio() {
     fi
     local root
     root=$(mktemp -d "$VM_CACHE/base.XXXXXX")
-    mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,run,root,vm,lib/modules}
+    mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,run,root,vm}
     cp -L "$(command -v busybox)" "$root/bin/busybox"
     add_libs "$root" "$root/bin/busybox"
     local applet
@@ -150,7 +152,6 @@ base_cpio() {
     ln -s /proc/mounts "$root/etc/mtab"
     printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
     printf 'root:x:0:\n' >"$root/etc/group"
-    cp "$VM_KERNEL_DIR"/*.ko "$root/lib/modules/"
     # Runs may build at once (and checkouts of other versions of this
     # script share the cache): each writes its own file and renames it.
     (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$root.cpio" ||
@@ -168,7 +169,8 @@ base=$(base_cpio)
 work=$(mktemp -d "${TMPDIR:-/tmp}/lazyblk-vm.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 root=$work/root
-mkdir -p "$root/vm"
+mkdir -p "$root/vm" "$root/lib/modules"
+cp "$VM_KERNEL_DIR"/*.ko "$VM_KERNEL_DIR/modules.load" "$root/lib/modules/"
 for a in "${adds[@]}"; do
     if [[ $a =~ ^(.+):(/.*)$ ]]; then
         host=${BASH_REMATCH[1]} guest=${BASH_REMATCH[2]}
@@ -176,6 +178,13 @@ for a in "${adds[@]}"; do
         host=$a guest=/vm/$(basename "$a")
     fi
     [[ -e $host ]] || fail "--add $a: $host does not exist"
+    # /init mounts file systems there before the command runs, hiding
+    # whatever the initramfs put in them.
+    top=${guest#/} top=/${top%%/*}
+    case $top in
+    /tmp | /run | /dev | /proc | /sys)
+        fail "--add $a: the guest mounts over $top; choose a guest path elsewhere (e.g. under /vm)" ;;
+    esac
     add_path "$root" "$host" "$guest"
 done
 
@@ -211,7 +220,8 @@ mount -t tmpfs -o size=${LAZYBLK_VM_TMP_MIB}m,mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=755 tmpfs /run
 mkdir -p /run/lazyblk
 ifconfig lo 127.0.0.1 netmask 255.0.0.0 up
-for m in ublk_drv loop; do
+# modules.load lists dependencies before the modules that need them.
+for m in $(cat /lib/modules/modules.load); do
     insmod /lib/modules/$m.ko || { echo "vm-init: insmod $m.ko failed"; report 125; }
 done
 cd "$LAZYBLK_VM_CWD" || { echo "vm-init: no directory $LAZYBLK_VM_CWD"; report 125; }

@@ -5,7 +5,8 @@
 # run with --ignored, one at a time. Fails on any test failure, on a VM
 # timeout, and when no test ran. Builds with the release profile: under
 # emulation a debug build ran the same test 6x slower, far more than the
-# build costs (--debug to build without optimisation).
+# build costs (--debug to build without optimisation). The kernel is
+# LAZYBLK_VM_SUITE's (see scripts/vm-run.sh).
 #
 #   scripts/vm-test.sh [--timeout SECS] [--mem MIB] [--debug]
 #                      [--add HOSTPATH[:GUESTPATH]]... [-- LIBTEST-ARGS...]
@@ -18,10 +19,12 @@
 set -euo pipefail
 # shellcheck source=scripts/lib/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+# shellcheck source=scripts/lib/vm.sh
+. "$REPO_ROOT/scripts/lib/vm.sh"
 cd "$REPO_ROOT"
 
 usage() {
-    sed -n '10,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,3\}//' >&2
+    sed -n '11,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,3\}//' >&2
     exit "${1:-2}"
 }
 
@@ -97,15 +100,18 @@ bin=$(jq -r \
 [[ -x $test_exe ]] || die "cargo named no test executable for --test $target"
 [[ -x $bin ]] || die "cargo named no lazyblk binary while building --test $target"
 
-# Cargo runs a test executable from the package root; the guest mirrors
-# that path with the tests/ tree, so fixtures found through
-# CARGO_MANIFEST_DIR resolve there too.
+# Cargo runs a test executable from the package root and sets
+# CARGO_MANIFEST_DIR to it. The guest gets the tests/ tree at a fixed path
+# rather than the host's: a checkout under /tmp would vanish beneath the
+# guest's tmpfs. Paths compiled in (env!) still name the host: the binary
+# comes from LAZYBLK_BIN instead of CARGO_BIN_EXE_lazyblk.
+guest_pkg=/vm/package
 log=$work/vm.log
 set +e
 scripts/vm-run.sh "${vm_args[@]}" \
     --add "$test_exe:/vm/$target-tests" --add "$bin:/vm/lazyblk" \
-    --add "$REPO_ROOT/tests:$REPO_ROOT/tests" --cwd "$REPO_ROOT" \
-    --env LAZYBLK_BIN=/vm/lazyblk \
+    --add "$REPO_ROOT/tests:$guest_pkg/tests" --cwd "$guest_pkg" \
+    --env LAZYBLK_BIN=/vm/lazyblk --env CARGO_MANIFEST_DIR="$guest_pkg" \
     -- "$target-tests" --ignored --test-threads=1 "$@" | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
@@ -117,5 +123,5 @@ if ((status == 124 || status == 125)); then
 fi
 [[ -n $summary ]] || die "the test executable printed no summary (exit $status)"
 grep -qE '^running 0 tests$' "$log" && die "no test ran: $summary"
-note "$summary"
+note "$summary (suite $VM_SUITE, kernel $(vm_kernel_version))"
 ((status == 0)) || die "tests failed in the VM (exit $status)"
