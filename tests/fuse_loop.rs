@@ -259,3 +259,49 @@ fn checkpointed_chunks(bitmap: &std::path::Path) -> u32 {
     let (_, words) = lazyblk::cache::bitmap::decode(&bytes).unwrap();
     words.iter().map(|word| word.count_ones()).sum()
 }
+
+#[test]
+fn fstrim_through_loop_frees_chunks_without_fetching_them() {
+    let world = World::new();
+    let tree = world.path("tree");
+    make_tree(&tree);
+    let image = world.path("image.ext4");
+    make_ext4(&tree, &image, 96);
+    world.push(&image, "trim");
+
+    let fuse = world.add("trim", "cache", "fuse", false);
+    let root = world.mount_loop(&fuse, "root", false);
+    // Files never read: their chunks are not in the cache.
+    let gone = ["dir02", "dir03", "dir04"];
+    for dir in gone {
+        fs::remove_dir_all(root.join(dir)).unwrap();
+    }
+    let written = pseudo_random(7, 2 << 20);
+    fs::write(root.join("kept.bin"), &written).unwrap();
+    run(&mut Command::new("sync"));
+    let before = world.device(&fuse);
+    run(Command::new("fstrim").arg(&root));
+    let after = world.device(&fuse);
+    assert!(
+        stat_u64(&after, "discard_requests") > stat_u64(&before, "discard_requests"),
+        "fstrim sent no discard through loop and FUSE: {after}"
+    );
+    assert!(stat_u64(&after, "chunks_punched") > 0, "{after}");
+    assert_eq!(
+        stat_u64(&after, "chunks_fetched"),
+        stat_u64(&before, "chunks_fetched"),
+        "a discard fetched a chunk"
+    );
+    world.umount(&root);
+    run(Command::new("e2fsck")
+        .args(["-f", "-n"])
+        .arg(fuse.join("disk")));
+    let root = world.mount_loop(&fuse, "root2", true);
+    assert!(fs::read(root.join("kept.bin")).unwrap() == written);
+    assert!(assert_same_tree(&tree.join("dir05"), &root.join("dir05")) > 20);
+    for dir in gone {
+        assert!(!root.join(dir).exists());
+    }
+    world.umount(&root);
+    world.del(&fuse);
+}
