@@ -19,7 +19,9 @@
 #
 # Environment: LAZYBLK_BENCH_DIR (default /var/tmp/lazyblk-bench-fio, on
 # disk like a real store), LAZYBLK_FIO_IMAGE (default 1G), FIO_RUNTIME
-# (default 10), LAZYBLK_BENCH_KEEP=1 keeps the work directory.
+# (default 10), LAZYBLK_BENCH_KEEP=1 keeps the work directory,
+# LAZYBLK_BENCH_BIN measures another lazyblk binary (an earlier build, for a
+# before/after comparison) instead of this checkout's release build.
 set -euo pipefail
 # shellcheck source=scripts/lib/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
@@ -32,8 +34,13 @@ runtime=${FIO_RUNTIME:-10}
 # Other work on the machine moves every figure: the report records it.
 load=$(cut -d' ' -f1-3 /proc/loadavg)
 ensure_kernel_devices
-note "cargo build --release"
-bin=$(build_release)
+if [[ -n ${LAZYBLK_BENCH_BIN:-} ]]; then
+    bin=$LAZYBLK_BENCH_BIN
+    [[ -x $bin ]] || die "LAZYBLK_BENCH_BIN=$bin is not an executable"
+else
+    note "cargo build --release"
+    bin=$(build_release)
+fi
 lazy=1
 for sub in "keygen --out" "push --store" "add --fuse" "del --fuse"; do
     # shellcheck disable=SC2086 # "sub flag" splits on purpose
