@@ -206,9 +206,10 @@ proptest! {
                 }
                 Op::Flush => rt.block_on(engine.flush()).unwrap(),
                 Op::Reopen => {
-                    rt.block_on(engine.flush()).unwrap();
-                    // Fetches ahead may still run, holding the cache's lock.
+                    // Fetches ahead may still run, holding the cache's
+                    // lock: wait for them, then flush what they fetched.
                     rt.block_on(idle(&engine));
+                    rt.block_on(engine.flush()).unwrap();
                     drop(engine);
                     engine = open();
                 }
@@ -275,8 +276,8 @@ proptest! {
         let got = rt.block_on(engine.read(0, size)).unwrap();
         settle(&mut model, &mut either_zero, 0, &got)?;
         // A clean stop: the device process flushes before it lets go.
-        rt.block_on(engine.flush()).unwrap();
         rt.block_on(idle(&engine));
+        rt.block_on(engine.flush()).unwrap();
         drop(engine);
         let engine = open();
         prop_assert!(rt.block_on(engine.read(0, size)).unwrap() == model);
