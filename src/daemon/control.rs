@@ -14,8 +14,12 @@ use crate::engine::EngineStats;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ControlRequest {
     Stats,
-    /// Flush and detach the device; refused while it is in use.
-    Stop,
+    /// Flush and detach the device; refused while it is in use, unless
+    /// `force` (absent in requests from older clients: not forced).
+    Stop {
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,8 +34,9 @@ pub enum ControlResponse {
 #[async_trait]
 pub trait DeviceControl: Send + Sync {
     fn stats(&self) -> EngineStats;
-    /// Flushes and detaches. `Ok` means the device will exit.
-    async fn stop(&self) -> Result<(), String>;
+    /// Flushes and detaches; `force` detaches even a device in use. `Ok`
+    /// means the device will exit.
+    async fn stop(&self, force: bool) -> Result<(), String>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +103,7 @@ pub async fn serve_control(listener: UnixListener, device: Arc<dyn DeviceControl
             }
             let response = match serde_json::from_str::<ControlRequest>(&line) {
                 Ok(ControlRequest::Stats) => ControlResponse::Stats(device.stats()),
-                Ok(ControlRequest::Stop) => match device.stop().await {
+                Ok(ControlRequest::Stop { force }) => match device.stop(force).await {
                     Ok(()) => ControlResponse::Stopping,
                     Err(e) => ControlResponse::Error(e),
                 },
@@ -108,5 +113,21 @@ pub async fn serve_control(listener: UnixListener, device: Arc<dyn DeviceControl
             answer.push('\n');
             let _ = write.write_all(answer.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_without_force_from_an_older_client_is_not_forced() {
+        let request: ControlRequest = serde_json::from_str(r#"{"op":"stop"}"#).unwrap();
+        assert!(matches!(request, ControlRequest::Stop { force: false }));
+        let forced = serde_json::to_string(&ControlRequest::Stop { force: true }).unwrap();
+        assert!(matches!(
+            serde_json::from_str(&forced).unwrap(),
+            ControlRequest::Stop { force: true }
+        ));
     }
 }
