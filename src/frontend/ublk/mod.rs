@@ -251,11 +251,14 @@ where
         return Err(e);
     }
     // The queues are down and /dev/ublkcN is closed: delete now, or the
-    // delete would wait on our own open file.
+    // delete would wait on our own open file. DEL_DEV also waits until the
+    // disk has no opener left (a device stopped while mounted); the async
+    // form (6.9+) returns at once and the driver frees the id later.
     let deleting = ctrl.clone();
     if let Err(e) = bounded("DEL_DEV", CONTROL_TIMEOUT, move || {
         deleting
-            .del_dev()
+            .del_dev_async()
+            .or_else(|_| deleting.del_dev())
             .map(|_| ())
             .map_err(|e| UblkFrontendError::Delete {
                 id,
