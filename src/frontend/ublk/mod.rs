@@ -13,11 +13,13 @@
 //! decrypts, so zero-copy modes (whose buffers the server cannot touch) do
 //! not fit.
 //!
-//! Teardown order: the kernel aborts every tag's command after STOP_DEV
-//! (or when the device is deleted); each queue thread returns once all its
-//! tags have seen that, dropping its buffers, then its ring; `run_target`
-//! joins the threads and closes `/dev/ublkcN`; only then is the device
-//! deleted, so the delete never waits on our own open file.
+//! Teardown order: the kernel aborts every tag's command after STOP_DEV or
+//! TRY_STOP_DEV (or when the device is deleted); each queue thread returns
+//! once all its tags have seen that, dropping its buffers, then its ring;
+//! `run` joins the threads and drops the last `UblkDev`, closing
+//! `/dev/ublkcN`; only then is the device deleted (DEL_DEV_ASYNC where the
+//! driver has it), so the delete never waits on our own open file, nor on
+//! a mount that outlived a forced stop.
 //!
 //! With `recoverable`, the device is created with `UBLK_F_USER_RECOVERY`
 //! and `UBLK_F_USER_RECOVERY_REISSUE`: if the process dies, the kernel
