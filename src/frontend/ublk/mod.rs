@@ -220,7 +220,7 @@ pub fn device_exists(id: u32) -> bool {
 /// Adds (or recovers) a device serving `engine` and blocks until it stops.
 /// `started` is called once the block device is live. Fetches, writes and
 /// flushes run on `runtime`, which must outlive the call. Every control
-/// command is bounded by [`CONTROL_TIMEOUT`]; one that hangs fails the call
+/// command is bounded in time (30 s, `control.rs`); one that hangs fails the call
 /// with [`UblkFrontendError::Timeout`], and the caller should then exit.
 pub fn serve<F>(
     engine: Arc<Engine>,
