@@ -23,9 +23,10 @@
 //! * [`durable`]: replacing a file atomically and durably, for every layer
 //!   that keeps files.
 //!
-//! No module uses `unsafe`: the crate forbids it, so the first one that
-//! needs it is a decision made in the open (see [`frontend`]).
-#![forbid(unsafe_code)]
+//! `unsafe` is denied crate-wide and allowed in one module only, the ublk
+//! frontend's control commands that libublk cannot send (see [`frontend`]);
+//! each block there names who keeps its memory alive.
+#![deny(unsafe_code)]
 
 pub mod cache;
 pub mod chunk;

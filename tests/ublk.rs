@@ -494,3 +494,135 @@ fn flattened_oci_image_serves_through_ublk() {
     w.umount(&root);
     w.del(&dev);
 }
+
+/// Whether the running kernel's driver has feature `name`, as
+/// `lazyblk features --json` reports it.
+fn driver_has(w: &UblkWorld, name: &str) -> bool {
+    let out = run(w.world.lazyblk().args(["features", "--json"]));
+    let features: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    features
+        .as_array()
+        .expect("an array")
+        .iter()
+        .find(|f| f["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {features}"))["supported"]
+        .as_bool()
+        .expect("supported is a bool")
+}
+
+/// The mount points in a `/proc/PID/mountinfo`.
+fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4).map(PathBuf::from))
+        .collect()
+}
+
+/// A small ext4 image of the usual tree, pushed as `name`, and the tree.
+fn ext4_image(w: &UblkWorld, name: &str) -> PathBuf {
+    let tree = w.world.path(&format!("{name}-tree"));
+    make_tree(&tree);
+    let image = w.world.path(&format!("{name}.ext4"));
+    make_ext4(&tree, &image, 96);
+    w.world.push(&image, name);
+    tree
+}
+
+#[test]
+#[ignore = "needs /dev/ublk-control: run in the VM by scripts/vm-test.sh"]
+fn del_refuses_a_mounted_device_where_the_kernel_can_and_force_stops_it() {
+    let w = UblkWorld::new();
+    let tree = ext4_image(&w, "busy");
+    let dev = w.add("busy", "cache", &["--read-only"]);
+    let root = w.mount(&dev, "root", "ro");
+    let probe = Path::new("dir03/sub0/file001.bin");
+    let id = dev.id.to_string();
+
+    let refused = w.world.lazyblk().args(["del", "-n", &id]).output().unwrap();
+    if driver_has(&w, "SAFE_STOP_DEV") {
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success(),
+            "del of a mounted device: {refused:?}"
+        );
+        assert!(
+            stderr.contains("--force") && stderr.contains("open"),
+            "{stderr}"
+        );
+        assert!(dev.path.exists(), "a refused del removed the device");
+        assert_eq!(w.device(dev.id)["state"], "live");
+        // The device still serves its mount after the refusal.
+        assert_eq!(
+            sha256_file(&root.join(probe)),
+            sha256_file(&tree.join(probe))
+        );
+        run(w.world.lazyblk().args(["del", "-n", &id, "--force"]));
+    } else {
+        // Without SAFE_STOP_DEV the driver cannot refuse: del stops it.
+        assert!(
+            refused.status.success(),
+            "del without SAFE_STOP_DEV: {refused:?}"
+        );
+    }
+    wait_for("the block device to go", Duration::from_secs(30), || {
+        !dev.path.exists()
+    });
+    // The filesystem of a stopped device still unmounts.
+    w.umount(&root);
+    wait_for("the driver to free the id", Duration::from_secs(30), || {
+        !Path::new(&format!("/sys/class/ublk-char/ublkc{}", dev.id)).exists()
+    });
+}
+
+#[test]
+#[ignore = "needs /dev/ublk-control: run in the VM by scripts/vm-test.sh"]
+fn ublk_device_process_keeps_its_own_mounts_and_fuse_stays_in_the_hosts() {
+    let w = UblkWorld::new();
+    let tree = ext4_image(&w, "ns");
+    let dev = w.add("ns", "cache", &["--read-only"]);
+    let root = w.mount(&dev, "root", "ro");
+    let device = w.device(dev.id);
+    let pid = device["pid"].as_u64().unwrap();
+
+    let ours = fs::read_link("/proc/self/ns/mnt").unwrap();
+    let its = fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    assert_ne!(
+        its, ours,
+        "the ublk device process shares our mount namespace"
+    );
+    let host_mounts = mount_points(&fs::read_to_string("/proc/self/mountinfo").unwrap());
+    let its_mounts = mount_points(&fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap());
+    assert!(
+        host_mounts.contains(&root),
+        "{} not mounted here",
+        root.display()
+    );
+    assert!(
+        !its_mounts.contains(&root),
+        "the device process sees the mount of its own device"
+    );
+    // It serves that mount all the same.
+    assert_eq!(file_hashes(&root), file_hashes(&tree));
+
+    // Partition scans are skipped exactly where the driver can skip them.
+    let flags = device["ublk"]["flags"]
+        .as_u64()
+        .expect("flags in the record");
+    assert_eq!(
+        flags & (1 << 18) != 0,
+        driver_has(&w, "NO_AUTO_PART_SCAN"),
+        "device flags {flags:#x}"
+    );
+
+    // A FUSE device's mount must be visible here, so it stays in our namespace.
+    let fuse = w.world.add("ns", "fuse-cache", "fuse", true);
+    let fuse_pid = w.world.device(&fuse)["pid"].as_u64().unwrap();
+    assert_eq!(
+        fs::read_link(format!("/proc/{fuse_pid}/ns/mnt")).unwrap(),
+        ours
+    );
+    w.world.del(&fuse);
+
+    w.umount(&root);
+    w.del(&dev);
+}

@@ -20,7 +20,9 @@ use clap::Args;
 use super::keys::load_key;
 use super::ImageArgs;
 use crate::chunk::{manifest_digest, Manifest};
-use crate::daemon::{self, ControlRequest, ControlResponse, DeviceRecord, DeviceState};
+use crate::daemon::{
+    self, ControlRequest, ControlResponse, DeviceRecord, DeviceState, FrontendKind,
+};
 use crate::engine::{
     Engine, EngineOptions, EngineStats, FetchPolicy, DEFAULT_FETCH_TIMEOUT,
     DEFAULT_READAHEAD_CHUNKS,
@@ -99,21 +101,45 @@ pub struct DelArgs {
     /// Every device in the run directory, FUSE and ublk, orphans included.
     #[arg(short = 'a', long)]
     pub all: bool,
+    /// Stop a ublk device even while it is open (e.g. mounted); its users
+    /// then get I/O errors. Without it, kernels with SAFE_STOP_DEV (7.0+)
+    /// refuse to stop an open device; older kernels stop it regardless.
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl AddArgs {
+    /// The frontend the options ask for.
+    pub fn frontend(&self) -> FrontendKind {
+        match self.fuse {
+            Some(_) => FrontendKind::Fuse,
+            None => FrontendKind::Ublk,
+        }
+    }
 }
 
 pub fn add(args: AddArgs) -> anyhow::Result<()> {
-    if args.fuse.is_none() {
+    let frontend = args.frontend();
+    if frontend == FrontendKind::Ublk {
         // Before anything else: no point starting a process that cannot work.
         ublk::require_driver()?;
     }
-    if args.foreground {
-        let runtime = super::runtime()?;
-        return match &args.fuse {
-            Some(mountpoint) => runtime.block_on(super::fuse::serve(&args, mountpoint)),
-            None => runtime.block_on(super::ublk::serve_add(&args)),
-        };
+    if !args.foreground {
+        return daemonize(&args.cache_dir);
     }
-    daemonize(&args.cache_dir)
+    match (frontend, &args.fuse) {
+        // A FUSE device stays in the host's mount namespace: its mount must
+        // be visible there.
+        (FrontendKind::Fuse, Some(mountpoint)) => {
+            super::runtime()?.block_on(super::fuse::serve(&args, mountpoint))
+        }
+        (FrontendKind::Ublk, _) => {
+            // Before the runtime starts any thread.
+            ublk::isolate_mounts()?;
+            super::runtime()?.block_on(super::ublk::serve_add(&args))
+        }
+        (FrontendKind::Fuse, None) => unreachable!("a FUSE device has a mountpoint"),
+    }
 }
 
 /// Re-runs this command with `--foreground` as a detached child logging to
@@ -237,10 +263,11 @@ pub(super) async fn list_devices(run_dir: &Path) -> anyhow::Result<Vec<daemon::D
         .with_context(|| format!("read run directory {}", run_dir.display()))
 }
 
-/// How a device process takes its frontend down.
+/// How a device process takes its frontend down; `force` detaches even a
+/// device in use, where the frontend can tell.
 #[async_trait]
 pub(super) trait Detach: Send + Sync {
-    async fn detach(&self) -> Result<(), String>;
+    async fn detach(&self, force: bool) -> Result<(), String>;
 }
 
 /// Glue between the control socket and a device: its stats are the
@@ -257,12 +284,12 @@ impl<F: Detach> daemon::DeviceControl for EngineControl<F> {
         self.engine.stats()
     }
 
-    async fn stop(&self) -> Result<(), String> {
+    async fn stop(&self, force: bool) -> Result<(), String> {
         self.engine
             .checkpoint()
             .await
             .map_err(|e| format!("flush: {e}"))?;
-        self.frontend.detach().await
+        self.frontend.detach(force).await
     }
 }
 
@@ -289,7 +316,7 @@ pub(super) async fn serve_until_stopped<T>(
             _ = tokio::signal::ctrl_c() => {}
         }
         tracing::info!("signal received: flushing and stopping");
-        if let Err(e) = control.stop().await {
+        if let Err(e) = control.stop(false).await {
             tracing::error!("cannot stop yet: {e}");
         }
     };
@@ -318,7 +345,7 @@ pub async fn del(args: DelArgs) -> anyhow::Result<()> {
     if args.all {
         let mut failed = Vec::new();
         for device in devices {
-            if let Err(e) = del_one(&run_dir, &device).await {
+            if let Err(e) = del_one(&run_dir, &device, args.force).await {
                 failed.push(format!("{e:#}"));
             }
         }
@@ -340,7 +367,7 @@ pub async fn del(args: DelArgs) -> anyhow::Result<()> {
             }
             bail!("there is no ublk device {id}");
         };
-        return del_one(&run_dir, device).await;
+        return del_one(&run_dir, device, args.force).await;
     }
     let Some(fuse) = args.fuse else {
         bail!("say which device: -n ID, --all, or --fuse MOUNTPOINT");
@@ -350,26 +377,31 @@ pub async fn del(args: DelArgs) -> anyhow::Result<()> {
         .with_context(|| format!("mountpoint {}", fuse.display()))?;
     let device = devices
         .iter()
-        .find(|d| d.record.frontend == "fuse" && d.record.target == mountpoint)
+        .find(|d| d.record.frontend == FrontendKind::Fuse && d.record.target == mountpoint)
         .ok_or_else(|| anyhow!("no lazyblk device is mounted at {}", mountpoint.display()))?;
-    del_one(&run_dir, device).await
+    del_one(&run_dir, device, args.force).await
 }
 
 /// Stops a live device through its process, or deletes an orphan.
-async fn del_one(run_dir: &Path, device: &daemon::DeviceStatus) -> anyhow::Result<()> {
+async fn del_one(run_dir: &Path, device: &daemon::DeviceStatus, force: bool) -> anyhow::Result<()> {
     let pid = device.record.pid;
     let target = device.record.target.display();
     if device.state == DeviceState::Orphaned {
-        let Some(id) = device.record.ublk.as_ref().map(|u| u.id) else {
-            bail!("device record {pid} is orphaned but names no ublk device");
-        };
-        tokio::task::spawn_blocking(move || ublk::delete(id)).await??;
+        match device.record.frontend {
+            FrontendKind::Ublk => {
+                let Some(id) = device.record.ublk.as_ref().map(|u| u.id) else {
+                    bail!("device record {pid} is orphaned but names no ublk device");
+                };
+                tokio::task::spawn_blocking(move || ublk::delete(id)).await??;
+            }
+            FrontendKind::Fuse => bail!("FUSE device record {pid} cannot be orphaned"),
+        }
         DeviceRecord::remove(run_dir, pid);
         outln!("deleted orphaned {target}");
         return Ok(());
     }
     let socket = DeviceRecord::socket_path(run_dir, pid);
-    match daemon::request(&socket, &ControlRequest::Stop).await? {
+    match daemon::request(&socket, &ControlRequest::Stop { force }).await? {
         ControlResponse::Stopping => {}
         ControlResponse::Error(e) => bail!("device {pid} at {target}: {e}"),
         other => bail!("device {pid} answered {other:?} to stop"),

@@ -11,12 +11,14 @@ use super::device::{
     engine_options, ensure_run_dir, list_devices, open_engine, say_ready, serve_until_stopped,
     AddArgs, Detach, EngineControl,
 };
-use crate::daemon::{self, DeviceRecord};
+use crate::daemon::{self, DeviceRecord, FrontendKind};
 use crate::frontend::fuse::{FuseDevice, DISK_FILE_NAME};
 
 #[async_trait]
 impl Detach for Arc<FuseDevice> {
-    async fn detach(&self) -> Result<(), String> {
+    /// `force` changes nothing: the unmount itself refuses while the disk
+    /// file is in use, and a lazy unmount would leave the device serving.
+    async fn detach(&self, _force: bool) -> Result<(), String> {
         self.unmount().map_err(|e| e.to_string())
     }
 }
@@ -55,7 +57,7 @@ pub(super) async fn serve(args: &AddArgs, mountpoint: &Path) -> anyhow::Result<(
         UnixListener::bind(&socket).with_context(|| format!("bind {}", socket.display()))?;
     let record = DeviceRecord {
         pid,
-        frontend: "fuse".into(),
+        frontend: FrontendKind::Fuse,
         target: mountpoint.clone(),
         name: name.clone(),
         store: store.describe(),

@@ -19,7 +19,7 @@ use super::device::{
     serve_until_stopped, AddArgs, Detach, EngineControl,
 };
 use super::ImageArgs;
-use crate::daemon::{self, DeviceControl, DeviceRecord, DeviceState, UblkRecord};
+use crate::daemon::{self, DeviceControl, DeviceRecord, DeviceState, FrontendKind, UblkRecord};
 use crate::frontend::ublk::{self, DeviceInfo, DeviceOptions, Start};
 
 #[derive(Debug, Args)]
@@ -64,6 +64,10 @@ pub(super) async fn serve_add(args: &AddArgs) -> anyhow::Result<()> {
 
 pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
     ublk::require_driver()?;
+    if args.foreground {
+        // Before the runtime starts any thread.
+        ublk::isolate_mounts()?;
+    }
     let runtime = super::runtime()?;
     let run_dir = ensure_run_dir()?;
     let orphan = runtime
@@ -84,8 +88,15 @@ pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
             orphan.record.pid
         );
     }
-    let Some(ublk) = orphan.record.ublk.clone() else {
-        bail!("the record of device {} names no ublk device", args.id);
+    let ublk = match (orphan.record.frontend, orphan.record.ublk.clone()) {
+        (FrontendKind::Ublk, Some(ublk)) => ublk,
+        (FrontendKind::Ublk, None) => {
+            bail!("the record of device {} names no ublk device", args.id)
+        }
+        (FrontendKind::Fuse, _) => bail!(
+            "device {} is served through FUSE: only ublk devices can be recovered",
+            orphan.record.pid
+        ),
     };
     if !ublk.recoverable {
         bail!(
@@ -117,9 +128,9 @@ struct UblkDevice(u32);
 
 #[async_trait]
 impl Detach for UblkDevice {
-    async fn detach(&self) -> Result<(), String> {
+    async fn detach(&self, force: bool) -> Result<(), String> {
         let id = self.0;
-        tokio::task::spawn_blocking(move || ublk::stop(id))
+        tokio::task::spawn_blocking(move || ublk::stop(id, force))
             .await
             .map_err(|e| format!("stop task: {e}"))?
             .map_err(|e| format!("{:#}", anyhow::Error::from(e)))
@@ -163,7 +174,7 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
 
     let record = DeviceRecord {
         pid,
-        frontend: "ublk".into(),
+        frontend: FrontendKind::Ublk,
         target: info.path.clone(),
         name: spec.image.name.clone(),
         store: store.describe(),
@@ -178,6 +189,7 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
             key: std::path::absolute(&spec.image.key).unwrap_or(spec.image.key.clone()),
             readahead_chunks: spec.readahead_chunks,
             fetch_timeout_secs: spec.fetch_timeout,
+            flags: info.flags,
         }),
     };
     let control = Arc::new(EngineControl {
@@ -186,7 +198,7 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
     });
     if let Err(e) = record.publish(&run_dir) {
         // Without a record no one could find the device: take it down.
-        let _ = control.stop().await;
+        let _ = control.stop(true).await;
         let _ = device.await;
         DeviceRecord::remove(&run_dir, pid);
         return Err(e).with_context(|| format!("write device record in {}", run_dir.display()));

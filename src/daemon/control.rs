@@ -21,8 +21,12 @@ pub const MAX_LINE: usize = 64 << 10;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ControlRequest {
     Stats,
-    /// Flush and detach the device; refused while it is in use.
-    Stop,
+    /// Flush and detach the device; refused while it is in use, unless
+    /// `force` (absent in requests from older clients: not forced).
+    Stop {
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -37,8 +41,9 @@ pub enum ControlResponse {
 #[async_trait]
 pub trait DeviceControl: Send + Sync {
     fn stats(&self) -> EngineStats;
-    /// Flushes and detaches. `Ok` means the device will exit.
-    async fn stop(&self) -> Result<(), String>;
+    /// Flushes and detaches; `force` detaches even a device in use. `Ok`
+    /// means the device will exit.
+    async fn stop(&self, force: bool) -> Result<(), String>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +122,7 @@ pub async fn serve_control(listener: UnixListener, device: Arc<dyn DeviceControl
             };
             let response = match line.map(|l| serde_json::from_slice::<ControlRequest>(&l)) {
                 Some(Ok(ControlRequest::Stats)) => ControlResponse::Stats(device.stats()),
-                Some(Ok(ControlRequest::Stop)) => match device.stop().await {
+                Some(Ok(ControlRequest::Stop { force })) => match device.stop(force).await {
                     Ok(()) => ControlResponse::Stopping,
                     Err(e) => ControlResponse::Error(e),
                 },
@@ -148,7 +153,7 @@ mod tests {
         fn stats(&self) -> EngineStats {
             EngineStats::default()
         }
-        async fn stop(&self) -> Result<(), String> {
+        async fn stop(&self, _force: bool) -> Result<(), String> {
             Err("in use".into())
         }
     }
@@ -234,5 +239,16 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, ControlError::AnswerTooLong { .. }), "{err}");
         assert!(err.to_string().contains("65536"), "{err}");
+    }
+
+    #[test]
+    fn a_stop_without_force_from_an_older_client_is_not_forced() {
+        let request: ControlRequest = serde_json::from_str(r#"{"op":"stop"}"#).unwrap();
+        assert!(matches!(request, ControlRequest::Stop { force: false }));
+        let forced = serde_json::to_string(&ControlRequest::Stop { force: true }).unwrap();
+        assert!(matches!(
+            serde_json::from_str(&forced).unwrap(),
+            ControlRequest::Stop { force: true }
+        ));
     }
 }

@@ -32,12 +32,37 @@ pub fn run_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR))
 }
 
+/// How a device is presented to the kernel. Records name it as a lowercase
+/// string, so a record written before this type existed still reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FrontendKind {
+    /// `MOUNTPOINT/disk` through FUSE, for kernels without ublk.
+    Fuse,
+    /// `/dev/ublkbN` through the kernel's ublk driver.
+    Ublk,
+}
+
+impl FrontendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FrontendKind::Fuse => "fuse",
+            FrontendKind::Ublk => "ublk",
+        }
+    }
+}
+
+impl std::fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
 /// What a running device says about itself.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceRecord {
     pub pid: u32,
-    /// `fuse` or `ublk`.
-    pub frontend: String,
+    pub frontend: FrontendKind,
     /// Where the device is presented: a FUSE mountpoint or a block device path.
     pub target: PathBuf,
     pub name: String,
@@ -66,6 +91,10 @@ pub struct UblkRecord {
     /// get the default).
     #[serde(default = "default_fetch_timeout_secs")]
     pub fetch_timeout_secs: f64,
+    /// The device's `UBLK_F_*` flags as the driver reported them at start;
+    /// 0 in records written before they were kept.
+    #[serde(default)]
+    pub flags: u64,
 }
 
 fn default_fetch_timeout_secs() -> f64 {
@@ -191,7 +220,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut record = DeviceRecord {
             pid: 42,
-            frontend: "fuse".into(),
+            frontend: FrontendKind::Fuse,
             target: "/mnt/app".into(),
             name: "app".into(),
             store: "/srv/store".into(),
@@ -210,5 +239,33 @@ mod tests {
         let read: DeviceRecord =
             serde_json::from_slice(&std::fs::read(dir.path().join("42.json")).unwrap()).unwrap();
         assert!(!read.read_only);
+    }
+
+    fn record_json(frontend: &str) -> String {
+        format!(
+            r#"{{"pid": 42, "frontend": "{frontend}", "target": "/dev/ublkb3",
+                "name": "app", "store": "dir:/s", "cache_dir": "/c", "read_only": true,
+                "ublk": {{"id": 3, "queues": 2, "depth": 128, "recoverable": false,
+                          "store_spec": "/s", "key": "/k", "readahead_chunks": 8}}}}"#
+        )
+    }
+
+    #[test]
+    fn records_written_with_frontend_strings_still_read() {
+        for (name, kind) in [("ublk", FrontendKind::Ublk), ("fuse", FrontendKind::Fuse)] {
+            let record: DeviceRecord = serde_json::from_str(&record_json(name)).unwrap();
+            assert_eq!(record.frontend, kind);
+            assert_eq!(kind.to_string(), name);
+            let written = serde_json::to_value(&record).unwrap();
+            assert_eq!(written["frontend"], name, "{written}");
+            // A record without the flags it gained later reads as no flags.
+            assert_eq!(record.ublk.map(|u| u.flags), Some(0));
+        }
+    }
+
+    #[test]
+    fn an_unknown_frontend_is_refused_not_guessed() {
+        let error = serde_json::from_str::<DeviceRecord>(&record_json("nbd")).unwrap_err();
+        assert!(error.to_string().contains("nbd"), "{error}");
     }
 }

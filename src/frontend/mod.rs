@@ -6,10 +6,9 @@
 //!
 //! # Unsafe
 //!
-//! The crate forbids `unsafe` today. If the ublk frontend ever needs it (to
-//! hand the kernel buffers it must not touch until a completion), the crate
-//! attribute becomes `#![deny(unsafe_code)]`, with `#[allow(unsafe_code)]`
-//! on that one module alone, and each `unsafe` block carries a `// SAFETY:`
+//! The crate denies `unsafe`. One module allows it: `ublk/control.rs`,
+//! which submits the control commands libublk cannot send (a kernel buffer
+//! named in an io_uring SQE). Each `unsafe` block carries a `// SAFETY:`
 //! comment naming who keeps the memory alive until the kernel is done with
 //! it (clippy's `undocumented_unsafe_blocks` refuses a block without one).
 
