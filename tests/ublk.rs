@@ -626,3 +626,43 @@ fn ublk_device_process_keeps_its_own_mounts_and_fuse_stays_in_the_hosts() {
     w.umount(&root);
     w.del(&dev);
 }
+
+#[test]
+#[ignore = "needs /dev/ublk-control: run in the VM by scripts/vm-test.sh"]
+fn discards_free_chunks_without_fetching_them_and_read_back_as_zeros() {
+    let w = UblkWorld::new();
+    let image = w.raw_image("trim", 5, 64);
+    let original = fs::read(&image).unwrap();
+    let dev = w.add("trim", "cache", &[]);
+    // The first 16 MiB: 32 whole chunks, none of them fetched yet.
+    run(Command::new("blkdiscard")
+        .args(["-o", "0", "-l", &(16u64 << 20).to_string()])
+        .arg(&dev.path));
+    assert!(w.stat(dev.id, "discard_requests") > 0);
+    assert_eq!(w.stat(dev.id, "chunks_fetched"), 0, "a discard fetched");
+    assert_eq!(w.stat(dev.id, "chunks_punched"), 32);
+    let read = |dev: &Dev| {
+        let mut bytes = vec![0u8; 32 << 20];
+        fs::File::open(&dev.path)
+            .unwrap()
+            .read_exact(&mut bytes)
+            .unwrap();
+        bytes
+    };
+    let bytes = read(&dev);
+    assert!(
+        bytes[..16 << 20].iter().all(|&b| b == 0),
+        "discarded chunks read back data"
+    );
+    assert!(bytes[16 << 20..] == original[16 << 20..32 << 20]);
+    let fetched = w.stat(dev.id, "chunks_fetched");
+    assert_eq!(fetched, 32, "only the chunks not discarded were fetched");
+
+    // After a restart on the same cache, still holes and still not fetched.
+    w.del(&dev);
+    let dev = w.add("trim", "cache", &[]);
+    let again = read(&dev);
+    assert!(again == bytes);
+    assert_eq!(w.stat(dev.id, "chunks_fetched"), 0);
+    w.del(&dev);
+}

@@ -438,6 +438,11 @@ fn add_flags(driver: Option<u64>, recoverable: bool) -> u64 {
     flags
 }
 
+/// Largest discard or write-zeroes request, in sectors: 1 GiB. They carry
+/// no data and whole chunks in them are only punched, so a large request
+/// costs no more than a small one and spares the block layer the splitting.
+const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+
 /// The block device's parameters: 512-byte logical blocks on 4 KiB
 /// physical ones, requests up to `max_io_bytes`; a writable device has a
 /// volatile cache (so flushes reach the engine) and takes discards.
@@ -465,8 +470,8 @@ fn device_params(size: u64, max_io_bytes: u32, read_only: bool) -> sys::ublk_par
         params.types |= sys::UBLK_PARAM_TYPE_DISCARD;
         params.discard = sys::ublk_param_discard {
             discard_granularity: 4096,
-            max_discard_sectors: max_sectors,
-            max_write_zeroes_sectors: max_sectors,
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
             max_discard_segments: 1,
             ..Default::default()
         };
