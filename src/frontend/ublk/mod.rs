@@ -8,10 +8,10 @@
 //! ```
 //!
 //! [`serve`] adds (or recovers) a device and blocks while it runs: one
-//! thread per queue (see `queue.rs`), each with one task per tag. Buffers
-//! are plain per-tag buffers the kernel copies into and out of: the engine
-//! decrypts, so zero-copy modes (whose buffers the server cannot touch) do
-//! not fit.
+//! thread per queue (see `queue.rs`), each with one task per tag. Request
+//! data moves through per-tag buffers the kernel copies into and out of, or,
+//! where the driver offers `AUTO_BUF_REG`, straight between the cache file
+//! and the request's pages ([`CopyMode`], `mode.rs`).
 //!
 //! Teardown order: the kernel aborts every tag's command after STOP_DEV
 //! (or when the device is deleted); each queue thread returns once all its
@@ -24,8 +24,11 @@
 //! keeps the device and holds its I/O; [`Start::Recover`] in a new process
 //! re-attaches and the held requests are issued again.
 
+mod mode;
 mod queue;
 mod ring_io;
+
+pub use mode::CopyMode;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -107,6 +110,8 @@ pub struct DeviceOptions {
     pub depth: u16,
     /// Create with user recovery, so a dead process can be replaced.
     pub recoverable: bool,
+    /// Use zero copy where the driver offers it (see [`CopyMode::choose`]).
+    pub zero_copy: bool,
 }
 
 /// Whether [`serve`] makes a new device or takes over an orphaned one.
@@ -128,6 +133,7 @@ pub struct DeviceInfo {
     pub queues: u16,
     pub depth: u16,
     pub recoverable: bool,
+    pub mode: CopyMode,
 }
 
 /// Queues `add` uses by default: one per online CPU, at most
@@ -179,7 +185,8 @@ where
     }
     let ctrl = match start {
         Start::Add(opts) => {
-            let flags = if opts.recoverable { RECOVERY_FLAGS } else { 0 };
+            let mode = CopyMode::choose(UblkCtrl::get_features(), opts.zero_copy);
+            let flags = if opts.recoverable { RECOVERY_FLAGS } else { 0 } | mode.ctrl_flags();
             UblkCtrlBuilder::default()
                 .name(TARGET_NAME)
                 .id(opts.id.map_or(-1, |id| id as i32))
@@ -202,7 +209,9 @@ where
                 .nr_queues(old.nr_hw_queues)
                 .depth(old.queue_depth)
                 .io_buf_bytes(old.max_io_buf_bytes)
-                .ctrl_flags(old.flags & RECOVERY_FLAGS)
+                .ctrl_flags(
+                    old.flags & RECOVERY_FLAGS | CopyMode::of_flags(old.flags).ctrl_flags(),
+                )
                 .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
                 .build()
                 .map_err(|e| UblkFrontendError::Recover {
@@ -236,6 +245,7 @@ where
             queues: info.nr_hw_queues,
             depth: info.queue_depth,
             recoverable: info.flags & u64::from(sys::UBLK_F_USER_RECOVERY) != 0,
+            mode: CopyMode::of_flags(info.flags),
         });
     };
     let ran = ctrl
