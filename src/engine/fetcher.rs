@@ -283,6 +283,7 @@ impl Fetcher {
         let cache = Arc::clone(&self.cache);
         let (expected, offset) = (self.layout.chunk_len(index), self.layout.chunk_start(index));
         let waiters = Arc::clone(reply);
+        let counters = Arc::clone(&self.counters);
         // SHA-256 and AES-GCM of a whole chunk take a few hundred
         // microseconds, and the cache write may block: a blocking thread,
         // never an async worker. It also hands the plaintext to the
@@ -296,6 +297,10 @@ impl Fetcher {
                     source: Arc::new(source),
                 })?;
             cache.mark_present(index);
+            // Counted before the waiters wake: a reader that sees its
+            // bytes also sees the fetch in the counters.
+            add(&counters.chunks_fetched, 1);
+            counters.record_fetch_latency(started.elapsed());
             send(&waiters, Ok(Filled::Plaintext(plaintext.clone())));
             Ok(plaintext)
         })
@@ -307,11 +312,7 @@ impl Fetcher {
             })
         });
         match filled {
-            Ok(plaintext) => {
-                add(&self.counters.chunks_fetched, 1);
-                self.counters.record_fetch_latency(started.elapsed());
-                Ok(Filled::Plaintext(plaintext))
-            }
+            Ok(plaintext) => Ok(Filled::Plaintext(plaintext)),
             Err(error) => {
                 if error.kind() == ErrorKind::Integrity {
                     add(&self.counters.integrity_failures, 1);
