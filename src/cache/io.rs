@@ -50,7 +50,11 @@ impl FixedBuf {
     /// # Panics
     /// If they are not within it: the engine's pieces always are.
     pub fn range(self, at: usize, len: usize) -> FixedBuf {
-        assert!(at + len <= self.len, "{len} bytes at {at} of a {}-byte buffer", self.len);
+        assert!(
+            at + len <= self.len,
+            "{len} bytes at {at} of a {}-byte buffer",
+            self.len
+        );
         FixedBuf {
             index: self.index,
             at: self.at + at,

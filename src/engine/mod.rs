@@ -98,9 +98,9 @@ mod tests_registered;
 #[cfg(test)]
 mod tests_write;
 
+pub use crate::cache::io::FixedBuf;
 pub use crate::cache::io::SyncIo;
 pub use error::EngineError;
-pub use crate::cache::io::FixedBuf;
 pub use request::{ReadBuf, Request, WriteBuf};
 pub use retrieve::{get_envelope, open_envelope, FetchPolicy, DEFAULT_FETCH_TIMEOUT};
 pub use slots::Priority;
@@ -603,13 +603,14 @@ impl Engine {
                 buf[in_buf..][..len].fill(0);
                 Ok(())
             }
-            ReadBuf::Fixed(fixed) => io
-                .zero_fixed(fixed.range(in_buf, len))
-                .await
-                .map_err(|source| EngineError::ZeroFill {
-                    len,
-                    source: Arc::new(source),
-                }),
+            ReadBuf::Fixed(fixed) => {
+                io.zero_fixed(fixed.range(in_buf, len))
+                    .await
+                    .map_err(|source| EngineError::ZeroFill {
+                        len,
+                        source: Arc::new(source),
+                    })
+            }
         }
     }
 

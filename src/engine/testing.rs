@@ -288,10 +288,13 @@ impl EngineExt for Arc<Engine> {
         let engine = Arc::clone(self);
         async move {
             engine
-                .submit(&SyncIo, Request::Write {
+                .submit(
+                    &SyncIo,
+                    Request::Write {
                         offset,
                         data: data.into(),
-                    })
+                    },
+                )
                 .await
         }
         .boxed()

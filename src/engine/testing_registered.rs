@@ -46,7 +46,9 @@ impl RegisteredIo {
 
     /// The buffer's bytes, as the request's pages hold them now.
     pub(crate) fn into_bytes(self) -> Vec<u8> {
-        self.bytes.into_inner().unwrap_or_else(PoisonError::into_inner)
+        self.bytes
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Runs `f` on the bytes of `buf` if it names this buffer in range and

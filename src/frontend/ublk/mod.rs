@@ -209,9 +209,7 @@ where
                 .nr_queues(old.nr_hw_queues)
                 .depth(old.queue_depth)
                 .io_buf_bytes(old.max_io_buf_bytes)
-                .ctrl_flags(
-                    old.flags & RECOVERY_FLAGS | CopyMode::of_flags(old.flags).ctrl_flags(),
-                )
+                .ctrl_flags(old.flags & RECOVERY_FLAGS | CopyMode::of_flags(old.flags).ctrl_flags())
                 .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
                 .build()
                 .map_err(|e| UblkFrontendError::Recover {
