@@ -177,7 +177,7 @@ async fn read_all(engine: &Arc<Engine>, chunks: usize, readers: usize) {
                 for index in (first..chunks).step_by(readers) {
                     let read = Request::Read {
                         offset: (index * CHUNK) as u64,
-                        buf: &mut buf,
+                        buf: (&mut buf).into(),
                     };
                     engine.submit(&SyncIo, read).await.expect("read a chunk");
                     assert_eq!(buf[..8], (index as u64).to_le_bytes(), "chunk {index}");

@@ -14,18 +14,26 @@
 # FUSE + loop, dropped page caches. Warm: the same job after one full read
 # of the device. The baseline's image is in tmpfs, so it is always warm.
 #
+# ublk runs in the mode `add` picks (zero copy where the driver offers
+# AUTO_BUF_REG, else copy) and, where that is zero copy, once more with
+# `--no-zero-copy`, so both data paths are measured on the same kernel.
+#
 # Environment: BENCH_IMAGE_MIB (default 128), BENCH_RUNTIME (default 10),
-# LAZYBLK_VM_RUN (default scripts/vm-run.sh).
+# BENCH_FUSE (default 1; 0 skips FUSE + loop), LAZYBLK_VM_RUN (default
+# scripts/vm-run.sh), LAZYBLK_VM_SUITE (the kernel: trixie, the default,
+# or trixie-backports).
 set -euo pipefail
 # shellcheck source=scripts/lib/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 image_mib=${BENCH_IMAGE_MIB:-128}
 runtime=${BENCH_RUNTIME:-10}
+fuse=${BENCH_FUSE:-1}
 vm_run=${LAZYBLK_VM_RUN:-$REPO_ROOT/scripts/vm-run.sh}
 [[ -x $vm_run ]] || die "no VM runner at $vm_run"
 [[ $image_mib =~ ^[1-9][0-9]*$ ]] || die "BENCH_IMAGE_MIB wants a number of MiB, not '$image_mib'"
 [[ $runtime =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNTIME wants a number of seconds, not '$runtime'"
+[[ $fuse == [01] ]] || die "BENCH_FUSE wants 0 or 1, not '$fuse'"
 
 note "cargo build --release"
 built=$(build_release)
@@ -38,9 +46,10 @@ has_subcommand "$bin" add --recoverable || die "$built has no ublk support (add 
 
 cat >"$work/bench-guest" <<'EOF'
 #!/bin/sh
-# In the guest: prints "BENCH target temp job iops kib_per_s" lines.
+# In the guest: prints "BENCH target temp job iops kib_per_s" lines, and
+# "BENCH-MODE target mode" for each ublk target.
 set -eu
-image_mib=$1 runtime=$2
+image_mib=$1 runtime=$2 fuse=$3
 cd /tmp
 dd if=/dev/urandom of=image bs=1M count="$image_mib" 2>/dev/null
 lazyblk keygen --out key >/dev/null
@@ -67,16 +76,30 @@ losetup -r "$loop" image
 for j in rand seq; do job loop warm $j "$loop"; done
 losetup -d "$loop"
 
-for j in rand seq; do
-    out=$(lazyblk add --store store --key key --name bench --cache-dir "cache-ublk-$j" --read-only)
-    dev=${out%% *}
-    job ublk cold $j "$dev"
-    read_all "$dev"
-    job ublk warm $j "$dev"
-    lazyblk del -n "$(echo "$out" | cut -d' ' -f3)" >/dev/null
-    rm -rf "cache-ublk-$j"
+# ublk: the mode add picks; ublkcopy: copy mode forced, where that differs.
+targets=ublk
+if lazyblk features --json | grep -A1 '"name": "AUTO_BUF_REG"' | grep -q '"supported": true'; then
+    targets="ublk ublkcopy"
+fi
+for t in $targets; do
+    for j in rand seq; do
+        extra=
+        [ "$t" = ublkcopy ] && extra=--no-zero-copy
+        # shellcheck disable=SC2086
+        out=$(lazyblk add --store store --key key --name bench --cache-dir "cache-$t-$j" --read-only $extra)
+        dev=${out%% *}
+        id=$(echo "$out" | cut -d' ' -f3)
+        mode=$(lazyblk list --json | sed -n 's/.*"copy_mode": "\([a-z-]*\)".*/\1/p' | head -n 1)
+        echo "BENCH-MODE $t ${mode:-unknown}"
+        job "$t" cold $j "$dev"
+        read_all "$dev"
+        job "$t" warm $j "$dev"
+        lazyblk del -n "$id" >/dev/null
+        rm -rf "cache-$t-$j"
+    done
 done
 
+[ "$fuse" = 1 ] || { echo "BENCH-FIO $(fio --version)"; echo "BENCH-KERNEL $(uname -r)"; exit 0; }
 mkdir -p mnt
 for j in rand seq; do
     lazyblk add --store store --key key --name bench --cache-dir "cache-fuse-$j" --read-only --fuse mnt >/dev/null
@@ -98,18 +121,29 @@ chmod 755 "$work/bench-guest"
 note "running the benchmark in the VM (${image_mib} MiB image, ${runtime} s random jobs)"
 "$vm_run" --timeout 1800 --mem $((image_mib * 5 + 1024)) \
     --add "$bin:/vm/lazyblk" --add "$work/bench-guest:/vm/bench-guest" \
-    -- bench-guest "$image_mib" "$runtime" >"$work/console.log" ||
+    -- bench-guest "$image_mib" "$runtime" "$fuse" >"$work/console.log" ||
     die "the benchmark failed in the VM: $(tail -n 20 "$work/console.log")"
 
-declare -A iops kib
+declare -A iops kib mode
 while read -r _ target temp job i k; do
     iops[$target.$temp.$job]=$i
     kib[$target.$temp.$job]=$k
 done < <(grep -E '^BENCH [a-z]+ (cold|warm) (rand|seq) [0-9]+ [0-9]+$' "$work/console.log")
+while read -r _ target m; do
+    mode[$target]=$m
+done < <(grep -E '^BENCH-MODE [a-z]+ [a-z-]+$' "$work/console.log")
 fio_version=$(sed -n 's/^BENCH-FIO //p' "$work/console.log")
 kernel=$(sed -n 's/^BENCH-KERNEL //p' "$work/console.log")
-for key in loop.warm.rand loop.warm.seq ublk.{cold,warm}.{rand,seq} fuse.{cold,warm}.{rand,seq}; do
+targets=(ublk)
+[[ -n ${mode[ublkcopy]:-} ]] && targets+=(ublkcopy)
+((fuse)) && targets+=(fuse)
+for key in loop.warm.{rand,seq}; do
     [[ -n ${iops[$key]:-} ]] || die "no figure for $key in the VM's output"
+done
+for t in "${targets[@]}"; do
+    for key in "$t".{cold,warm}.{rand,seq}; do
+        [[ -n ${iops[$key]:-} ]] || die "no figure for $key in the VM's output"
+    done
 done
 
 # value: rand in IOPS, seq in MiB/s.
@@ -119,21 +153,37 @@ value() {
     *.seq) awk -v k="${kib[$1]}" 'BEGIN { printf "%.0f", k / 1024 }' ;;
     esac
 }
+label() { # target
+    # shellcheck disable=SC2016 # the backquotes are Markdown's
+    case $1 in
+    ublk) printf 'ublk (%s)' "${mode[ublk]}" ;;
+    ublkcopy) printf 'ublk (%s, `--no-zero-copy`)' "${mode[ublkcopy]}" ;;
+    fuse) printf 'FUSE + loop' ;;
+    esac
+}
 row() { # label, temp, job, unit
-    local l u f
+    local l v t line
     l=$(value "loop.warm.$3")
-    u=$(value "ublk.$2.$3")
-    f=$(value "fuse.$2.$3")
-    printf '| %s (%s) | %s | %s | %s | %s | %s | %s |\n' "$1" "$4" "$l" "$u" "$(ratio "$u" "$l")" \
-        "$f" "$(ratio "$f" "$l")" "$(ratio "$u" "$f")"
+    line="| $1 ($4) | $l"
+    for t in "${targets[@]}"; do
+        v=$(value "$t.$2.$3")
+        line+=" | $v | $(ratio "$v" "$l")"
+    done
+    printf '%s |\n' "$line"
 }
 
-echo "### ublk vs FUSE + loop vs loop, in the VM"
+echo "### ublk vs FUSE + loop vs loop, in the VM (kernel $kernel)"
 echo
-echo "Command: \`scripts/bench-vm.sh\` (BENCH_IMAGE_MIB=$image_mib, BENCH_RUNTIME=$runtime): kernel $kernel under qemu TCG (2 vCPUs), $fio_version with \`--ioengine=io_uring --direct=1\` on the block device; rand = \`--rw=randread --bs=4k --iodepth=32 --runtime=$runtime --time_based\`, seq = \`--rw=read --bs=1M --iodepth=8\` over the whole device. Image, store and caches in the guest's tmpfs. The baseline is \`losetup -r\` over the image file (in memory, so always warm). lazyblk ublk: \`add --read-only\` with the default queues (one per vCPU) and depth 128. FUSE + loop: \`add --fuse --read-only\` and \`losetup -r\` over \`MNT/disk\`. Cold = fresh cache directory; warm = after one full read of the device."
+echo "Command: \`LAZYBLK_VM_SUITE=${LAZYBLK_VM_SUITE:-trixie} scripts/bench-vm.sh\` (BENCH_IMAGE_MIB=$image_mib, BENCH_RUNTIME=$runtime, BENCH_FUSE=$fuse): kernel $kernel under qemu TCG (2 vCPUs), $fio_version with \`--ioengine=io_uring --direct=1\` on the block device; rand = \`--rw=randread --bs=4k --iodepth=32 --runtime=$runtime --time_based\`, seq = \`--rw=read --bs=1M --iodepth=8\` over the whole device. Image, store and caches in the guest's tmpfs. The baseline is \`losetup -r\` over the image file (in memory, so always warm). lazyblk ublk: \`add --read-only\` with the default queues (one per vCPU) and depth 128, in the mode \`add\` picks and, where that is zero copy, also with \`--no-zero-copy\`. FUSE + loop: \`add --fuse --read-only\` and \`losetup -r\` over \`MNT/disk\`. Cold = fresh cache directory; warm = after one full read of the device."
 echo
-echo "| job | loop | ublk | ublk / loop | FUSE + loop | FUSE / loop | ublk / FUSE |"
-echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+header="| job | loop"
+rule="| --- | ---:"
+for t in "${targets[@]}"; do
+    header+=" | $(label "$t") | / loop"
+    rule+=" | ---: | ---:"
+done
+echo "$header |"
+echo "$rule |"
 row "rand 4 KiB QD32, warm" warm rand IOPS
 row "seq 1 MiB, warm" warm seq "MiB/s"
 row "rand 4 KiB QD32, cold" cold rand IOPS

@@ -666,3 +666,74 @@ fn discards_free_chunks_without_fetching_them_and_read_back_as_zeros() {
     assert_eq!(w.stat(dev.id, "chunks_fetched"), 0);
     w.del(&dev);
 }
+
+/// `len` bytes of `path` at `offset` with O_DIRECT: one request each (up to
+/// the device's 512 KiB), straight to the driver, no page cache.
+fn read_direct(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // O_DIRECT wants an aligned buffer: the aligned part of a larger one.
+    let mut raw = vec![0u8; len + 4096];
+    let start = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[start..][..len];
+    file.read_exact_at(buf, offset)
+        .unwrap_or_else(|e| panic!("read {len} at {offset} of {}: {e}", path.display()));
+    buf.to_vec()
+}
+
+fn drop_caches() {
+    run(Command::new("sh").args(["-c", "sync; echo 3 >/proc/sys/vm/drop_caches"]));
+}
+
+#[test]
+#[ignore = "needs /dev/ublk-control: run in the VM by scripts/vm-test.sh"]
+fn warm_reads_are_zero_copy_where_the_driver_offers_it() {
+    let w = UblkWorld::new();
+    let auto_buf_reg = driver_has(&w, "AUTO_BUF_REG");
+    let expected_mode = if auto_buf_reg { "zero-copy" } else { "copy" };
+
+    // 16 MiB: 8 MiB of distinct chunks, then zero chunks.
+    let image = w.raw_image("zc", 9, 16);
+    let bytes = fs::read(&image).unwrap();
+    let expected = sha256_file(&image);
+    let dev = w.add("zc", "cache", &["--read-only"]);
+    assert_eq!(
+        w.device(dev.id)["ublk"]["copy_mode"],
+        expected_mode,
+        "{}",
+        w.device(dev.id)
+    );
+    // Cold: every chunk fetched, served from the decrypted plaintext.
+    assert_eq!(sha256_file(&dev.path), expected, "cold read");
+    let fetched = w.stat(dev.id, "chunks_fetched");
+    assert_eq!(fetched, 16, "the eight zero chunks are never fetched");
+    // Warm, after the page cache of the block device is gone: every byte
+    // comes from the cache file (in zero-copy mode straight into the
+    // request's pages) or from zeros.
+    drop_caches();
+    let hits = w.stat(dev.id, "cache_hits");
+    assert_eq!(sha256_file(&dev.path), expected, "warm read");
+    assert_eq!(w.stat(dev.id, "chunks_fetched"), fetched);
+    assert!(w.stat(dev.id, "cache_hits") > hits);
+    // Requests that start inside a chunk and end in the next, so the
+    // second piece lands mid-buffer; the last one from data into zeros.
+    let chunk = 512 << 10;
+    for (offset, len) in [
+        (4096, 4096),
+        (chunk - 4096, 8192),
+        (3 * chunk + chunk / 2, chunk),
+        (8 * (1 << 20) - chunk / 4, chunk / 2),
+        (12 * (1 << 20) + 512, 3584),
+    ] {
+        let got = read_direct(&dev.path, offset as u64, len);
+        assert!(
+            got == bytes[offset..][..len],
+            "{len} bytes at {offset} read back wrong"
+        );
+    }
+    w.del(&dev);
+}

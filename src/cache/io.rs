@@ -18,11 +18,57 @@
 //!
 //! Every operation is whole or fails: a short read or write is retried
 //! until done, and end of file where the image should be is an error.
+//!
+//! # Registered buffers
+//! A frontend may hand the engine a request buffer it cannot touch itself:
+//! ublk's zero-copy mode registers the request's own pages in the queue's
+//! io_uring, reachable only by that ring's fixed-buffer operations. The
+//! engine names such a buffer by a [`FixedBuf`] and moves its bytes with
+//! [`CacheIo::read_fixed`], [`CacheIo::write_fixed`] and
+//! [`CacheIo::zero_fixed`]. An implementation without registered buffers
+//! (as [`SyncIo`]) keeps their defaults, which fail with
+//! [`io::ErrorKind::Unsupported`]: a frontend that never hands out a
+//! [`FixedBuf`] never meets them.
 
 use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
+
+/// A range of a registered buffer: `len` bytes at `at` in buffer `index`
+/// of the frontend's buffer table. Only [`CacheIo`] can reach its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FixedBuf {
+    pub index: u16,
+    pub at: usize,
+    pub len: usize,
+}
+
+impl FixedBuf {
+    /// The `len` bytes at `at` within this range.
+    ///
+    /// # Panics
+    /// If they are not within it: the engine's pieces always are.
+    pub fn range(self, at: usize, len: usize) -> FixedBuf {
+        assert!(
+            at + len <= self.len,
+            "{len} bytes at {at} of a {}-byte buffer",
+            self.len
+        );
+        FixedBuf {
+            index: self.index,
+            at: self.at + at,
+            len,
+        }
+    }
+}
+
+fn no_fixed_buffers() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "this cache I/O has no registered buffers",
+    )
+}
 
 /// Reads, writes and hole punches on the cache's data file.
 ///
@@ -51,6 +97,31 @@ pub trait CacheIo {
         offset: u64,
         len: u64,
     ) -> impl Future<Output = io::Result<()>>;
+    /// Fills the registered range `dst` from `file` at `offset`.
+    fn read_fixed(
+        &self,
+        file: &File,
+        dst: FixedBuf,
+        offset: u64,
+    ) -> impl Future<Output = io::Result<()>> {
+        let _ = (file, dst, offset);
+        std::future::ready(Err(no_fixed_buffers()))
+    }
+    /// Writes all of the registered range `src` to `file` at `offset`.
+    fn write_fixed(
+        &self,
+        file: &File,
+        src: FixedBuf,
+        offset: u64,
+    ) -> impl Future<Output = io::Result<()>> {
+        let _ = (file, src, offset);
+        std::future::ready(Err(no_fixed_buffers()))
+    }
+    /// Fills the registered range `dst` with zeros.
+    fn zero_fixed(&self, dst: FixedBuf) -> impl Future<Output = io::Result<()>> {
+        let _ = dst;
+        std::future::ready(Err(no_fixed_buffers()))
+    }
 }
 
 /// Cache I/O by plain syscalls, done in the future's first poll.
@@ -135,5 +206,42 @@ mod tests {
             past_end.is_err(),
             "a read past the end must fail, not be short"
         );
+    }
+
+    #[test]
+    fn sync_io_refuses_registered_buffers() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(4096).unwrap();
+        let fixed = FixedBuf {
+            index: 0,
+            at: 0,
+            len: 4096,
+        };
+        let kinds = [
+            SyncIo.read_fixed(&file, fixed, 0).now_or_never().unwrap(),
+            SyncIo.write_fixed(&file, fixed, 0).now_or_never().unwrap(),
+            SyncIo.zero_fixed(fixed).now_or_never().unwrap(),
+        ]
+        .map(|r| r.unwrap_err().kind());
+        assert_eq!(kinds, [io::ErrorKind::Unsupported; 3]);
+    }
+
+    #[test]
+    fn fixed_ranges_nest_and_stay_inside() {
+        let whole = FixedBuf {
+            index: 3,
+            at: 0,
+            len: 8192,
+        };
+        let inner = whole.range(4096, 4096).range(512, 1024);
+        assert_eq!(
+            inner,
+            FixedBuf {
+                index: 3,
+                at: 4608,
+                len: 1024
+            }
+        );
+        assert!(std::panic::catch_unwind(|| whole.range(4096, 4097)).is_err());
     }
 }

@@ -71,6 +71,11 @@ pub struct AddArgs {
     /// until `lazyblk recover -n ID` serves the device again.
     #[arg(long, conflicts_with = "fuse")]
     pub recoverable: bool,
+    /// Keep the ublk device in copy mode even where the driver offers zero
+    /// copy (AUTO_BUF_REG, Linux 6.16+); `lazyblk features` says which a
+    /// device gets.
+    #[arg(long, conflicts_with = "fuse")]
+    pub no_zero_copy: bool,
     /// Most chunks fetched ahead of a sequential reader at once; 0 turns
     /// readahead off (random-access workloads then fetch only what they read).
     #[arg(long, default_value_t = DEFAULT_READAHEAD_CHUNKS)]
@@ -429,7 +434,7 @@ pub async fn list(json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     outln!(
-        "{:>4} {:>7} {:<5} {:<8} {:<24} {:<14} {:>3} {:>11} {:>9} {:>8} {:>8} {:>8} {:>8} {:>4}  CACHE",
+        "{:>4} {:>7} {:<5} {:<8} {:<24} {:<14} {:>3} {:<9} {:>11} {:>9} {:>8} {:>8} {:>8} {:>8} {:>4}  CACHE",
         "ID",
         "PID",
         "FRONT",
@@ -437,6 +442,7 @@ pub async fn list(json: bool) -> anyhow::Result<()> {
         "TARGET",
         "NAME",
         "Q",
+        "MODE",
         "PRESENT",
         "FETCHED",
         "HITS",
@@ -456,6 +462,7 @@ pub async fn list(json: bool) -> anyhow::Result<()> {
             .ublk
             .as_ref()
             .map_or("-".into(), |u| u.queues.to_string());
+        let mode = d.record.ublk.as_ref().map_or("-", |u| u.copy_mode.as_str());
         let state = match d.state {
             DeviceState::Live => "live",
             DeviceState::Orphaned => "orphaned",
@@ -477,7 +484,7 @@ pub async fn list(json: bool) -> anyhow::Result<()> {
             ),
         };
         outln!(
-            "{:>4} {:>7} {:<5} {:<8} {:<24} {:<14} {:>3} {counters}  {}",
+            "{:>4} {:>7} {:<5} {:<8} {:<24} {:<14} {:>3} {:<9} {counters}  {}",
             id,
             d.record.pid,
             d.record.frontend,
@@ -485,6 +492,7 @@ pub async fn list(json: bool) -> anyhow::Result<()> {
             d.record.target.display(),
             d.record.name,
             queues,
+            mode,
             d.record.cache_dir.display()
         );
     }

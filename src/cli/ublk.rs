@@ -56,6 +56,7 @@ pub(super) async fn serve_add(args: &AddArgs) -> anyhow::Result<()> {
             queues: args.queues.unwrap_or_else(ublk::default_queues),
             depth: args.depth,
             recoverable: args.recoverable,
+            zero_copy: !args.no_zero_copy,
         }),
         replaces: None,
     })
@@ -185,6 +186,7 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
             queues: info.queues,
             depth: info.depth,
             recoverable: info.recoverable,
+            copy_mode: info.mode,
             store_spec: spec.image.store.clone(),
             key: std::path::absolute(&spec.image.key).unwrap_or(spec.image.key.clone()),
             readahead_chunks: spec.readahead_chunks,
@@ -212,6 +214,7 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
         path = %info.path.display(),
         queues = info.queues,
         depth = info.depth,
+        mode = %info.mode,
         "device live"
     );
     say_ready(&format!("{} id {}", info.path.display(), info.id))?;
@@ -229,6 +232,9 @@ pub fn features(json: bool) -> anyhow::Result<()> {
         outln!("{}", serde_json::to_string_pretty(&features)?);
         return Ok(());
     }
+    let auto_buf_reg = features
+        .iter()
+        .any(|f| f.name == "AUTO_BUF_REG" && f.supported);
     for f in features {
         outln!(
             "{:<24} {:<3} (since {:<5}) {}",
@@ -238,5 +244,11 @@ pub fn features(json: bool) -> anyhow::Result<()> {
             f.what
         );
     }
+    let mode = if auto_buf_reg {
+        ublk::CopyMode::ZeroCopy
+    } else {
+        ublk::CopyMode::Copy
+    };
+    outln!("a new device runs in {mode} mode (`add --no-zero-copy` keeps it in copy mode)");
     Ok(())
 }

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineStats;
+use crate::frontend::ublk::CopyMode;
 
 /// Where device records live unless `$LAZYBLK_RUN_DIR` says otherwise.
 pub const DEFAULT_RUN_DIR: &str = "/run/lazyblk";
@@ -82,6 +83,10 @@ pub struct UblkRecord {
     pub queues: u16,
     pub depth: u16,
     pub recoverable: bool,
+    /// How request data moves (records written before it existed were all
+    /// copy mode).
+    #[serde(default = "copy_mode_before_zero_copy")]
+    pub copy_mode: CopyMode,
     /// The store as it was named to `add` (reopened by `recover`).
     pub store_spec: String,
     /// The tenant key file the device was added with.
@@ -95,6 +100,10 @@ pub struct UblkRecord {
     /// 0 in records written before they were kept.
     #[serde(default)]
     pub flags: u64,
+}
+
+fn copy_mode_before_zero_copy() -> CopyMode {
+    CopyMode::Copy
 }
 
 fn default_fetch_timeout_secs() -> f64 {

@@ -72,6 +72,12 @@ pub enum EngineError {
         #[source]
         source: Arc<CacheError>,
     },
+    #[error("fill {len} bytes of the request's registered buffer with zeros")]
+    ZeroFill {
+        len: usize,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
     #[error("flush the cache")]
     Flush {
         #[source]
@@ -111,6 +117,7 @@ impl EngineError {
             EngineError::FillCache { .. }
             | EngineError::ReadCache { .. }
             | EngineError::WriteCache { .. }
+            | EngineError::ZeroFill { .. }
             | EngineError::Flush { .. }
             | EngineError::TaskFailed { .. }
             | EngineError::ChunkNotPresent { .. } => ErrorKind::Io,

@@ -6,7 +6,7 @@
 //! frontend ── Request (read, write, flush, discard, write-zeroes) ──▶ Engine::submit
 //!   (ublk tag, FUSE op, …)        │ split into chunk pieces once; readahead told once
 //!                                 ├─ present pieces ──▶ CacheIo (the frontend's: sync or its ring)
-//!                                 ├─ zero pieces ────▶ zeros, no I/O
+//!                                 ├─ zero pieces ────▶ zeros (no I/O into memory)
 //!                                 └─ missing pieces ─▶ Fetcher: one flight per chunk, priorities,
 //!                                                      deadline ─▶ ChunkStore ─▶ verify, decrypt,
 //!                                                      fill the cache ─▶ plaintext to every waiter
@@ -34,6 +34,19 @@
 //!   another fill of the same chunk: the in-flight map doubles as a
 //!   per-chunk fill lock;
 //! * discards and write-zeroes of whole chunks never fetch.
+//!
+//! # Registered buffers
+//! A request's buffer is memory ([`ReadBuf::Memory`], [`WriteBuf::Memory`])
+//! or a buffer registered with the frontend's I/O ([`ReadBuf::Fixed`],
+//! [`WriteBuf::Fixed`]: ublk's zero-copy mode, the request's own pages),
+//! whose bytes only the request's [`CacheIo`] can move. The logic is the
+//! same for both; only the last step differs. Present pieces are one cache
+//! read either way. Zero pieces are filled in memory or by
+//! [`CacheIo::zero_fixed`]. A fetched chunk's plaintext is copied into
+//! memory, or read back from the cache file into a registered buffer: the
+//! fetcher wrote it there before handing it over, so the read is a page-cache
+//! copy. The first partial write to a zero chunk writes the whole chunk from
+//! memory, or for a registered source zeros first and then the piece.
 //!
 //! # Threads
 //! A request runs where its frontend polls it. With [`SyncIo`] a request
@@ -69,6 +82,8 @@ mod stats;
 #[cfg(test)]
 pub(crate) mod testing;
 #[cfg(test)]
+pub(crate) mod testing_registered;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_discard;
@@ -79,11 +94,14 @@ mod tests_model;
 #[cfg(test)]
 mod tests_readahead;
 #[cfg(test)]
+mod tests_registered;
+#[cfg(test)]
 mod tests_write;
 
+pub use crate::cache::io::FixedBuf;
 pub use crate::cache::io::SyncIo;
 pub use error::EngineError;
-pub use request::Request;
+pub use request::{ReadBuf, Request, WriteBuf};
 pub use retrieve::{get_envelope, open_envelope, FetchPolicy, DEFAULT_FETCH_TIMEOUT};
 pub use slots::Priority;
 pub use stats::EngineStats;
@@ -260,8 +278,9 @@ impl Engine {
         &self,
         io: &I,
         offset: u64,
-        buf: &mut [u8],
+        mut buf: ReadBuf<'_>,
     ) -> Result<(), EngineError> {
+        let buf = &mut buf;
         add(&self.counters.read_requests, 1);
         let len = buf.len() as u64;
         self.layout.check_range(offset, len)?;
@@ -294,20 +313,20 @@ impl Engine {
                     }
                     other => {
                         if let Some((at, in_buf, n)) = other {
-                            self.read_cache(io, &mut buf[in_buf..][..n], at).await?;
+                            self.read_cache(io, buf, in_buf, n, at).await?;
                         }
                         Some((piece.offset, piece.in_buf, piece.len))
                     }
                 };
             } else if !waiting && self.layout.is_zero(piece.index) {
-                buf[piece.in_buf..][..piece.len].fill(0);
+                self.zero_fill(io, buf, piece.in_buf, piece.len).await?;
             } else if !waiting {
                 // Became present or lost between the passes: rare.
                 self.serve_unfilled(io, &piece, buf).await?;
             }
         }
         if let Some((at, in_buf, n)) = run {
-            self.read_cache(io, &mut buf[in_buf..][..n], at).await?;
+            self.read_cache(io, buf, in_buf, n, at).await?;
         }
 
         for (piece, fill) in waits {
@@ -323,18 +342,17 @@ impl Engine {
         &self,
         io: &I,
         piece: &Piece,
-        buf: &mut [u8],
+        buf: &mut ReadBuf<'_>,
     ) -> Result<(), EngineError> {
         match self.fetcher.fetch(piece.index, Priority::Demand) {
             Some(fill) => self.serve_filled(io, piece, fill, buf).await,
             // Present first: a zero chunk that was written to is present.
             None if self.cache.is_present(piece.index) => {
-                self.read_cache(io, &mut buf[piece.in_buf..][..piece.len], piece.offset)
+                self.read_cache(io, buf, piece.in_buf, piece.len, piece.offset)
                     .await
             }
             None if self.layout.is_zero(piece.index) => {
-                buf[piece.in_buf..][..piece.len].fill(0);
-                Ok(())
+                self.zero_fill(io, buf, piece.in_buf, piece.len).await
             }
             None => Err(EngineError::ChunkNotPresent { index: piece.index }),
         }
@@ -347,14 +365,24 @@ impl Engine {
         io: &I,
         piece: &Piece,
         mut fill: Fill,
-        buf: &mut [u8],
+        buf: &mut ReadBuf<'_>,
     ) -> Result<(), EngineError> {
         loop {
             match fill.await? {
                 Filled::Plaintext(plaintext) => {
-                    buf[piece.in_buf..][..piece.len]
-                        .copy_from_slice(&plaintext[piece.in_chunk..][..piece.len]);
-                    return Ok(());
+                    return match buf {
+                        ReadBuf::Memory(buf) => {
+                            buf[piece.in_buf..][..piece.len]
+                                .copy_from_slice(&plaintext[piece.in_chunk..][..piece.len]);
+                            Ok(())
+                        }
+                        // Out of reach of the CPU; the fill put the same
+                        // bytes in the cache file (page cache) first.
+                        ReadBuf::Fixed(_) => {
+                            self.read_cache(io, buf, piece.in_buf, piece.len, piece.offset)
+                                .await
+                        }
+                    };
                 }
                 Filled::LookAgain => match self.fetcher.fetch(piece.index, Priority::Demand) {
                     Some(next) => fill = next,
@@ -371,7 +399,7 @@ impl Engine {
         &self,
         io: &I,
         offset: u64,
-        data: &[u8],
+        data: WriteBuf<'_>,
     ) -> Result<(), EngineError> {
         add(&self.counters.write_requests, 1);
         if self.read_only {
@@ -394,7 +422,7 @@ impl Engine {
             fill.await?;
         }
         for piece in self.layout.pieces(offset, data.len() as u64) {
-            self.write_piece(io, &piece, &data[piece.in_buf..][..piece.len])
+            self.write_piece(io, &piece, data.range(piece.in_buf, piece.len))
                 .await?;
         }
         add(&self.counters.write_bytes, data.len() as u64);
@@ -405,7 +433,7 @@ impl Engine {
         &self,
         io: &I,
         piece: &Piece,
-        data: &[u8],
+        data: WriteBuf<'_>,
     ) -> Result<(), EngineError> {
         let whole = self.layout.is_whole(piece);
         loop {
@@ -438,8 +466,21 @@ impl Engine {
                 // bit is set (a write acknowledged but not flushed before a
                 // crash), so write the whole chunk rather than trust it.
                 let mut chunk = vec![0; self.layout.chunk_len(piece.index)];
-                chunk[piece.in_chunk..][..piece.len].copy_from_slice(data);
-                self.write_cache(io, &chunk, chunk_start).await?;
+                match data {
+                    WriteBuf::Memory(data) => {
+                        chunk[piece.in_chunk..][..piece.len].copy_from_slice(data);
+                        self.write_cache(io, WriteBuf::Memory(&chunk), chunk_start)
+                            .await?;
+                    }
+                    // Zeros from memory (a hole punch would do, but not on
+                    // every file system), then the piece over them. Both run
+                    // in order: each completes before the next starts.
+                    WriteBuf::Fixed(_) => {
+                        self.write_cache(io, WriteBuf::Memory(&chunk), chunk_start)
+                            .await?;
+                        self.write_cache(io, data, piece.offset).await?;
+                    }
+                }
             }
             self.cache.mark_present(piece.index);
             return Ok(());
@@ -530,31 +571,63 @@ impl Engine {
             })
     }
 
+    /// Reads `len` bytes of the data file at `offset` into `buf` at `in_buf`.
     async fn read_cache<I: CacheIo>(
         &self,
         io: &I,
-        buf: &mut [u8],
+        buf: &mut ReadBuf<'_>,
+        in_buf: usize,
+        len: usize,
         offset: u64,
     ) -> Result<(), EngineError> {
-        let len = buf.len();
-        io.read_at(self.cache.data_file(), buf, offset)
-            .await
-            .map_err(|source| EngineError::ReadCache {
-                source: Arc::new(self.cache.read_error(offset, len, source)),
-            })
+        let file = self.cache.data_file();
+        let read = match buf {
+            ReadBuf::Memory(buf) => io.read_at(file, &mut buf[in_buf..][..len], offset).await,
+            ReadBuf::Fixed(fixed) => io.read_fixed(file, fixed.range(in_buf, len), offset).await,
+        };
+        read.map_err(|source| EngineError::ReadCache {
+            source: Arc::new(self.cache.read_error(offset, len, source)),
+        })
+    }
+
+    /// Zeros `len` bytes of `buf` at `in_buf`.
+    async fn zero_fill<I: CacheIo>(
+        &self,
+        io: &I,
+        buf: &mut ReadBuf<'_>,
+        in_buf: usize,
+        len: usize,
+    ) -> Result<(), EngineError> {
+        match buf {
+            ReadBuf::Memory(buf) => {
+                buf[in_buf..][..len].fill(0);
+                Ok(())
+            }
+            ReadBuf::Fixed(fixed) => {
+                io.zero_fixed(fixed.range(in_buf, len))
+                    .await
+                    .map_err(|source| EngineError::ZeroFill {
+                        len,
+                        source: Arc::new(source),
+                    })
+            }
+        }
     }
 
     async fn write_cache<I: CacheIo>(
         &self,
         io: &I,
-        data: &[u8],
+        data: WriteBuf<'_>,
         offset: u64,
     ) -> Result<(), EngineError> {
-        io.write_at(self.cache.data_file(), data, offset)
-            .await
-            .map_err(|source| EngineError::WriteCache {
-                source: Arc::new(self.cache.write_error(offset, data.len(), source)),
-            })
+        let file = self.cache.data_file();
+        let written = match data {
+            WriteBuf::Memory(data) => io.write_at(file, data, offset).await,
+            WriteBuf::Fixed(fixed) => io.write_fixed(file, fixed, offset).await,
+        };
+        written.map_err(|source| EngineError::WriteCache {
+            source: Arc::new(self.cache.write_error(offset, data.len(), source)),
+        })
     }
 
     async fn punch<I: CacheIo>(&self, io: &I, offset: u64, len: u64) -> Result<(), EngineError> {

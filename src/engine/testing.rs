@@ -17,7 +17,8 @@ use crate::cache::CacheError;
 use crate::chunk::{
     is_zero, manifest_digest, seal_chunk, ChunkId, Manifest, ManifestEntry, Salt, TenantKey,
 };
-use crate::engine::{Engine, EngineError, EngineOptions, Request, SyncIo};
+use crate::engine::testing_registered::RegisteredIo;
+use crate::engine::{Engine, EngineError, EngineOptions, ReadBuf, Request, SyncIo, WriteBuf};
 use crate::store::{ChunkStore, StoreError};
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -254,6 +255,19 @@ pub(crate) trait EngineExt {
     /// A read that needs no fetch, served in its first poll; `None` (and
     /// nothing started) if it would need one.
     fn try_read_now(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), EngineError>>;
+    /// A read into a registered buffer ([`RegisteredIo`]), as ublk's
+    /// zero-copy mode sends it.
+    fn read_registered(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> BoxFuture<'static, Result<Vec<u8>, EngineError>>;
+    /// A write from a registered buffer holding `data`.
+    fn write_registered(
+        &self,
+        offset: u64,
+        data: &[u8],
+    ) -> BoxFuture<'static, Result<(), EngineError>>;
 }
 
 impl EngineExt for Arc<Engine> {
@@ -263,7 +277,7 @@ impl EngineExt for Arc<Engine> {
             let mut buf = vec![0xA5; len];
             let read = Request::Read {
                 offset,
-                buf: &mut buf,
+                buf: (&mut buf).into(),
             };
             engine.submit(&SyncIo, read).await.map(|()| buf)
         }
@@ -274,7 +288,13 @@ impl EngineExt for Arc<Engine> {
         let engine = Arc::clone(self);
         async move {
             engine
-                .submit(&SyncIo, Request::Write { offset, data })
+                .submit(
+                    &SyncIo,
+                    Request::Write {
+                        offset,
+                        data: data.into(),
+                    },
+                )
                 .await
         }
         .boxed()
@@ -309,8 +329,46 @@ impl EngineExt for Arc<Engine> {
         if !self.servable_now(offset, buf.len() as u64) {
             return None;
         }
-        let read = Request::Read { offset, buf };
+        let read = Request::Read {
+            offset,
+            buf: buf.into(),
+        };
         self.submit(&SyncIo, read).now_or_never()
+    }
+
+    fn read_registered(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> BoxFuture<'static, Result<Vec<u8>, EngineError>> {
+        let engine = Arc::clone(self);
+        async move {
+            let (io, fixed) = RegisteredIo::for_read(len);
+            let read = Request::Read {
+                offset,
+                buf: ReadBuf::Fixed(fixed),
+            };
+            engine.submit(&io, read).await?;
+            Ok(io.into_bytes())
+        }
+        .boxed()
+    }
+
+    fn write_registered(
+        &self,
+        offset: u64,
+        data: &[u8],
+    ) -> BoxFuture<'static, Result<(), EngineError>> {
+        let engine = Arc::clone(self);
+        let (io, fixed) = RegisteredIo::for_write(data);
+        async move {
+            let write = Request::Write {
+                offset,
+                data: WriteBuf::Fixed(fixed),
+            };
+            engine.submit(&io, write).await
+        }
+        .boxed()
     }
 }
 

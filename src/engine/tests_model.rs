@@ -19,6 +19,11 @@ enum Op {
         at: Index,
         len: Index,
     },
+    /// A read into a registered buffer (ublk zero copy).
+    ReadRegistered {
+        at: Index,
+        len: Index,
+    },
     /// Consecutive reads of `step` bytes over `chunks` chunks, as a
     /// sequential reader sends them: the pattern readahead looks for.
     Scan {
@@ -27,6 +32,12 @@ enum Op {
         step: Index,
     },
     Write {
+        at: Index,
+        len: Index,
+        fill: u8,
+    },
+    /// A write from a registered buffer (ublk zero copy).
+    WriteRegistered {
         at: Index,
         len: Index,
         fill: u8,
@@ -61,10 +72,13 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (any::<Index>(), any::<Index>()).prop_map(|(at, len)| Op::Read { at, len }),
         2 => (any::<Index>(), any::<Index>()).prop_map(|(at, len)| Op::TryRead { at, len }),
+        2 => (any::<Index>(), any::<Index>()).prop_map(|(at, len)| Op::ReadRegistered { at, len }),
         4 => (any::<Index>(), 2usize..8, any::<Index>())
             .prop_map(|(at, chunks, step)| Op::Scan { at, chunks, step }),
         3 => (any::<Index>(), any::<Index>(), any::<u8>())
             .prop_map(|(at, len, fill)| Op::Write { at, len, fill }),
+        2 => (any::<Index>(), any::<Index>(), any::<u8>())
+            .prop_map(|(at, len, fill)| Op::WriteRegistered { at, len, fill }),
         1 => Just(Op::Flush),
         1 => Just(Op::Reopen),
         2 => (any::<Index>(), any::<Index>()).prop_map(|(at, len)| Op::Discard { at, len }),
@@ -128,7 +142,8 @@ fn settle(
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(40))]
 
-    /// Random reads, writes, flushes, discards, write-zeroes and restarts
+    /// Random reads and writes (into and from memory or registered
+    /// buffers), flushes, discards, write-zeroes and restarts
     /// agree with the model over a store that is slow, fails transiently
     /// or hangs, and no chunk is ever delivered twice (every restart here
     /// is clean), with readahead off or on.
@@ -171,6 +186,11 @@ proptest! {
                     let got = rt.block_on(engine.read(at as u64, len)).unwrap();
                     settle(&mut model, &mut either_zero, at, &got)?;
                 }
+                Op::ReadRegistered { at, len } => {
+                    let (at, len) = range(size, at, len);
+                    let got = rt.block_on(engine.read_registered(at as u64, len)).unwrap();
+                    settle(&mut model, &mut either_zero, at, &got)?;
+                }
                 Op::TryRead { at, len } => {
                     let (at, len) = range(size, at, len);
                     let mut buf = vec![0xCC; len];
@@ -197,10 +217,15 @@ proptest! {
                         pos += len;
                     }
                 }
-                Op::Write { at, len, fill } => {
+                Op::Write { at, len, fill } | Op::WriteRegistered { at, len, fill } => {
                     let (at, len) = range(size, at, len);
                     let data = pattern(len, *fill, at);
-                    rt.block_on(engine.write(at as u64, &data)).unwrap();
+                    let write = if matches!(op, Op::Write { .. }) {
+                        engine.write(at as u64, &data)
+                    } else {
+                        engine.write_registered(at as u64, &data)
+                    };
+                    rt.block_on(write).unwrap();
                     model[at..at + len].copy_from_slice(&data);
                     either_zero[at..at + len].fill(false);
                 }

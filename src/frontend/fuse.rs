@@ -293,7 +293,7 @@ impl Filesystem for DiskFs {
             let mut buf = vec![0u8; len];
             let read = BlockRequest::Read {
                 offset,
-                buf: &mut buf,
+                buf: (&mut buf).into(),
             };
             match engine.submit(&SyncIo, read).await {
                 Ok(()) => reply.data(&buf),
@@ -325,7 +325,7 @@ impl Filesystem for DiskFs {
         self.run(async move {
             let write = BlockRequest::Write {
                 offset,
-                data: &data,
+                data: data.as_slice().into(),
             };
             match engine.submit(&SyncIo, write).await {
                 Ok(()) => reply.written(data.len() as u32),

@@ -8,10 +8,10 @@
 //! ```
 //!
 //! [`serve`] adds (or recovers) a device and blocks while it runs: one
-//! thread per queue (see `queue.rs`), each with one task per tag. Buffers
-//! are plain per-tag buffers the kernel copies into and out of: the engine
-//! decrypts, so zero-copy modes (whose buffers the server cannot touch) do
-//! not fit.
+//! thread per queue (see `queue.rs`), each with one task per tag. Request
+//! data moves through per-tag buffers the kernel copies into and out of, or,
+//! where the driver offers `AUTO_BUF_REG`, straight between the cache file
+//! and the request's pages ([`CopyMode`], `mode.rs`).
 //!
 //! Teardown order: the kernel aborts every tag's command after STOP_DEV or
 //! TRY_STOP_DEV (or when the device is deleted); each queue thread returns
@@ -36,10 +36,12 @@
 
 mod control;
 mod features;
+mod mode;
 mod queue;
 mod ring_io;
 
 pub use features::{features, Feature};
+pub use mode::CopyMode;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -162,6 +164,8 @@ pub struct DeviceOptions {
     pub depth: u16,
     /// Create with user recovery, so a dead process can be replaced.
     pub recoverable: bool,
+    /// Use zero copy where the driver offers it (see [`CopyMode::choose`]).
+    pub zero_copy: bool,
 }
 
 /// Whether [`serve`] makes a new device or takes over an orphaned one.
@@ -185,6 +189,7 @@ pub struct DeviceInfo {
     pub recoverable: bool,
     /// The device's `UBLK_F_*` flags as the driver reports them.
     pub flags: u64,
+    pub mode: CopyMode,
 }
 
 /// Queues `add` uses by default: one per online CPU, at most
@@ -275,7 +280,9 @@ where
 /// ADD_DEV with the flags this driver has: through libublk when it knows
 /// them all, else sent here and then opened with libublk.
 fn add(opts: DeviceOptions) -> Result<UblkCtrl, UblkFrontendError> {
-    let flags = add_flags(driver_features()?, opts.recoverable);
+    let driver = driver_features()?;
+    let mode = CopyMode::choose(driver, opts.zero_copy);
+    let flags = add_flags(driver, opts.recoverable) | mode.ctrl_flags();
     let base = move || {
         UblkCtrlBuilder::default()
             .name(TARGET_NAME)
@@ -340,7 +347,7 @@ fn recover(id: u32) -> Result<UblkCtrl, UblkFrontendError> {
             .nr_queues(old.nr_hw_queues)
             .depth(old.queue_depth)
             .io_buf_bytes(old.max_io_buf_bytes)
-            .ctrl_flags(old.flags & RECOVERY_FLAGS)
+            .ctrl_flags(old.flags & RECOVERY_FLAGS | CopyMode::of_flags(old.flags).ctrl_flags())
             .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
             .build()
             .and_then(|ctrl| ctrl.start_user_recover().map(|_| ctrl))
@@ -411,6 +418,7 @@ where
         depth: info.queue_depth,
         recoverable: info.flags & u64::from(sys::UBLK_F_USER_RECOVERY) != 0,
         flags: info.flags,
+        mode: CopyMode::of_flags(info.flags),
     });
     for thread in threads {
         if thread.join().is_err() {

@@ -2,7 +2,12 @@
 //!
 //! Each tag's task owns its I/O buffer, fetches a request from the kernel,
 //! translates it into an engine [`Request`] over that buffer, awaits the
-//! engine and commits the result, which also fetches the next request. The
+//! engine and commits the result, which also fetches the next request. In
+//! zero-copy mode (`UBLK_F_AUTO_BUF_REG`) a tag has no buffer: before the
+//! driver hands over a request with data, it registers the request's pages
+//! in this ring's buffer table at index = tag, and unregisters them when the
+//! tag commits; the engine reaches them only through [`RingIo`]'s
+//! fixed-buffer ops ([`FixedBuf`]). The
 //! tasks run on a single-threaded executor driven by the queue's ring: the
 //! thread sleeps in `io_uring_enter` until a completion arrives.
 //!
@@ -17,7 +22,9 @@
 //! or a negative errno from [`crate::error::ErrorKind::errno`]; no path
 //! through [`Tag::serve`] panics.
 //!
-//! Teardown order: a tag's buffer lives in its task's future. The queue
+//! Teardown order: a tag's buffer lives in its task's future (in zero-copy
+//! mode the pages are the request's, and the driver holds a reference on
+//! the request while they are registered). The queue
 //! drops the tasks (and with them the buffers) only once every tag has seen
 //! the queue go down, i.e. the kernel aborted its last command and none of
 //! its ring operations is in flight; then the executor, then the ring. If
@@ -25,6 +32,7 @@
 //! are leaked instead: the kernel or the ring may still write into their
 //! buffers, and the process is about to exit anyway.
 
+use std::fs::File;
 use std::future::Future;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::pin::pin;
@@ -43,7 +51,7 @@ use rustix::event::{eventfd, EventfdFlags};
 use tokio::runtime::Handle;
 
 use super::ring_io::RingIo;
-use crate::engine::{Engine, EngineError, Request};
+use crate::engine::{Engine, EngineError, FixedBuf, ReadBuf, Request, WriteBuf};
 use crate::error::ErrorKind;
 
 /// Idle time after which libublk lets a queue release its buffers' pages.
@@ -123,6 +131,9 @@ async fn kicked<F: Future>(future: F, kicker: &Kicker) -> F::Output {
 struct Shared {
     engine: Arc<Engine>,
     kicker: Kicker,
+    /// `/dev/zero` in zero-copy mode: zero pieces are read from it into the
+    /// request's registered pages.
+    zeros: Option<File>,
 }
 
 /// Serves queue `qid` of `dev` until the device stops. Runs on the queue's
@@ -142,9 +153,21 @@ pub(super) fn run_queue(qid: u16, dev: &UblkDev, engine: Arc<Engine>, runtime: H
             return;
         }
     };
+    let zeros = if queue.support_auto_buf_zc() {
+        match File::open("/dev/zero") {
+            Ok(file) => Some(file),
+            Err(e) => {
+                tracing::error!(queue = qid, "open /dev/zero for zero-copy reads: {e}");
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let shared = Rc::new(Shared {
         engine,
         kicker: kicker.clone(),
+        zeros,
     });
     // Fetches the engine starts from here are spawned on its runtime; the
     // stores' futures may also want its context.
@@ -216,6 +239,9 @@ struct Tag<'a> {
 
 impl Tag<'_> {
     async fn run(&self) -> Result<(), UblkError> {
+        if self.queue.support_auto_buf_zc() {
+            return self.run_registered().await;
+        }
         let q = &self.queue;
         // Teardown: the buffer lives in this future, which the queue keeps
         // until the kernel has aborted the tag's last command (QueueIsDown),
@@ -224,49 +250,97 @@ impl Tag<'_> {
         q.submit_io_prep_cmd(self.tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
             .await?;
         loop {
-            let result = self.serve(buf.as_mut_slice()).await;
+            let result = self.serve(TagBuf::Memory(buf.as_mut_slice())).await;
             q.submit_io_commit_cmd(self.tag, BufDesc::Slice(buf.as_slice()), result)
                 .await?;
         }
     }
 
+    /// The zero-copy loop: the driver registers each request's pages at
+    /// index = tag (libublk sized the ring's sparse buffer table to the
+    /// queue depth), so the index is the tag's own and no other op uses
+    /// it. No `UBLK_AUTO_BUF_REG_FALLBACK`: the registration can only fail
+    /// for want of memory, and then the driver fails that request with an
+    /// I/O error, as we would (the fallback's manual registration needs
+    /// `UBLK_F_SUPPORT_ZERO_COPY` and the same memory).
+    async fn run_registered(&self) -> Result<(), UblkError> {
+        let q = &self.queue;
+        let reg = sys::ublk_auto_buf_reg {
+            index: self.tag,
+            ..Default::default()
+        };
+        q.submit_io_prep_cmd(self.tag, BufDesc::AutoReg(reg), 0, None)
+            .await?;
+        loop {
+            let result = self.serve(TagBuf::Registered).await;
+            q.submit_io_commit_cmd(self.tag, BufDesc::AutoReg(reg), result)
+                .await?;
+        }
+    }
+
     /// Serves the tag's current request: bytes done, or a negative errno.
-    async fn serve(&self, buf: &mut [u8]) -> i32 {
+    async fn serve(&self, buf: TagBuf<'_>) -> i32 {
         let iod = self.queue.get_iod(self.tag);
         let op = iod.op_flags & 0xff;
         let offset = iod.start_sector << 9;
         let sectors = u64::from(iod.nr_sectors);
         let len = (sectors << 9) as usize;
-        let request = match op {
-            sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE if len > buf.len() => {
-                return -libc::EINVAL
-            }
-            sys::UBLK_IO_OP_READ => Request::Read {
+        let max = match &buf {
+            TagBuf::Memory(buf) => buf.len(),
+            TagBuf::Registered => self.queue.dev.dev_info.max_io_buf_bytes as usize,
+        };
+        let fixed = FixedBuf {
+            index: self.tag,
+            at: 0,
+            len,
+        };
+        let request = match (op, buf) {
+            (sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE, _) if len > max => return -libc::EINVAL,
+            (sys::UBLK_IO_OP_READ, TagBuf::Memory(buf)) => Request::Read {
                 offset,
-                buf: &mut buf[..len],
+                buf: ReadBuf::Memory(&mut buf[..len]),
             },
-            sys::UBLK_IO_OP_WRITE => Request::Write {
+            (sys::UBLK_IO_OP_READ, TagBuf::Registered) => Request::Read {
                 offset,
-                data: &buf[..len],
+                buf: ReadBuf::Fixed(fixed),
             },
-            sys::UBLK_IO_OP_FLUSH => Request::Flush,
-            sys::UBLK_IO_OP_DISCARD => Request::Discard {
+            (sys::UBLK_IO_OP_WRITE, TagBuf::Memory(buf)) => Request::Write {
+                offset,
+                data: WriteBuf::Memory(&buf[..len]),
+            },
+            (sys::UBLK_IO_OP_WRITE, TagBuf::Registered) => Request::Write {
+                offset,
+                data: WriteBuf::Fixed(fixed),
+            },
+            (sys::UBLK_IO_OP_FLUSH, _) => Request::Flush,
+            (sys::UBLK_IO_OP_DISCARD, _) => Request::Discard {
                 offset,
                 len: sectors << 9,
             },
-            sys::UBLK_IO_OP_WRITE_ZEROES => Request::WriteZeroes {
+            (sys::UBLK_IO_OP_WRITE_ZEROES, _) => Request::WriteZeroes {
                 offset,
                 len: sectors << 9,
             },
             _ => return -libc::EOPNOTSUPP,
         };
         let engine = &self.shared.engine;
-        match kicked(engine.submit(&RingIo, request), &self.shared.kicker).await {
+        let io = RingIo {
+            zeros: self.shared.zeros.as_ref(),
+        };
+        match kicked(engine.submit(&io, request), &self.shared.kicker).await {
             Ok(()) if op == sys::UBLK_IO_OP_READ || op == sys::UBLK_IO_OP_WRITE => len as i32,
             Ok(()) => 0,
             Err(e) => failed(op, offset, len, &e),
         }
     }
+}
+
+/// A tag's buffer for one request.
+enum TagBuf<'a> {
+    /// The tag's own memory, which the driver copies to or from.
+    Memory(&'a mut [u8]),
+    /// The request's pages, registered at index = tag.
+    Registered,
 }
 
 /// The negative errno a failed request is committed with; failures other

@@ -4,6 +4,14 @@
 //!
 //! The queue thread then never blocks in a syscall: while the kernel reads
 //! the cache file, other tags' commands complete on the same ring.
+//!
+//! In zero-copy mode a request's pages are registered in this ring's buffer
+//! table (see `queue.rs`), and [`FixedBuf`]s name them: `ReadFixed` and
+//! `WriteFixed` move bytes between the cache file and those pages, one copy
+//! as in the loop driver. The address such an op carries is an offset into
+//! the registered buffer, since a buffer the driver registered from kernel
+//! pages has no user address. Zeros come from reading a source of zeros
+//! into the pages (`/dev/zero`, opened by the queue).
 
 use std::fs::File;
 use std::future::Future;
@@ -14,12 +22,16 @@ use io_uring::{opcode, squeue, types};
 use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::UblkUringData;
 
-use crate::cache::io::CacheIo;
+use crate::cache::io::{CacheIo, FixedBuf};
 
 /// Cache I/O on the current ublk queue thread's ring. Only a future polled
 /// on a queue thread (inside libublk's event loop) may use it.
 #[derive(Debug, Clone, Copy, Default)]
-pub(super) struct RingIo;
+pub(super) struct RingIo<'a> {
+    /// Where zeros for registered buffers come from; `None` outside
+    /// zero-copy mode, where no registered buffer reaches us.
+    pub zeros: Option<&'a File>,
+}
 
 /// Longest single transfer asked of the ring; longer ones loop.
 const MAX_TRANSFER: usize = 1 << 30;
@@ -33,7 +45,43 @@ async fn submit(sqe: squeue::Entry) -> io::Result<u32> {
     u32::try_from(result).map_err(|_| io::Error::from_raw_os_error(-result))
 }
 
-impl CacheIo for RingIo {
+/// Reads (`write` false) or writes `fixed` from or to `fd` at `offset`,
+/// looping over short transfers; `eof` is the error for a transfer of 0.
+async fn fixed_rw(
+    fd: types::Fd,
+    fixed: FixedBuf,
+    offset: u64,
+    write: bool,
+    eof: io::ErrorKind,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < fixed.len {
+        let len = (fixed.len - done).min(MAX_TRANSFER) as u32;
+        // An offset into the registered buffer, not a pointer: nothing in
+        // this process's memory is read or written. The kernel checks it
+        // against the registered range and fails the op (-EFAULT) outside
+        // it; the pages stay registered until this tag commits, which its
+        // task does only after this op completed.
+        let at = std::ptr::without_provenance_mut::<u8>(fixed.at + done);
+        let pos = offset + done as u64;
+        let sqe = if write {
+            opcode::WriteFixed::new(fd, at, len, fixed.index)
+                .offset(pos)
+                .build()
+        } else {
+            opcode::ReadFixed::new(fd, at, len, fixed.index)
+                .offset(pos)
+                .build()
+        };
+        match submit(sqe).await? {
+            0 => return Err(eof.into()),
+            n => done += n as usize,
+        }
+    }
+    Ok(())
+}
+
+impl CacheIo for RingIo<'_> {
     fn read_at(
         &self,
         file: &File,
@@ -108,6 +156,39 @@ impl CacheIo for RingIo {
                 .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
                 .build();
             submit(sqe).await.map(|_| ())
+        }
+    }
+
+    fn read_fixed(
+        &self,
+        file: &File,
+        dst: FixedBuf,
+        offset: u64,
+    ) -> impl Future<Output = io::Result<()>> {
+        let fd = types::Fd(file.as_raw_fd());
+        fixed_rw(fd, dst, offset, false, io::ErrorKind::UnexpectedEof)
+    }
+
+    fn write_fixed(
+        &self,
+        file: &File,
+        src: FixedBuf,
+        offset: u64,
+    ) -> impl Future<Output = io::Result<()>> {
+        let fd = types::Fd(file.as_raw_fd());
+        fixed_rw(fd, src, offset, true, io::ErrorKind::WriteZero)
+    }
+
+    fn zero_fixed(&self, dst: FixedBuf) -> impl Future<Output = io::Result<()>> {
+        let zeros = self.zeros.map(|file| types::Fd(file.as_raw_fd()));
+        async move {
+            let Some(fd) = zeros else {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "no source of zeros outside zero-copy mode",
+                ));
+            };
+            fixed_rw(fd, dst, 0, false, io::ErrorKind::UnexpectedEof).await
         }
     }
 }
