@@ -45,8 +45,25 @@ async fn submit(sqe: squeue::Entry) -> io::Result<u32> {
     u32::try_from(result).map_err(|_| io::Error::from_raw_os_error(-result))
 }
 
-/// Reads (`write` false) or writes `fixed` from or to `fd` at `offset`,
-/// looping over short transfers; `eof` is the error for a transfer of 0.
+/// Submits `sqe_at(done, len)` until `total` bytes have moved: the
+/// kernel may move fewer than asked. `eof` is the error for a transfer of 0.
+async fn until_done(
+    total: usize,
+    eof: io::ErrorKind,
+    mut sqe_at: impl FnMut(usize, u32) -> squeue::Entry,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < total {
+        let len = (total - done).min(MAX_TRANSFER) as u32;
+        match submit(sqe_at(done, len)).await? {
+            0 => return Err(eof.into()),
+            n => done += n as usize,
+        }
+    }
+    Ok(())
+}
+
+/// Reads (`write` false) or writes `fixed` from or to `fd` at `offset`.
 async fn fixed_rw(
     fd: types::Fd,
     fixed: FixedBuf,
@@ -54,9 +71,7 @@ async fn fixed_rw(
     write: bool,
     eof: io::ErrorKind,
 ) -> io::Result<()> {
-    let mut done = 0;
-    while done < fixed.len {
-        let len = (fixed.len - done).min(MAX_TRANSFER) as u32;
+    until_done(fixed.len, eof, |done, len| {
         // An offset into the registered buffer, not a pointer: nothing in
         // this process's memory is read or written. The kernel checks it
         // against the registered range and fails the op (-EFAULT) outside
@@ -64,7 +79,7 @@ async fn fixed_rw(
         // task does only after this op completed.
         let at = std::ptr::without_provenance_mut::<u8>(fixed.at + done);
         let pos = offset + done as u64;
-        let sqe = if write {
+        if write {
             opcode::WriteFixed::new(fd, at, len, fixed.index)
                 .offset(pos)
                 .build()
@@ -72,13 +87,9 @@ async fn fixed_rw(
             opcode::ReadFixed::new(fd, at, len, fixed.index)
                 .offset(pos)
                 .build()
-        };
-        match submit(sqe).await? {
-            0 => return Err(eof.into()),
-            n => done += n as usize,
         }
-    }
-    Ok(())
+    })
+    .await
 }
 
 impl CacheIo for RingIo<'_> {
@@ -89,29 +100,19 @@ impl CacheIo for RingIo<'_> {
         offset: u64,
     ) -> impl Future<Output = io::Result<()>> {
         let fd = types::Fd(file.as_raw_fd());
-        async move {
-            let mut done = 0;
-            while done < buf.len() {
-                let dst = &mut buf[done..];
-                let len = dst.len().min(MAX_TRANSFER) as u32;
-                // The kernel writes into `dst` until this read completes.
-                // It is part of a buffer the request's caller owns and keeps
-                // until the request completes: a ublk tag's buffer, which
-                // its task drops only once the queue is down (and never on
-                // an error path where a command may be in flight, see
-                // `queue.rs`), and which this future borrows until the
-                // completion below arrives. The file stays open as long as
-                // the engine, which the request borrows.
-                let sqe = opcode::Read::new(fd, dst.as_mut_ptr(), len)
-                    .offset(offset + done as u64)
-                    .build();
-                match submit(sqe).await? {
-                    0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                    n => done += n as usize,
-                }
-            }
-            Ok(())
-        }
+        let (base, total) = (buf.as_mut_ptr(), buf.len());
+        // The kernel writes into `buf` until each read completes. It is part
+        // of a buffer the request's caller owns and keeps until the request
+        // completes: a ublk tag's buffer, which its task drops only once the
+        // queue is down (and never on an error path where a command may be
+        // in flight, see `queue.rs`), and which this future borrows until
+        // the last completion arrives. The file stays open as long as the
+        // engine, which the request borrows.
+        until_done(total, io::ErrorKind::UnexpectedEof, move |done, len| {
+            opcode::Read::new(fd, base.wrapping_add(done), len)
+                .offset(offset + done as u64)
+                .build()
+        })
     }
 
     fn write_at(
@@ -121,23 +122,13 @@ impl CacheIo for RingIo<'_> {
         offset: u64,
     ) -> impl Future<Output = io::Result<()>> {
         let fd = types::Fd(file.as_raw_fd());
-        async move {
-            let mut done = 0;
-            while done < data.len() {
-                let src = &data[done..];
-                let len = src.len().min(MAX_TRANSFER) as u32;
-                // The kernel reads `src` until this write completes; it is
-                // borrowed from the request's caller as in `read_at`.
-                let sqe = opcode::Write::new(fd, src.as_ptr(), len)
-                    .offset(offset + done as u64)
-                    .build();
-                match submit(sqe).await? {
-                    0 => return Err(io::ErrorKind::WriteZero.into()),
-                    n => done += n as usize,
-                }
-            }
-            Ok(())
-        }
+        // The kernel reads `data` until each write completes; it is
+        // borrowed from the request's caller as in `read_at`.
+        until_done(data.len(), io::ErrorKind::WriteZero, move |done, len| {
+            opcode::Write::new(fd, data[done..].as_ptr(), len)
+                .offset(offset + done as u64)
+                .build()
+        })
     }
 
     fn punch_hole(
