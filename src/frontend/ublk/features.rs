@@ -23,8 +23,8 @@ const KNOWN_FEATURES: &[(u64, &str, &str, &str)] = &[
     (
         sys::UBLK_F_SUPPORT_ZERO_COPY as u64,
         "SUPPORT_ZERO_COPY",
-        "6.0",
-        "zero-copy (never enabled by the driver)",
+        "6.15",
+        "zero copy with explicit buffer registration (defined since 6.0, working since 6.15)",
     ),
     (
         sys::UBLK_F_URING_CMD_COMP_IN_TASK as u64,
@@ -77,7 +77,7 @@ const KNOWN_FEATURES: &[(u64, &str, &str, &str)] = &[
     (
         sys::UBLK_F_USER_RECOVERY_FAIL_IO as u64,
         "USER_RECOVERY_FAIL_IO",
-        "6.11",
+        "6.13",
         "fail I/O while waiting for recovery",
     ),
     (
