@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -19,7 +19,7 @@ use crate::chunk::{
 };
 use crate::engine::testing_registered::RegisteredIo;
 use crate::engine::{Engine, EngineError, EngineOptions, ReadBuf, Request, SyncIo, WriteBuf};
-use crate::store::{ChunkStore, StoreError};
+use crate::store::{ChunkStore, ListedChunk, StoreError};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
@@ -27,6 +27,8 @@ use futures::FutureExt;
 #[derive(Debug, Default)]
 pub(crate) struct MemStore {
     chunks: Mutex<HashMap<ChunkId, Bytes>>,
+    /// When each chunk was last written or refreshed.
+    modified: Mutex<HashMap<ChunkId, SystemTime>>,
     manifests: Mutex<HashMap<String, Bytes>>,
     gets: AtomicU64,
     served: AtomicU64,
@@ -82,6 +84,11 @@ impl MemStore {
     /// The next `failures` gets of `id` fail with a transient error.
     pub fn set_transient(&self, id: ChunkId, failures: u64) {
         lock(&self.transient).insert(id, failures);
+    }
+
+    /// Sets chunk `id`'s modification time, as if written at `time`.
+    pub fn set_modified(&self, id: ChunkId, time: SystemTime) {
+        lock(&self.modified).insert(id, time);
     }
 
     /// Gets of `id` no longer wait for a gate.
@@ -146,26 +153,55 @@ impl ChunkStore for MemStore {
     }
 
     async fn put(&self, id: &ChunkId, envelope: Bytes) -> Result<(), StoreError> {
-        lock(&self.chunks).insert(*id, envelope);
+        let mut chunks = lock(&self.chunks);
+        chunks.entry(*id).or_insert(envelope);
+        lock(&self.modified).insert(*id, SystemTime::now());
         Ok(())
     }
 
     async fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, StoreError> {
         let chunks = lock(&self.chunks);
-        Ok(ids
-            .iter()
-            .filter(|id| !chunks.contains_key(id))
-            .copied()
-            .collect())
+        let mut modified = lock(&self.modified);
+        let now = SystemTime::now();
+        let mut missing = Vec::new();
+        for id in ids {
+            if chunks.contains_key(id) {
+                modified.insert(*id, now);
+            } else {
+                missing.push(*id);
+            }
+        }
+        Ok(missing)
     }
 
-    async fn list(&self) -> Result<Vec<ChunkId>, StoreError> {
-        Ok(lock(&self.chunks).keys().copied().collect())
+    async fn list(&self) -> Result<Vec<ListedChunk>, StoreError> {
+        let chunks = lock(&self.chunks);
+        let modified = lock(&self.modified);
+        Ok(chunks
+            .iter()
+            .map(|(id, envelope)| ListedChunk {
+                id: *id,
+                modified: modified.get(id).copied().unwrap_or(SystemTime::UNIX_EPOCH),
+                size: envelope.len() as u64,
+            })
+            .collect())
     }
 
     async fn delete(&self, id: &ChunkId) -> Result<(), StoreError> {
         lock(&self.chunks).remove(id);
+        lock(&self.modified).remove(id);
         Ok(())
+    }
+
+    async fn delete_if_older(&self, id: &ChunkId, cutoff: SystemTime) -> Result<bool, StoreError> {
+        let mut chunks = lock(&self.chunks);
+        let mut modified = lock(&self.modified);
+        let old = chunks.contains_key(id) && modified.get(id).is_none_or(|time| *time < cutoff);
+        if old {
+            chunks.remove(id);
+            modified.remove(id);
+        }
+        Ok(old)
     }
 
     async fn put_manifest(&self, name: &str, manifest: Bytes) -> Result<(), StoreError> {
@@ -181,6 +217,10 @@ impl ChunkStore for MemStore {
                 store: self.describe(),
                 name: name.to_owned(),
             })
+    }
+
+    async fn list_manifests(&self) -> Result<Vec<String>, StoreError> {
+        Ok(lock(&self.manifests).keys().cloned().collect())
     }
 
     fn describe(&self) -> String {
@@ -463,4 +503,15 @@ pub(crate) fn fixture() -> (Vec<u8>, Fixture) {
     let image = sample_image(8, 1000, CS, 42);
     let fx = seal_image(&image, CS);
     (image, fx)
+}
+
+#[tokio::test]
+async fn mem_store_keeps_the_store_contract() {
+    let store = MemStore::default();
+    crate::store::contract::check_gc_contract(&store, Duration::ZERO).await;
+    // Backdating makes a chunk collectable.
+    let id = ChunkId::of_envelope(&[2]);
+    let cutoff = SystemTime::now();
+    store.set_modified(id, cutoff - Duration::from_secs(60));
+    assert!(store.delete_if_older(&id, cutoff).await.unwrap());
 }

@@ -14,7 +14,13 @@
 //!   files start with `.`, which neither a chunk id nor a manifest name can,
 //!   so they are never listed or read as objects;
 //! * a directory that holds other things and no marker is never adopted as a
-//!   store.
+//!   store;
+//! * a chunk file's modification time is when it was last written or
+//!   refreshed (`put` or `missing` of a present chunk): the garbage
+//!   collection contract of [`ChunkStore`]. Refreshing goes by path
+//!   (`utimensat`), and [`ChunkStore::delete_if_older`] first renames the
+//!   file aside and then checks its time, so a refresh either lands before
+//!   the rename and is seen, or finds no file and reports the chunk missing.
 //!
 //! Blocking file I/O runs on tokio's blocking pool, never on its workers.
 
@@ -22,11 +28,12 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{validate_manifest_name, ChunkStore, StoreError};
+use super::{validate_manifest_name, ChunkStore, ListedChunk, StoreError};
 use crate::chunk::ChunkId;
 use crate::durable::{self, sync_dir};
 
@@ -199,6 +206,35 @@ fn read_aligned(path: &Path) -> io::Result<Bytes> {
     Ok(Bytes::from(data).slice(start..))
 }
 
+/// Sets `path`'s modification time to now; `false` if there is no such file.
+fn touch(path: &Path) -> io::Result<bool> {
+    use rustix::fs::{utimensat, AtFlags, Timestamps, CWD, UTIME_NOW, UTIME_OMIT};
+    let times = Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_OMIT,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_NOW,
+        },
+    };
+    match utimensat(CWD, path, &times, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::NOENT) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The modification time of `path`, or `None` if there is no such file.
+fn modified(path: &Path) -> io::Result<Option<SystemTime>> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) => meta.modified().map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 fn exists(path: &Path) -> io::Result<bool> {
     match fs::symlink_metadata(path) {
         Ok(_) => Ok(true),
@@ -227,7 +263,7 @@ impl ChunkStore for DirStore {
         self.blocking(move |inner| {
             let path = inner.chunk_path(&id);
             let err = |op| inner.io(op, chunk_object(&id));
-            if exists(&path).map_err(err("check"))? {
+            if touch(&path).map_err(err("refresh"))? {
                 return Ok(());
             }
             let dir = path.parent().expect("chunk paths have a parent");
@@ -248,8 +284,8 @@ impl ChunkStore for DirStore {
         self.blocking(move |inner| {
             let mut missing = Vec::new();
             for id in ids {
-                let present =
-                    exists(&inner.chunk_path(&id)).map_err(inner.io("check", chunk_object(&id)))?;
+                let present = touch(&inner.chunk_path(&id))
+                    .map_err(inner.io("refresh", chunk_object(&id)))?;
                 if !present {
                     missing.push(id);
                 }
@@ -259,10 +295,10 @@ impl ChunkStore for DirStore {
         .await
     }
 
-    async fn list(&self) -> Result<Vec<ChunkId>, StoreError> {
+    async fn list(&self) -> Result<Vec<ListedChunk>, StoreError> {
         self.blocking(|inner| {
             let chunks = inner.root.join(CHUNKS);
-            let mut ids = Vec::new();
+            let mut listed = Vec::new();
             for prefix in fs::read_dir(&chunks).map_err(inner.io("list", CHUNKS))? {
                 let prefix = prefix.map_err(inner.io("list", CHUNKS))?;
                 let prefix_name = prefix.file_name();
@@ -277,14 +313,27 @@ impl ChunkStore for DirStore {
                     let entry = entry.map_err(inner.io("list", &*object))?;
                     // Temp files and strays fail to parse and are skipped.
                     let parsed = entry.file_name().to_str().map(str::parse::<ChunkId>);
-                    if let Some(Ok(id)) = parsed {
-                        if id.to_hex().starts_with(prefix_name) {
-                            ids.push(id);
-                        }
+                    let Some(Ok(id)) = parsed else { continue };
+                    if !id.to_hex().starts_with(prefix_name) {
+                        continue;
                     }
+                    let meta = match entry.metadata() {
+                        Ok(meta) => meta,
+                        // Deleted since the directory was read.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(inner.io("inspect", chunk_object(&id))(e)),
+                    };
+                    let modified = meta
+                        .modified()
+                        .map_err(inner.io("inspect", chunk_object(&id)))?;
+                    listed.push(ListedChunk {
+                        id,
+                        modified,
+                        size: meta.len(),
+                    });
                 }
             }
-            Ok(ids)
+            Ok(listed)
         })
         .await
     }
@@ -300,6 +349,46 @@ impl ChunkStore for DirStore {
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(inner.io("delete", chunk_object(&id))(e)),
+            }
+        })
+        .await
+    }
+
+    async fn delete_if_older(&self, id: &ChunkId, cutoff: SystemTime) -> Result<bool, StoreError> {
+        let id = *id;
+        self.blocking(move |inner| {
+            let path = inner.chunk_path(&id);
+            let err = |op| inner.io(op, chunk_object(&id));
+            match modified(&path).map_err(err("inspect"))? {
+                Some(time) if time < cutoff => {}
+                _ => return Ok(false),
+            }
+            // Out of the way first, then judged: a refresh that reached the
+            // file before the rename shows in its time, one after it finds
+            // no file and makes the pusher upload the chunk again.
+            let dir = path.parent().expect("chunk paths have a parent");
+            let aside = dir.join(format!(
+                ".gc-{}-{:016x}",
+                id.to_hex(),
+                rand::random::<u64>()
+            ));
+            match fs::rename(&path, &aside) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(err("delete")(e)),
+            }
+            match modified(&aside).map_err(err("inspect"))? {
+                Some(time) if time < cutoff => {
+                    fs::remove_file(&aside).map_err(err("delete"))?;
+                    sync_dir(dir).map_err(err("delete"))?;
+                    Ok(true)
+                }
+                _ => {
+                    // Refreshed meanwhile: put it back. Should the chunk have
+                    // been uploaded again since, the bytes are the same.
+                    fs::rename(&aside, &path).map_err(err("restore"))?;
+                    Ok(false)
+                }
             }
         })
         .await
@@ -333,6 +422,24 @@ impl ChunkStore for DirStore {
         .await
     }
 
+    async fn list_manifests(&self) -> Result<Vec<String>, StoreError> {
+        self.blocking(|inner| {
+            let dir = inner.root.join(MANIFESTS);
+            let mut names = Vec::new();
+            for entry in fs::read_dir(&dir).map_err(inner.io("list", MANIFESTS))? {
+                let entry = entry.map_err(inner.io("list", MANIFESTS))?;
+                // Temp files (leading '.') and strays are not valid names.
+                if let Some(name) = entry.file_name().to_str() {
+                    if validate_manifest_name(name).is_ok() {
+                        names.push(name.to_owned());
+                    }
+                }
+            }
+            Ok(names)
+        })
+        .await
+    }
+
     fn describe(&self) -> String {
         self.inner.name.clone()
     }
@@ -359,214 +466,5 @@ pub(crate) fn all_files(root: &Path) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::error::ErrorKind;
-
-    fn id(n: u8) -> ChunkId {
-        ChunkId::of_envelope(&[n])
-    }
-
-    fn store() -> (tempfile::TempDir, DirStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = DirStore::open(&dir.path().join("store")).unwrap();
-        (dir, store)
-    }
-
-    #[tokio::test]
-    async fn put_get_round_trip_and_layout() {
-        let (_dir, store) = store();
-        store.put(&id(1), Bytes::from_static(b"one")).await.unwrap();
-        assert_eq!(store.get(&id(1)).await.unwrap(), &b"one"[..]);
-        let hex = id(1).to_hex();
-        assert!(store
-            .root()
-            .join("chunks")
-            .join(&hex[..2])
-            .join(&hex)
-            .is_file());
-        // A second put of the same id keeps the first bytes: content-addressed.
-        store
-            .put(&id(1), Bytes::from_static(b"other"))
-            .await
-            .unwrap();
-        assert_eq!(store.get(&id(1)).await.unwrap(), &b"one"[..]);
-    }
-
-    #[tokio::test]
-    async fn got_chunks_are_aligned_and_mutable_without_copy() {
-        let (_dir, store) = store();
-        let data = Bytes::from(vec![3u8; 600_000]);
-        store.put(&id(1), data.clone()).await.unwrap();
-        let got = store.get(&id(1)).await.unwrap();
-        assert_eq!(got, data);
-        let ptr = got.as_ptr();
-        assert_eq!(ptr as usize % ALIGN, 0);
-        let mutable = got.try_into_mut().unwrap();
-        assert_eq!(mutable.as_ptr(), ptr);
-    }
-
-    #[tokio::test]
-    async fn get_of_absent_chunk_is_not_found() {
-        let (_dir, store) = store();
-        let err = store.get(&id(9)).await.unwrap_err();
-        assert!(matches!(err, StoreError::ChunkNotFound { .. }), "{err}");
-        assert_eq!(err.kind(), ErrorKind::NotFound);
-        assert!(err.to_string().contains(&id(9).to_hex()), "{err}");
-    }
-
-    #[tokio::test]
-    async fn missing_keeps_order_and_list_and_delete() {
-        let (_dir, store) = store();
-        for n in [1, 3] {
-            store.put(&id(n), Bytes::from(vec![n; 10])).await.unwrap();
-        }
-        let asked = [id(4), id(1), id(2), id(3), id(5)];
-        assert_eq!(store.missing(&asked).await.unwrap(), [id(4), id(2), id(5)]);
-
-        let mut listed = store.list().await.unwrap();
-        listed.sort();
-        let mut expected = vec![id(1), id(3)];
-        expected.sort();
-        assert_eq!(listed, expected);
-
-        store.delete(&id(1)).await.unwrap();
-        store.delete(&id(1)).await.unwrap(); // absent: not an error
-        assert_eq!(store.list().await.unwrap(), [id(3)]);
-        assert_eq!(store.missing(&[id(1)]).await.unwrap(), [id(1)]);
-    }
-
-    #[tokio::test]
-    async fn list_skips_temp_and_stray_files() {
-        let (_dir, store) = store();
-        store.put(&id(1), Bytes::from_static(b"x")).await.unwrap();
-        let hex = id(1).to_hex();
-        let prefix = store.root().join("chunks").join(&hex[..2]);
-        fs::write(prefix.join(format!(".tmp-{hex}-0000000000000000")), b"half").unwrap();
-        fs::write(prefix.join("README"), b"stray").unwrap();
-        // A valid id in the wrong prefix directory is not where get looks.
-        let other = id(2).to_hex();
-        let wrong = if other[..2] == hex[..2] { id(3) } else { id(2) };
-        fs::write(prefix.join(wrong.to_hex()), b"misplaced").unwrap();
-        assert_eq!(store.list().await.unwrap(), [id(1)]);
-    }
-
-    #[tokio::test]
-    async fn manifest_put_get_replace() {
-        let (_dir, store) = store();
-        let err = store.get_manifest("app").await.unwrap_err();
-        assert!(matches!(err, StoreError::ManifestNotFound { .. }), "{err}");
-        store
-            .put_manifest("app", Bytes::from_static(b"v1"))
-            .await
-            .unwrap();
-        assert_eq!(store.get_manifest("app").await.unwrap(), &b"v1"[..]);
-        store
-            .put_manifest("app", Bytes::from_static(b"v2"))
-            .await
-            .unwrap();
-        assert_eq!(store.get_manifest("app").await.unwrap(), &b"v2"[..]);
-        // Manifests are not chunks.
-        assert!(store.list().await.unwrap().is_empty());
-    }
-
-    #[tokio::test]
-    async fn invalid_manifest_names_are_refused() {
-        let (_dir, store) = store();
-        let long = "a".repeat(129);
-        for name in ["", ".hidden", "a/b", "../x", "sp ace", "é", long.as_str()] {
-            let err = store
-                .put_manifest(name, Bytes::from_static(b"m"))
-                .await
-                .unwrap_err();
-            assert!(
-                matches!(err, StoreError::InvalidName { .. }),
-                "{name:?}: {err}"
-            );
-            let err = store.get_manifest(name).await.unwrap_err();
-            assert!(
-                matches!(err, StoreError::InvalidName { .. }),
-                "{name:?}: {err}"
-            );
-        }
-        let ok = "a".repeat(128);
-        for name in ["app-1.2_x", "A", ok.as_str()] {
-            store
-                .put_manifest(name, Bytes::from_static(b"m"))
-                .await
-                .unwrap();
-        }
-    }
-
-    #[tokio::test]
-    async fn writes_leave_no_temp_files() {
-        let (_dir, store) = store();
-        for n in 0..20 {
-            store.put(&id(n), Bytes::from(vec![n; 100])).await.unwrap();
-        }
-        store
-            .put_manifest("m", Bytes::from_static(b"m"))
-            .await
-            .unwrap();
-        let files = all_files(store.root());
-        assert_eq!(files.len(), 20 + 1 + 1, "{files:?}");
-        assert!(files.iter().all(|f| !f.contains(".tmp")), "{files:?}");
-    }
-
-    #[tokio::test]
-    async fn failed_write_leaves_no_temp_file() {
-        let (_dir, store) = store();
-        // A directory where the manifest file should go makes the rename fail
-        // after the temp file was written.
-        fs::create_dir(store.root().join("manifests/m")).unwrap();
-        fs::write(store.root().join("manifests/m/x"), b"").unwrap();
-        let err = store
-            .put_manifest("m", Bytes::from_static(b"data"))
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("write manifest \"m\""), "{err}");
-        let files = all_files(&store.root().join("manifests"));
-        assert_eq!(files, ["m/x"]);
-    }
-
-    #[test]
-    fn reopen_and_foreign_directories() {
-        let dir = tempfile::tempdir().unwrap();
-        // An empty existing directory is adopted, and reopens.
-        let empty = dir.path().join("empty");
-        fs::create_dir(&empty).unwrap();
-        DirStore::open(&empty).unwrap();
-        DirStore::open(&empty).unwrap();
-        assert_eq!(fs::read_to_string(empty.join(MARKER)).unwrap(), MARKER_TEXT);
-
-        let foreign = dir.path().join("home");
-        fs::create_dir(&foreign).unwrap();
-        fs::write(foreign.join("notes.txt"), b"mine").unwrap();
-        let err = DirStore::open(&foreign).unwrap_err();
-        assert!(matches!(err, StoreError::InvalidSpec { .. }), "{err}");
-        assert!(err.to_string().contains("not empty"), "{err}");
-        // Nothing was created in it.
-        assert_eq!(all_files(&foreign), ["notes.txt"]);
-        assert!(!foreign.join("chunks").exists());
-
-        let file = dir.path().join("file");
-        fs::write(&file, b"").unwrap();
-        assert!(DirStore::open(&file).is_err());
-
-        let future = dir.path().join("future");
-        fs::create_dir(&future).unwrap();
-        fs::write(future.join(MARKER), b"lazyblk-store 2\n").unwrap();
-        let err = DirStore::open(&future).unwrap_err();
-        assert!(err.to_string().contains("lazyblk-store 2"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn open_store_opens_a_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        let spec = dir.path().join("s").display().to_string();
-        let store = super::super::open_store(&spec).unwrap();
-        store.put(&id(1), Bytes::from_static(b"x")).await.unwrap();
-        assert_eq!(store.describe(), spec);
-        assert!(super::super::open_store("http://host/x").is_err());
-    }
-}
+#[path = "dir_tests.rs"]
+mod tests;

@@ -8,6 +8,7 @@
 //! engines fit the same trait.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -15,6 +16,8 @@ use bytes::Bytes;
 use crate::chunk::ChunkId;
 use crate::error::ErrorKind;
 
+#[cfg(test)]
+pub(crate) mod contract;
 pub mod dir;
 
 /// A failed store operation, with what it was doing and on which object.
@@ -61,28 +64,69 @@ impl StoreError {
     }
 }
 
+/// One chunk as a store lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListedChunk {
+    pub id: ChunkId,
+    /// When the chunk was last written or refreshed (see [`ChunkStore`]),
+    /// by the store's clock.
+    pub modified: SystemTime,
+    /// The envelope's length in bytes.
+    pub size: u64,
+}
+
 /// Where sealed chunks (by [`ChunkId`]) and sealed manifests (by name) are kept.
 ///
 /// Every method may be called concurrently. `put` of a chunk that exists is
-/// a cheap no-op: chunks are content-addressed, so the bytes are the same.
+/// cheap: chunks are content-addressed, so the bytes are the same.
+///
+/// # Garbage collection contract
+///
+/// Garbage collection deletes chunks that no manifest references and that
+/// have not been written or refreshed within a grace period. A push checks
+/// which chunks exist (`missing`), uploads the others and writes its
+/// manifest last, so until then the chunks it relies on are referenced by
+/// nothing. Every engine therefore keeps these promises:
+///
+/// * `put` of a chunk that already exists refreshes its modification time;
+/// * `missing` refreshes the modification time of every chunk it reports
+///   present, before it answers;
+/// * [`delete_if_older`](ChunkStore::delete_if_older) re-checks the time at
+///   the moment of deletion, so a chunk refreshed after it was listed
+///   survives.
+///
+/// A chunk a push relies on is then safe as long as the push writes its
+/// manifest within the grace period of its `missing` call. Times come from
+/// the store's clock; a grace period must exceed any skew between the store
+/// and the host that runs the collection.
 #[async_trait]
 pub trait ChunkStore: Send + Sync + std::fmt::Debug {
     /// The sealed envelope stored under `id`, unverified.
     async fn get(&self, id: &ChunkId) -> Result<Bytes, StoreError>;
     /// Stores `envelope` under `id`. When this returns the chunk is durable
-    /// and whole; a reader never sees part of it.
+    /// and whole; a reader never sees part of it. An existing chunk keeps
+    /// its bytes and has its modification time refreshed.
     async fn put(&self, id: &ChunkId, envelope: Bytes) -> Result<(), StoreError>;
     /// Which of `ids` the store lacks, in the order given: one round trip
-    /// for a whole batch.
+    /// for a whole batch. Present chunks have their modification time
+    /// refreshed (see the garbage collection contract above).
     async fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, StoreError>;
-    /// Every chunk id in the store, in no particular order.
-    async fn list(&self) -> Result<Vec<ChunkId>, StoreError>;
+    /// Every chunk in the store with its modification time and size, in no
+    /// particular order.
+    async fn list(&self) -> Result<Vec<ListedChunk>, StoreError>;
     /// Removes a chunk; removing an absent chunk is not an error.
     async fn delete(&self, id: &ChunkId) -> Result<(), StoreError>;
+    /// Removes chunk `id` only if it was last modified before `cutoff`, and
+    /// says whether it did. A chunk refreshed by `put` or `missing` after
+    /// `cutoff`, even while this call runs, is kept; an absent chunk gives
+    /// `false`.
+    async fn delete_if_older(&self, id: &ChunkId, cutoff: SystemTime) -> Result<bool, StoreError>;
     /// Stores a sealed manifest under `name`, replacing any previous one atomically.
     async fn put_manifest(&self, name: &str, manifest: Bytes) -> Result<(), StoreError>;
     /// The sealed manifest stored under `name`.
     async fn get_manifest(&self, name: &str) -> Result<Bytes, StoreError>;
+    /// The name of every manifest in the store, in no particular order.
+    async fn list_manifests(&self) -> Result<Vec<String>, StoreError>;
     /// How the store was named by the user, for messages.
     fn describe(&self) -> String;
 }

@@ -12,7 +12,7 @@ use super::push::push_windowed;
 use super::*;
 use crate::chunk::{derive_salt, ChunkId, Manifest, ManifestEntry, Salt, TenantKey};
 use crate::store::dir::DirStore;
-use crate::store::ChunkStore;
+use crate::store::{ChunkStore, ListedChunk};
 
 pub(super) const CS: usize = 64 * 1024;
 
@@ -344,17 +344,27 @@ impl ChunkStore for Spy {
         self.missing_calls.fetch_add(1, Ordering::SeqCst);
         self.inner.missing(ids).await
     }
-    async fn list(&self) -> Result<Vec<ChunkId>, StoreError> {
+    async fn list(&self) -> Result<Vec<ListedChunk>, StoreError> {
         self.inner.list().await
     }
     async fn delete(&self, id: &ChunkId) -> Result<(), StoreError> {
         self.inner.delete(id).await
+    }
+    async fn delete_if_older(
+        &self,
+        id: &ChunkId,
+        cutoff: std::time::SystemTime,
+    ) -> Result<bool, StoreError> {
+        self.inner.delete_if_older(id, cutoff).await
     }
     async fn put_manifest(&self, name: &str, manifest: Bytes) -> Result<(), StoreError> {
         self.inner.put_manifest(name, manifest).await
     }
     async fn get_manifest(&self, name: &str) -> Result<Bytes, StoreError> {
         self.inner.get_manifest(name).await
+    }
+    async fn list_manifests(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.list_manifests().await
     }
     fn describe(&self) -> String {
         self.inner.describe()
