@@ -15,6 +15,8 @@
 //! * [`chunk`]: cutting an image into chunks, convergent encryption, chunk
 //!   names and the sealed manifest. Pure: no I/O.
 //! * [`store`]: the [`store::ChunkStore`] trait and its engines.
+//! * [`net`]: the HTTP client the network stores share.
+//! * [`retry`]: the back-off schedule for transient failures.
 //! * [`transfer`]: `push` (image → store) and `export` (store → image).
 //! * [`cache`]: the per-device sparse data file and persistent present-bitmap.
 //! * [`engine`]: the block engine serving reads and writes at byte offsets.
@@ -38,6 +40,8 @@ pub mod error;
 pub mod ext4;
 pub mod flatten;
 pub mod frontend;
+pub mod net;
 pub mod oci;
+pub mod retry;
 pub mod store;
 pub mod transfer;

@@ -28,7 +28,7 @@ use crate::engine::{
     DEFAULT_READAHEAD_CHUNKS,
 };
 use crate::frontend::ublk;
-use crate::store::{open_store, ChunkStore};
+use crate::store::ChunkStore;
 
 const READY_WORD: &str = "ready";
 const LOG_FILE_NAME: &str = "daemon.log";
@@ -236,7 +236,7 @@ pub(super) async fn open_engine(
     opts: EngineOptions,
 ) -> anyhow::Result<(Arc<Engine>, Arc<dyn ChunkStore>)> {
     let tenant = load_key(&image.key)?;
-    let store = open_store(&image.store)?;
+    let store = image.store.open()?;
     let name = &image.name;
     let sealed = store.get_manifest(name).await?;
     let manifest = Manifest::open(name, &sealed, &tenant)?;

@@ -18,9 +18,13 @@ mod transfer;
 mod ublk;
 
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+
+use crate::store::{open_store, ChunkStore, StoreOptions};
 
 /// Chunked, convergently encrypted disk images, served lazily as block devices.
 #[derive(Debug, Parser)]
@@ -65,12 +69,66 @@ pub enum Command {
     },
 }
 
+/// How every command that takes `--store` names and reaches it.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// The chunk store: a directory path (or file:///PATH), or the URL of a
+    /// chunk server (http://HOST:PORT[/PREFIX], https://…).
+    #[arg(long = "store", value_name = "STORE")]
+    pub spec: String,
+    /// A file holding the bearer token presented to a chunk server; without
+    /// it, the token in LAZYBLK_TOKEN if set.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Speak HTTP/2 to an http:// chunk server from the first byte (h2c).
+    #[arg(long)]
+    pub http2_prior_knowledge: bool,
+}
+
+/// The environment variable holding a chunk server's token when no
+/// `--token-file` is given.
+pub const TOKEN_ENV: &str = "LAZYBLK_TOKEN";
+
+impl StoreArgs {
+    pub fn options(&self) -> anyhow::Result<StoreOptions> {
+        let token = match &self.token_file {
+            Some(path) => Some(read_token_file(path)?),
+            None => std::env::var(TOKEN_ENV)
+                .ok()
+                .map(|token| token.trim().to_owned())
+                .filter(|token| !token.is_empty()),
+        };
+        Ok(StoreOptions {
+            token,
+            http2_prior_knowledge: self.http2_prior_knowledge,
+        })
+    }
+
+    pub fn open(&self) -> anyhow::Result<Arc<dyn ChunkStore>> {
+        Ok(open_store(&self.spec, &self.options()?)?)
+    }
+}
+
+/// A bearer token from a file: its contents without surrounding
+/// whitespace, which must be non-empty visible ASCII (it goes in a header).
+pub fn read_token_file(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read token file {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        anyhow::bail!(
+            "token file {}: a token is one line of visible ASCII characters",
+            path.display()
+        );
+    }
+    Ok(token.to_owned())
+}
+
 /// The arguments every command that opens an image in a store takes.
 #[derive(Debug, Clone, Args)]
 pub struct ImageArgs {
-    /// The chunk store: a directory path.
-    #[arg(long)]
-    pub store: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// The tenant key file (see `lazyblk keygen`).
     #[arg(long)]
     pub key: PathBuf,

@@ -15,7 +15,7 @@ use crate::chunk::{
     derive_salt, validate_chunk_size, validate_salt_domain, Salt, TenantKey, DEFAULT_CHUNK_SIZE,
 };
 use crate::flatten::ChunkSink;
-use crate::store::{open_store, ChunkStore};
+use crate::store::ChunkStore;
 use crate::transfer::{self, PushOptions, PushReport, TransferError};
 
 #[derive(Debug, Args)]
@@ -97,7 +97,7 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
         None => tenant.clone(),
     };
     let salt = derive_salt(&salt_secret.0, &args.salt_domain);
-    let store = open_store(&args.target.store)?;
+    let store = args.target.store.open()?;
     let options = PushOptions {
         name: args.target.name.clone(),
         salt_domain: args.salt_domain.clone(),
@@ -200,7 +200,7 @@ async fn push_source(
 
 pub async fn export(args: ExportArgs) -> anyhow::Result<()> {
     let tenant = load_key(&args.source.key)?;
-    let store = open_store(&args.source.store)?;
+    let store = args.source.store.open()?;
     let bar = progress_bar("export");
     let progress = |done: u64, total: u64| {
         bar.set_length(total);

@@ -18,7 +18,7 @@ use super::device::{
     daemonize, engine_options, ensure_run_dir, list_devices, open_engine, say_ready,
     serve_until_stopped, AddArgs, Detach, EngineControl,
 };
-use super::ImageArgs;
+use super::{ImageArgs, StoreArgs};
 use crate::daemon::{self, DeviceControl, DeviceRecord, DeviceState, FrontendKind, UblkRecord};
 use crate::frontend::ublk::{self, DeviceInfo, DeviceOptions, Start};
 
@@ -111,7 +111,11 @@ pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
     }
     runtime.block_on(serve(Spec {
         image: ImageArgs {
-            store: ublk.store_spec.clone(),
+            store: StoreArgs {
+                spec: ublk.store_spec.clone(),
+                token_file: ublk.token_file.clone(),
+                http2_prior_knowledge: ublk.http2_prior_knowledge,
+            },
             key: ublk.key.clone(),
             name: orphan.record.name.clone(),
         },
@@ -187,7 +191,14 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
             depth: info.depth,
             recoverable: info.recoverable,
             copy_mode: info.mode,
-            store_spec: spec.image.store.clone(),
+            store_spec: spec.image.store.spec.clone(),
+            token_file: spec
+                .image
+                .store
+                .token_file
+                .as_ref()
+                .map(|path| std::path::absolute(path).unwrap_or(path.clone())),
+            http2_prior_knowledge: spec.image.store.http2_prior_knowledge,
             key: std::path::absolute(&spec.image.key).unwrap_or(spec.image.key.clone()),
             readahead_chunks: spec.readahead_chunks,
             fetch_timeout_secs: spec.fetch_timeout,

@@ -89,6 +89,13 @@ pub struct UblkRecord {
     pub copy_mode: CopyMode,
     /// The store as it was named to `add` (reopened by `recover`).
     pub store_spec: String,
+    /// The `--token-file` the store was opened with; without one, `recover`
+    /// takes the token from its own environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// `--http2-prior-knowledge` as given to `add`.
+    #[serde(default)]
+    pub http2_prior_knowledge: bool,
     /// The tenant key file the device was added with.
     pub key: PathBuf,
     pub readahead_chunks: u32,

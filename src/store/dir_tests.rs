@@ -212,10 +212,21 @@ fn reopen_and_foreign_directories() {
 async fn open_store_opens_a_directory() {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("s").display().to_string();
-    let store = super::super::open_store(&spec).unwrap();
+    let options = super::super::StoreOptions::default();
+    let store = super::super::open_store(&spec, &options).unwrap();
     store.put(&id(1), Bytes::from_static(b"x")).await.unwrap();
     assert_eq!(store.describe(), spec);
-    assert!(super::super::open_store("http://host/x").is_err());
+    let url = format!("file://{spec}");
+    let same = super::super::open_store(&url, &options).unwrap();
+    assert_eq!(same.get(&id(1)).await.unwrap(), Bytes::from_static(b"x"));
+    for bad in [
+        "ftp://host/x",
+        "file://relative",
+        "http://",
+        "http://h/x?q=1",
+    ] {
+        assert!(super::super::open_store(bad, &options).is_err(), "{bad}");
+    }
 }
 
 /// Sets chunk `id`'s modification time `age` into the past.

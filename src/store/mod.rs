@@ -4,21 +4,32 @@
 //! integrity: whoever reads a chunk checks it against its name (see
 //! [`crate::chunk::open_chunk`]).
 //!
-//! Engines sit side by side behind [`ChunkStore`]: [`dir`] today; HTTP and S3
-//! engines fit the same trait.
+//! Engines sit side by side behind [`ChunkStore`]: [`dir`] (a local
+//! directory) and [`http`] (a chunk server); [`open_store`] picks one from
+//! the URL a user gives.
 
+use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::chunk::ChunkId;
+use crate::chunk::{ChunkId, ENVELOPE_OVERHEAD, MAX_CHUNK_SIZE};
 use crate::error::ErrorKind;
+use crate::net::HttpClient;
 
 #[cfg(test)]
 pub(crate) mod contract;
 pub mod dir;
+pub mod http;
+
+/// The largest envelope any store holds: a chunk of the largest size, sealed.
+pub const MAX_ENVELOPE_SIZE: usize = MAX_CHUNK_SIZE as usize + ENVELOPE_OVERHEAD;
+/// The largest manifest a network store accepts or returns (about 64 bytes
+/// per chunk: a 2 TiB image of 512 KiB chunks).
+pub const MAX_MANIFEST_SIZE: usize = 256 << 20;
 
 /// A failed store operation, with what it was doing and on which object.
 #[derive(Debug, thiserror::Error)]
@@ -131,19 +142,58 @@ pub trait ChunkStore: Send + Sync + std::fmt::Debug {
     fn describe(&self) -> String;
 }
 
-/// Opens the store a user named on the command line.
-///
-/// A plain path is a directory store (created if absent).
-pub fn open_store(spec: &str) -> Result<Arc<dyn ChunkStore>, StoreError> {
-    if let Some((scheme, _)) = spec.split_once("://") {
-        return Err(StoreError::InvalidSpec {
-            spec: spec.to_owned(),
-            reason: format!(
-                "no store engine for scheme {scheme:?} in this build; give a directory path"
-            ),
-        });
+/// How to reach a store, beyond its URL.
+#[derive(Clone, Default)]
+pub struct StoreOptions {
+    /// The bearer token presented to a chunk server.
+    pub token: Option<String>,
+    /// Speak HTTP/2 to `http://` servers from the first byte (h2c), instead
+    /// of HTTP/1.1.
+    pub http2_prior_knowledge: bool,
+}
+
+impl fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("http2_prior_knowledge", &self.http2_prior_knowledge)
+            .finish()
     }
-    Ok(Arc::new(dir::DirStore::open(spec.as_ref())?))
+}
+
+/// Opens the store a user named on the command line:
+///
+/// * a plain path or `file:///PATH`: a directory store (created if absent);
+/// * `http://HOST[:PORT][/PREFIX]` or `https://…`: a chunk server
+///   (`lazyblk serve`);
+/// * `s3://BUCKET[/PREFIX]`: an S3 bucket.
+pub fn open_store(spec: &str, options: &StoreOptions) -> Result<Arc<dyn ChunkStore>, StoreError> {
+    let invalid = |reason: String| StoreError::InvalidSpec {
+        spec: spec.to_owned(),
+        reason,
+    };
+    let Some((scheme, _)) = spec.split_once("://") else {
+        return Ok(Arc::new(dir::DirStore::open(spec.as_ref())?));
+    };
+    match scheme {
+        "file" => {
+            let path: PathBuf = url::Url::parse(spec)
+                .ok()
+                .and_then(|url| url.to_file_path().ok())
+                .ok_or_else(|| invalid("a file URL is file:///ABSOLUTE/PATH".into()))?;
+            Ok(Arc::new(dir::DirStore::open(&path)?))
+        }
+        "http" | "https" => Ok(Arc::new(http::HttpStore::new(
+            spec,
+            HttpClient::shared(options.http2_prior_knowledge),
+            options.token.clone(),
+            http::HttpStoreTiming::default(),
+        )?)),
+        "s3" => Err(invalid("the s3 store is not built yet".into())),
+        _ => Err(invalid(format!(
+            "no store engine for scheme {scheme:?}; give a directory path, file://, http://, https:// or s3://"
+        ))),
+    }
 }
 
 /// Checks a manifest name: 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting

@@ -1,0 +1,495 @@
+//! The HTTP store: chunks and manifests on a `lazyblk serve` chunk server
+//! (or anything that speaks its protocol, see [`crate::server`]).
+//!
+//! Every request goes through the process's shared [`HttpClient`] pool, so
+//! many concurrent fetches share a few connections. Each request has its own
+//! timeout; transient failures (refused or reset connections, timeouts,
+//! 408/429/5xx) are retried on the shared schedule of [`crate::retry`]
+//! within an overall deadline per operation. That deadline is well below
+//! the engine's fetch deadline, so a slow server fails a chunk over to the
+//! next tier rather than running out the kernel's I/O timeout.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{header, Method, Request, StatusCode};
+use http_body_util::Full;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    validate_manifest_name, ChunkStore, ListedChunk, StoreError, MAX_ENVELOPE_SIZE,
+    MAX_MANIFEST_SIZE,
+};
+use crate::chunk::ChunkId;
+use crate::net::{HttpClient, HttpError};
+use crate::retry::{GaveUp, RetryPolicy};
+
+/// Most ids sent in one `missing` request (the server takes up to
+/// [`MAX_MISSING_IDS`]).
+const MISSING_BATCH: usize = 1000;
+/// Most ids the server accepts in one `missing` request.
+pub const MAX_MISSING_IDS: usize = 10_000;
+/// Most entries one page of the chunk listing holds.
+pub const MAX_LIST_PAGE: usize = 10_000;
+/// A JSON answer (missing ids, a listing page) is at most this long.
+const MAX_JSON_BODY: usize = 4 << 20;
+
+/// How the HTTP store times its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpStoreTiming {
+    /// One request, from sending it to its last body byte.
+    pub request_timeout: Duration,
+    /// Retries of one operation, with its overall deadline.
+    pub retry: RetryPolicy,
+}
+
+impl Default for HttpStoreTiming {
+    fn default() -> HttpStoreTiming {
+        HttpStoreTiming {
+            request_timeout: Duration::from_secs(3),
+            retry: RetryPolicy {
+                deadline: Duration::from_secs(6),
+                max_attempts: 5,
+                first_backoff: Duration::from_millis(50),
+            },
+        }
+    }
+}
+
+/// A chunk store behind `http://HOST:PORT[/PREFIX]` or `https://…`.
+#[derive(Clone)]
+pub struct HttpStore {
+    client: HttpClient,
+    /// The URL as given, without a trailing `/`; routes are appended to it.
+    base: String,
+    token: Option<String>,
+    timing: HttpStoreTiming,
+}
+
+impl fmt::Debug for HttpStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpStore")
+            .field("base", &self.base)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("timing", &self.timing)
+            .finish()
+    }
+}
+
+/// The body of `POST /v1/chunks/missing`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MissingRequest {
+    pub ids: Vec<String>,
+}
+
+/// The answer to `POST /v1/chunks/missing`: the absent ids, in the order asked.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MissingResponse {
+    pub missing: Vec<String>,
+}
+
+/// One page of `GET /v1/chunks?after=ID&limit=N`, in id order; `next` is
+/// the `after` of the following page, absent on the last.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChunkPage {
+    pub chunks: Vec<ChunkEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// One chunk in a listing page.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChunkEntry {
+    pub id: String,
+    /// The modification time, in nanoseconds since the Unix epoch.
+    pub modified_unix_ns: u64,
+    /// The envelope's length in bytes.
+    pub size: u64,
+}
+
+/// The answer to `GET /v1/manifests`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ManifestList {
+    pub manifests: Vec<String>,
+}
+
+/// The answer to `DELETE /v1/chunks/{id}?older_than_unix_ns=T`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Deleted {
+    pub deleted: bool,
+}
+
+/// `time` in nanoseconds since the Unix epoch (0 before it).
+pub fn unix_ns(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The time `ns` nanoseconds after the Unix epoch.
+pub fn from_unix_ns(ns: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(ns)
+}
+
+impl HttpStore {
+    /// A store at `url` (`http://` or `https://`, no query or fragment),
+    /// presenting `token` as a bearer token if given. Nothing is sent yet.
+    pub fn new(
+        url: &str,
+        client: HttpClient,
+        token: Option<String>,
+        timing: HttpStoreTiming,
+    ) -> Result<HttpStore, StoreError> {
+        let invalid = |reason: &str| StoreError::InvalidSpec {
+            spec: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let parsed = url::Url::parse(url).map_err(|e| invalid(&format!("not a URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(invalid(
+                "an HTTP store's URL starts with http:// or https://",
+            ));
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err(invalid("the URL names no host"));
+        }
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(invalid("the URL must have no query or fragment"));
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(invalid(
+                "credentials do not belong in the URL; use --token-file or LAZYBLK_TOKEN",
+            ));
+        }
+        Ok(HttpStore {
+            client,
+            base: parsed.as_str().trim_end_matches('/').to_owned(),
+            token,
+            timing,
+        })
+    }
+
+    fn chunk_url(&self, id: &ChunkId) -> String {
+        format!("{}/v1/chunks/{}", self.base, id.to_hex())
+    }
+
+    fn manifest_url(&self, name: &str) -> String {
+        format!("{}/v1/manifests/{name}", self.base)
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        url: &str,
+        body: Bytes,
+    ) -> Result<Request<Full<Bytes>>, HttpError> {
+        let mut builder = Request::builder().method(method.clone()).uri(url);
+        if let Some(token) = &self.token {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        if !body.is_empty() {
+            builder = builder.header(header::CONTENT_LENGTH, body.len());
+        }
+        builder
+            .body(Full::new(body))
+            .map_err(|source| HttpError::InvalidRequest {
+                method,
+                url: url.to_owned(),
+                source,
+            })
+    }
+
+    /// One exchange, retried while it fails transiently. A 404 comes back
+    /// as `Ok(None)`; any other failure status is an error.
+    async fn exchange(
+        &self,
+        op: &'static str,
+        object: impl Fn() -> String,
+        method: Method,
+        url: &str,
+        body: Bytes,
+        max_body: usize,
+    ) -> Result<Option<Bytes>, StoreError> {
+        let attempt = || {
+            let (method, body) = (method.clone(), body.clone());
+            async move {
+                let request = self.request(method.clone(), url, body)?;
+                let response = self
+                    .client
+                    .send(request, self.timing.request_timeout, max_body)
+                    .await?;
+                if response.status == StatusCode::NOT_FOUND {
+                    return Ok(None);
+                }
+                Ok(Some(response.success(&method, url)?.body))
+            }
+        };
+        let result = self
+            .timing
+            .retry
+            .run(attempt, HttpError::is_transient, |error: &HttpError, attempt| {
+                tracing::debug!(store = %self.base, attempt, error = %crate::error::chain(error), "transient HTTP failure, retrying");
+            })
+            .await;
+        result.map_err(|gave_up| match gave_up {
+            GaveUp::Failed { error, .. } => error.into_store_error(op, &self.base, object()),
+            GaveUp::TimedOut { attempts } => StoreError::Unavailable {
+                op,
+                store: self.base.clone(),
+                object: object(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer within {:?} ({attempts} attempts)",
+                        self.timing.retry.deadline
+                    ),
+                ),
+            },
+        })
+    }
+
+    fn protocol_error(&self, op: &'static str, object: String, what: String) -> StoreError {
+        StoreError::Io {
+            op,
+            store: self.base.clone(),
+            object,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, what),
+        }
+    }
+
+    fn parse_id(&self, op: &'static str, hex: &str) -> Result<ChunkId, StoreError> {
+        hex.parse::<ChunkId>().map_err(|e| {
+            self.protocol_error(
+                op,
+                "chunk list".into(),
+                format!("the server sent a bad chunk id: {e}"),
+            )
+        })
+    }
+
+    /// A JSON answer to a GET of a listing route.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        op: &'static str,
+        object: &str,
+        url: &str,
+    ) -> Result<T, StoreError> {
+        let body = self
+            .exchange(
+                op,
+                || object.to_owned(),
+                Method::GET,
+                url,
+                Bytes::new(),
+                MAX_JSON_BODY,
+            )
+            .await?
+            .ok_or_else(|| {
+                self.protocol_error(
+                    op,
+                    object.to_owned(),
+                    "no such route (404): is the URL a chunk server?".into(),
+                )
+            })?;
+        serde_json::from_slice(&body)
+            .map_err(|e| self.protocol_error(op, object.to_owned(), format!("bad answer: {e}")))
+    }
+}
+
+fn chunk_object(id: &ChunkId) -> String {
+    format!("chunk {id}")
+}
+
+fn manifest_object(name: &str) -> String {
+    format!("manifest {name:?}")
+}
+
+#[async_trait]
+impl ChunkStore for HttpStore {
+    async fn get(&self, id: &ChunkId) -> Result<Bytes, StoreError> {
+        let url = self.chunk_url(id);
+        let object = || chunk_object(id);
+        match self
+            .exchange(
+                "read",
+                object,
+                Method::GET,
+                &url,
+                Bytes::new(),
+                MAX_ENVELOPE_SIZE,
+            )
+            .await?
+        {
+            Some(envelope) => Ok(envelope),
+            None => Err(StoreError::ChunkNotFound {
+                store: self.base.clone(),
+                id: *id,
+            }),
+        }
+    }
+
+    async fn put(&self, id: &ChunkId, envelope: Bytes) -> Result<(), StoreError> {
+        let url = self.chunk_url(id);
+        let object = || chunk_object(id);
+        match self
+            .exchange("write", object, Method::PUT, &url, envelope, MAX_JSON_BODY)
+            .await?
+        {
+            Some(_) => Ok(()),
+            None => Err(self.protocol_error(
+                "write",
+                chunk_object(id),
+                "the server has no chunk route (404): is the URL a chunk server?".into(),
+            )),
+        }
+    }
+
+    async fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, StoreError> {
+        let url = format!("{}/v1/chunks/missing", self.base);
+        let mut missing = Vec::new();
+        for batch in ids.chunks(MISSING_BATCH) {
+            let request = MissingRequest {
+                ids: batch.iter().map(ChunkId::to_hex).collect(),
+            };
+            let body = Bytes::from(serde_json::to_vec(&request).expect("ids serialize"));
+            let object = || format!("{} chunk ids", batch.len());
+            let answer = self
+                .exchange("check", object, Method::POST, &url, body, MAX_JSON_BODY)
+                .await?
+                .ok_or_else(|| {
+                    self.protocol_error("check", object(), "no missing route (404)".into())
+                })?;
+            let answer: MissingResponse = serde_json::from_slice(&answer)
+                .map_err(|e| self.protocol_error("check", object(), format!("bad answer: {e}")))?;
+            for hex in &answer.missing {
+                missing.push(self.parse_id("check", hex)?);
+            }
+        }
+        Ok(missing)
+    }
+
+    async fn list(&self) -> Result<Vec<ListedChunk>, StoreError> {
+        let mut chunks = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let url = match &after {
+                Some(after) => format!(
+                    "{}/v1/chunks?after={after}&limit={MAX_LIST_PAGE}",
+                    self.base
+                ),
+                None => format!("{}/v1/chunks?limit={MAX_LIST_PAGE}", self.base),
+            };
+            let page: ChunkPage = self.get_json("list", "chunk list", &url).await?;
+            for entry in page.chunks {
+                chunks.push(ListedChunk {
+                    id: self.parse_id("list", &entry.id)?,
+                    modified: from_unix_ns(entry.modified_unix_ns),
+                    size: entry.size,
+                });
+            }
+            match page.next {
+                // A server that repeats a page would loop us forever.
+                Some(next) if Some(&next) != after.as_ref() => after = Some(next),
+                Some(_) => {
+                    return Err(self.protocol_error(
+                        "list",
+                        "chunk list".into(),
+                        "the listing does not advance".into(),
+                    ))
+                }
+                None => return Ok(chunks),
+            }
+        }
+    }
+
+    async fn delete(&self, id: &ChunkId) -> Result<(), StoreError> {
+        let url = self.chunk_url(id);
+        let object = || chunk_object(id);
+        // An absent chunk (404) is already deleted.
+        self.exchange(
+            "delete",
+            object,
+            Method::DELETE,
+            &url,
+            Bytes::new(),
+            MAX_JSON_BODY,
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn delete_if_older(&self, id: &ChunkId, cutoff: SystemTime) -> Result<bool, StoreError> {
+        let url = format!(
+            "{}?older_than_unix_ns={}",
+            self.chunk_url(id),
+            unix_ns(cutoff)
+        );
+        let object = || chunk_object(id);
+        let Some(answer) = self
+            .exchange(
+                "delete",
+                object,
+                Method::DELETE,
+                &url,
+                Bytes::new(),
+                MAX_JSON_BODY,
+            )
+            .await?
+        else {
+            return Ok(false);
+        };
+        let answer: Deleted = serde_json::from_slice(&answer)
+            .map_err(|e| self.protocol_error("delete", object(), format!("bad answer: {e}")))?;
+        Ok(answer.deleted)
+    }
+
+    async fn put_manifest(&self, name: &str, manifest: Bytes) -> Result<(), StoreError> {
+        validate_manifest_name(name)?;
+        let url = self.manifest_url(name);
+        let object = || manifest_object(name);
+        match self
+            .exchange("write", object, Method::PUT, &url, manifest, MAX_JSON_BODY)
+            .await?
+        {
+            Some(_) => Ok(()),
+            None => Err(self.protocol_error(
+                "write",
+                manifest_object(name),
+                "the server has no manifest route (404): is the URL a chunk server?".into(),
+            )),
+        }
+    }
+
+    async fn get_manifest(&self, name: &str) -> Result<Bytes, StoreError> {
+        validate_manifest_name(name)?;
+        let url = self.manifest_url(name);
+        let object = || manifest_object(name);
+        self.exchange(
+            "read",
+            object,
+            Method::GET,
+            &url,
+            Bytes::new(),
+            MAX_MANIFEST_SIZE,
+        )
+        .await?
+        .ok_or_else(|| StoreError::ManifestNotFound {
+            store: self.base.clone(),
+            name: name.to_owned(),
+        })
+    }
+
+    async fn list_manifests(&self) -> Result<Vec<String>, StoreError> {
+        let url = format!("{}/v1/manifests", self.base);
+        let list: ManifestList = self.get_json("list", "manifest list", &url).await?;
+        for name in &list.manifests {
+            validate_manifest_name(name)?;
+        }
+        Ok(list.manifests)
+    }
+
+    fn describe(&self) -> String {
+        self.base.clone()
+    }
+}
