@@ -128,7 +128,11 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
     };
     if args.json {
         let mut value = serde_json::to_value(&report)?;
-        value["source_digest"] = format!("sha256:{}", hex::encode(source_digest)).into();
+        // All zeros means none was named: no digest is printed rather than
+        // one that reads as real.
+        if source_digest != [0; 32] {
+            value["source_digest"] = format!("sha256:{}", hex::encode(source_digest)).into();
+        }
         outln!("{value}");
         return Ok(());
     }
@@ -146,6 +150,10 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
     outln!("  chunk size       {}", report.chunk_size);
     outln!("  chunks total     {}", report.chunks_total);
     outln!("  zero chunks      {}", report.chunks_zero);
+    outln!(
+        "  read             {:.1} MiB (holes skipped)",
+        mib(report.bytes_read)
+    );
     outln!("  distinct chunks  {}", report.chunks_distinct);
     outln!("  already stored   {}", report.chunks_existing);
     outln!(

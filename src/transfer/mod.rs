@@ -28,6 +28,7 @@ use crate::store::StoreError;
 
 mod buffer;
 mod export;
+mod holes;
 mod push;
 mod stream;
 
@@ -68,6 +69,9 @@ pub struct PushReport {
     pub chunks_total: u64,
     /// All-zero chunks: in the manifest, not in the store.
     pub chunks_zero: u64,
+    /// Image bytes read (or, streamed, handed over) and checked: holes in
+    /// an image file are skipped unread.
+    pub bytes_read: u64,
     /// Distinct non-zero chunk ids in the image.
     pub chunks_distinct: u64,
     /// Distinct ids the store already held.
@@ -200,5 +204,7 @@ async fn on_rayon<T: Send + 'static>(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_sparse;
 #[cfg(test)]
 mod tests_stream;

@@ -7,6 +7,10 @@
 //! against the store with one `missing` call and the missing ones uploaded,
 //! a bounded number at a time. The manifest is sealed and stored after the
 //! last upload.
+//!
+//! Holes are neither read nor sealed (see [`super::holes`]): a chunk with no
+//! data is a zero chunk, and the windows jump over runs of holes, so a
+//! push's cost follows the image's data rather than its size.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -21,6 +25,7 @@ use futures::{StreamExt, TryStreamExt};
 use rayon::prelude::*;
 
 use super::buffer::{BufferPool, ChunkBuffer};
+use super::holes::{data_ranges, next_data, overlaps};
 use super::{blocking, on_rayon, Progress, PushOptions, PushReport, TransferError, CONCURRENCY};
 use crate::chunk::{
     is_zero, seal_chunk_in_place, validate_chunk_size, validate_salt_domain, ChunkId, ChunkKey,
@@ -96,10 +101,15 @@ pub(super) async fn push_windowed(
         progress(offset, image_size);
 
         let first = offset / chunk_size;
-        for (i, chunk) in sealed??.into_iter().enumerate() {
+        let sealed = sealed??;
+        report.bytes_read += sealed.bytes_read;
+        for (i, chunk) in sealed.chunks.into_iter().enumerate() {
             collected.record(first + i as u64, chunk);
         }
-        offset += len;
+        // Chunks between here and the next data are zero chunks, which the
+        // manifest records without being told.
+        let next_chunk = sealed.next_data.unwrap_or(image_size) / chunk_size * chunk_size;
+        offset = next_chunk.max(offset + len);
     }
     upload(&*store, collected.take_upload())
         .await?
@@ -119,6 +129,7 @@ impl PushReport {
             chunk_size: opts.chunk_size,
             chunks_total: image_size.div_ceil(u64::from(opts.chunk_size)),
             chunks_zero: 0,
+            bytes_read: 0,
             chunks_distinct: 0,
             chunks_existing: 0,
             chunks_uploaded: 0,
@@ -269,33 +280,55 @@ pub(super) enum Sealed {
     },
 }
 
+/// One window's chunks, sealed.
+struct SealedWindow {
+    chunks: Vec<Sealed>,
+    /// Image bytes read: the window less its holes.
+    bytes_read: u64,
+    /// Where the image's next data after the window starts, if anywhere.
+    next_data: Option<u64>,
+}
+
 /// Reads and seals one window's chunks in parallel.
 ///
 /// Each chunk is read by the thread that seals it, just before: the read's
 /// copy leaves it in that core's cache for the three crypto passes. For an
 /// image not in the page cache, the kernel's readahead keeps these reads
-/// short.
+/// short. Chunks that lie wholly in holes are not read.
 fn read_and_seal(
     file: &File,
     path: &Path,
     pool: &BufferPool,
     window: Window,
     salt: &Salt,
-) -> Result<Vec<Sealed>, TransferError> {
+) -> Result<SealedWindow, TransferError> {
     let Window {
         offset,
         len,
         chunk_size,
     } = window;
-    (0..len.div_ceil(chunk_size))
+    let end = offset + len;
+    let data = data_ranges(file, offset..end);
+    let read: Vec<(Sealed, u64)> = (0..len.div_ceil(chunk_size))
         .into_par_iter()
         .map(|i| {
             let at = offset + i * chunk_size;
-            let mut buffer = pool.take(chunk_size.min(offset + len - at) as usize);
+            let chunk = at..(at + chunk_size).min(end);
+            if !overlaps(&data, &chunk) {
+                return Ok((Sealed::Zero, 0));
+            }
+            let mut buffer = pool.take((chunk.end - chunk.start) as usize);
             read_chunk(file, path, at, buffer.as_mut())?;
-            Ok(seal(buffer, salt))
+            Ok((seal(buffer, salt), chunk.end - chunk.start))
         })
-        .collect()
+        .collect::<Result<_, TransferError>>()?;
+    let bytes_read = read.iter().map(|(_, len)| len).sum();
+    let chunks = read.into_iter().map(|(sealed, _)| sealed).collect();
+    Ok(SealedWindow {
+        chunks,
+        bytes_read,
+        next_data: next_data(file, end),
+    })
 }
 
 /// Seals one chunk's plaintext in its buffer, unless it is all zeros.

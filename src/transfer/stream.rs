@@ -118,6 +118,7 @@ async fn consume(
     let image_size = loop {
         let end = match receiver.recv().await {
             Some(Message::Chunk { index, buffer }) => {
+                report.bytes_read += buffer.as_ref().len() as u64;
                 batch.push((index, buffer));
                 if batch.len() < batch_chunks {
                     continue;

@@ -123,6 +123,7 @@ async fn push_export_round_trip_across_windows() {
         chunk_size: CS as u32,
         chunks_total: 10,
         chunks_zero: 2,
+        bytes_read: image.len() as u64,
         chunks_distinct: 7,
         chunks_existing: 0,
         chunks_uploaded: 7,
