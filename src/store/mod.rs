@@ -23,6 +23,7 @@ use crate::net::HttpClient;
 #[cfg(test)]
 pub(crate) mod contract;
 pub mod dir;
+pub mod ec;
 pub mod http;
 
 /// The largest envelope any store holds: a chunk of the largest size, sealed.
