@@ -24,6 +24,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use crate::store::s3::S3Options;
 use crate::store::{open_store, ChunkStore, StoreOptions};
 
 /// Chunked, convergently encrypted disk images, served lazily as block devices.
@@ -72,8 +73,10 @@ pub enum Command {
 /// How every command that takes `--store` names and reaches it.
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
-    /// The chunk store: a directory path (or file:///PATH), or the URL of a
-    /// chunk server (http://HOST:PORT[/PREFIX], https://…).
+    /// The chunk store: a directory path (or file:///PATH), the URL of a
+    /// chunk server (http://HOST:PORT[/PREFIX], https://…), or an S3 bucket
+    /// (s3://BUCKET[/PREFIX], credentials from AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY).
     #[arg(long = "store", value_name = "STORE")]
     pub spec: String,
     /// A file holding the bearer token presented to a chunk server; without
@@ -83,6 +86,14 @@ pub struct StoreArgs {
     /// Speak HTTP/2 to an http:// chunk server from the first byte (h2c).
     #[arg(long)]
     pub http2_prior_knowledge: bool,
+    /// The S3 API endpoint of an s3:// store (default: AWS_ENDPOINT_URL_S3,
+    /// AWS_ENDPOINT_URL, else AWS in AWS_REGION).
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// Address an s3:// store's bucket in the path (ENDPOINT/BUCKET/KEY), as
+    /// MinIO and SeaweedFS expect, instead of as a subdomain.
+    #[arg(long)]
+    pub s3_path_style: bool,
 }
 
 /// The environment variable holding a chunk server's token when no
@@ -101,6 +112,10 @@ impl StoreArgs {
         Ok(StoreOptions {
             token,
             http2_prior_knowledge: self.http2_prior_knowledge,
+            s3: S3Options {
+                endpoint: self.s3_endpoint.clone(),
+                path_style: self.s3_path_style,
+            },
         })
     }
 

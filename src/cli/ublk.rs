@@ -115,6 +115,8 @@ pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
                 spec: ublk.store_spec.clone(),
                 token_file: ublk.token_file.clone(),
                 http2_prior_knowledge: ublk.http2_prior_knowledge,
+                s3_endpoint: ublk.s3_endpoint.clone(),
+                s3_path_style: ublk.s3_path_style,
             },
             key: ublk.key.clone(),
             name: orphan.record.name.clone(),
@@ -199,6 +201,8 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
                 .as_ref()
                 .map(|path| std::path::absolute(path).unwrap_or(path.clone())),
             http2_prior_knowledge: spec.image.store.http2_prior_knowledge,
+            s3_endpoint: spec.image.store.s3_endpoint.clone(),
+            s3_path_style: spec.image.store.s3_path_style,
             key: std::path::absolute(&spec.image.key).unwrap_or(spec.image.key.clone()),
             readahead_chunks: spec.readahead_chunks,
             fetch_timeout_secs: spec.fetch_timeout,

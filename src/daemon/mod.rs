@@ -96,6 +96,13 @@ pub struct UblkRecord {
     /// `--http2-prior-knowledge` as given to `add`.
     #[serde(default)]
     pub http2_prior_knowledge: bool,
+    /// `--s3-endpoint` as given to `add`; without one, `recover` takes the
+    /// endpoint from its own environment, as it does the credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
+    /// `--s3-path-style` as given to `add`.
+    #[serde(default)]
+    pub s3_path_style: bool,
     /// The tenant key file the device was added with.
     pub key: PathBuf,
     pub readahead_chunks: u32,

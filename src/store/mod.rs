@@ -25,6 +25,7 @@ pub(crate) mod contract;
 pub mod dir;
 pub mod ec;
 pub mod http;
+pub mod s3;
 
 /// The largest envelope any store holds: a chunk of the largest size, sealed.
 pub const MAX_ENVELOPE_SIZE: usize = MAX_CHUNK_SIZE as usize + ENVELOPE_OVERHEAD;
@@ -151,6 +152,8 @@ pub struct StoreOptions {
     /// Speak HTTP/2 to `http://` servers from the first byte (h2c), instead
     /// of HTTP/1.1.
     pub http2_prior_knowledge: bool,
+    /// Where an `s3://` store's API is and how it addresses buckets.
+    pub s3: s3::S3Options,
 }
 
 impl fmt::Debug for StoreOptions {
@@ -158,6 +161,7 @@ impl fmt::Debug for StoreOptions {
         f.debug_struct("StoreOptions")
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("http2_prior_knowledge", &self.http2_prior_knowledge)
+            .field("s3", &self.s3)
             .finish()
     }
 }
@@ -190,7 +194,7 @@ pub fn open_store(spec: &str, options: &StoreOptions) -> Result<Arc<dyn ChunkSto
             options.token.clone(),
             http::HttpStoreTiming::default(),
         )?)),
-        "s3" => Err(invalid("the s3 store is not built yet".into())),
+        "s3" => Ok(Arc::new(s3::S3Store::open(spec, &options.s3)?)),
         _ => Err(invalid(format!(
             "no store engine for scheme {scheme:?}; give a directory path, file://, http://, https:// or s3://"
         ))),

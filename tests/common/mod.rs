@@ -14,6 +14,7 @@ use std::process::{Command, Output};
 use tempfile::TempDir;
 
 pub mod layout;
+pub mod seaweedfs;
 
 pub const MARKER: &str = "LAZYBLK-PLAINTEXT-MARKER-6b1f0c2e";
 
