@@ -33,11 +33,14 @@ tools=(
     "setfattr attr"          # xattrs in the OCI test layouts
     "bsdtar libarchive-tools" # LIBARCHIVE.xattr records in the layer tests
     "tar tar"                # GNU tar sparse members in the layer tests
+    "python3 python3"        # installs SeaweedFS (scripts/lib/seaweedfs.sh), finds free ports
+    "curl curl"              # readiness checks of the SeaweedFS test cluster
 )
 # Packages with no command of their own, checked through dpkg.
 libraries=(
     libclang-dev             # bindgen for the ublk bindings
     busybox-static           # the VM's userland (replaces a dynamic busybox)
+    python3-venv             # the virtualenv SeaweedFS is installed into
 )
 
 missing=()

