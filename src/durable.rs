@@ -17,11 +17,18 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Replaces `path` with `bytes`, atomically and durably.
 pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let (temp, mut file) = TempFile::create(path)?;
+    write_with_mode(path, bytes, 0o666)
+}
+
+/// [`write()`] of a file created with permission bits `mode` (before the
+/// umask): 0o600 for a file only its owner may read.
+pub fn write_with_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let (temp, mut file) = TempFile::create_with_mode(path, mode)?;
     file.write_all(bytes)?;
     temp.commit(&file)
 }
@@ -40,6 +47,11 @@ pub struct TempFile {
 impl TempFile {
     /// Creates an empty temp file in `target`'s directory.
     pub fn create(target: &Path) -> io::Result<(TempFile, File)> {
+        TempFile::create_with_mode(target, 0o666)
+    }
+
+    /// [`create`](TempFile::create) with permission bits `mode`.
+    pub fn create_with_mode(target: &Path, mode: u32) -> io::Result<(TempFile, File)> {
         let Some(name) = target.file_name() else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -52,7 +64,12 @@ impl TempFile {
             temp_name.push(name);
             temp_name.push(format!(".tmp-{:016x}", rand::random::<u64>()));
             let temp = dir.join(temp_name);
-            match OpenOptions::new().write(true).create_new(true).open(&temp) {
+            let opened = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&temp);
+            match opened {
                 Ok(file) => {
                     let guard = TempFile {
                         temp: Some(temp),
@@ -193,6 +210,16 @@ mod tests {
         let err = write(&missing, b"x").unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
         assert!(names(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn write_with_mode_sets_the_permission_bits() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("private");
+        write_with_mode(&path, b"secret", 0o600).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]

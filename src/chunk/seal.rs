@@ -111,6 +111,19 @@ pub fn open_chunk(
     Ok(envelope)
 }
 
+/// Checks that `envelope` hashes to `id`: what any holder of chunks (a
+/// cache tier, a chunk server) can check without the chunk's key.
+pub fn verify_envelope(id: &ChunkId, envelope: &[u8]) -> Result<(), ChunkError> {
+    let actual = ChunkId::of_envelope(envelope);
+    if !bool::from(actual.0.ct_eq(&id.0)) {
+        return Err(ChunkError::IdMismatch {
+            expected: *id,
+            actual,
+        });
+    }
+    Ok(())
+}
+
 /// [`open_chunk`] on a borrowed buffer: the plaintext is decrypted in place
 /// and returned as the front of `envelope`. A caller that keeps its own
 /// (aligned) buffers opens without allocating or copying.
@@ -119,13 +132,7 @@ pub fn open_chunk_in_place<'a>(
     key: &ChunkKey,
     envelope: &'a mut [u8],
 ) -> Result<&'a mut [u8], ChunkError> {
-    let actual = ChunkId::of_envelope(envelope);
-    if !bool::from(actual.0.ct_eq(&id.0)) {
-        return Err(ChunkError::IdMismatch {
-            expected: *id,
-            actual,
-        });
-    }
+    verify_envelope(id, envelope)?;
     if envelope.len() < ENVELOPE_OVERHEAD {
         return Err(ChunkError::Truncated {
             id: *id,

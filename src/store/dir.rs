@@ -196,7 +196,7 @@ const ALIGN: usize = 64;
 /// that does not (16 bytes off, as a large allocation from malloc is), and
 /// so does every later copy of the chunk. The result converts to
 /// `BytesMut` without a copy, for opening in place.
-fn read_aligned(path: &Path) -> io::Result<Bytes> {
+pub(super) fn read_aligned(path: &Path) -> io::Result<Bytes> {
     let mut file = File::open(path)?;
     let len = usize::try_from(file.metadata()?.len()).unwrap_or(0);
     let mut data = Vec::with_capacity(len + ALIGN);

@@ -16,16 +16,25 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::chunk::{ChunkId, ENVELOPE_OVERHEAD, MAX_CHUNK_SIZE};
+use crate::chunk::{ChunkError, ChunkId, ENVELOPE_OVERHEAD, MAX_CHUNK_SIZE};
 use crate::error::ErrorKind;
 use crate::net::HttpClient;
 
+pub mod bounded;
 #[cfg(test)]
 pub(crate) mod contract;
 pub mod dir;
 pub mod ec;
+pub mod host_cache;
 pub mod http;
+pub mod policy;
 pub mod s3;
+pub mod tiered;
+#[cfg(test)]
+mod tiered_tests;
+
+pub use host_cache::HostCache;
+pub use tiered::{TierSnapshot, TieredStore};
 
 /// The largest envelope any store holds: a chunk of the largest size, sealed.
 pub const MAX_ENVELOPE_SIZE: usize = MAX_CHUNK_SIZE as usize + ENVELOPE_OVERHEAD;
@@ -58,6 +67,14 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The bytes a store returned for a chunk do not hash to its id.
+    #[error("chunk {id} in {store} is corrupt")]
+    CorruptChunk {
+        store: String,
+        id: ChunkId,
+        #[source]
+        source: Box<ChunkError>,
+    },
     #[error("invalid store {spec:?}: {reason}")]
     InvalidSpec { spec: String, reason: String },
     #[error("invalid manifest name {name:?}: {reason}")]
@@ -72,6 +89,7 @@ impl StoreError {
             }
             StoreError::Io { .. } => ErrorKind::Io,
             StoreError::Unavailable { .. } => ErrorKind::Transient,
+            StoreError::CorruptChunk { .. } => ErrorKind::Integrity,
             StoreError::InvalidSpec { .. } | StoreError::InvalidName { .. } => ErrorKind::Invalid,
         }
     }
@@ -142,6 +160,10 @@ pub trait ChunkStore: Send + Sync + std::fmt::Debug {
     async fn list_manifests(&self) -> Result<Vec<String>, StoreError>;
     /// How the store was named by the user, for messages.
     fn describe(&self) -> String;
+    /// Per-tier read counters of a store made of tiers; none for a plain store.
+    fn tier_stats(&self) -> Vec<TierSnapshot> {
+        Vec::new()
+    }
 }
 
 /// How to reach a store, beyond its URL.
