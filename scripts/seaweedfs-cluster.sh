@@ -18,7 +18,9 @@
 # first use; see scripts/lib/seaweedfs.sh). The bucket is $SEAWEEDFS_BUCKET
 # (default lazyblk-test).
 set -euo pipefail
+# shellcheck source=scripts/lib/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+# shellcheck source=scripts/lib/seaweedfs.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/seaweedfs.sh"
 
 (($# == 1)) || die "usage: $0 DIR"
