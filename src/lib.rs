@@ -18,6 +18,7 @@
 //! * [`net`]: the HTTP client the network stores share.
 //! * [`retry`]: the back-off schedule for transient failures.
 //! * [`transfer`]: `push` (image → store) and `export` (store → image).
+//! * [`maint`]: store upkeep: garbage collection and verification.
 //! * [`cache`]: the per-device sparse data file and persistent present-bitmap.
 //! * [`engine`]: the block engine serving reads and writes at byte offsets.
 //! * [`frontend`]: how the engine is presented to the kernel (FUSE today).
@@ -40,6 +41,7 @@ pub mod error;
 pub mod ext4;
 pub mod flatten;
 pub mod frontend;
+pub mod maint;
 pub mod net;
 pub mod oci;
 pub mod retry;

@@ -82,3 +82,187 @@ fn push_json_names_a_source_digest_only_when_there_is_one() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["source_digest"], digest);
 }
+
+/// Every chunk file in a directory store.
+fn chunk_files(store: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for dir in fs::read_dir(store.join("chunks")).unwrap() {
+        for file in fs::read_dir(dir.unwrap().path()).unwrap() {
+            files.push(file.unwrap().path());
+        }
+    }
+    files.sort();
+    files
+}
+
+/// Makes every chunk file look `secs` old.
+fn age_chunks(store: &Path, secs: u64) {
+    let then = std::time::SystemTime::now() - std::time::Duration::from_secs(secs);
+    for path in chunk_files(store) {
+        File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(then)
+            .unwrap();
+    }
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn store_cmd(world: &World, verb: &str, store: &Path) -> std::process::Command {
+    let mut cmd = world.lazyblk();
+    cmd.arg(verb).arg("--store").arg(store);
+    cmd
+}
+
+fn gc(world: &World, args: &[&str]) -> serde_json::Value {
+    json_of(&run(store_cmd(world, "gc", &world.store())
+        .arg("--json")
+        .args(args)))
+}
+
+/// Two 2 MiB images that share their second MiB (two 512 KiB chunks).
+fn two_images(world: &World) -> (std::path::PathBuf, std::path::PathBuf) {
+    let shared = pseudo_random(100, MIB as usize);
+    let mut paths = Vec::new();
+    for (name, seed) in [("a.img", 1), ("b.img", 2)] {
+        let mut data = pseudo_random(seed, MIB as usize);
+        data.extend_from_slice(&shared);
+        let path = world.path(name);
+        fs::write(&path, data).unwrap();
+        paths.push(path);
+    }
+    (paths[0].clone(), paths[1].clone())
+}
+
+#[test]
+fn gc_keeps_referenced_and_recent_chunks_and_deletes_old_orphans() {
+    let world = World::new();
+    let (a, b) = two_images(&world);
+    world.push(&a, "a");
+    world.push(&b, "b");
+    assert_eq!(chunk_files(&world.store()).len(), 6);
+    fs::remove_file(world.store().join("manifests/b")).unwrap();
+
+    // b's own chunks are orphans now, but young.
+    let report = gc(&world, &["--grace", "1h"]);
+    assert_eq!(report["manifests"], 1, "{report}");
+    assert_eq!(report["chunks_referenced"], 4, "{report}");
+    assert_eq!(report["chunks_recent"], 2, "{report}");
+    assert_eq!(report["chunks_deleted"], 0, "{report}");
+
+    let report = gc(&world, &["--grace", "0s", "--dry-run"]);
+    assert_eq!(report["chunks_deleted"], 2, "{report}");
+    assert_eq!(report["dry_run"], true);
+    assert_eq!(chunk_files(&world.store()).len(), 6, "a dry run deleted");
+
+    age_chunks(&world.store(), 7200);
+    let report = gc(&world, &["--grace", "1h"]);
+    assert_eq!(report["chunks_deleted"], 2, "{report}");
+    assert!(report["bytes_freed"].as_u64().unwrap() > MIB, "{report}");
+    assert_eq!(chunk_files(&world.store()).len(), 4);
+
+    // a, which shares chunks with the deleted b, is whole.
+    let out = world.path("a.out");
+    run(world
+        .with_store("export")
+        .args(["--name", "a", "--out"])
+        .arg(&out));
+    files_equal(&a, &out);
+
+    // The summary names what it did.
+    let text = run(&mut store_cmd(&world, "gc", &world.store()));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("deleted") && text.contains("referenced"),
+        "{text}"
+    );
+}
+
+#[test]
+fn gc_refuses_to_run_on_an_unreadable_manifest() {
+    let world = World::new();
+    let (a, b) = two_images(&world);
+    world.push(&a, "a");
+    world.push(&b, "b");
+    fs::remove_file(world.store().join("manifests/b")).unwrap();
+    fs::write(world.store().join("manifests/broken"), b"LZBM garbage").unwrap();
+    run_failing(
+        store_cmd(&world, "gc", &world.store()).args(["--grace", "0s"]),
+        "manifest \"broken\"",
+    );
+    assert_eq!(chunk_files(&world.store()).len(), 6);
+    run_failing(
+        store_cmd(&world, "gc", &world.store()).args(["--grace", "1y"]),
+        "not a duration",
+    );
+}
+
+#[test]
+fn verify_finds_a_flipped_byte_and_a_missing_chunk_and_repairs_them() {
+    let world = World::new();
+    let (a, _) = two_images(&world);
+    world.push(&a, "a");
+    let replica = world.path("replica");
+    run(world
+        .lazyblk()
+        .args(["push", "--store"])
+        .arg(&replica)
+        .arg("--key")
+        .arg(world.key())
+        .arg(&a)
+        .args(["--name", "a"]));
+
+    let clean = json_of(&run(
+        store_cmd(&world, "verify", &world.store()).arg("--json")
+    ));
+    assert_eq!(clean["chunks_checked"], 4, "{clean}");
+    assert_eq!(clean["chunks_good"], 4, "{clean}");
+
+    let files = chunk_files(&world.store());
+    let mut bytes = fs::read(&files[0]).unwrap();
+    bytes[1000] ^= 0x40;
+    fs::write(&files[0], bytes).unwrap();
+    fs::remove_file(&files[1]).unwrap();
+    let name = |path: &Path| path.file_name().unwrap().to_str().unwrap().to_owned();
+
+    let failed = store_cmd(&world, "verify", &world.store())
+        .args(["--json", "--name", "a"])
+        .output()
+        .unwrap();
+    assert!(!failed.status.success());
+    let found = json_of(&failed);
+    assert_eq!(
+        found["bad"],
+        serde_json::json!([name(&files[0])]),
+        "{found}"
+    );
+    assert_eq!(
+        found["missing"],
+        serde_json::json!([name(&files[1])]),
+        "{found}"
+    );
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("1 bad and 1 missing"), "{stderr}");
+
+    let repaired = json_of(&run(store_cmd(&world, "verify", &world.store())
+        .arg("--json")
+        .arg("--repair-from")
+        .arg(&replica)));
+    assert_eq!(
+        repaired["repaired"].as_array().unwrap().len(),
+        2,
+        "{repaired}"
+    );
+    run(&mut store_cmd(&world, "verify", &world.store()));
+    let out = world.path("a.out");
+    run(world
+        .with_store("export")
+        .args(["--name", "a", "--out"])
+        .arg(&out));
+    files_equal(&a, &out);
+}

@@ -14,6 +14,7 @@ mod device;
 mod flatten;
 mod fuse;
 mod keys;
+mod maint;
 mod transfer;
 mod ublk;
 
@@ -62,6 +63,10 @@ pub enum Command {
     },
     /// Serve a `--recoverable` ublk device again after its process died.
     Recover(ublk::RecoverArgs),
+    /// Delete chunks no manifest references (and that are older than the grace period).
+    Gc(maint::GcArgs),
+    /// Check chunks against their names; repair bad and missing ones from another store.
+    Verify(maint::VerifyArgs),
     /// Show which ublk features the running kernel's driver supports.
     Features {
         /// Print JSON instead of a table.
@@ -175,6 +180,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List { json } => runtime()?.block_on(device::list(json)),
         Command::Recover(args) => ublk::recover(args),
         Command::Features { json } => ublk::features(json),
+        Command::Gc(args) => runtime()?.block_on(maint::gc(args)),
+        Command::Verify(args) => runtime()?.block_on(maint::verify(args)),
     }
 }
 

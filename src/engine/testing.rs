@@ -91,6 +91,11 @@ impl MemStore {
         lock(&self.modified).insert(id, time);
     }
 
+    /// Removes manifest `name`, as an operator deleting an image would.
+    pub fn remove_manifest(&self, name: &str) {
+        lock(&self.manifests).remove(name);
+    }
+
     /// Gets of `id` no longer wait for a gate.
     pub fn ungate(&self, id: &ChunkId) {
         lock(&self.gates).remove(id);
