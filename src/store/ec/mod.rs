@@ -17,6 +17,7 @@
 pub mod codec;
 pub mod fleet;
 pub mod hedge;
+pub mod http_node;
 pub mod node;
 pub mod placement;
 pub mod shard;
@@ -26,5 +27,6 @@ mod tests;
 
 pub use codec::Scheme;
 pub use fleet::EcFleetStore;
+pub use http_node::{open_fleet, HttpShardNode};
 pub use node::{LocalNode, ShardCache, ShardNode};
 pub use stats::FleetStatsSnapshot;
