@@ -29,9 +29,13 @@ use super::stats::{FleetStats, FleetStatsSnapshot};
 use crate::chunk::ChunkId;
 use crate::store::{ChunkStore, ListedChunk, StoreError};
 
-/// Longest a single shard request may take: past this the node counts as
-/// failed and the shard is replaced.
-pub const SHARD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a shard read may take: past this the node counts as failed and
+/// the shard is replaced. A shard is a few hundred KiB from a nearby node,
+/// answered in about a millisecond; half a second leaves a read time to
+/// replace it within the tiered store's one-second deadline per tier.
+pub const SHARD_READ_TIMEOUT: Duration = Duration::from_millis(500);
+/// Longest a shard upload may take; uploads are fills, off any reader's path.
+pub const SHARD_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A chunk store over a fleet of erasure-coded cache nodes.
 #[derive(Debug)]
@@ -149,7 +153,7 @@ impl Shared {
             let started = Instant::now();
             let ticket = shared.health.begin(node);
             let request = shared.nodes[node].get_shard(&id, index as u8);
-            let result = tokio::time::timeout(SHARD_TIMEOUT, request).await;
+            let result = tokio::time::timeout(SHARD_READ_TIMEOUT, request).await;
             let shard = match result {
                 Ok(Ok(Some(object))) => {
                     let latency = started.elapsed();
@@ -306,8 +310,11 @@ impl Shared {
             let node = &self.nodes[nodes_of_chunk[index] as usize];
             let object = header.seal(data);
             async move {
-                match tokio::time::timeout(SHARD_TIMEOUT, node.put_shard(id, index as u8, object))
-                    .await
+                match tokio::time::timeout(
+                    SHARD_WRITE_TIMEOUT,
+                    node.put_shard(id, index as u8, object),
+                )
+                .await
                 {
                     Ok(Ok(())) => true,
                     Ok(Err(error)) => {

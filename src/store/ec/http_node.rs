@@ -15,7 +15,7 @@ use http::{header, Method, Request, StatusCode};
 use http_body_util::Full;
 
 use super::codec::Scheme;
-use super::fleet::{EcFleetStore, SHARD_TIMEOUT};
+use super::fleet::{EcFleetStore, SHARD_WRITE_TIMEOUT};
 use super::node::ShardNode;
 use super::shard::SHARD_HEADER_LEN;
 use crate::chunk::ChunkId;
@@ -45,23 +45,35 @@ impl std::fmt::Debug for HttpShardNode {
 }
 
 impl HttpShardNode {
-    pub fn new(url: &str, client: HttpClient, token: Option<String>) -> Result<HttpShardNode, StoreError> {
+    pub fn new(
+        url: &str,
+        client: HttpClient,
+        token: Option<String>,
+    ) -> Result<HttpShardNode, StoreError> {
         let invalid = |reason: &str| StoreError::InvalidSpec {
             spec: url.to_owned(),
             reason: reason.to_owned(),
         };
         let parsed = url::Url::parse(url).map_err(|e| invalid(&format!("not a URL: {e}")))?;
-        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none_or(str::is_empty) {
-            return Err(invalid("a cache node is http://HOST:PORT or https://HOST:PORT"));
+        if !matches!(parsed.scheme(), "http" | "https")
+            || parsed.host_str().is_none_or(str::is_empty)
+        {
+            return Err(invalid(
+                "a cache node is http://HOST:PORT or https://HOST:PORT",
+            ));
         }
-        if parsed.query().is_some() || parsed.fragment().is_some() || !parsed.username().is_empty() {
-            return Err(invalid("a cache node URL has no query, fragment or credentials"));
+        if parsed.query().is_some() || parsed.fragment().is_some() || !parsed.username().is_empty()
+        {
+            return Err(invalid(
+                "a cache node URL has no query, fragment or credentials",
+            ));
         }
         Ok(HttpShardNode {
             client,
             base: parsed.as_str().trim_end_matches('/').to_owned(),
             token,
-            timeout: SHARD_TIMEOUT,
+            // The fleet bounds reads tighter itself.
+            timeout: SHARD_WRITE_TIMEOUT,
         })
     }
 
@@ -69,7 +81,13 @@ impl HttpShardNode {
         format!("{}/v1/shards/{}/{index}", self.base, id.to_hex())
     }
 
-    async fn send(&self, method: Method, url: &str, body: Bytes, max_body: usize) -> Result<Option<Bytes>, HttpError> {
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        body: Bytes,
+        max_body: usize,
+    ) -> Result<Option<Bytes>, HttpError> {
         let mut builder = Request::builder().method(method.clone()).uri(url);
         if let Some(token) = &self.token {
             builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
@@ -124,7 +142,11 @@ impl ShardNode for HttpShardNode {
 
 /// The fleet named on the command line: comma-separated node URLs, each a
 /// `lazyblk serve` cache node, coded as `scheme`.
-pub fn open_fleet(urls: &str, scheme: Scheme, options: &StoreOptions) -> Result<EcFleetStore, StoreError> {
+pub fn open_fleet(
+    urls: &str,
+    scheme: Scheme,
+    options: &StoreOptions,
+) -> Result<EcFleetStore, StoreError> {
     let client = HttpClient::shared(options.http2_prior_knowledge);
     let nodes = urls
         .split(',')
