@@ -27,6 +27,7 @@ mod tests;
 
 pub use codec::Scheme;
 pub use fleet::EcFleetStore;
-pub use http_node::{open_fleet, HttpShardNode};
+pub use codec::MAX_SHARDS;
+pub use http_node::{open_fleet, HttpShardNode, MAX_SHARD_OBJECT};
 pub use node::{LocalNode, ShardCache, ShardNode};
 pub use stats::FleetStatsSnapshot;
