@@ -25,7 +25,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use crate::store::ec::{open_fleet, Scheme};
 use crate::store::s3::S3Options;
+use crate::store::tiered::TieredStore;
 use crate::store::{open_store, ChunkStore, StoreOptions};
 
 /// Chunked, convergently encrypted disk images, served lazily as block devices.
@@ -99,6 +101,15 @@ pub struct StoreArgs {
     /// MinIO and SeaweedFS expect, instead of as a subdomain.
     #[arg(long)]
     pub s3_path_style: bool,
+    /// An erasure-coded cache fleet read before the store: the URLs of its
+    /// cache nodes (`lazyblk serve --shard-cache-size`), comma-separated.
+    /// Chunks the fleet lacks come from the store and fill the fleet.
+    #[arg(long, value_name = "URL,URL,...")]
+    pub ec_cache: Option<String>,
+    /// How the fleet codes each chunk: K data + M parity shards on K+M
+    /// distinct nodes (M = 1 is XOR parity; more is Reed-Solomon).
+    #[arg(long, value_name = "K+M", default_value = "4+1", requires = "ec_cache")]
+    pub ec_shards: Scheme,
 }
 
 /// The environment variable holding a chunk server's token when no
@@ -124,8 +135,16 @@ impl StoreArgs {
         })
     }
 
+    /// The store, behind the cache fleet when one is named: reads try
+    /// the fleet first, everything else goes to the store.
     pub fn open(&self) -> anyhow::Result<Arc<dyn ChunkStore>> {
-        Ok(open_store(&self.spec, &self.options()?)?)
+        let options = self.options()?;
+        let origin = open_store(&self.spec, &options)?;
+        let Some(urls) = &self.ec_cache else {
+            return Ok(origin);
+        };
+        let fleet: Arc<dyn ChunkStore> = Arc::new(open_fleet(urls, self.ec_shards, &options)?);
+        Ok(Arc::new(TieredStore::new(vec![fleet, origin])?))
     }
 }
 

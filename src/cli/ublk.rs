@@ -117,6 +117,8 @@ pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
                 http2_prior_knowledge: ublk.http2_prior_knowledge,
                 s3_endpoint: ublk.s3_endpoint.clone(),
                 s3_path_style: ublk.s3_path_style,
+                ec_cache: ublk.ec_cache.clone(),
+                ec_shards: ublk.ec_shards.unwrap_or_default(),
             },
             key: ublk.key.clone(),
             name: orphan.record.name.clone(),
@@ -203,6 +205,13 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
             http2_prior_knowledge: spec.image.store.http2_prior_knowledge,
             s3_endpoint: spec.image.store.s3_endpoint.clone(),
             s3_path_style: spec.image.store.s3_path_style,
+            ec_cache: spec.image.store.ec_cache.clone(),
+            ec_shards: spec
+                .image
+                .store
+                .ec_cache
+                .as_ref()
+                .map(|_| spec.image.store.ec_shards),
             key: std::path::absolute(&spec.image.key).unwrap_or(spec.image.key.clone()),
             readahead_chunks: spec.readahead_chunks,
             fetch_timeout_secs: spec.fetch_timeout,

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineStats;
 use crate::frontend::ublk::CopyMode;
+use crate::store::ec::Scheme;
 
 /// Where device records live unless `$LAZYBLK_RUN_DIR` says otherwise.
 pub const DEFAULT_RUN_DIR: &str = "/run/lazyblk";
@@ -103,6 +104,12 @@ pub struct UblkRecord {
     /// `--s3-path-style` as given to `add`.
     #[serde(default)]
     pub s3_path_style: bool,
+    /// `--ec-cache` as given to `add`: the cache fleet's node URLs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ec_cache: Option<String>,
+    /// `--ec-shards` as given to `add`, with a fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ec_shards: Option<Scheme>,
     /// The tenant key file the device was added with.
     pub key: PathBuf,
     pub readahead_chunks: u32,
@@ -284,6 +291,27 @@ mod tests {
             // A record without the flags it gained later reads as no flags.
             assert_eq!(record.ublk.map(|u| u.flags), Some(0));
         }
+    }
+
+    #[test]
+    fn a_cache_fleet_round_trips_through_the_record() {
+        let mut record: DeviceRecord = serde_json::from_str(&record_json("ublk")).unwrap();
+        let ublk = record.ublk.as_mut().unwrap();
+        assert_eq!((ublk.ec_cache.as_ref(), ublk.ec_shards), (None, None));
+        ublk.ec_cache = Some("http://a:1,http://b:2".into());
+        ublk.ec_shards = Some("4+2".parse().unwrap());
+        let written = serde_json::to_value(&record).unwrap();
+        assert_eq!(written["ublk"]["ec_shards"], "4+2", "{written}");
+        let read: DeviceRecord = serde_json::from_value(written).unwrap();
+        assert_eq!(read.ublk.unwrap().ec_shards, Some("4+2".parse().unwrap()));
+        let bad = record_json("ublk").replace(
+            r#""readahead_chunks""#,
+            r#""ec_shards": "4+0", "readahead_chunks""#,
+        );
+        let err = serde_json::from_str::<DeviceRecord>(&bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid erasure-coding scheme"), "{err}");
     }
 
     #[test]

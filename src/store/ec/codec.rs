@@ -20,8 +20,10 @@ const SHARD_ALIGN: usize = 64;
 /// byte, and beyond this a chunk's shards are too small to be worth a request.
 pub const MAX_SHARDS: usize = 32;
 
-/// How many data (`k`) and parity (`m`) shards each chunk becomes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// How many data (`k`) and parity (`m`) shards each chunk becomes; written
+/// (and kept in device records) as `K+M`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct Scheme {
     k: u8,
     m: u8,
@@ -192,6 +194,20 @@ impl FromStr for Scheme {
                 reason: "expected K+M, e.g. 4+1".to_owned(),
             }),
         }
+    }
+}
+
+impl From<Scheme> for String {
+    fn from(scheme: Scheme) -> String {
+        scheme.to_string()
+    }
+}
+
+impl TryFrom<String> for Scheme {
+    type Error = CodecError;
+
+    fn try_from(text: String) -> Result<Scheme, CodecError> {
+        text.parse()
     }
 }
 
