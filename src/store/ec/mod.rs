@@ -26,8 +26,8 @@ pub mod stats;
 mod tests;
 
 pub use codec::Scheme;
-pub use fleet::EcFleetStore;
 pub use codec::MAX_SHARDS;
+pub use fleet::EcFleetStore;
 pub use http_node::{open_fleet, HttpShardNode, MAX_SHARD_OBJECT};
 pub use node::{LocalNode, ShardCache, ShardNode};
 pub use stats::FleetStatsSnapshot;
