@@ -25,9 +25,13 @@ bin=$(build_release)
 bench_work_dir "${TMPDIR:-/var/tmp}" lazyblk-bench-s3
 cluster_pid=
 cleanup() {
-    [[ -n $cluster_pid ]] && kill -TERM "$cluster_pid" 2>/dev/null && wait "$cluster_pid" 2>/dev/null
-    [[ -z ${LAZYBLK_BENCH_DIR:-} ]] && rm -rf "$work"
-    return 0
+    if [[ -n $cluster_pid ]]; then
+        kill -TERM "$cluster_pid" 2>/dev/null || true
+        wait "$cluster_pid" 2>/dev/null || true
+    fi
+    if [[ -z ${LAZYBLK_BENCH_DIR:-} ]]; then
+        rm -rf "$work"
+    fi
 }
 trap cleanup EXIT
 
@@ -52,16 +56,31 @@ dir_store=$work/dir-store
 # Other work on the machine moves every figure: the report records it.
 load=$(cut -d' ' -f1-3 /proc/loadavg)
 
-# Runs a command under /usr/bin/time; sets $wall and $cpu (user + system).
+# CPU seconds (user + system) the SeaweedFS servers have used so far.
+# shellcheck disable=SC2153 # set by cluster.env
+read -r -a server_pids <<<"$SERVER_PIDS"
+ticks=$(getconf CLK_TCK)
+cluster_cpu() {
+    local pid total=0
+    for pid in "${server_pids[@]}"; do
+        total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
+    done
+    awk -v t="$total" -v hz="$ticks" 'BEGIN { printf "%.2f\n", t / hz }'
+}
+
+# Runs a command under /usr/bin/time; sets $wall, $cpu (user + system) and
+# $server_cpu (the cluster's CPU seconds meanwhile).
 timed() {
-    local times=$work/times
+    local times=$work/times before
+    before=$(cluster_cpu)
     /usr/bin/time -f '%e %U %S' -o "$times" "$@" >"$work/last.out" 2>"$work/last.err" ||
         die "$* failed: $(cat "$work/last.err")"
     read -r wall user sys <"$times"
     cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f\n", u + s }')
+    server_cpu=$(awk -v a="$(cluster_cpu)" -v b="$before" 'BEGIN { printf "%.2f\n", a - b }')
 }
 
-declare -A wall_of cpu_of
+declare -A wall_of cpu_of server_cpu_of
 run() { # label, command...
     local label=$1
     shift
@@ -69,6 +88,7 @@ run() { # label, command...
     timed "$@"
     wall_of[$label]=$wall
     cpu_of[$label]=$cpu
+    server_cpu_of[$label]=$server_cpu
 }
 
 push_args=(--key "$work/key" --name bench --json)
@@ -106,4 +126,4 @@ row "push, fresh store" s3-push dir-push
 row "push again, every chunk stored" s3-push-again dir-push-again
 row "export (cold: every chunk fetched)" s3-export dir-export
 echo
-echo "CPU seconds (user + system) of the lazyblk process: push ${cpu_of[s3-push]} (S3) vs ${cpu_of[dir-push]} (directory), export ${cpu_of[s3-export]} vs ${cpu_of[dir-export]}."
+echo "CPU seconds (user + system), lazyblk / SeaweedFS servers: push ${cpu_of[s3-push]} / ${server_cpu_of[s3-push]} (S3) vs ${cpu_of[dir-push]} (directory); push again ${cpu_of[s3-push-again]} / ${server_cpu_of[s3-push-again]} vs ${cpu_of[dir-push-again]}; export ${cpu_of[s3-export]} / ${server_cpu_of[s3-export]} vs ${cpu_of[dir-export]}."

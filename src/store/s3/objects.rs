@@ -45,8 +45,10 @@ pub(super) const BULK: Timing = Timing {
         first_backoff: Duration::from_millis(100),
     },
 };
-/// A listing page of 1000 keys is well under this.
-pub(super) const MAX_LISTING: usize = 16 << 20;
+/// An XML answer (a listing page of 1000 keys, a copy's result, an error)
+/// is well under this.
+const MAX_ANSWER: usize = 16 << 20;
+
 /// One bucket (and the credentials to use it) behind the shared client.
 #[derive(Debug)]
 pub(super) struct Objects {
@@ -157,12 +159,14 @@ impl Objects {
             let headers = vec![("x-amz-checksum-sha256", checksum.clone())];
             self.signed(action, Method::PUT, headers, body.clone())
         };
-        self.send(BULK, MAX_LISTING, sign).await.map(drop)
+        self.send(BULK, MAX_ANSWER, sign).await.map(drop)
     }
 
     /// Rewrites an object onto itself, server side, which refreshes its
     /// modification time; `false` if it does not exist.
     pub async fn refresh_object(&self, key: &str) -> Result<bool, S3Error> {
+        // Bucket names and keys (hex ids, manifest names, checked prefixes)
+        // hold nothing that needs escaping.
         let source = format!("/{}/{key}", self.config.bucket.name());
         let sign = || {
             let action = PutObject::new(&self.config.bucket, self.credentials(), key);
@@ -173,7 +177,7 @@ impl Objects {
             ];
             self.signed(action, Method::PUT, headers, Bytes::new())
         };
-        match self.send(QUICK, MAX_LISTING, sign).await {
+        match self.send(QUICK, MAX_ANSWER, sign).await {
             Ok(_) => Ok(true),
             Err(error) if error.is_no_such_key() => Ok(false),
             Err(error) => Err(error),
@@ -208,7 +212,7 @@ impl Objects {
             let action = DeleteObject::new(&self.config.bucket, self.credentials(), key);
             self.signed(action, Method::DELETE, Vec::new(), Bytes::new())
         };
-        match self.send(QUICK, MAX_LISTING, sign).await {
+        match self.send(QUICK, MAX_ANSWER, sign).await {
             Err(error) if error.is_no_such_key() => Ok(()),
             result => result.map(drop),
         }
@@ -229,7 +233,7 @@ impl Objects {
                 }
                 self.signed(action, Method::GET, Vec::new(), Bytes::new())
             };
-            let response = self.send(QUICK, MAX_LISTING, sign).await?;
+            let response = self.send(QUICK, MAX_ANSWER, sign).await?;
             let page = std::str::from_utf8(&response.body)
                 .ok()
                 .and_then(|text| ListObjectsV2::parse_response(text).ok())
