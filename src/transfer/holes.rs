@@ -6,10 +6,10 @@
 //! correct). A push of a 64 GiB file holding 320 MiB then reads 320 MiB
 //! instead of 64 GiB of zeros.
 //!
-//! A block device answers the same calls as a file with no holes: the
-//! block layer's `lseek` knows the device's size and nothing of its
-//! allocation, and no generic interface tells which ranges are unmapped
-//! or known to be zero. A block device is therefore read whole, and its
+//! A block device refuses both (`EINVAL`: the block layer's `lseek` knows
+//! the device's size and nothing of its allocation; checked on Linux 6.18
+//! with a loop device over a sparse file), and no generic interface tells
+//! which ranges of a device are unmapped or known to be zero. A block device is therefore read whole, and its
 //! zero chunks are found by their content (still neither sealed nor stored).
 //!
 //! Any failure to ask is answered "data": reading too much is slow but
