@@ -16,7 +16,9 @@
 //!   names and the sealed manifest. Pure: no I/O.
 //! * [`store`]: the [`store::ChunkStore`] trait and its engines.
 //! * [`net`]: the HTTP client the network stores share.
+//! * [`server`]: the chunk server that serves a store over HTTP.
 //! * [`retry`]: the back-off schedule for transient failures.
+//! * [`metrics`]: Prometheus text exposition of counters and histograms.
 //! * [`transfer`]: `push` (image → store) and `export` (store → image).
 //! * [`maint`]: store upkeep: garbage collection and verification.
 //! * [`cache`]: the per-device sparse data file and persistent present-bitmap.
@@ -42,8 +44,10 @@ pub mod ext4;
 pub mod flatten;
 pub mod frontend;
 pub mod maint;
+pub mod metrics;
 pub mod net;
 pub mod oci;
 pub mod retry;
+pub mod server;
 pub mod store;
 pub mod transfer;

@@ -15,6 +15,7 @@ mod flatten;
 mod fuse;
 mod keys;
 mod maint;
+mod serve;
 mod transfer;
 mod ublk;
 
@@ -69,6 +70,9 @@ pub enum Command {
     Gc(maint::GcArgs),
     /// Check chunks against their names; repair bad and missing ones from another store.
     Verify(maint::VerifyArgs),
+    /// Serve a store's chunks and manifests over HTTP (the store URL
+    /// http://HOST:PORT names it to other commands).
+    Serve(serve::ServeArgs),
     /// Show which ublk features the running kernel's driver supports.
     Features {
         /// Print JSON instead of a table.
@@ -181,6 +185,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let default_level = match &cli.command {
         Command::Add(args) if args.foreground => "info",
         Command::Recover(args) if args.foreground => "info",
+        Command::Serve(_) => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("LAZYBLK_LOG")
@@ -198,6 +203,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Del(args) => runtime()?.block_on(device::del(args)),
         Command::List { json } => runtime()?.block_on(device::list(json)),
         Command::Recover(args) => ublk::recover(args),
+        Command::Serve(args) => runtime()?.block_on(serve::serve(args)),
         Command::Features { json } => ublk::features(json),
         Command::Gc(args) => runtime()?.block_on(maint::gc(args)),
         Command::Verify(args) => runtime()?.block_on(maint::verify(args)),

@@ -1,0 +1,76 @@
+//! `serve`: a store's chunks and manifests over HTTP.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use tokio::signal::unix::{signal, SignalKind};
+
+use super::{read_token_file, StoreArgs};
+use crate::metrics::Registry;
+use crate::server::{Server, ServerOptions, Tokens};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The address to listen on (port 0 picks a free one); the URL clients
+    /// use is printed once the server listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// A file holding the token that writes need; without it the server
+    /// takes no writes.
+    #[arg(long, value_name = "FILE")]
+    pub write_token_file: Option<PathBuf>,
+    /// A file holding the token that reads need; without it reads are open
+    /// (chunks and manifests are encrypted). The write token reads too.
+    #[arg(long, value_name = "FILE")]
+    pub read_token_file: Option<PathBuf>,
+    /// Connections served at once; more wait to be accepted.
+    #[arg(long, default_value_t = ServerOptions::default().max_connections)]
+    pub max_connections: usize,
+    /// Milliseconds added to every chunk GET (a distant origin, for tests
+    /// and benchmarks).
+    #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
+    pub delay: u64,
+}
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let read = args
+        .read_token_file
+        .as_deref()
+        .map(read_token_file)
+        .transpose()?;
+    let write = args
+        .write_token_file
+        .as_deref()
+        .map(read_token_file)
+        .transpose()?;
+    let options = ServerOptions {
+        tokens: Tokens::new(read.as_deref(), write.as_deref()),
+        chunk_delay: Duration::from_millis(args.delay),
+        max_connections: args.max_connections.max(1),
+        ..ServerOptions::default()
+    };
+    let store = args.store.open()?;
+    let server = Server::bind(args.listen, store, options, Registry::new())
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    let bound = server.local_addr()?;
+    let mut terminate = signal(SignalKind::terminate()).context("watch SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("watch SIGINT")?;
+    outln!("http://{bound}");
+    tracing::info!(%bound, store = %args.store.spec, "serving");
+    server
+        .run(async {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            tracing::info!("stopping: finishing requests in flight");
+        })
+        .await;
+    Ok(())
+}

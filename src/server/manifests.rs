@@ -1,0 +1,53 @@
+//! The manifest routes. Manifests are sealed, but unlike chunks they are
+//! replaced under the same name, so caches must check before reuse.
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{header, HeaderValue, StatusCode};
+use hyper::body::Incoming;
+
+use super::auth::Access;
+use super::reply::{check_length, json, read_body, reply, store_failure, Handled};
+use super::State;
+use crate::store::http::ManifestList;
+use crate::store::{validate_manifest_name, MAX_MANIFEST_SIZE};
+
+pub(super) async fn get(state: &State, name: &str, parts: &Parts, head: bool) -> Handled {
+    validate_manifest_name(name).map_err(store_failure)?;
+    state.allow(&parts.headers, Access::Read)?;
+    let manifest = state
+        .store
+        .get_manifest(name)
+        .await
+        .map_err(store_failure)?;
+    let len = manifest.len();
+    let mut reply = reply(StatusCode::OK, if head { Bytes::new() } else { manifest });
+    let headers = reply.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    Ok(reply)
+}
+
+pub(super) async fn put(state: &State, name: &str, parts: &Parts, body: Incoming) -> Handled {
+    validate_manifest_name(name).map_err(store_failure)?;
+    state.allow(&parts.headers, Access::Write)?;
+    check_length(&parts.headers, MAX_MANIFEST_SIZE)?;
+    let manifest = read_body(body, MAX_MANIFEST_SIZE, state.options.body_timeout).await?;
+    state
+        .store
+        .put_manifest(name, manifest)
+        .await
+        .map_err(store_failure)?;
+    Ok(reply(StatusCode::NO_CONTENT, Bytes::new()))
+}
+
+pub(super) async fn list(state: &State, parts: &Parts) -> Handled {
+    state.allow(&parts.headers, Access::Read)?;
+    let mut manifests = state.store.list_manifests().await.map_err(store_failure)?;
+    manifests.sort_unstable();
+    Ok(json(&ManifestList { manifests }))
+}

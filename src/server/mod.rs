@@ -1,0 +1,204 @@
+//! The chunk server (`lazyblk serve`): a store's chunks and manifests over
+//! HTTP/1.1 (keep-alive) and HTTP/2 (h2c), the protocol [`crate::store::http`]
+//! speaks.
+//!
+//! Routes (see [`routes`]): `GET`/`HEAD /v1/chunks/{id}` (single Range),
+//! `PUT`/`DELETE /v1/chunks/{id}`, `POST /v1/chunks/missing`,
+//! `GET /v1/chunks?after=ID&limit=N`, `GET`/`PUT /v1/manifests/{name}`,
+//! `GET /v1/manifests`, and `GET /metrics`.
+//!
+//! The server trusts no client: every request body is bounded and read
+//! within a deadline, a connection must finish its request head within a
+//! deadline, connections are capped in number, and a malformed request is
+//! answered with a 4xx status and a one-line reason, never a panic.
+//! Writes need the write token; reads need the read token if one is set.
+
+#![forbid(unsafe_code)]
+// Handlers return `Result<Reply, Reply>`: a refusal is already the answer to
+// send, built once on a path that is not hot, so boxing it buys nothing.
+#![allow(clippy::result_large_err)]
+
+mod auth;
+mod chunks;
+mod manifests;
+mod reply;
+mod routes;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+pub use auth::Tokens;
+
+use crate::metrics::Registry;
+use crate::store::ChunkStore;
+
+/// How the server treats its clients.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub tokens: Tokens,
+    /// Added before every chunk GET is answered: a stand-in for a distant
+    /// origin in benchmarks and tests.
+    pub chunk_delay: Duration,
+    /// A connection must send a whole request head within this long.
+    pub header_timeout: Duration,
+    /// A request body must arrive whole within this long.
+    pub body_timeout: Duration,
+    /// Connections served at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// How long shutdown waits for requests in flight.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> ServerOptions {
+        ServerOptions {
+            tokens: Tokens::default(),
+            chunk_delay: Duration::ZERO,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What every request handler shares.
+#[derive(Debug)]
+struct State {
+    store: Arc<dyn ChunkStore>,
+    options: ServerOptions,
+    metrics: routes::Metrics,
+}
+
+/// A bound, not yet serving, chunk server.
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    state: Arc<State>,
+}
+
+/// The HTTP/2 connection preface; a connection whose first bytes are a
+/// prefix of it may still turn out to speak HTTP/2.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+impl Server {
+    /// Binds `addr` (port 0 picks a free port); `registry` receives the
+    /// server's metrics.
+    pub async fn bind(
+        addr: SocketAddr,
+        store: Arc<dyn ChunkStore>,
+        options: ServerOptions,
+        registry: Arc<Registry>,
+    ) -> std::io::Result<Server> {
+        let listener = TcpListener::bind(addr).await?;
+        let state = Arc::new(State {
+            store,
+            options,
+            metrics: routes::Metrics::new(registry),
+        });
+        Ok(Server { listener, state })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets the
+    /// requests in flight finish (up to the shutdown grace) and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let options = &self.state.options;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(options.header_timeout)
+            .max_buf_size(64 * 1024);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(256)
+            .max_header_list_size(16 * 1024)
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(32 << 20)
+            .max_frame_size(256 * 1024)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let graceful = GracefulShutdown::new();
+        let permits = Arc::new(Semaphore::new(options.max_connections));
+        tokio::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                permit = Arc::clone(&permits).acquire_owned() => permit.expect("never closed"),
+                () = &mut shutdown => break,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors, most likely: pause, then go on.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let state = Arc::clone(&self.state);
+            let builder = builder.clone();
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let _permit = permit;
+                if !preface_arrives(&stream, state.options.header_timeout).await {
+                    tracing::debug!(%peer, "closed a connection that sent no request in time");
+                    return;
+                }
+                let service = hyper::service::service_fn(move |request| {
+                    routes::handle(Arc::clone(&state), request)
+                });
+                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                if let Err(error) = watcher.watch(connection.into_owned()).await {
+                    tracing::debug!(%peer, error = %error, "connection ended");
+                }
+            });
+        }
+        drop(self.listener);
+        let grace = self.state.options.shutdown_grace;
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("requests still in flight after {grace:?}; stopping anyway");
+        }
+    }
+}
+
+/// Waits until the connection's first bytes tell HTTP/1 from HTTP/2, and
+/// says whether they came within `limit`. The protocol sniffing that
+/// follows has no deadline of its own, so without this a client that sends
+/// part of the HTTP/2 preface and stalls would hold its connection forever.
+async fn preface_arrives(stream: &TcpStream, limit: Duration) -> bool {
+    let sniff = async {
+        let mut buf = [0u8; H2_PREFACE.len()];
+        loop {
+            let n = stream.peek(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if n == buf.len() || buf[..n] != H2_PREFACE[..n] {
+                return Some(());
+            }
+            // A partial preface: peek returns at once until more arrives.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    matches!(tokio::time::timeout(limit, sniff).await, Ok(Some(())))
+}
