@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod protocol;
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -44,6 +45,7 @@ pub struct HttpClient {
 #[derive(Debug)]
 pub struct Response {
     pub status: StatusCode,
+    pub version: http::Version,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
@@ -138,6 +140,7 @@ impl HttpClient {
                 .to_bytes();
             Ok(Response {
                 status: parts.status,
+                version: parts.version,
                 headers: parts.headers,
                 body,
             })

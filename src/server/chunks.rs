@@ -14,7 +14,7 @@ use super::reply::{
 };
 use super::State;
 use crate::chunk::ChunkId;
-use crate::store::http::{
+use crate::net::protocol::{
     from_unix_ns, unix_ns, ChunkEntry, ChunkPage, Deleted, MissingRequest, MissingResponse,
     MAX_LIST_PAGE, MAX_MISSING_IDS,
 };

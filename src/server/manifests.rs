@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use super::auth::Access;
 use super::reply::{check_length, json, read_body, reply, store_failure, Handled};
 use super::State;
-use crate::store::http::ManifestList;
+use crate::net::protocol::ManifestList;
 use crate::store::{validate_manifest_name, MAX_MANIFEST_SIZE};
 
 pub(super) async fn get(state: &State, name: &str, parts: &Parts, head: bool) -> Handled {

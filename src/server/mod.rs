@@ -2,7 +2,7 @@
 //! HTTP/1.1 (keep-alive) and HTTP/2 (h2c), the protocol [`crate::store::http`]
 //! speaks.
 //!
-//! Routes (see [`routes`]): `GET`/`HEAD /v1/chunks/{id}` (single Range),
+//! Routes (see [`crate::net::protocol`]): `GET`/`HEAD /v1/chunks/{id}` (single Range),
 //! `PUT`/`DELETE /v1/chunks/{id}`, `POST /v1/chunks/missing`,
 //! `GET /v1/chunks?after=ID&limit=N`, `GET`/`PUT /v1/manifests/{name}`,
 //! `GET /v1/manifests`, and `GET /metrics`.
@@ -202,3 +202,6 @@ async fn preface_arrives(stream: &TcpStream, limit: Duration) -> bool {
     };
     matches!(tokio::time::timeout(limit, sniff).await, Ok(Some(())))
 }
+
+#[cfg(test)]
+mod tests;

@@ -10,32 +10,28 @@
 //! next tier rather than running out the kernel's I/O timeout.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{header, Method, Request, StatusCode};
 use http_body_util::Full;
-use serde::{Deserialize, Serialize};
 
 use super::{
     validate_manifest_name, ChunkStore, ListedChunk, StoreError, MAX_ENVELOPE_SIZE,
     MAX_MANIFEST_SIZE,
 };
 use crate::chunk::ChunkId;
+use crate::net::protocol::{
+    from_unix_ns, unix_ns, ChunkPage, Deleted, ManifestList, MissingRequest, MissingResponse,
+    MAX_JSON_BODY, MAX_LIST_PAGE,
+};
 use crate::net::{HttpClient, HttpError};
 use crate::retry::{GaveUp, RetryPolicy};
 
 /// Most ids sent in one `missing` request (the server takes up to
-/// [`MAX_MISSING_IDS`]).
+/// [`crate::net::protocol::MAX_MISSING_IDS`]).
 const MISSING_BATCH: usize = 1000;
-/// Most ids the server accepts in one `missing` request.
-pub const MAX_MISSING_IDS: usize = 10_000;
-/// Most entries one page of the chunk listing holds.
-pub const MAX_LIST_PAGE: usize = 10_000;
-/// A JSON answer (missing ids, a listing page) is at most this long.
-const MAX_JSON_BODY: usize = 4 << 20;
-
 /// How the HTTP store times its requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpStoreTiming {
@@ -76,60 +72,6 @@ impl fmt::Debug for HttpStore {
             .field("timing", &self.timing)
             .finish()
     }
-}
-
-/// The body of `POST /v1/chunks/missing`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct MissingRequest {
-    pub ids: Vec<String>,
-}
-
-/// The answer to `POST /v1/chunks/missing`: the absent ids, in the order asked.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct MissingResponse {
-    pub missing: Vec<String>,
-}
-
-/// One page of `GET /v1/chunks?after=ID&limit=N`, in id order; `next` is
-/// the `after` of the following page, absent on the last.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ChunkPage {
-    pub chunks: Vec<ChunkEntry>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next: Option<String>,
-}
-
-/// One chunk in a listing page.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ChunkEntry {
-    pub id: String,
-    /// The modification time, in nanoseconds since the Unix epoch.
-    pub modified_unix_ns: u64,
-    /// The envelope's length in bytes.
-    pub size: u64,
-}
-
-/// The answer to `GET /v1/manifests`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ManifestList {
-    pub manifests: Vec<String>,
-}
-
-/// The answer to `DELETE /v1/chunks/{id}?older_than_unix_ns=T`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Deleted {
-    pub deleted: bool,
-}
-
-/// `time` in nanoseconds since the Unix epoch (0 before it).
-pub fn unix_ns(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
-/// The time `ns` nanoseconds after the Unix epoch.
-pub fn from_unix_ns(ns: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_nanos(ns)
 }
 
 impl HttpStore {

@@ -84,6 +84,8 @@ pub fn run_failing(cmd: &mut Command, needle: &str) {
 pub struct World {
     pub dir: TempDir,
     mounts: std::cell::RefCell<Vec<PathBuf>>,
+    /// The `--store` commands get, when not the world's directory store.
+    store_spec: std::cell::RefCell<Option<String>>,
 }
 
 impl World {
@@ -92,6 +94,7 @@ impl World {
         let world = World {
             dir: tempfile::tempdir().expect("tempdir"),
             mounts: Default::default(),
+            store_spec: Default::default(),
         };
         fs::create_dir_all(world.run_dir()).unwrap();
         run(world.lazyblk().args(["keygen", "--out"]).arg(world.key()));
@@ -121,12 +124,22 @@ impl World {
         cmd
     }
 
+    /// From now on, commands name `spec` as their store (a chunk server's
+    /// URL, say) instead of the world's directory store.
+    pub fn use_store(&self, spec: &str) {
+        *self.store_spec.borrow_mut() = Some(spec.to_owned());
+    }
+
     /// `lazyblk VERB --store STORE --key KEY`, for this world's store and key.
     pub fn with_store(&self, verb: &str) -> Command {
+        let store = match &*self.store_spec.borrow() {
+            Some(spec) => spec.into(),
+            None => self.store().into_os_string(),
+        };
         let mut cmd = self.lazyblk();
         cmd.arg(verb)
             .arg("--store")
-            .arg(self.store())
+            .arg(store)
             .arg("--key")
             .arg(self.key());
         cmd
