@@ -275,6 +275,7 @@ mod tests {
     fn response(status: u16, body: &str) -> Response {
         Response {
             status: StatusCode::from_u16(status).unwrap(),
+            version: http::Version::HTTP_11,
             headers: HeaderMap::new(),
             body: Bytes::from(body.to_owned()),
         }
