@@ -269,3 +269,76 @@ fn a_fuse_device_reads_its_chunks_from_s3() {
         "no chunk came from the store: {device}"
     );
 }
+
+#[test]
+fn gc_and_verify_with_repair_work_on_s3() {
+    let cluster = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let image_path = dir.path().join("image");
+    let image = make_image(&image_path, 6);
+    let store = cluster.store("upkeep");
+    push(&cluster, &store, &key, &image_path, "app");
+    let dir_store = dir.path().join("dir-store");
+    run(Command::new(lazyblk_bin())
+        .arg("push")
+        .arg(&image_path)
+        .arg("--store")
+        .arg(&dir_store)
+        .arg("--key")
+        .arg(&key)
+        .args(["--name", "app"]));
+
+    // Two chunks no manifest references, and one the image needs, lost.
+    let strays = [b"stray one".as_slice(), b"stray two"];
+    let runtime = runtime();
+    let s3 = open(&cluster, &store);
+    let lost = runtime.block_on(async {
+        for stray in strays {
+            let id = ChunkId::of_envelope(stray);
+            s3.put(&id, Bytes::from_static(stray)).await.unwrap();
+        }
+        let lost = s3.list().await.unwrap()[0].id;
+        s3.delete(&lost).await.unwrap();
+        lost
+    });
+    // Past the grace period, with a second for Last-Modified's resolution.
+    std::thread::sleep(Duration::from_millis(2500));
+
+    let gc = |extra: &[&str]| -> serde_json::Value {
+        let out = run(Command::new(lazyblk_bin())
+            .envs(cluster.env())
+            .args(["gc", "--store", &store, "--grace", "1s", "--json"])
+            .args(extra));
+        serde_json::from_slice(&out.stdout).expect("gc --json prints JSON")
+    };
+    let dry = gc(&["--dry-run"]);
+    assert_eq!(dry["chunks_deleted"].as_u64(), Some(2), "{dry}");
+    let report = gc(&[]);
+    assert_eq!(report["chunks_deleted"].as_u64(), Some(2), "{report}");
+    assert_eq!(report["chunks_referenced"].as_u64(), Some(13), "{report}");
+    let strays_left = runtime.block_on(s3.missing(&strays.map(ChunkId::of_envelope)));
+    assert_eq!(strays_left.unwrap().len(), 2, "the strays are gone");
+
+    let verify = run(Command::new(lazyblk_bin())
+        .envs(cluster.env())
+        .args(["verify", "--store", &store, "--json", "--repair-from"])
+        .arg(&dir_store));
+    let verify: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(
+        verify["missing"],
+        serde_json::json!([lost.to_hex()]),
+        "{verify}"
+    );
+    assert_eq!(
+        verify["repaired"],
+        serde_json::json!([lost.to_hex()]),
+        "{verify}"
+    );
+
+    let out = dir.path().join("exported");
+    run(lazyblk(&cluster, "export", &store, &key)
+        .args(["--name", "app", "--out"])
+        .arg(&out));
+    assert!(fs::read(&out).unwrap() == image, "exported image differs");
+}
