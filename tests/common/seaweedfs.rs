@@ -43,6 +43,10 @@ pub fn weed_bin() -> PathBuf {
     cache.join("seaweedfs/bin/weed")
 }
 
+/// Launches tried before giving up: the free ports the script picks are
+/// released before the servers bind them, so a parallel test can take one.
+const ATTEMPTS: u32 = 3;
+
 impl Cluster {
     pub fn start() -> Cluster {
         let weed = weed_bin();
@@ -52,12 +56,24 @@ impl Cluster {
              or set LAZYBLK_WEED to a weed binary",
             weed.display()
         );
+        let mut failures = String::new();
+        for attempt in 1..=ATTEMPTS {
+            match Cluster::launch(&weed) {
+                Ok(cluster) => return cluster,
+                Err(why) => failures.push_str(&format!("attempt {attempt}: {why}\n")),
+            }
+        }
+        panic!("the SeaweedFS cluster did not start:\n{failures}");
+    }
+
+    /// One launch; on failure, why, with the launcher's output.
+    fn launch(weed: &Path) -> Result<Cluster, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/seaweedfs-cluster.sh");
         let log = dir.path().join("launcher.log");
         let launcher = Command::new(&script)
             .arg(dir.path().join("cluster"))
-            .env("LAZYBLK_WEED", &weed)
+            .env("LAZYBLK_WEED", weed)
             .stdin(Stdio::null())
             .stdout(fs::File::create(dir.path().join("launcher.out")).unwrap())
             .stderr(fs::File::create(&log).unwrap())
@@ -79,11 +95,12 @@ impl Cluster {
         while !env_file.exists() {
             let exited = cluster.launcher.try_wait().unwrap();
             if exited.is_some() || started.elapsed() > START_TIMEOUT {
-                panic!(
-                    "the SeaweedFS cluster did not start ({}):\n{}",
+                // Dropping the guard kills whatever did start.
+                return Err(format!(
+                    "{}\n{}",
                     exited.map_or("timed out".to_owned(), |s| s.to_string()),
                     fs::read_to_string(&log).unwrap_or_default()
-                );
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -103,7 +120,7 @@ impl Cluster {
             }
         }
         assert_eq!(cluster.volume_pids.len(), 3, "{env_file:?}");
-        cluster
+        Ok(cluster)
     }
 
     /// `s3://BUCKET/prefix`.
