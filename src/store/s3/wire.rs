@@ -102,12 +102,11 @@ pub enum S3Error {
 
 /// S3 error codes that say "not now": the server is throttling us or
 /// failing for a while, or gave up waiting for our request.
-const TRANSIENT_CODES: [&str; 5] = [
+const TRANSIENT_CODES: [&str; 4] = [
     "SlowDown",
     "ServiceUnavailable",
     "InternalError",
     "RequestTimeout",
-    "RequestTimeTooSkewed",
 ];
 
 /// S3 error codes (besides any 403) that mean the credentials are wrong.
@@ -210,6 +209,16 @@ pub(super) fn check(
     } else {
         response.status
     };
+    // Refused with a 403 like bad credentials, but only the clock can fix it.
+    if code == "RequestTimeTooSkewed" {
+        return Err(S3Error::Status {
+            method: method.clone(),
+            url,
+            status,
+            code,
+            message: format!("{message} (this host's clock is off: set it right)"),
+        });
+    }
     if status == StatusCode::FORBIDDEN || DENIED_CODES.contains(&code.as_str()) {
         return Err(S3Error::Denied {
             method: method.clone(),
@@ -325,6 +334,14 @@ mod tests {
             assert!(message.contains("bucket \"b\""), "{message}");
             assert!(message.contains("AWS_SECRET_ACCESS_KEY"), "{message}");
         }
+    }
+
+    #[test]
+    fn a_skewed_clock_is_named_and_not_retried() {
+        let skewed = error(403, "<Error><Code>RequestTimeTooSkewed</Code></Error>");
+        assert!(matches!(skewed, S3Error::Status { .. }), "{skewed}");
+        assert!(!skewed.is_transient());
+        assert!(skewed.to_string().contains("clock"), "{skewed}");
     }
 
     #[test]
