@@ -35,6 +35,8 @@ tools=(
     "tar tar"                # GNU tar sparse members in the layer tests
     "python3 python3"        # installs SeaweedFS (scripts/lib/seaweedfs.sh), finds free ports
     "curl curl"              # readiness checks of the SeaweedFS test cluster
+    "wrk wrk"                # load for the chunk server benchmark (bench-http.sh)
+    "nginx nginx"            # the chunk server benchmark's baseline
 )
 # Packages with no command of their own, checked through dpkg.
 libraries=(
