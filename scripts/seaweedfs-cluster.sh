@@ -157,8 +157,19 @@ EOF
 mv "$dir/cluster.env.tmp" "$dir/cluster.env"
 echo ready
 
+# The process this one is a child of now: when the one that started it
+# exits, it is reparented (to init or a subreaper).
+current_parent() {
+    local stat ppid
+    read -r stat <"/proc/$$/stat"
+    stat=${stat##*) }
+    read -r _ ppid _ <<<"$stat"
+    printf '%s\n' "$ppid"
+}
+
 # Runs until signalled, or until whoever started it is gone (a test that
-# crashed cannot run its cleanup; this reaps its cluster).
-while kill -0 "$parent" 2>/dev/null; do
+# crashed cannot run its cleanup; this reaps its cluster). Started already
+# orphaned, it runs until signalled.
+while [[ $(current_parent) == "$parent" ]]; do
     sleep 1
 done
