@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use clap::Args;
 
 use super::keys::load_key;
-use super::ImageArgs;
+use super::{tiers, HostCacheArgs, ImageArgs};
 use crate::chunk::{manifest_digest, Manifest};
 use crate::daemon::{
     self, ControlRequest, ControlResponse, DeviceRecord, DeviceState, FrontendKind,
@@ -42,6 +42,8 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct AddArgs {
     #[command(flatten)]
     pub image: ImageArgs,
+    #[command(flatten)]
+    pub host_cache: HostCacheArgs,
     /// The device's cache directory (sparse data file and present-bitmap);
     /// re-using it after a restart keeps every chunk already there.
     #[arg(long)]
@@ -232,11 +234,12 @@ pub(super) fn engine_options(
 /// Opens the image's manifest and cache for serving.
 pub(super) async fn open_engine(
     image: &ImageArgs,
+    host_cache: &HostCacheArgs,
     cache_dir: &Path,
     opts: EngineOptions,
 ) -> anyhow::Result<(Arc<Engine>, Arc<dyn ChunkStore>)> {
     let tenant = load_key(&image.key)?;
-    let store = image.store.open()?;
+    let store = tiers::open(&image.store, host_cache)?.store;
     let name = &image.name;
     let sealed = store.get_manifest(name).await?;
     let manifest = Manifest::open(name, &sealed, &tenant)?;
@@ -280,13 +283,18 @@ pub(super) trait Detach: Send + Sync {
 /// lost, then detaches the frontend.
 pub(super) struct EngineControl<F> {
     pub engine: Arc<Engine>,
+    /// The engine's store, for its per-tier counters.
+    pub store: Arc<dyn ChunkStore>,
     pub frontend: F,
 }
 
 #[async_trait]
 impl<F: Detach> daemon::DeviceControl for EngineControl<F> {
     fn stats(&self) -> EngineStats {
-        self.engine.stats()
+        EngineStats {
+            tiers: self.store.tier_stats(),
+            ..self.engine.stats()
+        }
     }
 
     async fn stop(&self, force: bool) -> Result<(), String> {
@@ -495,6 +503,22 @@ pub async fn list(json: bool) -> anyhow::Result<()> {
             mode,
             d.record.cache_dir.display()
         );
+        // A device reading through tiers: one line per tier under its row.
+        for tier in d.stats.iter().flat_map(|s| &s.tiers) {
+            outln!(
+                "     tier {}: {} hits ({:.1}M, p50 {} us, p99 {} us), {} misses, {} errors ({} timeouts), {} bad, {} fills",
+                tier.name,
+                tier.hits,
+                tier.bytes as f64 / (1024.0 * 1024.0),
+                tier.hit_latency_p50_us,
+                tier.hit_latency_p99_us,
+                tier.misses,
+                tier.errors,
+                tier.timeouts,
+                tier.integrity_failures,
+                tier.fills
+            );
+        }
     }
     Ok(())
 }

@@ -26,6 +26,7 @@ impl Detach for Arc<FuseDevice> {
 pub(super) async fn serve(args: &AddArgs, mountpoint: &Path) -> anyhow::Result<()> {
     let (engine, store) = open_engine(
         &args.image,
+        &args.host_cache,
         &args.cache_dir,
         engine_options(args.read_only, args.readahead_chunks, args.fetch_timeout),
     )
@@ -78,6 +79,7 @@ pub(super) async fn serve(args: &AddArgs, mountpoint: &Path) -> anyhow::Result<(
     }
     let control = Arc::new(EngineControl {
         engine: engine.clone(),
+        store: store.clone(),
         frontend: device.clone(),
     });
     let control_task = tokio::spawn(daemon::serve_control(listener, control.clone()));

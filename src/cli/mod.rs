@@ -16,8 +16,11 @@ mod fuse;
 mod keys;
 mod maint;
 mod serve;
+mod tiers;
 mod transfer;
 mod ublk;
+
+pub use tiers::HostCacheArgs;
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -26,10 +29,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::store::ec::{open_fleet, Scheme};
+use crate::store::ec::Scheme;
 use crate::store::s3::S3Options;
-use crate::store::tiered::TieredStore;
-use crate::store::{open_store, ChunkStore, StoreOptions};
+use crate::store::{ChunkStore, StoreOptions};
 
 /// Chunked, convergently encrypted disk images, served lazily as block devices.
 #[derive(Debug, Parser)]
@@ -87,9 +89,11 @@ pub struct StoreArgs {
     /// The chunk store: a directory path (or file:///PATH), the URL of a
     /// chunk server (http://HOST:PORT[/PREFIX], https://…), or an S3 bucket
     /// (s3://BUCKET[/PREFIX], credentials from AWS_ACCESS_KEY_ID and
-    /// AWS_SECRET_ACCESS_KEY).
-    #[arg(long = "store", value_name = "STORE")]
-    pub spec: String,
+    /// AWS_SECRET_ACCESS_KEY). Given several times, the stores are tiers,
+    /// fastest first (e.g. a cache fleet, then the origin): reads try each in
+    /// turn and fill those above; writes go to the last.
+    #[arg(long = "store", value_name = "STORE", required = true)]
+    pub specs: Vec<String>,
     /// A file holding the bearer token presented to a chunk server; without
     /// it, the token in LAZYBLK_TOKEN if set.
     #[arg(long, value_name = "FILE")]
@@ -139,16 +143,16 @@ impl StoreArgs {
         })
     }
 
-    /// The store, behind the cache fleet when one is named: reads try
-    /// the fleet first, everything else goes to the store.
+    /// The store every `--store` names, behind the cache fleet when one is
+    /// named: one store, or the tiers of a
+    /// [`TieredStore`](crate::store::TieredStore).
     pub fn open(&self) -> anyhow::Result<Arc<dyn ChunkStore>> {
-        let options = self.options()?;
-        let origin = open_store(&self.spec, &options)?;
-        let Some(urls) = &self.ec_cache else {
-            return Ok(origin);
-        };
-        let fleet: Arc<dyn ChunkStore> = Arc::new(open_fleet(urls, self.ec_shards, &options)?);
-        Ok(Arc::new(TieredStore::new(vec![fleet, origin])?))
+        Ok(tiers::open(self, &HostCacheArgs::default())?.store)
+    }
+
+    /// The last `--store`: the store of record.
+    pub fn origin(&self) -> &str {
+        self.specs.last().map_or("", String::as_str)
     }
 }
 

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::flatten::{flatten_into, is_source, open_spec, SourceArgs};
 use super::keys::load_key;
-use super::{parse_size, ImageArgs};
+use super::{parse_size, tiers, HostCacheArgs, ImageArgs};
 use crate::chunk::{
     derive_salt, validate_chunk_size, validate_salt_domain, Salt, TenantKey, DEFAULT_CHUNK_SIZE,
 };
@@ -53,6 +53,8 @@ pub struct PushArgs {
 pub struct ExportArgs {
     #[command(flatten)]
     pub source: ImageArgs,
+    #[command(flatten)]
+    pub host_cache: HostCacheArgs,
     /// Where to write the image (replaced atomically when complete).
     #[arg(long)]
     pub out: PathBuf,
@@ -208,21 +210,35 @@ async fn push_source(
 
 pub async fn export(args: ExportArgs) -> anyhow::Result<()> {
     let tenant = load_key(&args.source.key)?;
-    let store = args.source.store.open()?;
+    let tiers = tiers::open(&args.source.store, &args.host_cache)?;
     let bar = progress_bar("export");
     let progress = |done: u64, total: u64| {
         bar.set_length(total);
         bar.set_position(done);
     };
-    let report = transfer::export(store, &tenant, &args.source.name, &args.out, &progress)
-        .await
+    let exported = transfer::export(
+        tiers.store.clone(),
+        &tenant,
+        &args.source.name,
+        &args.out,
+        &progress,
+    )
+    .await;
+    // The chunks read from lower tiers reach the host cache before exit,
+    // whether or not the export as a whole succeeded.
+    tiers.settle().await;
+    let report = exported
         .with_context(|| format!("export {:?} to {}", args.source.name, args.out.display()))?;
     bar.finish_and_clear();
+    let mut report = serde_json::to_value(&report)?;
+    let tier_stats = tiers.store.tier_stats();
+    if !tier_stats.is_empty() {
+        report["tiers"] = serde_json::to_value(tier_stats)?;
+    }
     outln!(
-        "exported {:?} to {}: {}",
+        "exported {:?} to {}: {report}",
         args.source.name,
         args.out.display(),
-        serde_json::to_string(&report)?
     );
     Ok(())
 }

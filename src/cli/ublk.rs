@@ -18,7 +18,7 @@ use super::device::{
     daemonize, engine_options, ensure_run_dir, list_devices, open_engine, say_ready,
     serve_until_stopped, AddArgs, Detach, EngineControl,
 };
-use super::{ImageArgs, StoreArgs};
+use super::{HostCacheArgs, ImageArgs, StoreArgs};
 use crate::daemon::{self, DeviceControl, DeviceRecord, DeviceState, FrontendKind, UblkRecord};
 use crate::frontend::ublk::{self, DeviceInfo, DeviceOptions, Start};
 
@@ -35,6 +35,7 @@ pub struct RecoverArgs {
 /// What a device process serves, whether it adds or recovers the device.
 struct Spec {
     image: ImageArgs,
+    host_cache: HostCacheArgs,
     cache_dir: PathBuf,
     read_only: bool,
     readahead_chunks: u32,
@@ -47,6 +48,7 @@ struct Spec {
 pub(super) async fn serve_add(args: &AddArgs) -> anyhow::Result<()> {
     serve(Spec {
         image: args.image.clone(),
+        host_cache: args.host_cache.clone(),
         cache_dir: args.cache_dir.clone(),
         read_only: args.read_only,
         readahead_chunks: args.readahead_chunks,
@@ -112,7 +114,7 @@ pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
     runtime.block_on(serve(Spec {
         image: ImageArgs {
             store: StoreArgs {
-                spec: ublk.store_spec.clone(),
+                specs: ublk.store_specs(),
                 token_file: ublk.token_file.clone(),
                 http2_prior_knowledge: ublk.http2_prior_knowledge,
                 s3_endpoint: ublk.s3_endpoint.clone(),
@@ -122,6 +124,10 @@ pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
             },
             key: ublk.key.clone(),
             name: orphan.record.name.clone(),
+        },
+        host_cache: HostCacheArgs {
+            host_cache: ublk.host_cache.clone(),
+            host_cache_size: ublk.host_cache_size,
         },
         cache_dir: orphan.record.cache_dir.clone(),
         read_only: orphan.record.read_only,
@@ -149,6 +155,7 @@ impl Detach for UblkDevice {
 async fn serve(spec: Spec) -> anyhow::Result<()> {
     let (engine, store) = open_engine(
         &spec.image,
+        &spec.host_cache,
         &spec.cache_dir,
         engine_options(spec.read_only, spec.readahead_chunks, spec.fetch_timeout),
     )
@@ -195,7 +202,14 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
             depth: info.depth,
             recoverable: info.recoverable,
             copy_mode: info.mode,
-            store_spec: spec.image.store.spec.clone(),
+            store_spec: spec.image.store.origin().to_owned(),
+            stores: spec.image.store.specs.clone(),
+            host_cache: spec
+                .host_cache
+                .host_cache
+                .as_ref()
+                .map(|path| std::path::absolute(path).unwrap_or(path.clone())),
+            host_cache_size: spec.host_cache.host_cache_size,
             token_file: spec
                 .image
                 .store
@@ -220,6 +234,7 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
     };
     let control = Arc::new(EngineControl {
         engine: engine.clone(),
+        store: store.clone(),
         frontend: UblkDevice(info.id),
     });
     if let Err(e) = record.publish(&run_dir) {

@@ -88,8 +88,19 @@ pub struct UblkRecord {
     /// copy mode).
     #[serde(default = "copy_mode_before_zero_copy")]
     pub copy_mode: CopyMode,
-    /// The store as it was named to `add` (reopened by `recover`).
+    /// The store as it was named to `add` (reopened by `recover`); the
+    /// origin, the last of `stores`, when it named several.
     pub store_spec: String,
+    /// Every `--store` given to `add`, fastest first; empty in records
+    /// written before tiers existed (then `store_spec` alone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stores: Vec<String>,
+    /// `--host-cache` as given to `add`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_cache: Option<PathBuf>,
+    /// `--host-cache-size` as given to `add` (ignored without a host cache).
+    #[serde(default)]
+    pub host_cache_size: u64,
     /// The `--token-file` the store was opened with; without one, `recover`
     /// takes the token from its own environment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -121,6 +132,17 @@ pub struct UblkRecord {
     /// 0 in records written before they were kept.
     #[serde(default)]
     pub flags: u64,
+}
+
+impl UblkRecord {
+    /// The stores `recover` opens, fastest first.
+    pub fn store_specs(&self) -> Vec<String> {
+        if self.stores.is_empty() {
+            vec![self.store_spec.clone()]
+        } else {
+            self.stores.clone()
+        }
+    }
 }
 
 fn copy_mode_before_zero_copy() -> CopyMode {

@@ -84,6 +84,10 @@ pub struct EngineStats {
     pub fetch_latency_p50_us: u64,
     /// 99th percentile of the same, in microseconds.
     pub fetch_latency_p99_us: u64,
+    /// Per-tier counters when the store has tiers (fastest first); the
+    /// device process fills them in from its store.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tiers: Vec<crate::store::TierSnapshot>,
 }
 
 /// The live counters behind [`EngineStats`].

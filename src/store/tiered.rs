@@ -91,6 +91,15 @@ impl TieredStore {
         self
     }
 
+    /// Waits until no fill is in flight.
+    pub async fn settle(&self) {
+        // Every permit free means every fill has finished.
+        let all = u32::try_from(MAX_FILLS_IN_FLIGHT).expect("a small number");
+        if let Ok(permits) = self.fills.acquire_many(all).await {
+            drop(permits);
+        }
+    }
+
     /// The counters of each tier, fastest first.
     pub fn stats(&self) -> Vec<TierSnapshot> {
         self.tiers.iter().map(|t| t.stats.snapshot()).collect()

@@ -31,7 +31,7 @@ use crate::chunk::ChunkId;
 use crate::store::policy::{default_policy, DefaultPolicy, EvictionPolicy};
 
 pub(super) const LOG: &str = "access.log";
-const LOCK: &str = "lock";
+pub(super) const LOCK: &str = "lock";
 /// Replayed lines past which the log is compacted, beyond four per chunk.
 const COMPACT_SLACK: u64 = 100_000;
 
@@ -165,13 +165,7 @@ impl AccessLog {
         if self.policy.weight() <= self.capacity && !long && !force_compaction {
             return Ok(Vec::new());
         }
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&self.lock_path)?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
+        let _lock = lock_dir(self.lock_path.parent().expect("the lock is in the cache"))?;
         self.catch_up()?;
         let mut evicted = Vec::new();
         for (id, _) in self.policy.evict_to(self.capacity) {
@@ -187,7 +181,7 @@ impl AccessLog {
                 evicted.push(id);
             }
         }
-        // The lock is released when `lock` closes.
+        // The lock is released when `_lock` closes.
         Ok(evicted)
     }
 
@@ -215,6 +209,19 @@ impl AccessLog {
         crate::durable::write_with_mode(&self.path, text.as_bytes(), 0o600)?;
         self.reload()
     }
+}
+
+/// Takes the cache directory's lock (waiting for it), held until the
+/// returned file closes.
+pub(super) fn lock_dir(root: &Path) -> io::Result<File> {
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(root.join(LOCK))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
+    Ok(lock)
 }
 
 fn open_log(path: &Path) -> io::Result<(File, u64)> {

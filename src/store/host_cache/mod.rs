@@ -16,7 +16,8 @@
 //! Chunk files are immutable and named by their id, so processes never
 //! coordinate to read or write them: a reader sees a whole file or none, and
 //! two writers of one id write the same bytes. Only recency and size need
-//! agreement; [`log`] keeps them, and one process at a time evicts.
+//! agreement; the access log (`log.rs`) keeps them, and one process at a
+//! time evicts.
 //!
 //! The bound is in envelope bytes (file sizes, not blocks used). Processes
 //! opening one directory should give it the same size; each evicts to the
@@ -95,18 +96,34 @@ impl HostCache {
                 )))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let mut entries = fs::read_dir(dir).map_err(io_err("list", "cache directory"))?;
-                if entries.next().is_some() {
+                // Another process may be creating the layout right now: what
+                // it leaves on the way is ours, anything else is not.
+                let entries = fs::read_dir(dir).map_err(io_err("list", "cache directory"))?;
+                let foreign = entries.filter_map(Result::ok).any(|entry| {
+                    let name = entry.file_name();
+                    let name = name.to_string_lossy();
+                    ![CHUNKS, log::LOG, log::LOCK].contains(&&*name)
+                        && !name.starts_with(&format!(".{MARKER}."))
+                });
+                if foreign {
                     return Err(invalid(format!(
                         "the directory is not empty and has no {MARKER} file, so it is not a host cache; \
                          name an empty or new directory"
                     )));
                 }
-                private_dirs()
-                    .create(dir.join(CHUNKS))
-                    .map_err(io_err("create", CHUNKS))?;
-                crate::durable::write_with_mode(&dir.join(MARKER), MARKER_TEXT.as_bytes(), 0o600)
+                let _creating = log::lock_dir(dir).map_err(io_err("lock", log::LOCK))?;
+                if !dir.join(MARKER).exists() {
+                    private_dirs()
+                        .create(dir.join(CHUNKS))
+                        .map_err(io_err("create", CHUNKS))?;
+                    // The marker goes last: a cache with a marker has its layout.
+                    crate::durable::write_with_mode(
+                        &dir.join(MARKER),
+                        MARKER_TEXT.as_bytes(),
+                        0o600,
+                    )
                     .map_err(io_err("create", MARKER))?;
+                }
             }
             Err(e) => return Err(io_err("read", MARKER)(e)),
         }
