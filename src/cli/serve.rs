@@ -55,6 +55,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..ServerOptions::default()
     };
     let store = args.store.open()?;
+    let described = store.describe();
     let server = Server::bind(args.listen, store, options, Registry::new())
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
@@ -62,7 +63,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("watch SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("watch SIGINT")?;
     outln!("http://{bound}");
-    tracing::info!(%bound, store = %args.store.spec, "serving");
+    tracing::info!(%bound, store = %described, "serving");
     server
         .run(async {
             tokio::select! {

@@ -117,7 +117,7 @@ impl TieredStore {
         match tokio::time::timeout(deadline, tier.store.get(id)).await {
             Ok(answer) => answer,
             Err(_) => {
-                tier.stats.add(&tier.stats.timeouts, 1);
+                tier.stats.timeout();
                 Err(StoreError::Unavailable {
                     op: "get",
                     store: tier.store.describe(),
@@ -137,7 +137,7 @@ impl TieredStore {
         for (index, corrupt) in targets {
             let tier = &self.tiers[index];
             let Ok(permit) = self.fills.clone().try_acquire_owned() else {
-                tier.stats.add(&tier.stats.fills_dropped, 1);
+                tier.stats.add(&tier.stats.fills_dropped);
                 continue;
             };
             let (store, stats, envelope) =
@@ -149,9 +149,9 @@ impl TieredStore {
                     false => Ok(()),
                 };
                 match replaced.and(store.put(&id, envelope).await) {
-                    Ok(()) => stats.add(&stats.fills, 1),
+                    Ok(()) => stats.fill(),
                     Err(e) => {
-                        stats.add(&stats.fill_errors, 1);
+                        stats.add(&stats.fill_errors);
                         tracing::debug!(tier = %stats.name, id = %id, error = %crate::error::chain(&e), "fill failed");
                     }
                 }
@@ -173,14 +173,12 @@ impl ChunkStore for TieredStore {
             let error = match answer {
                 Ok(envelope) => match verify_envelope(id, &envelope) {
                     Ok(()) => {
-                        stats.add(&stats.hits, 1);
-                        stats.add(&stats.bytes, envelope.len() as u64);
-                        stats.record_latency(started.elapsed());
+                        stats.hit(envelope.len(), started.elapsed());
                         self.fill(passed, *id, &envelope);
                         return Ok(envelope);
                     }
                     Err(source) => {
-                        stats.add(&stats.integrity_failures, 1);
+                        stats.integrity_failure();
                         tracing::warn!(tier = %stats.name, id = %id, error = %source, "corrupt chunk passed over");
                         passed.push((index, true));
                         StoreError::CorruptChunk {
@@ -192,9 +190,9 @@ impl ChunkStore for TieredStore {
                 },
                 Err(error) => {
                     if error.kind() == ErrorKind::NotFound {
-                        stats.add(&stats.misses, 1);
+                        stats.miss();
                     } else {
-                        stats.add(&stats.errors, 1);
+                        stats.error();
                         tracing::debug!(tier = %stats.name, id = %id, error = %crate::error::chain(&error), "tier failed, trying the next");
                     }
                     passed.push((index, false));
@@ -313,16 +311,41 @@ impl TierStats {
         }
     }
 
-    fn add(&self, counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+    fn add(&self, counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn record_latency(&self, elapsed: Duration) {
+    /// A verified envelope of `bytes` served after `elapsed`.
+    pub fn hit(&self, bytes: usize, elapsed: Duration) {
+        self.add(&self.hits);
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         let micros = u64::try_from(elapsed.as_micros())
             .unwrap_or(u64::MAX)
             .max(1);
         let mut histogram = self.latency.lock().unwrap_or_else(|p| p.into_inner());
         histogram.saturating_record(micros);
+    }
+
+    pub fn miss(&self) {
+        self.add(&self.misses);
+    }
+
+    /// A failed read (a deadline that passed counts here and in `timeout`).
+    pub fn error(&self) {
+        self.add(&self.errors);
+    }
+
+    pub fn timeout(&self) {
+        self.add(&self.timeouts);
+    }
+
+    pub fn integrity_failure(&self) {
+        self.add(&self.integrity_failures);
+    }
+
+    /// An envelope copied into this tier.
+    pub fn fill(&self) {
+        self.add(&self.fills);
     }
 
     pub fn snapshot(&self) -> TierSnapshot {
