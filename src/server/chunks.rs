@@ -2,6 +2,9 @@
 //! SHA-256 of its bytes), so its id is its ETag and any cache may keep it
 //! for good; the server checks that name on every write.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -18,7 +21,7 @@ use crate::net::protocol::{
     from_unix_ns, unix_ns, ChunkEntry, ChunkPage, Deleted, MissingRequest, MissingResponse,
     MAX_LIST_PAGE, MAX_MISSING_IDS,
 };
-use crate::store::MAX_ENVELOPE_SIZE;
+use crate::store::{ListedChunk, MAX_ENVELOPE_SIZE};
 
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 /// A `missing` request of the most ids, each 64 hex digits in quotes.
@@ -201,13 +204,11 @@ pub(super) async fn list(state: &State, parts: &Parts) -> Handled {
             }
         },
     };
-    let mut chunks = state.store.list().await.map_err(store_failure)?;
-    if let Some(after) = after {
-        chunks.retain(|chunk| chunk.id > after);
-    }
-    chunks.sort_unstable_by_key(|chunk| chunk.id);
+    let all = state.listing.get(state, after.is_none()).await?;
+    let from = after.map_or(0, |after| all.partition_point(|chunk| chunk.id <= after));
+    let chunks = &all[from..];
     let next = (chunks.len() > limit).then(|| chunks[limit - 1].id.to_hex());
-    chunks.truncate(limit);
+    let chunks = &chunks[..chunks.len().min(limit)];
     Ok(json(&ChunkPage {
         chunks: chunks
             .iter()
@@ -219,6 +220,37 @@ pub(super) async fn list(state: &State, parts: &Parts) -> Handled {
             .collect(),
         next,
     }))
+}
+
+/// The store's whole listing, sorted by id, kept between the pages of one
+/// walk: a store lists all its chunks at once, and listing them again for
+/// every page would make a walk cost the square of the store's size. A
+/// first page (no `after`) always lists afresh; later pages reuse a listing
+/// younger than [`LISTING_TTL`]. Chunks written meanwhile are missed by that
+/// walk and chunks deleted meanwhile still appear, which garbage collection
+/// tolerates: it re-checks each chunk when it deletes it.
+#[derive(Debug, Default)]
+pub(super) struct ListingSnapshot {
+    taken: tokio::sync::Mutex<Option<(Instant, Arc<Vec<ListedChunk>>)>>,
+}
+
+const LISTING_TTL: Duration = Duration::from_secs(60);
+
+impl ListingSnapshot {
+    async fn get(&self, state: &State, fresh: bool) -> Result<Arc<Vec<ListedChunk>>, Reply> {
+        // One listing at a time: concurrent walks share it.
+        let mut taken = self.taken.lock().await;
+        if let Some((at, listing)) = &*taken {
+            if !fresh && at.elapsed() < LISTING_TTL {
+                return Ok(Arc::clone(listing));
+            }
+        }
+        let mut listing = state.store.list().await.map_err(store_failure)?;
+        listing.sort_unstable_by_key(|chunk| chunk.id);
+        let listing = Arc::new(listing);
+        *taken = Some((Instant::now(), Arc::clone(&listing)));
+        Ok(listing)
+    }
 }
 
 /// The value of query parameter `name`, if given.

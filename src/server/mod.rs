@@ -76,6 +76,7 @@ struct State {
     store: Arc<dyn ChunkStore>,
     options: ServerOptions,
     metrics: routes::Metrics,
+    listing: chunks::ListingSnapshot,
 }
 
 /// A bound, not yet serving, chunk server.
@@ -103,6 +104,7 @@ impl Server {
             store,
             options,
             metrics: routes::Metrics::new(registry),
+            listing: chunks::ListingSnapshot::default(),
         });
         Ok(Server { listener, state })
     }
