@@ -131,12 +131,15 @@ impl Shared {
         let mut order: Vec<usize> = (0..nodes_of_chunk.len()).collect();
         order.sort_by_key(|&i| (ranks[i].failing, slow(ranks[i].expected_micros), i));
         // Avoided nodes go unmeasured; one that has not been for a while is
-        // probed now and then, so a node that recovered is asked again.
+        // probed (one request at a time), so a node that recovered is asked
+        // again.
         let probes = order
             .iter()
             .skip(self.scheme.data_shards())
             .copied()
-            .filter(|&i| ranks[i].stale && slow(ranks[i].expected_micros))
+            .filter(|&i| {
+                ranks[i].stale && ranks[i].in_flight == 0 && slow(ranks[i].expected_micros)
+            })
             .collect();
         (order, probes)
     }

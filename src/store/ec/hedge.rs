@@ -132,6 +132,8 @@ pub struct Rank {
     pub expected_micros: f64,
     /// Not measured within [`NODE_RECHECK`].
     pub stale: bool,
+    /// Requests sent and not yet answered.
+    pub in_flight: usize,
 }
 
 impl NodeHealth {
@@ -164,7 +166,12 @@ impl NodeHealth {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         let standing = Self::finish(&mut nodes, &ticket);
         let micros = latency.as_secs_f64() * 1e6;
-        standing.mean_micros = if standing.last_sample.is_none() {
+        // A node unmeasured for a while starts afresh: what it did then
+        // says little about now, and a probe must be able to clear it.
+        let stale = standing
+            .last_sample
+            .is_none_or(|at| at.elapsed() >= NODE_RECHECK);
+        standing.mean_micros = if stale {
             micros
         } else {
             standing.mean_micros + EWMA_WEIGHT * (micros - standing.mean_micros)
@@ -196,6 +203,7 @@ impl NodeHealth {
                     failing: recent(standing.last_failure),
                     expected_micros: standing.mean_micros.max(oldest_in_flight),
                     stale: !recent(standing.last_sample),
+                    in_flight: standing.in_flight.len(),
                 }
             })
             .collect()
