@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use tokio::signal::unix::{signal, SignalKind};
 
-use super::{read_token_file, StoreArgs};
+use super::{parse_size, read_token_file, StoreArgs};
 use crate::metrics::Registry;
 use crate::server::{Server, ServerOptions, Tokens};
 
@@ -35,6 +35,11 @@ pub struct ServeArgs {
     /// and benchmarks).
     #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
     pub delay: u64,
+    /// Be a node of an erasure-coded cache fleet (`--ec-cache` on clients):
+    /// keep up to BYTES of shards in memory (suffixes K, M, G), evicting
+    /// when full. Shards never reach the store.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub shard_cache_size: Option<u64>,
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -52,6 +57,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokens: Tokens::new(read.as_deref(), write.as_deref()),
         chunk_delay: Duration::from_millis(args.delay),
         max_connections: args.max_connections.max(1),
+        shard_cache_size: args.shard_cache_size,
         ..ServerOptions::default()
     };
     let store = args.store.open()?;

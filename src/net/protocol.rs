@@ -12,6 +12,8 @@
 //! | `GET`/`HEAD /v1/manifests/{name}` | | the sealed manifest |
 //! | `PUT /v1/manifests/{name}` (write) | the sealed manifest | 204 |
 //! | `GET /v1/manifests` | | [`ManifestList`] |
+//! | `GET /v1/shards/{id}/{index}` | | a shard object (docs/FORMAT.md); 404 when not held |
+//! | `PUT /v1/shards/{id}/{index}` (write) | a shard object, checked against `id` and `index` | 204 |
 //!
 //! Chunk ids are 64 lowercase hex digits. Writes present the write token as
 //! `Authorization: Bearer TOKEN`; reads present the read token when the

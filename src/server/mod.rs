@@ -5,7 +5,8 @@
 //! Routes (see [`crate::net::protocol`]): `GET`/`HEAD /v1/chunks/{id}` (single Range),
 //! `PUT`/`DELETE /v1/chunks/{id}`, `POST /v1/chunks/missing`,
 //! `GET /v1/chunks?after=ID&limit=N`, `GET`/`PUT /v1/manifests/{name}`,
-//! `GET /v1/manifests`, and `GET /metrics`.
+//! `GET /v1/manifests`, `GET`/`PUT /v1/shards/{id}/{index}` (a cache
+//! fleet node's shards, see [`shards`]), and `GET /metrics`.
 //!
 //! The server trusts no client: every request body is bounded and read
 //! within a deadline, a connection must finish its request head within a
@@ -23,6 +24,7 @@ mod chunks;
 mod manifests;
 mod reply;
 mod routes;
+mod shards;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -38,14 +40,15 @@ use tokio::sync::Semaphore;
 pub use auth::Tokens;
 
 use crate::metrics::Registry;
+use crate::store::ec::ShardCache;
 use crate::store::ChunkStore;
 
 /// How the server treats its clients.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     pub tokens: Tokens,
-    /// Added before every chunk GET is answered: a stand-in for a distant
-    /// origin in benchmarks and tests.
+    /// Added before every chunk (and shard) GET is answered: a stand-in
+    /// for a distant origin, or a slow fleet node, in benchmarks and tests.
     pub chunk_delay: Duration,
     /// A connection must send a whole request head within this long.
     pub header_timeout: Duration,
@@ -55,6 +58,9 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// How long shutdown waits for requests in flight.
     pub shutdown_grace: Duration,
+    /// Bytes of erasure-coded shards kept in memory for a cache fleet
+    /// (`/v1/shards`); `None`: the server is no fleet node.
+    pub shard_cache_size: Option<u64>,
 }
 
 impl Default for ServerOptions {
@@ -66,6 +72,7 @@ impl Default for ServerOptions {
             body_timeout: Duration::from_secs(30),
             max_connections: 1024,
             shutdown_grace: Duration::from_secs(30),
+            shard_cache_size: None,
         }
     }
 }
@@ -74,6 +81,8 @@ impl Default for ServerOptions {
 #[derive(Debug)]
 struct State {
     store: Arc<dyn ChunkStore>,
+    /// A fleet node's shards: a cache of their own, never in `store`.
+    shards: Option<ShardCache>,
     options: ServerOptions,
     metrics: routes::Metrics,
     listing: chunks::ListingSnapshot,
@@ -102,6 +111,7 @@ impl Server {
         let listener = TcpListener::bind(addr).await?;
         let state = Arc::new(State {
             store,
+            shards: options.shard_cache_size.map(ShardCache::new),
             options,
             metrics: routes::Metrics::new(registry),
             listing: chunks::ListingSnapshot::default(),

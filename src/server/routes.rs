@@ -10,7 +10,7 @@ use hyper::body::{Body as _, Incoming};
 
 use super::auth::{Access, Refusal};
 use super::reply::{refuse, Handled, Reply};
-use super::{chunks, manifests, State};
+use super::{chunks, manifests, shards, State};
 use crate::metrics::{Registry, LATENCY_BUCKETS};
 
 /// Answers one request; every outcome, refusals included, is an answer.
@@ -75,6 +75,14 @@ async fn dispatch(state: &State, request: Request<Incoming>) -> (&'static str, H
                 manifests::put(state, name, &parts, body).await,
             ),
             _ => ("manifest", Err(not_allowed("GET, HEAD, PUT"))),
+        },
+        ["v1", "shards", id, index] => match *method {
+            Method::GET => ("shard_get", shards::get(state, id, index, &parts).await),
+            Method::PUT => (
+                "shard_put",
+                shards::put(state, id, index, &parts, body).await,
+            ),
+            _ => ("shard", Err(not_allowed("GET, PUT"))),
         },
         _ => (
             "unknown",
