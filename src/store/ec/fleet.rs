@@ -127,7 +127,9 @@ impl Shared {
         let mut measured: Vec<f64> = ranks.iter().map(|r| r.expected_micros).collect();
         measured.sort_by(f64::total_cmp);
         let typical = measured[measured.len() / 2];
-        let slow = |micros: f64| micros > 2.0 * typical + 1000.0;
+        // Twice the typical node and 2 ms more: scheduling noise on a busy
+        // host does not make a node slow, a node answering late does.
+        let slow = |micros: f64| micros > 2.0 * typical + 2000.0;
         let mut order: Vec<usize> = (0..nodes_of_chunk.len()).collect();
         order.sort_by_key(|&i| (ranks[i].failing, slow(ranks[i].expected_micros), i));
         // Avoided nodes go unmeasured; one that has not been for a while is
