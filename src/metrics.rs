@@ -126,6 +126,16 @@ struct Family {
 #[derive(Debug, Default)]
 pub struct Registry {
     families: Mutex<Vec<Family>>,
+    refreshers: Mutex<Vec<Refresher>>,
+}
+
+/// Copies values kept elsewhere into a registry just before it renders.
+struct Refresher(Box<dyn Fn(&Registry) + Send + Sync>);
+
+impl std::fmt::Debug for Refresher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Refresher")
+    }
 }
 
 impl Registry {
@@ -204,8 +214,27 @@ impl Registry {
             .clone()
     }
 
+    /// Runs `refresh` before every render: for values another part keeps
+    /// in its own counters (a device's engine), copied in only when scraped
+    /// so that its hot path pays nothing. `refresh` must not call
+    /// `on_render`.
+    pub fn on_render(&self, refresh: impl Fn(&Registry) + Send + Sync + 'static) {
+        self.refreshers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Refresher(Box::new(refresh)));
+    }
+
     /// Every metric in the text exposition format.
     pub fn render(&self) -> String {
+        for refresher in self
+            .refreshers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            (refresher.0)(self);
+        }
         let families = self.families.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = String::new();
         for family in families.iter() {
@@ -408,5 +437,20 @@ latency_seconds_count{route=\"a\\\"b\"} 3
             .await
             .unwrap();
         assert_eq!(missing.status, 404);
+    }
+
+    #[test]
+    fn refreshers_run_before_every_render() {
+        let registry = Registry::new();
+        let scrapes = Arc::new(AtomicU64::new(0));
+        let seen = Arc::clone(&scrapes);
+        registry.on_render(move |registry| {
+            let n = seen.fetch_add(1, Ordering::Relaxed) + 1;
+            registry
+                .gauge("scrapes", "Renders so far.", &[])
+                .set(n as i64);
+        });
+        assert!(registry.render().contains("scrapes 1\n"));
+        assert!(registry.render().contains("scrapes 2\n"));
     }
 }

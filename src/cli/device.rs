@@ -87,6 +87,10 @@ pub struct AddArgs {
     /// before the kernel's 30 s I/O timeout, and a later read tries again.
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_FETCH_TIMEOUT.as_secs_f64(), value_parser = parse_fetch_timeout)]
     pub fetch_timeout: f64,
+    /// Serve Prometheus metrics (the counters `list` shows, and fetch
+    /// latency histograms) at http://ADDR/metrics, e.g. 127.0.0.1:9101.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Stay in the foreground instead of returning once the device is ready.
     #[arg(long)]
     pub foreground: bool,
@@ -232,6 +236,23 @@ pub(super) fn engine_options(
 }
 
 /// Opens the image's manifest and cache for serving.
+/// Starts the device's metrics endpoint, if one was asked for, and says
+/// where it listens.
+pub(super) async fn serve_metrics(
+    engine: &Arc<Engine>,
+    name: &str,
+    addr: Option<std::net::SocketAddr>,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let bound = crate::daemon::metrics::serve(engine, name, addr)
+        .await
+        .with_context(|| format!("serve metrics on {addr}"))?;
+    tracing::info!(%bound, "metrics at http://{bound}/metrics");
+    Ok(Some(bound))
+}
+
 pub(super) async fn open_engine(
     image: &ImageArgs,
     host_cache: &HostCacheArgs,

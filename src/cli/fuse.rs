@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use tokio::net::UnixListener;
 
 use super::device::{
-    engine_options, ensure_run_dir, list_devices, open_engine, say_ready, serve_until_stopped,
-    AddArgs, Detach, EngineControl,
+    engine_options, ensure_run_dir, list_devices, open_engine, say_ready, serve_metrics,
+    serve_until_stopped, AddArgs, Detach, EngineControl,
 };
 use crate::daemon::{self, DeviceRecord, FrontendKind};
 use crate::frontend::fuse::{FuseDevice, DISK_FILE_NAME};
@@ -56,6 +56,7 @@ pub(super) async fn serve(args: &AddArgs, mountpoint: &Path) -> anyhow::Result<(
     let _ = std::fs::remove_file(&socket);
     let listener =
         UnixListener::bind(&socket).with_context(|| format!("bind {}", socket.display()))?;
+    let metrics = serve_metrics(&engine, name, args.metrics).await?;
     let record = DeviceRecord {
         pid,
         frontend: FrontendKind::Fuse,
@@ -64,6 +65,7 @@ pub(super) async fn serve(args: &AddArgs, mountpoint: &Path) -> anyhow::Result<(
         store: store.describe(),
         cache_dir: std::path::absolute(&args.cache_dir).unwrap_or(args.cache_dir.clone()),
         read_only: args.read_only,
+        metrics,
         ublk: None,
     };
 

@@ -15,7 +15,7 @@ use clap::Args;
 use tokio::net::UnixListener;
 
 use super::device::{
-    daemonize, engine_options, ensure_run_dir, list_devices, open_engine, say_ready,
+    daemonize, engine_options, ensure_run_dir, list_devices, open_engine, say_ready, serve_metrics,
     serve_until_stopped, AddArgs, Detach, EngineControl,
 };
 use super::{HostCacheArgs, ImageArgs, StoreArgs};
@@ -40,6 +40,7 @@ struct Spec {
     read_only: bool,
     readahead_chunks: u32,
     fetch_timeout: f64,
+    metrics: Option<std::net::SocketAddr>,
     start: Start,
     /// The record of the process that died, replaced once the device is live.
     replaces: Option<u32>,
@@ -53,6 +54,7 @@ pub(super) async fn serve_add(args: &AddArgs) -> anyhow::Result<()> {
         read_only: args.read_only,
         readahead_chunks: args.readahead_chunks,
         fetch_timeout: args.fetch_timeout,
+        metrics: args.metrics,
         start: Start::Add(DeviceOptions {
             id: args.id,
             queues: args.queues.unwrap_or_else(ublk::default_queues),
@@ -133,6 +135,7 @@ pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
         read_only: orphan.record.read_only,
         readahead_chunks: ublk.readahead_chunks,
         fetch_timeout: ublk.fetch_timeout_secs,
+        metrics: ublk.metrics,
         start: Start::Recover { id: args.id },
         replaces: Some(orphan.record.pid),
     }))
@@ -160,6 +163,7 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
         engine_options(spec.read_only, spec.readahead_chunks, spec.fetch_timeout),
     )
     .await?;
+    let metrics = serve_metrics(&engine, &spec.image.name, spec.metrics).await?;
     let run_dir = ensure_run_dir()?;
     let pid = std::process::id();
     let socket = DeviceRecord::socket_path(&run_dir, pid);
@@ -196,6 +200,7 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
         store: store.describe(),
         cache_dir: std::path::absolute(&spec.cache_dir).unwrap_or(spec.cache_dir.clone()),
         read_only: spec.read_only,
+        metrics,
         ublk: Some(UblkRecord {
             id: info.id,
             queues: info.queues,
@@ -226,6 +231,7 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
                 .ec_cache
                 .as_ref()
                 .map(|_| spec.image.store.ec_shards),
+            metrics: spec.metrics,
             key: std::path::absolute(&spec.image.key).unwrap_or(spec.image.key.clone()),
             readahead_chunks: spec.readahead_chunks,
             fetch_timeout_secs: spec.fetch_timeout,

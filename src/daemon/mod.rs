@@ -11,6 +11,7 @@
 //! how to serve it again.
 
 mod control;
+pub mod metrics;
 
 pub use control::{
     request, serve_control, ControlError, ControlRequest, ControlResponse, DeviceControl,
@@ -71,6 +72,9 @@ pub struct DeviceRecord {
     pub store: String,
     pub cache_dir: PathBuf,
     pub read_only: bool,
+    /// Where the device serves its Prometheus metrics, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// What a ublk device needs to be found and served again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ublk: Option<UblkRecord>,
@@ -121,6 +125,9 @@ pub struct UblkRecord {
     /// `--ec-shards` as given to `add`, with a fleet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ec_shards: Option<Scheme>,
+    /// `--metrics` as given to `add` (`recover` serves metrics there again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// The tenant key file the device was added with.
     pub key: PathBuf,
     pub readahead_chunks: u32,
@@ -278,6 +285,7 @@ mod tests {
             store: "/srv/store".into(),
             cache_dir: "/var/cache/app".into(),
             read_only: true,
+            metrics: None,
             ublk: None,
         };
         record.publish(dir.path()).unwrap();

@@ -223,6 +223,12 @@ impl Engine {
         self.read_only
     }
 
+    /// Counts every later successful fetch's latency in `buckets` as well
+    /// (a metrics endpoint's histogram); only the first call takes effect.
+    pub fn export_fetch_latency(&self, buckets: Arc<crate::metrics::Histogram>) {
+        self.counters.export_fetch_latency(buckets);
+    }
+
     /// The device's counters now.
     pub fn stats(&self) -> EngineStats {
         let mut stats = EngineStats {

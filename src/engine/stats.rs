@@ -5,7 +5,7 @@
 //! costs far more than the lock.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -111,6 +111,8 @@ pub(crate) struct Counters {
     pub chunks_punched: AtomicU64,
     pub integrity_failures: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
+    /// The same latencies in fixed buckets, once a metrics endpoint asks.
+    latency_buckets: OnceLock<Arc<crate::metrics::Histogram>>,
 }
 
 /// Adds `n` to a counter.
@@ -147,15 +149,24 @@ impl Counters {
                 Histogram::new_with_bounds(1, 3_600_000_000, 3)
                     .expect("constant histogram bounds are valid"),
             ),
+            latency_buckets: OnceLock::new(),
         }
     }
 
     pub fn record_fetch_latency(&self, elapsed: Duration) {
+        if let Some(buckets) = self.latency_buckets.get() {
+            buckets.observe(elapsed);
+        }
         let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         self.latency_us
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .saturating_record(us.max(1));
+    }
+
+    /// Also counts later fetch latencies in `buckets`; the first call wins.
+    pub fn export_fetch_latency(&self, buckets: Arc<crate::metrics::Histogram>) {
+        let _ = self.latency_buckets.set(buckets);
     }
 
     /// Fills the counter fields of `stats`; the caller sets the geometry.

@@ -1,0 +1,132 @@
+//! A FUSE device's Prometheus endpoint (`add --metrics`), scraped over real
+//! HTTP after real reads.
+
+mod common;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::FileExt;
+
+use common::*;
+
+/// One GET of `http://addr/path`: the status line and the body.
+fn get(addr: &str, path: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("a whole response");
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+/// The value of the sample `series` (name and labels, exactly).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_fuse_device_serves_its_counters_and_fetch_latencies() {
+    let world = World::new();
+    let image = world.path("image");
+    std::fs::write(&image, pseudo_random(9, 8 << 20)).unwrap();
+    world.push(&image, "app");
+
+    let mnt = world.add_with(
+        "app",
+        "cache",
+        "fuse",
+        true,
+        &["--metrics", "127.0.0.1:0", "--readahead-chunks", "0"],
+    );
+    let device = world.device(&mnt);
+    let addr = device["metrics"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no metrics address in {device}"))
+        .to_owned();
+
+    let (status, before) = get(&addr, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let label = "{name=\"app\"}";
+    assert_eq!(
+        sample(
+            &before,
+            &format!("lazyblk_device_chunks_fetched_total{label}")
+        ),
+        0.0
+    );
+    assert_eq!(
+        sample(&before, &format!("lazyblk_device_chunks{label}")),
+        16.0
+    );
+
+    // Three chunks read, one of them twice.
+    let disk = File::open(mnt.join("disk")).unwrap();
+    let mut buf = vec![0; 4096];
+    for at in [0, 3 << 20, 5 << 20, 100] {
+        disk.read_exact_at(&mut buf, at).unwrap();
+    }
+    drop(disk);
+
+    let (_, after) = get(&addr, "/metrics");
+    let fetched = sample(
+        &after,
+        &format!("lazyblk_device_chunks_fetched_total{label}"),
+    );
+    assert_eq!(fetched, 3.0, "{after}");
+    assert!(
+        sample(
+            &after,
+            &format!("lazyblk_device_read_requests_total{label}")
+        ) >= 3.0
+    );
+    assert_eq!(
+        sample(&after, &format!("lazyblk_device_chunks_present{label}")),
+        3.0
+    );
+    assert!(sample(&after, &format!("lazyblk_device_cache_hits_total{label}")) >= 1.0);
+    // Every fetch is in the histogram, and falls in some bucket.
+    assert_eq!(
+        sample(
+            &after,
+            &format!("lazyblk_device_fetch_seconds_count{label}")
+        ),
+        fetched
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "lazyblk_device_fetch_seconds_bucket{name=\"app\",le=\"+Inf\"}"
+        ),
+        fetched
+    );
+    assert!(sample(&after, &format!("lazyblk_device_fetch_seconds_sum{label}")) > 0.0);
+    assert!(
+        after.contains("# TYPE lazyblk_device_fetch_seconds histogram"),
+        "{after}"
+    );
+    // A scrape changes no counter: the same figures again.
+    let (_, again) = get(&addr, "/metrics");
+    assert_eq!(
+        sample(
+            &again,
+            &format!("lazyblk_device_chunks_fetched_total{label}")
+        ),
+        fetched
+    );
+    // Other paths are not metrics.
+    assert!(get(&addr, "/").0.contains("404"));
+
+    // The counters agree with `list`.
+    let device = world.device(&mnt);
+    assert_eq!(device["stats"]["chunks_fetched"], 3, "{device}");
+    world.del(&mnt);
+}
