@@ -92,7 +92,7 @@ pub struct StoreArgs {
     /// AWS_SECRET_ACCESS_KEY). Given several times, the stores are tiers,
     /// fastest first (e.g. a cache fleet, then the origin): reads try each in
     /// turn and fill those above; writes go to the last.
-    #[arg(long = "store", value_name = "STORE", required = true)]
+    #[arg(long = "store", value_name = "STORE")]
     pub specs: Vec<String>,
     /// A file holding the bearer token presented to a chunk server; without
     /// it, the token in LAZYBLK_TOKEN if set.

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,11 +12,32 @@ use tokio::signal::unix::{signal, SignalKind};
 use super::{parse_size, read_token_file, StoreArgs};
 use crate::metrics::Registry;
 use crate::server::{Server, ServerOptions, Tokens};
+use crate::store::{open_store, ChunkStore, ReadThrough};
+
+/// The default of `--cache-size`.
+pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub store: StoreArgs,
+    /// Cache mode: serve STORE's chunks through a cache in --cache-dir (hits
+    /// from memory and disk, each miss fetched from STORE once); writes,
+    /// listings and manifests go to STORE. Replaces --store.
+    #[arg(
+        long,
+        value_name = "STORE",
+        conflicts_with = "specs",
+        requires = "cache_dir"
+    )]
+    pub origin: Option<String>,
+    /// The cache mode's directory (created 0700; survives restarts).
+    #[arg(long, value_name = "DIR", requires = "origin")]
+    pub cache_dir: Option<PathBuf>,
+    /// Most bytes the cache keeps on disk (suffixes K, M, G); an eighth of
+    /// it, up to 2 GiB, is kept in memory too.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_CACHE_SIZE, value_parser = parse_size, requires = "origin")]
+    pub cache_size: u64,
     /// The address to listen on (port 0 picks a free one); the URL clients
     /// use is printed once the server listens.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -60,7 +82,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shard_cache_size: args.shard_cache_size,
         ..ServerOptions::default()
     };
-    let store = args.store.open()?;
+    let store: Arc<dyn ChunkStore> = match (&args.origin, &args.cache_dir) {
+        (Some(origin), Some(cache_dir)) => {
+            let origin = open_store(origin, &args.store.options()?)?;
+            Arc::new(ReadThrough::open(origin, cache_dir, args.cache_size)?)
+        }
+        _ => args.store.open()?,
+    };
     let described = store.describe();
     let server = Server::bind(args.listen, store, options, Registry::new())
         .await

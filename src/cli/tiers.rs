@@ -46,6 +46,9 @@ impl Tiers {
 /// One store when one is named and no host cache is set (reads then skip
 /// the tier's id check, which the engine repeats anyway); tiers otherwise.
 pub fn open(store: &StoreArgs, host_cache: &HostCacheArgs) -> anyhow::Result<Tiers> {
+    if store.specs.is_empty() {
+        anyhow::bail!("name the chunk store with --store STORE");
+    }
     let options = store.options()?;
     let mut stores: Vec<Arc<dyn ChunkStore>> = Vec::new();
     if let Some(dir) = &host_cache.host_cache {

@@ -28,12 +28,14 @@ pub mod ec;
 pub mod host_cache;
 pub mod http;
 pub mod policy;
+pub mod read_through;
 pub mod s3;
 pub mod tiered;
 #[cfg(test)]
 mod tiered_tests;
 
 pub use host_cache::HostCache;
+pub use read_through::ReadThrough;
 pub use tiered::{TierSnapshot, TieredStore};
 
 /// The largest envelope any store holds: a chunk of the largest size, sealed.
