@@ -144,6 +144,11 @@ impl Server {
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20));
         let graceful = GracefulShutdown::new();
+        let open = self.state.metrics.registry.gauge(
+            "lazyblk_http_open_connections",
+            "Client connections open now.",
+            &[],
+        );
         let permits = Arc::new(Semaphore::new(options.max_connections));
         tokio::pin!(shutdown);
         loop {
@@ -167,8 +172,11 @@ impl Server {
             let state = Arc::clone(&self.state);
             let builder = builder.clone();
             let watcher = graceful.watcher();
+            let open = Arc::clone(&open);
             tokio::spawn(async move {
                 let _permit = permit;
+                open.add(1);
+                let _closed = Closed(&open);
                 if !preface_arrives(&stream, state.options.header_timeout).await {
                     tracing::debug!(%peer, "closed a connection that sent no request in time");
                     return;
@@ -190,6 +198,15 @@ impl Server {
         {
             tracing::warn!("requests still in flight after {grace:?}; stopping anyway");
         }
+    }
+}
+
+/// Counts a connection closed however its task ends.
+struct Closed<'a>(&'a crate::metrics::Gauge);
+
+impl Drop for Closed<'_> {
+    fn drop(&mut self) {
+        self.0.add(-1);
     }
 }
 

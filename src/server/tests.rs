@@ -240,6 +240,10 @@ async fn chunks_round_trip_with_cache_headers_ranges_and_listing() {
         "{metrics}"
     );
     assert!(metrics.contains("lazyblk_http_request_duration_seconds_bucket{route=\"chunk_get\""));
+    assert!(
+        metrics.contains("lazyblk_http_open_connections "),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
