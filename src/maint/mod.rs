@@ -1,4 +1,4 @@
-//! Store upkeep: [`gc`] deletes chunks no manifest references, [`verify`]
+//! Store upkeep: [`gc`] deletes chunks no manifest references, [`verify`](mod@verify)
 //! checks chunks against their names and repairs them from another store.
 //!
 //! Both read manifests through their public part

@@ -6,7 +6,7 @@
 //! `PUT`/`DELETE /v1/chunks/{id}`, `POST /v1/chunks/missing`,
 //! `GET /v1/chunks?after=ID&limit=N`, `GET`/`PUT /v1/manifests/{name}`,
 //! `GET /v1/manifests`, `GET`/`PUT /v1/shards/{id}/{index}` (a cache
-//! fleet node's shards, see [`shards`]), and `GET /metrics`.
+//! fleet node's shards, see `shards.rs`), and `GET /metrics`.
 //!
 //! The server trusts no client: every request body is bounded and read
 //! within a deadline, a connection must finish its request head within a
