@@ -130,3 +130,60 @@ fn a_fuse_device_serves_its_counters_and_fetch_latencies() {
     assert_eq!(device["stats"]["chunks_fetched"], 3, "{device}");
     world.del(&mnt);
 }
+
+#[test]
+fn a_tiered_device_serves_counters_per_tier() {
+    let world = World::new();
+    let image = world.path("image");
+    std::fs::write(&image, pseudo_random(10, 4 << 20)).unwrap();
+    world.push(&image, "app");
+    // The origin (the last tier) has the image too, manifest included.
+    let spare = world.path("spare");
+    run(world
+        .lazyblk()
+        .args(["push", "--store"])
+        .arg(&spare)
+        .arg("--key")
+        .arg(world.key())
+        .arg(&image)
+        .args(["--name", "app"]));
+    let mnt = world.add_with(
+        "app",
+        "cache",
+        "fuse",
+        true,
+        &[
+            "--store",
+            spare.to_str().unwrap(),
+            "--metrics",
+            "127.0.0.1:0",
+            "--readahead-chunks",
+            "0",
+        ],
+    );
+    let addr = world.device(&mnt)["metrics"].as_str().unwrap().to_owned();
+    let disk = File::open(mnt.join("disk")).unwrap();
+    let mut buf = vec![0; 4096];
+    for at in [0, 2 << 20] {
+        disk.read_exact_at(&mut buf, at).unwrap();
+    }
+    drop(disk);
+    let (_, text) = get(&addr, "/metrics");
+    let tier = |t: &std::path::Path| format!("{{name=\"app\",tier=\"{}\"}}", t.display());
+    // The first tier answers both reads; the origin is never asked.
+    assert_eq!(
+        sample(
+            &text,
+            &format!("lazyblk_device_tier_hits_total{}", tier(&world.store()))
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("lazyblk_device_tier_hits_total{}", tier(&spare))
+        ),
+        0.0
+    );
+    world.del(&mnt);
+}

@@ -240,13 +240,14 @@ pub(super) fn engine_options(
 /// where it listens.
 pub(super) async fn serve_metrics(
     engine: &Arc<Engine>,
+    store: &Arc<dyn ChunkStore>,
     name: &str,
     addr: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<Option<std::net::SocketAddr>> {
     let Some(addr) = addr else {
         return Ok(None);
     };
-    let bound = crate::daemon::metrics::serve(engine, name, addr)
+    let bound = crate::daemon::metrics::serve(engine, Arc::clone(store), name, addr)
         .await
         .with_context(|| format!("serve metrics on {addr}"))?;
     tracing::info!(%bound, "metrics at http://{bound}/metrics");

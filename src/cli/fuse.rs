@@ -56,7 +56,7 @@ pub(super) async fn serve(args: &AddArgs, mountpoint: &Path) -> anyhow::Result<(
     let _ = std::fs::remove_file(&socket);
     let listener =
         UnixListener::bind(&socket).with_context(|| format!("bind {}", socket.display()))?;
-    let metrics = serve_metrics(&engine, name, args.metrics).await?;
+    let metrics = serve_metrics(&engine, &store, name, args.metrics).await?;
     let record = DeviceRecord {
         pid,
         frontend: FrontendKind::Fuse,

@@ -163,7 +163,7 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
         engine_options(spec.read_only, spec.readahead_chunks, spec.fetch_timeout),
     )
     .await?;
-    let metrics = serve_metrics(&engine, &spec.image.name, spec.metrics).await?;
+    let metrics = serve_metrics(&engine, &store, &spec.image.name, spec.metrics).await?;
     let run_dir = ensure_run_dir()?;
     let pid = std::process::id();
     let socket = DeviceRecord::socket_path(&run_dir, pid);
