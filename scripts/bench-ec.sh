@@ -13,11 +13,12 @@ set -euo pipefail
 cd "$REPO_ROOT"
 
 load=$(cut -d' ' -f1-3 /proc/loadavg)
+command="BENCH_EC_CHUNKS=${BENCH_EC_CHUNKS:-400} BENCH_EC_DELAY_MS=${BENCH_EC_DELAY_MS:-50} scripts/bench-ec.sh"
 note "building the release test binary and the release lazyblk"
 cargo build --release --quiet >&2 || die "cargo build --release failed"
 run_bench() {
     cargo test --release --quiet --test ec_fleet -- --ignored --exact --nocapture "$1" 2>/dev/null |
-        grep -v -e '^running' -e '^test ' -e '^$' -e '^test result' || die "$1 failed"
+        grep -v -e '^running' -e '^test ' -e '^\.*$' -e '^test result' || die "$1 failed"
 }
 note "chunk latency with a slow node"
 latency=$(run_bench bench_chunk_latency_with_a_slow_node)
@@ -25,7 +26,7 @@ note "codec speed"
 codec=$(run_bench bench_codec)
 
 cat <<REPORT
-Load average at start: $load. Command: \`scripts/bench-ec.sh\`.
+Load average at start: $load. Command: \`$command\`.
 
 \`\`\`text
 $latency
