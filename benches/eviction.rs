@@ -120,7 +120,9 @@ fn hit_ratio(policy: &mut dyn EvictionPolicy<u64>, capacity: u64, trace: &Trace)
 fn main() {
     let benching = std::env::args().any(|a| a == "--bench");
     let hours = match std::env::var("LAZYBLK_BENCH_HOURS") {
-        Ok(text) => text.parse().expect("LAZYBLK_BENCH_HOURS is a number of hours"),
+        Ok(text) => text
+            .parse()
+            .expect("LAZYBLK_BENCH_HOURS is a number of hours"),
         Err(_) if benching => 48,
         Err(_) => 2,
     };

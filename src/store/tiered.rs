@@ -40,7 +40,7 @@ use crate::error::ErrorKind;
 pub const DEFAULT_TIER_DEADLINE: Duration = Duration::from_secs(1);
 
 /// Most background fills of upper tiers at once.
-pub const MAX_FILLS_IN_FLIGHT: usize = 32;
+pub const MAX_FILLS_IN_FLIGHT: usize = 64;
 
 /// Stores read in order, written at the last.
 #[derive(Debug)]
