@@ -116,7 +116,10 @@ impl HttpClient {
                 .get(http::header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            if declared.is_some_and(|len| len > max_body as u64) {
+            // A HEAD answer's length describes the body a GET would get,
+            // and it carries none, so there is nothing to bound.
+            let carries_body = method != http::Method::HEAD;
+            if carries_body && declared.is_some_and(|len| len > max_body as u64) {
                 return Err(HttpError::BodyTooLarge {
                     method: method.clone(),
                     url: url.clone(),

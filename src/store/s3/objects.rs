@@ -190,9 +190,7 @@ impl Objects {
             let action = HeadObject::new(&self.config.bucket, self.credentials(), key);
             self.signed(action, Method::HEAD, Vec::new(), Bytes::new())
         };
-        // A HEAD answer declares the object's length but carries no body,
-        // so no cap applies.
-        match self.send(QUICK, usize::MAX, sign).await {
+        match self.send(QUICK, MAX_ANSWER, sign).await {
             // No time given makes the object look new, so it is kept.
             Ok(response) => Ok(Some(
                 response
