@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,50 +15,24 @@ use lazyblk::store::ec::{open_fleet, EcFleetStore, Scheme};
 use lazyblk::store::{ChunkStore, StoreOptions};
 use tempfile::TempDir;
 
+use common::serve::Served;
 use common::{lazyblk_bin, pseudo_random};
 
 const TOKEN: &str = "fleet-test-token";
 
-/// A `lazyblk serve` process, killed when dropped.
-struct Served {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `lazyblk serve` over `store` on a free loopback port, with
-/// `extra` arguments, and waits for the URL it prints.
+/// Starts `lazyblk serve` over `store` on a free loopback port, taking
+/// writes with the fleet's token, with `extra` arguments.
 fn serve(dir: &Path, store: &Path, extra: &[&str]) -> Served {
     let token_file = dir.join("token");
     std::fs::write(&token_file, TOKEN).unwrap();
-    let mut child = Command::new(lazyblk_bin())
-        .arg("serve")
-        .arg("--store")
-        .arg(store)
-        .args(["--listen", "127.0.0.1:0", "--write-token-file"])
-        .arg(&token_file)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .env("LAZYBLK_LOG", "warn")
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn lazyblk serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line.trim().to_owned();
-    assert!(
-        url.starts_with("http://127.0.0.1:"),
-        "serve printed {line:?}"
-    );
-    Served { child, url }
+    let mut args = vec![
+        OsStr::new("--store"),
+        store.as_os_str(),
+        OsStr::new("--write-token-file"),
+        token_file.as_os_str(),
+    ];
+    args.extend(extra.iter().map(OsStr::new));
+    Served::start(args)
 }
 
 /// A node of the fleet: a server that keeps shards in 256 MiB of memory.
@@ -175,25 +149,6 @@ async fn a_slow_node_is_hedged_and_then_avoided() {
     assert!(stats.reconstructed >= 20, "{stats:?}");
 }
 
-/// Chunk GETs a server has answered, from its metrics.
-async fn chunk_gets(url: &str) -> u64 {
-    let client = lazyblk::net::HttpClient::new(false);
-    let request = http::Request::get(format!("{url}/metrics"))
-        .body(http_body_util::Full::new(Bytes::new()))
-        .unwrap();
-    let response = client
-        .send(request, Duration::from_secs(5), 1 << 20)
-        .await
-        .unwrap();
-    String::from_utf8_lossy(&response.body)
-        .lines()
-        .filter(|line| {
-            line.starts_with("lazyblk_http_requests_total{") && line.contains("route=\"chunk_get\"")
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 fn lazyblk(args: &[&std::ffi::OsStr]) {
     common::run(Command::new(lazyblk_bin()).args(args));
 }
@@ -253,7 +208,7 @@ async fn export_through_the_fleet_reads_no_warm_chunk_from_the_origin() {
     };
 
     export(urls(), "cold");
-    let cold_gets = chunk_gets(&origin.url).await;
+    let cold_gets = origin.chunk_gets();
     assert!(cold_gets >= 12, "{cold_gets}");
 
     // Warm every chunk into the fleet, as the fills of a device's reads do.
@@ -270,7 +225,7 @@ async fn export_through_the_fleet_reads_no_warm_chunk_from_the_origin() {
     drop(nodes.remove(3));
     export(all_nodes, "warm");
     assert_eq!(
-        chunk_gets(&origin.url).await,
+        origin.chunk_gets(),
         cold_gets,
         "warm chunks came from the origin"
     );

@@ -3,57 +3,24 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::serve::Served;
 use common::{
     assert_same_tree, lazyblk_bin, make_ext4, make_tree, pseudo_random, run, run_failing, World,
 };
 
-/// A `lazyblk serve` process, killed when dropped.
-struct Serve {
-    child: Child,
-    url: String,
-}
-
-impl Serve {
-    fn start(store: &Path, extra: &[&str]) -> Serve {
-        let mut child = Command::new(lazyblk_bin())
-            .arg("serve")
-            .arg("--store")
-            .arg(store)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start lazyblk serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line.trim().to_owned();
-        assert!(
-            url.starts_with("http://127.0.0.1:"),
-            "serve printed {line:?}"
-        );
-        Serve { child, url }
-    }
-
-    fn addr(&self) -> &str {
-        self.url.trim_start_matches("http://")
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `lazyblk serve` over the directory store `store`, with `extra` arguments.
+fn serve(store: &Path, extra: &[&str]) -> Served {
+    let mut args = vec![OsStr::new("--store"), store.as_os_str()];
+    args.extend(extra.iter().map(OsStr::new));
+    Served::start(args)
 }
 
 /// A key, an image of random and zero chunks, and a directory for stores.
@@ -120,7 +87,7 @@ impl Setup {
 fn push_and_export_over_http_are_byte_identical() {
     let setup = Setup::new();
     let backing = setup.path("store");
-    let serve = Serve::start(
+    let serve = serve(
         &backing,
         &[
             "--write-token-file",
@@ -144,7 +111,7 @@ fn push_and_export_over_http_are_byte_identical() {
 #[test]
 fn tokens_come_from_a_file_or_the_environment() {
     let setup = Setup::new();
-    let serve = Serve::start(
+    let serve = serve(
         &setup.path("store"),
         &[
             "--write-token-file",
@@ -195,7 +162,7 @@ fn sigterm_finishes_requests_in_flight_then_exits_zero() {
         .next()
         .unwrap();
     let id = chunk.file_name().into_string().unwrap();
-    let mut serve = Serve::start(&backing, &["--delay", "800"]);
+    let mut serve = serve(&backing, &["--delay", "800"]);
 
     let mut stream = TcpStream::connect(serve.addr()).unwrap();
     write!(
@@ -245,7 +212,7 @@ fn a_fuse_device_serves_an_image_from_a_chunk_server() {
     let image = world.path("image.ext4");
     make_ext4(&tree, &image, 64);
     world.push(&image, "app");
-    let serve = Serve::start(&world.store(), &[]);
+    let serve = serve(&world.store(), &[]);
     world.use_store(&serve.url);
 
     let fuse = world.add("app", "cache", "fuse", true);

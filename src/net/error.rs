@@ -113,23 +113,7 @@ impl HttpError {
             HttpError::Timeout { .. } => io::ErrorKind::TimedOut,
             _ => io::ErrorKind::Other,
         };
-        let source = io::Error::new(kind, self);
-        let store = store.to_owned();
-        if transient {
-            StoreError::Unavailable {
-                op,
-                store,
-                object,
-                source,
-            }
-        } else {
-            StoreError::Io {
-                op,
-                store,
-                object,
-                source,
-            }
-        }
+        StoreError::exchange(op, store, object, io::Error::new(kind, self), transient)
     }
 }
 

@@ -84,6 +84,33 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A failed exchange with a network store: [`StoreError::Unavailable`]
+    /// when `transient` (worth retrying), else [`StoreError::Io`].
+    pub fn exchange(
+        op: &'static str,
+        store: &str,
+        object: String,
+        source: std::io::Error,
+        transient: bool,
+    ) -> StoreError {
+        let store = store.to_owned();
+        if transient {
+            StoreError::Unavailable {
+                op,
+                store,
+                object,
+                source,
+            }
+        } else {
+            StoreError::Io {
+                op,
+                store,
+                object,
+                source,
+            }
+        }
+    }
+
     pub fn kind(&self) -> ErrorKind {
         match self {
             StoreError::ChunkNotFound { .. } | StoreError::ManifestNotFound { .. } => {

@@ -15,6 +15,7 @@ use tempfile::TempDir;
 
 pub mod layout;
 pub mod seaweedfs;
+pub mod serve;
 
 pub const MARKER: &str = "LAZYBLK-PLAINTEXT-MARKER-6b1f0c2e";
 

@@ -1,0 +1,69 @@
+//! `lazyblk serve` as a child process on a free loopback port.
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+
+use super::lazyblk_bin;
+
+/// A running `lazyblk serve`, killed when dropped.
+pub struct Served {
+    pub child: Child,
+    /// `http://127.0.0.1:PORT`, as the server printed it.
+    pub url: String,
+}
+
+impl Served {
+    /// Starts `lazyblk serve --listen 127.0.0.1:0 ARGS…` and returns once
+    /// it has printed the address it listens on.
+    pub fn start<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Served {
+        let mut child = Command::new(lazyblk_bin())
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start lazyblk serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line.trim().to_owned();
+        assert!(
+            url.starts_with("http://127.0.0.1:"),
+            "serve printed {line:?}"
+        );
+        Served { child, url }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
+
+    /// Chunk GETs this server answered with 200, from its /metrics.
+    pub fn chunk_gets(&self) -> u64 {
+        let mut stream = TcpStream::connect(self.addr()).unwrap();
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("lazyblk_http_requests_total{"))
+            .filter(|l| l.contains(r#"route="chunk_get""#) && l.contains(r#"status="200""#))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
