@@ -187,3 +187,71 @@ fn a_tiered_device_serves_counters_per_tier() {
     );
     world.del(&mnt);
 }
+
+#[test]
+fn a_device_with_a_cache_fleet_serves_the_fleets_counters() {
+    let world = World::new();
+    let image = world.path("image");
+    std::fs::write(&image, pseudo_random(12, 4 << 20)).unwrap();
+    world.push(&image, "app");
+    let token = world.path("token");
+    std::fs::write(&token, "fleet-token").unwrap();
+    let nodes: Vec<serve::Served> = (0..5)
+        .map(|i| {
+            serve::Served::start([
+                "--store".as_ref(),
+                world.path(&format!("node{i}")).as_os_str(),
+                "--write-token-file".as_ref(),
+                token.as_os_str(),
+                "--shard-cache-size".as_ref(),
+                "64M".as_ref(),
+            ])
+        })
+        .collect();
+    let urls: Vec<&str> = nodes.iter().map(|n| n.url.as_str()).collect();
+    let mnt = world.add_with(
+        "app",
+        "cache",
+        "fuse",
+        true,
+        &[
+            "--ec-cache",
+            &urls.join(","),
+            "--token-file",
+            token.to_str().unwrap(),
+            "--metrics",
+            "127.0.0.1:0",
+            "--readahead-chunks",
+            "0",
+        ],
+    );
+    let addr = world.device(&mnt)["metrics"].as_str().unwrap().to_owned();
+    let disk = File::open(mnt.join("disk")).unwrap();
+    let mut buf = vec![0; 4096];
+    for at in [0, 2 << 20] {
+        disk.read_exact_at(&mut buf, at).unwrap();
+    }
+    drop(disk);
+    let fleet = |text: &str, counter: &str| {
+        sample(
+            text,
+            &format!("lazyblk_device_fleet_{counter}_total{{name=\"app\"}}"),
+        )
+    };
+    // Both reads asked the cold fleet, missed, and were filled from the
+    // origin: five shards each (4+1), written in the background.
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = get(&addr, "/metrics").1;
+        if fleet(&text, "shards_written") >= 10.0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(fleet(&text, "reads"), 2.0, "{text}");
+    assert_eq!(fleet(&text, "misses"), 2.0, "{text}");
+    assert_eq!(fleet(&text, "hits"), 0.0, "{text}");
+    assert_eq!(fleet(&text, "shards_written"), 10.0, "{text}");
+    assert_eq!(fleet(&text, "integrity_failures"), 0.0, "{text}");
+    world.del(&mnt);
+}

@@ -72,6 +72,10 @@ fn a_cache_server_fetches_each_chunk_from_its_origin_once() {
     }
     assert_eq!(origin.chunk_gets(), CHUNKS as u64);
     assert_eq!(cache.chunk_gets(), 4 * CHUNKS as u64);
+    // Its /metrics tells which layer answered: the origin once per chunk
+    // (the other readers waited on those fetches).
+    let text = cache.metrics();
+    assert_eq!(layer_hits(&text, &origin.url), CHUNKS as u64, "{text}");
 
     // A restarted cache server serves from its disk: the origin sees nothing.
     drop(cache);
@@ -79,4 +83,19 @@ fn a_cache_server_fetches_each_chunk_from_its_origin_once() {
     run(&mut export(root, &cache.url, "again"));
     assert!(std::fs::read(root.join("again")).unwrap() == image);
     assert_eq!(origin.chunk_gets(), CHUNKS as u64);
+    let text = cache.metrics();
+    assert_eq!(layer_hits(&text, &origin.url), 0, "{text}");
+    let disk = format!("host cache {}", root.join("cache").display());
+    assert_eq!(layer_hits(&text, &disk), CHUNKS as u64, "{text}");
+    assert_eq!(layer_hits(&text, "memory"), 0, "{text}");
+}
+
+/// Hits of the cache server's layer `tier`, from its /metrics text.
+fn layer_hits(text: &str, tier: &str) -> u64 {
+    let series = format!("lazyblk_store_tier_hits_total{{tier=\"{tier}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(series.as_str()))
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+        .parse()
+        .unwrap()
 }

@@ -10,15 +10,15 @@
 //!
 //! Every series carries the label `name` (the manifest the device serves);
 //! a store made of tiers adds `lazyblk_device_tier_*` families with a
-//! `tier` label, from the tiers' own counters ([`ChunkStore::tier_stats`]).
+//! `tier` label, and a cache fleet `lazyblk_device_fleet_*` families, from
+//! the store's own counters (see [`crate::store::metrics`]).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::engine::{Engine, EngineStats};
 use crate::metrics::{Registry, LATENCY_BUCKETS};
-use crate::store::{ChunkStore, TierSnapshot};
+use crate::store::ChunkStore;
 
 /// The histogram family the fetcher observes.
 const FETCH_SECONDS: &str = "lazyblk_device_fetch_seconds";
@@ -48,9 +48,7 @@ pub async fn serve(
     let last = Mutex::new(EngineStats::default());
     let name = name.to_owned();
     registry.on_render(move |registry| refresh(registry, &name, &weak, &last));
-    let last_tiers = Mutex::new(HashMap::new());
-    let name = labels[0].1.to_owned();
-    registry.on_render(move |registry| refresh_tiers(registry, &name, &*store, &last_tiers));
+    crate::store::metrics::export(&registry, "lazyblk_device", &labels, store);
     crate::metrics::serve(registry, addr).await
 }
 
@@ -181,90 +179,4 @@ fn refresh(registry: &Registry, name: &str, engine: &Weak<Engine>, last: &Mutex<
             .set(i64::try_from(value).unwrap_or(i64::MAX));
     }
     *last = stats;
-}
-
-/// Per-tier counters: `(suffix, help, value)`; the family is
-/// `lazyblk_device_tier_<suffix>_total`.
-fn tier_counters(tier: &TierSnapshot) -> [(&'static str, &'static str, u64); 9] {
-    [
-        (
-            "hits",
-            "Reads the tier answered with a verified envelope.",
-            tier.hits,
-        ),
-        ("misses", "Reads the tier did not have.", tier.misses),
-        (
-            "errors",
-            "Reads the tier failed, deadlines included.",
-            tier.errors,
-        ),
-        (
-            "timeouts",
-            "Reads the tier did not answer within its deadline.",
-            tier.timeouts,
-        ),
-        (
-            "integrity_failures",
-            "Envelopes from the tier that failed verification.",
-            tier.integrity_failures,
-        ),
-        ("bytes", "Envelope bytes of the tier's hits.", tier.bytes),
-        (
-            "fills",
-            "Envelopes copied into the tier from a lower one.",
-            tier.fills,
-        ),
-        (
-            "fills_dropped",
-            "Fills skipped because too many were in flight.",
-            tier.fills_dropped,
-        ),
-        ("fill_errors", "Fills the tier refused.", tier.fill_errors),
-    ]
-}
-
-fn refresh_tiers(
-    registry: &Registry,
-    name: &str,
-    store: &dyn ChunkStore,
-    last: &Mutex<HashMap<String, TierSnapshot>>,
-) {
-    let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
-    for tier in store.tier_stats() {
-        let labels = [("name", name), ("tier", tier.name.as_str())];
-        let before = last.get(&tier.name).cloned().unwrap_or_default();
-        for ((suffix, help, now), (_, _, was)) in
-            tier_counters(&tier).into_iter().zip(tier_counters(&before))
-        {
-            registry
-                .counter(
-                    &format!("lazyblk_device_tier_{suffix}_total"),
-                    help,
-                    &labels,
-                )
-                .add(now.saturating_sub(was));
-        }
-        // The tiers keep latency as percentiles, not buckets.
-        for (suffix, help, micros) in [
-            (
-                "p50",
-                "Median time of a hit at the tier.",
-                tier.hit_latency_p50_us,
-            ),
-            (
-                "p99",
-                "99th percentile time of a hit at the tier.",
-                tier.hit_latency_p99_us,
-            ),
-        ] {
-            registry
-                .gauge(
-                    &format!("lazyblk_device_tier_hit_latency_{suffix}_microseconds"),
-                    help,
-                    &labels,
-                )
-                .set(i64::try_from(micros).unwrap_or(i64::MAX));
-        }
-        last.insert(tier.name.clone(), tier);
-    }
 }

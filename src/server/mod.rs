@@ -109,6 +109,8 @@ impl Server {
         registry: Arc<Registry>,
     ) -> std::io::Result<Server> {
         let listener = TcpListener::bind(addr).await?;
+        // A cache-mode store's layers (memory, disk, origin).
+        crate::store::metrics::export(&registry, "lazyblk_store", &[], store.clone());
         let state = Arc::new(State {
             store,
             shards: options.shard_cache_size.map(ShardCache::new),

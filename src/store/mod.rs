@@ -27,6 +27,7 @@ pub mod dir;
 pub mod ec;
 pub mod host_cache;
 pub mod http;
+pub mod metrics;
 pub mod policy;
 pub mod read_through;
 pub mod s3;
@@ -192,6 +193,11 @@ pub trait ChunkStore: Send + Sync + std::fmt::Debug {
     /// Per-tier read counters of a store made of tiers; none for a plain store.
     fn tier_stats(&self) -> Vec<TierSnapshot> {
         Vec::new()
+    }
+    /// The counters of the erasure-coded cache fleet this store is or has
+    /// as a tier; none for a store without one.
+    fn fleet_stats(&self) -> Option<ec::FleetStatsSnapshot> {
+        None
     }
 }
 

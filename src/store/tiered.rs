@@ -246,6 +246,10 @@ impl ChunkStore for TieredStore {
     fn tier_stats(&self) -> Vec<TierSnapshot> {
         self.stats()
     }
+
+    fn fleet_stats(&self) -> Option<super::ec::FleetStatsSnapshot> {
+        self.tiers.iter().find_map(|tier| tier.store.fleet_stats())
+    }
 }
 
 /// One tier's live counters.

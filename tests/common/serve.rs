@@ -43,8 +43,8 @@ impl Served {
         self.url.trim_start_matches("http://")
     }
 
-    /// Chunk GETs this server answered with 200, from its /metrics.
-    pub fn chunk_gets(&self) -> u64 {
+    /// The Prometheus text at this server's /metrics.
+    pub fn metrics(&self) -> String {
         let mut stream = TcpStream::connect(self.addr()).unwrap();
         write!(
             stream,
@@ -53,7 +53,13 @@ impl Served {
         .unwrap();
         let mut text = String::new();
         stream.read_to_string(&mut text).unwrap();
-        text.lines()
+        text
+    }
+
+    /// Chunk GETs this server answered with 200, from its /metrics.
+    pub fn chunk_gets(&self) -> u64 {
+        self.metrics()
+            .lines()
             .filter(|l| l.starts_with("lazyblk_http_requests_total{"))
             .filter(|l| l.contains(r#"route="chunk_get""#) && l.contains(r#"status="200""#))
             .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())

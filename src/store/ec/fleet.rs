@@ -420,4 +420,8 @@ impl ChunkStore for EcFleetStore {
         let urls: Vec<&str> = self.shared.nodes.iter().map(|n| n.url()).collect();
         format!("ec-cache {} ({})", urls.join(","), self.shared.scheme)
     }
+
+    fn fleet_stats(&self) -> Option<FleetStatsSnapshot> {
+        Some(self.stats())
+    }
 }

@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident => $add:ident;)*) => {
+    ($($name:ident => $add:ident, $help:literal;)*) => {
         /// Live counters, updated by reads and writes.
         #[derive(Debug, Default)]
         pub struct FleetStats {
@@ -13,7 +13,7 @@ macro_rules! counters {
         /// The counters at one moment.
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
         pub struct FleetStatsSnapshot {
-            $($(#[$doc])* pub $name: u64,)*
+            $(#[doc = $help] pub $name: u64,)*
         }
 
         impl FleetStats {
@@ -27,35 +27,42 @@ macro_rules! counters {
                 }
             }
         }
+
+        impl FleetStatsSnapshot {
+            /// Every counter as `(name, help, value)`, in declaration order:
+            /// what metrics export, so a new counter is exported too.
+            pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((stringify!($name), $help, self.$name),)*]
+            }
+        }
     };
 }
 
 counters! {
-    /// Chunk reads asked of the fleet.
-    reads => add_read;
-    /// Reads that returned a verified envelope.
-    hits => add_hit;
-    /// Reads that found fewer than `k` valid shards, or shards that did
-    /// not rebuild the chunk.
-    misses => add_miss;
-    /// Extra requests sent because the first `k` were slow (each spent a token).
-    hedges => add_hedge;
-    /// Hedges the token bucket refused.
-    hedges_denied => add_hedge_denied;
-    /// Requests that replaced a failed request or a bad or absent shard.
-    replacements => add_replacement;
-    /// Requests to an avoided node, to measure it again (each spent a token).
-    probes => add_probe;
-    /// Hits rebuilt with parity because a data shard was not among the first `k`.
-    reconstructed => add_reconstructed;
-    /// Shard requests that failed or timed out.
-    node_errors => add_node_error;
-    /// Shards refused by their header or checksum.
-    bad_shards => add_bad_shard;
-    /// Rebuilt envelopes that did not match their chunk id (never served).
-    integrity_failures => add_integrity_failure;
-    /// Shards stored by writes.
-    shards_written => add_shard_written;
+    reads => add_read,
+        "Chunk reads asked of the fleet.";
+    hits => add_hit,
+        "Reads that returned a verified envelope.";
+    misses => add_miss,
+        "Reads that found fewer than `k` valid shards, or shards that did not rebuild the chunk.";
+    hedges => add_hedge,
+        "Extra requests sent because the first `k` were slow (each spent a token).";
+    hedges_denied => add_hedge_denied,
+        "Hedges the token bucket refused.";
+    replacements => add_replacement,
+        "Requests that replaced a failed request or a bad or absent shard.";
+    probes => add_probe,
+        "Requests to an avoided node, to measure it again (each spent a token).";
+    reconstructed => add_reconstructed,
+        "Hits rebuilt with parity because a data shard was not among the first `k`.";
+    node_errors => add_node_error,
+        "Shard requests that failed or timed out.";
+    bad_shards => add_bad_shard,
+        "Shards refused by their header or checksum.";
+    integrity_failures => add_integrity_failure,
+        "Rebuilt envelopes that did not match their chunk id (never served).";
+    shards_written => add_shard_written,
+        "Shards stored by writes.";
 }
 
 impl FleetStats {
