@@ -6,7 +6,10 @@
 #   (b) the server against nginx serving the same chunk files from disk,
 #       wrk with 64 connections, requests/s and MB/s;
 #   (c) a cold export (every chunk fetched through the engine's fetch path)
-#       from the server with 0, 5 and 20 ms added to each chunk GET.
+#       from the server with 0, 5 and 20 ms added to each chunk GET, through
+#       an empty host cache as a host runs it (tiers: host cache, then the
+#       server), with each tier's chunk fetch p50/p99 from export's report;
+#       then the same export again, served by the now warm host cache.
 # Prints a Markdown report on stdout (progress goes to stderr), ready for
 # docs/BENCHMARKS.md.
 #
@@ -177,16 +180,33 @@ serve_rps=$rps
 stop_last_server
 
 # (c) cold export through the engine's fetch path.
-declare -A export_wall
+# "p50 / p99 ms" of tier $2 (0: the host cache, 1: the server) in the
+# report export printed to $1.
+tier_latency() {
+    sed 's/^[^{]*//' "$1" | jq -r --argjson tier "$2" \
+        '.tiers[$tier] | "\(.hit_latency_p50_us / 10 | round / 100) / \(.hit_latency_p99_us / 10 | round / 100) ms (\(.hits) hits)"'
+}
+declare -A export_wall export_latency
 for delay in 0 5 20; do
     serve --store "$dir_store" --delay "$delay"
     note "cold export from $url with $delay ms per chunk GET"
-    rm -f "$work/out"
-    timed "$bin" export --store "$url" --key "$work/key" --name bench --out "$work/out"
+    rm -rf "$work/out" "$work/host-cache"
+    export_args=(--store "$url" --host-cache "$work/host-cache" --key "$work/key" --name bench --out "$work/out")
+    timed "$bin" export "${export_args[@]}"
     export_wall[$delay]=$wall
+    export_latency[$delay]=$(tier_latency "$work/last.out" 1)
     cmp -s "$work/image" "$work/out" || die "the export with $delay ms delay differs"
+    if [[ $delay == 0 ]]; then
+        note "export again, from the warm host cache"
+        rm -f "$work/out"
+        timed "$bin" export "${export_args[@]}"
+        warm_export=$wall
+        warm_latency=$(tier_latency "$work/last.out" 0)
+        cmp -s "$work/image" "$work/out" || die "the export from the host cache differs"
+    fi
     stop_last_server
 done
+rm -rf "$work/host-cache"
 note "export from the directory store"
 rm -f "$work/out"
 timed "$bin" export --store "$dir_store" --key "$work/key" --name bench --out "$work/out"
@@ -212,9 +232,10 @@ echo "|---|---|---|---|"
 printf '| nginx (sendfile, 2 workers) | %s | %s | 1 |\n' "$nginx_rps" "$(mb "$nginx_rps")"
 printf '| lazyblk serve (directory store) | %s | %s | %s |\n' "$serve_rps" "$(mb "$serve_rps")" "$(ratio "$serve_rps" "$nginx_rps")"
 echo
-echo "| cold export (64 fetches in flight) | time | MB/s |"
-echo "|---|---|---|"
-printf '| directory store | %s s | %s |\n' "$dir_export" "$(mbps "$dir_export")"
+echo "| cold export (64 fetches in flight) | time | MB/s | chunk fetch p50 / p99 (tier) |"
+echo "|---|---|---|---|"
+printf '| directory store | %s s | %s | |\n' "$dir_export" "$(mbps "$dir_export")"
 for delay in 0 5 20; do
-    printf '| http://, %s ms per chunk GET | %s s | %s |\n' "$delay" "${export_wall[$delay]}" "$(mbps "${export_wall[$delay]}")"
+    printf '| http://, %s ms per chunk GET, empty host cache | %s s | %s | %s (server) |\n' "$delay" "${export_wall[$delay]}" "$(mbps "${export_wall[$delay]}")" "${export_latency[$delay]}"
 done
+printf '| the same again, warm host cache | %s s | %s | %s (host cache) |\n' "$warm_export" "$(mbps "$warm_export")" "$warm_latency"
