@@ -4,24 +4,18 @@
 mod common;
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 
+use common::serve::http_get as get;
 use common::*;
 
-/// One GET of `http://addr/path`: the status line and the body.
-fn get(addr: &str, path: &str) -> (String, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("a whole response");
-    (head.lines().next().unwrap().to_owned(), body.to_owned())
+/// Reads 4 KiB at each of `offsets` of the device's disk.
+fn read_4k_at(mnt: &std::path::Path, offsets: &[u64]) {
+    let disk = File::open(mnt.join("disk")).unwrap();
+    let mut buf = vec![0; 4096];
+    for &at in offsets {
+        disk.read_exact_at(&mut buf, at).unwrap();
+    }
 }
 
 /// The value of the sample `series` (name and labels, exactly).
@@ -69,12 +63,7 @@ fn a_fuse_device_serves_its_counters_and_fetch_latencies() {
     );
 
     // Three chunks read, one of them twice.
-    let disk = File::open(mnt.join("disk")).unwrap();
-    let mut buf = vec![0; 4096];
-    for at in [0, 3 << 20, 5 << 20, 100] {
-        disk.read_exact_at(&mut buf, at).unwrap();
-    }
-    drop(disk);
+    read_4k_at(&mnt, &[0, 3 << 20, 5 << 20, 100]);
 
     let (_, after) = get(&addr, "/metrics");
     let fetched = sample(
@@ -162,12 +151,8 @@ fn a_tiered_device_serves_counters_per_tier() {
         ],
     );
     let addr = world.device(&mnt)["metrics"].as_str().unwrap().to_owned();
-    let disk = File::open(mnt.join("disk")).unwrap();
-    let mut buf = vec![0; 4096];
-    for at in [0, 2 << 20] {
-        disk.read_exact_at(&mut buf, at).unwrap();
-    }
-    drop(disk);
+    // Chunks 0 and 4.
+    read_4k_at(&mnt, &[0, 2 << 20]);
     let (_, text) = get(&addr, "/metrics");
     let tier = |t: &std::path::Path| format!("{{name=\"app\",tier=\"{}\"}}", t.display());
     // The first tier answers both reads; the origin is never asked.
@@ -226,12 +211,8 @@ fn a_device_with_a_cache_fleet_serves_the_fleets_counters() {
         ],
     );
     let addr = world.device(&mnt)["metrics"].as_str().unwrap().to_owned();
-    let disk = File::open(mnt.join("disk")).unwrap();
-    let mut buf = vec![0; 4096];
-    for at in [0, 2 << 20] {
-        disk.read_exact_at(&mut buf, at).unwrap();
-    }
-    drop(disk);
+    // Chunks 0 and 4.
+    read_4k_at(&mnt, &[0, 2 << 20]);
     let fleet = |text: &str, counter: &str| {
         sample(
             text,

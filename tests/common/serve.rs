@@ -58,13 +58,28 @@ impl Served {
 
     /// Chunk GETs this server answered with 200, from its /metrics.
     pub fn chunk_gets(&self) -> u64 {
-        self.metrics()
-            .lines()
+        let (_, text) = http_get(self.addr(), "/metrics");
+        text.lines()
             .filter(|l| l.starts_with("lazyblk_http_requests_total{"))
             .filter(|l| l.contains(r#"route="chunk_get""#) && l.contains(r#"status="200""#))
             .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
             .sum()
     }
+}
+
+/// One GET of `http://addr/path` on a connection of its own: the status
+/// line and the body.
+pub fn http_get(addr: &str, path: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("a whole response");
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
 }
 
 impl Drop for Served {
