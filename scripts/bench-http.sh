@@ -4,7 +4,8 @@
 #   (a) push of an image of random data over HTTP, fresh and repeated,
 #       against the push to a directory store;
 #   (b) the server against nginx serving the same chunk files from disk,
-#       wrk with 64 connections, requests/s and MB/s;
+#       wrk with 64 connections, requests/s and MB/s; then a caching server
+#       (serve --origin) answering from its memory;
 #   (c) a cold export (every chunk fetched through the engine's fetch path)
 #       from the server with 0, 5 and 20 ms added to each chunk GET, through
 #       an empty host cache as a host runs it (tiers: host cache, then the
@@ -178,6 +179,16 @@ note "wrk against $url"
 wrk_run "$url" "$serve_lua"
 serve_rps=$rps
 stop_last_server
+# The caching server with every chunk in its memory: read once before wrk.
+serve --origin "$dir_store" --cache-dir "$work/server-cache" --cache-size 4G
+for path in "${chunk_files[@]}"; do
+    curl -sf -o /dev/null "$url/v1/chunks/${path##*/}" || die "the caching server does not serve ${path##*/}"
+done
+note "wrk against $url (caching server, memory warm)"
+wrk_run "$url" "$serve_lua"
+memory_rps=$rps
+stop_last_server
+rm -rf "$work/server-cache"
 
 # (c) cold export through the engine's fetch path.
 # "p50 / p99 ms" of tier $2 (0: the host cache, 1: the server) in the
@@ -231,6 +242,7 @@ echo "| wrk -t2 -c64 -d${seconds}s, ${#chunk_files[@]} chunks of $chunk_bytes by
 echo "|---|---|---|---|"
 printf '| nginx (sendfile, 2 workers) | %s | %s | 1 |\n' "$nginx_rps" "$(mb "$nginx_rps")"
 printf '| lazyblk serve (directory store) | %s | %s | %s |\n' "$serve_rps" "$(mb "$serve_rps")" "$(ratio "$serve_rps" "$nginx_rps")"
+printf '| lazyblk serve --origin (chunks in its memory) | %s | %s | %s |\n' "$memory_rps" "$(mb "$memory_rps")" "$(ratio "$memory_rps" "$nginx_rps")"
 echo
 echo "| cold export (64 fetches in flight) | time | MB/s | chunk fetch p50 / p99 (tier) |"
 echo "|---|---|---|---|"
