@@ -324,8 +324,15 @@ pub async fn serve(registry: Arc<Registry>, addr: SocketAddr) -> std::io::Result
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors, most likely: retrying at once
+                    // would spin; pause, then go on.
+                    tracing::warn!(%error, "metrics: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             };
             let registry = Arc::clone(&registry);
             let service = hyper::service::service_fn(move |request: http::Request<_>| {

@@ -203,6 +203,23 @@ fn gc_refuses_to_run_on_an_unreadable_manifest() {
 }
 
 #[test]
+fn upkeep_refuses_cache_tiers_in_front_of_the_store() {
+    let world = World::new();
+    let (a, _) = two_images(&world);
+    world.push(&a, "a");
+    let cache = world.path("cache-tier");
+    for verb in ["gc", "verify"] {
+        run_failing(
+            store_cmd(&world, verb, &cache)
+                .arg("--store")
+                .arg(world.store()),
+            "the store of record",
+        );
+    }
+    assert_eq!(chunk_files(&world.store()).len(), 4);
+}
+
+#[test]
 fn verify_finds_a_flipped_byte_and_a_missing_chunk_and_repairs_them() {
     let world = World::new();
     let (a, _) = two_images(&world);

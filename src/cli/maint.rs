@@ -78,7 +78,7 @@ fn phase_bar() -> ProgressBar {
 }
 
 pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
-    let store = args.store.open()?;
+    let store = args.store.open_origin("gc")?;
     let bar = phase_bar();
     let progress = |phase: &'static str, done: u64, total: u64| {
         bar.set_message(phase);
@@ -118,7 +118,7 @@ pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
 }
 
 pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
-    let store = args.store.open()?;
+    let store = args.store.open_origin("verify")?;
     let repair_from = match &args.repair_from {
         Some(spec) => Some(
             open_store(spec, &args.store.options()?)

@@ -150,6 +150,18 @@ impl StoreArgs {
         Ok(tiers::open(self, &HostCacheArgs::default())?.store)
     }
 
+    /// The store of record alone, for upkeep (`gc`, `verify`): a cache
+    /// tier in front would answer for chunks the origin has lost or holds
+    /// damaged, and holds nothing to collect.
+    pub fn open_origin(&self, command: &str) -> anyhow::Result<Arc<dyn ChunkStore>> {
+        if self.specs.len() > 1 || self.ec_cache.is_some() {
+            anyhow::bail!(
+                "{command} works on one store, the store of record: give one --store and no --ec-cache"
+            );
+        }
+        self.open()
+    }
+
     /// The last `--store`: the store of record.
     pub fn origin(&self) -> &str {
         self.specs.last().map_or("", String::as_str)

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use super::{chunks_of, id_of, referenced_chunks, Progress, ReadManifestError, CONCURRENCY};
 use crate::chunk::ChunkId;
+use crate::error::ErrorKind;
 use crate::store::{ChunkStore, StoreError};
 
 #[derive(Debug, Clone, Default)]
@@ -185,6 +186,9 @@ async fn check(store: &dyn ChunkStore, id: ChunkId) -> Result<Checked, VerifyErr
             })
         }
         Err(StoreError::ChunkNotFound { .. }) => Ok(Checked::Missing),
+        // A store that checks what it serves refuses a bad chunk rather than
+        // hand it over: that is the finding, not a reason to stop.
+        Err(source) if source.kind() == ErrorKind::Integrity => Ok(Checked::Bad),
         Err(source) => Err(VerifyError::ReadChunk { id, source }),
     }
 }

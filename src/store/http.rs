@@ -32,7 +32,9 @@ use crate::retry::{GaveUp, RetryPolicy};
 /// Most ids sent in one `missing` request (the server takes up to
 /// [`crate::net::protocol::MAX_MISSING_IDS`]).
 const MISSING_BATCH: usize = 1000;
-/// How the HTTP store times its requests.
+/// How the HTTP store times its chunk reads, the requests a reader waits
+/// on: short enough that a slow origin fails over within the engine's
+/// fetch deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpStoreTiming {
     /// One request, from sending it to its last body byte.
@@ -53,6 +55,18 @@ impl Default for HttpStoreTiming {
         }
     }
 }
+
+/// Uploads, manifests, listings and deletes: no reader waits on them, and a
+/// chunk upload over a slow link, a large manifest or a listing the server
+/// builds from a large origin may take far longer than a chunk read.
+const BULK_TIMING: HttpStoreTiming = HttpStoreTiming {
+    request_timeout: Duration::from_secs(60),
+    retry: RetryPolicy {
+        deadline: Duration::from_secs(180),
+        max_attempts: 5,
+        first_backoff: Duration::from_millis(200),
+    },
+};
 
 /// A chunk store behind `http://HOST:PORT[/PREFIX]` or `https://…`.
 #[derive(Clone)]
@@ -142,10 +156,26 @@ impl HttpStore {
             })
     }
 
-    /// One exchange, retried while it fails transiently. A 404 comes back
-    /// as `Ok(None)`; any other failure status is an error.
+    /// [`HttpStore::exchange_timed`] with the timing of bulk requests.
     async fn exchange(
         &self,
+        op: &'static str,
+        object: impl Fn() -> String,
+        method: Method,
+        url: &str,
+        body: Bytes,
+        max_body: usize,
+    ) -> Result<Option<Bytes>, StoreError> {
+        self.exchange_timed(BULK_TIMING, op, object, method, url, body, max_body)
+            .await
+    }
+
+    /// One exchange, retried while it fails transiently. A 404 comes back
+    /// as `Ok(None)`; any other failure status is an error.
+    #[allow(clippy::too_many_arguments)]
+    async fn exchange_timed(
+        &self,
+        timing: HttpStoreTiming,
         op: &'static str,
         object: impl Fn() -> String,
         method: Method,
@@ -159,7 +189,7 @@ impl HttpStore {
                 let request = self.request(method.clone(), url, body)?;
                 let response = self
                     .client
-                    .send(request, self.timing.request_timeout, max_body)
+                    .send(request, timing.request_timeout, max_body)
                     .await?;
                 if response.status == StatusCode::NOT_FOUND {
                     return Ok(None);
@@ -167,8 +197,7 @@ impl HttpStore {
                 Ok(Some(response.success(&method, url)?.body))
             }
         };
-        let result = self
-            .timing
+        let result = timing
             .retry
             .run(attempt, HttpError::is_transient, |error: &HttpError, attempt| {
                 tracing::debug!(store = %self.base, attempt, error = %crate::error::chain(error), "transient HTTP failure, retrying");
@@ -184,7 +213,7 @@ impl HttpStore {
                     std::io::ErrorKind::TimedOut,
                     format!(
                         "no answer within {:?} ({attempts} attempts)",
-                        self.timing.retry.deadline
+                        timing.retry.deadline
                     ),
                 ),
             },
@@ -253,7 +282,8 @@ impl ChunkStore for HttpStore {
         let url = self.chunk_url(id);
         let object = || chunk_object(id);
         match self
-            .exchange(
+            .exchange_timed(
+                self.timing,
                 "read",
                 object,
                 Method::GET,
@@ -331,8 +361,11 @@ impl ChunkStore for HttpStore {
                 });
             }
             match page.next {
-                // A server that repeats a page would loop us forever.
-                Some(next) if Some(&next) != after.as_ref() => after = Some(next),
+                // Ids come in increasing order: a server that repeats or
+                // goes back to a page would loop us forever.
+                Some(next) if after.as_ref().is_none_or(|after| next > *after) => {
+                    after = Some(next)
+                }
                 Some(_) => {
                     return Err(self.protocol_error(
                         "list",

@@ -56,7 +56,15 @@ impl Record {
         let mut words = line.split(' ');
         let (kind, id) = (words.next()?, words.next()?.parse().ok()?);
         let record = match (kind, words.next()) {
-            ("I", Some(bytes)) => Record::Insert(id, bytes.parse().ok()?),
+            // A size no envelope can have is a damaged line, not a weight
+            // that could overflow the policy's byte count.
+            ("I", Some(bytes)) => Record::Insert(
+                id,
+                bytes
+                    .parse()
+                    .ok()
+                    .filter(|&bytes| bytes <= crate::store::MAX_ENVELOPE_SIZE as u64)?,
+            ),
             ("H", None) => Record::Hit(id),
             ("E", None) => Record::Evict(id),
             _ => return None,
@@ -257,5 +265,9 @@ mod tests {
         }
         assert_eq!(Record::parse(b"H 12"), None);
         assert_eq!(Record::parse(format!("H {id} 5").as_bytes()), None);
+        assert_eq!(
+            Record::parse(format!("I {id} {}", u64::MAX).as_bytes()),
+            None
+        );
     }
 }

@@ -259,7 +259,19 @@ impl Objects {
                 })
             }));
             match page.next_continuation_token {
-                Some(next) => token = Some(next),
+                // A server that hands back the token it was given would
+                // have us ask for the same page forever.
+                Some(next) if token.as_ref() != Some(&next) => token = Some(next),
+                Some(_) => {
+                    return Err(S3Error::Status {
+                        method: Method::GET,
+                        url: sign().shown_url(),
+                        status: response.status,
+                        code: "MalformedListing".into(),
+                        message: "the listing does not advance: the same continuation token again"
+                            .into(),
+                    })
+                }
                 None => return Ok(listed),
             }
         }

@@ -175,7 +175,6 @@ pub(super) fn check(
 ) -> Result<Response, S3Error> {
     let body_error = response.status == StatusCode::OK
         && *method == Method::PUT
-        && response.body.starts_with(b"<?xml")
         && find(&response.body, "<Error>").is_some();
     if response.status.is_success() && !body_error {
         return Ok(response);
