@@ -176,17 +176,24 @@ impl AccessLog {
         let _lock = lock_dir(self.lock_path.parent().expect("the lock is in the cache"))?;
         self.catch_up()?;
         let mut evicted = Vec::new();
-        for (id, _) in self.policy.evict_to(self.capacity) {
+        let mut evict = |log: &mut AccessLog, id: ChunkId| -> io::Result<()> {
+            // Logged before the file goes: a process that finds the file
+            // gone and puts it back logs its insert after this line, so
+            // every replica keeps counting the file. The other order lets
+            // the eviction line land after that insert and leaves a file
+            // no replica counts, beyond the bound.
+            log.append(Record::Evict(id))?;
             remove(&id)?;
-            self.append(Record::Evict(id))?;
             evicted.push(id);
+            Ok(())
+        };
+        for (id, _) in self.policy.evict_to(self.capacity) {
+            evict(self, id)?;
         }
         if long || force_compaction {
             self.compact(list()?)?;
             for (id, _) in self.policy.evict_to(self.capacity) {
-                remove(&id)?;
-                self.append(Record::Evict(id))?;
-                evicted.push(id);
+                evict(self, id)?;
             }
         }
         // The lock is released when `_lock` closes.
