@@ -25,6 +25,8 @@
 //! * [`engine`]: the block engine serving reads and writes at byte offsets.
 //! * [`frontend`]: how the engine is presented to the kernel (FUSE today).
 //! * [`daemon`]: the run directory and control socket shared by all frontends.
+//! * [`private`]: files and directories only their owner may use (keys,
+//!   device caches and their logs).
 //! * [`durable`]: replacing a file atomically and durably, for every layer
 //!   that keeps files.
 //!
@@ -47,6 +49,7 @@ pub mod maint;
 pub mod metrics;
 pub mod net;
 pub mod oci;
+pub mod private;
 pub mod retry;
 pub mod server;
 pub mod store;

@@ -11,12 +11,9 @@ use crate::error::ErrorKind;
 pub enum CacheError {
     #[error("invalid cache geometry: {reason}")]
     InvalidGeometry { reason: String },
-    #[error("create cache directory {}", dir.display())]
-    CreateDir {
-        dir: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    /// The directory could not be made, or others may read it.
+    #[error(transparent)]
+    Private(#[from] crate::private::PrivacyError),
     #[error("lock cache file {}", path.display())]
     Lock {
         path: PathBuf,
@@ -137,7 +134,8 @@ impl CacheError {
             | CacheError::BitmapMissing { .. }
             | CacheError::DataMissing { .. }
             | CacheError::DataSize { .. } => ErrorKind::Integrity,
-            CacheError::CreateDir { .. }
+            CacheError::Private(e) if e.io_source().is_none() => ErrorKind::Invalid,
+            CacheError::Private(_)
             | CacheError::Lock { .. }
             | CacheError::InUse { .. }
             | CacheError::ReadBitmap { .. }

@@ -4,7 +4,9 @@
 //! Sits between the engine and the disk: the engine decides what to fetch and
 //! when; this module keeps the bytes and remembers which chunks it holds.
 //!
-//! A cache directory holds three files:
+//! A cache directory holds the image's plaintext, so it is private: created
+//! 0700 with files 0600, and an existing one that group or others may use
+//! is refused (see [`crate::private`]). It holds three files:
 //! * `data`: the image's bytes at their own offsets, sparse where nothing has
 //!   been fetched or written;
 //! * `present`: the persistent present-bitmap (see [`bitmap`] and
@@ -22,7 +24,7 @@
 //! * the `present` file is replaced atomically (temp file, fsync, rename,
 //!   fsync directory), so a crash leaves the old or the new bitmap, whole.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -76,10 +78,7 @@ impl CacheDir {
                 reason: "chunk size is zero".into(),
             }
         })?;
-        fs::create_dir_all(dir).map_err(|source| CacheError::CreateDir {
-            dir: dir.to_owned(),
-            source,
-        })?;
+        crate::private::ensure_dir(dir, crate::private::CACHE_DIR)?;
         let lock = take_lock(dir)?;
         let data_path = dir.join(DATA_FILE);
         let bitmap_path = dir.join(BITMAP_FILE);
@@ -287,7 +286,7 @@ impl CacheDir {
 
 fn take_lock(dir: &Path) -> Result<File, CacheError> {
     let path = dir.join(LOCK_FILE);
-    let file = OpenOptions::new()
+    let file = crate::private::file_options()
         .create(true)
         .truncate(false)
         .write(true)
@@ -316,7 +315,7 @@ fn open_data(dir: &Path, path: &Path, image_size: u64, exists: bool) -> Result<F
         path: path.to_owned(),
         source,
     };
-    let file = OpenOptions::new()
+    let file = crate::private::file_options()
         .read(true)
         .write(true)
         .create(!exists)
@@ -345,5 +344,6 @@ fn open_data(dir: &Path, path: &Path, image_size: u64, exists: bool) -> Result<F
 /// Replaces the `present` file atomically and durably.
 fn write_bitmap(dir: &Path, bytes: &[u8]) -> Result<(), CacheError> {
     let path = dir.join(BITMAP_FILE);
-    crate::durable::write(&path, bytes).map_err(|source| CacheError::PersistBitmap { path, source })
+    crate::durable::write_with_mode(&path, bytes, crate::private::FILE_MODE)
+        .map_err(|source| CacheError::PersistBitmap { path, source })
 }

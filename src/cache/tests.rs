@@ -19,7 +19,7 @@ fn open(dir: &Path, d: u8, image_size: u64) -> Result<CacheDir, CacheError> {
 
 #[test]
 fn fresh_cache_is_sparse_and_empty() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let size = 10 * u64::from(CHUNK) + 123;
     let cache = open(tmp.path(), 1, size).unwrap();
     assert_eq!(cache.geometry().chunk_count, 11);
@@ -34,7 +34,7 @@ fn fresh_cache_is_sparse_and_empty() {
 
 #[test]
 fn data_and_bits_survive_flush_and_reopen() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let size = 4 * u64::from(CHUNK);
     {
         let cache = open(tmp.path(), 1, size).unwrap();
@@ -53,7 +53,7 @@ fn data_and_bits_survive_flush_and_reopen() {
 
 #[test]
 fn bits_not_flushed_are_not_persisted() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     {
         let cache = open(tmp.path(), 1, 3 * u64::from(CHUNK)).unwrap();
         cache.mark_present(0);
@@ -67,7 +67,7 @@ fn bits_not_flushed_are_not_persisted() {
 
 #[test]
 fn cache_for_another_manifest_is_refused_and_kept() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let size = 2 * u64::from(CHUNK);
     {
         let cache = open(tmp.path(), 1, size).unwrap();
@@ -93,7 +93,7 @@ fn cache_for_another_manifest_is_refused_and_kept() {
 
 #[test]
 fn damaged_bitmap_is_refused() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let size = 100 * u64::from(CHUNK);
     {
         let cache = open(tmp.path(), 1, size).unwrap();
@@ -123,7 +123,7 @@ fn damaged_bitmap_is_refused() {
 
 #[test]
 fn data_file_of_wrong_size_or_missing_is_refused() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let size = 3 * u64::from(CHUNK);
     {
         let cache = open(tmp.path(), 1, size).unwrap();
@@ -154,7 +154,7 @@ fn data_file_of_wrong_size_or_missing_is_refused() {
 #[test]
 fn interrupted_creation_is_finished() {
     // A crash after the bitmap was written but before the data file existed.
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let size = 3 * u64::from(CHUNK);
     drop(open(tmp.path(), 1, size).unwrap());
     fs::remove_file(tmp.path().join("data")).unwrap();
@@ -165,7 +165,7 @@ fn interrupted_creation_is_finished() {
 
 #[test]
 fn second_open_of_same_directory_is_refused() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let first = open(tmp.path(), 1, u64::from(CHUNK)).unwrap();
     let err = open(tmp.path(), 1, u64::from(CHUNK)).unwrap_err();
     assert!(matches!(err, CacheError::InUse { .. }), "{err}");
@@ -175,7 +175,7 @@ fn second_open_of_same_directory_is_refused() {
 
 #[test]
 fn access_past_the_end_is_refused() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let size = u64::from(CHUNK) + 10;
     let cache = open(tmp.path(), 1, size).unwrap();
     let err = cache.write_at(b"abc", size - 2).unwrap_err();
@@ -189,7 +189,7 @@ fn access_past_the_end_is_refused() {
 
 #[test]
 fn empty_image_has_an_empty_bitmap() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let cache = open(tmp.path(), 1, 0).unwrap();
     cache.flush().unwrap();
     drop(cache);
@@ -254,7 +254,7 @@ proptest! {
         chunk_count in 1u64..150,
         ops in proptest::collection::vec((0u8..10, any::<proptest::sample::Index>()), 1..80),
     ) {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::private::test_dir();
         let size = chunk_count * u64::from(CHUNK) - 1;
         let mut cache = open(tmp.path(), 9, size).unwrap();
         let mut live = HashSet::new();
@@ -279,4 +279,47 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_new_cache_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = crate::private::test_dir();
+    let dir = tmp.path().join("new/cache");
+    let cache = open(&dir, 1, 3 * u64::from(CHUNK)).unwrap();
+    cache.write_at(b"secret", 0).unwrap();
+    cache.mark_present(0);
+    cache.flush().unwrap();
+    let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    let mut files = 0;
+    for entry in fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+        files += 1;
+    }
+    assert_eq!(files, 3, "data, present and lock");
+}
+
+#[test]
+fn a_cache_directory_others_may_read_is_refused_and_left_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = crate::private::test_dir();
+    let dir = tmp.path().join("cache");
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let err = open(&dir, 1, u64::from(CHUNK)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid);
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("{} has mode 0755", dir.display())),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("chmod 700 {}", dir.display())),
+        "{text}"
+    );
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "nothing written");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+    open(&dir, 1, u64::from(CHUNK)).unwrap();
 }

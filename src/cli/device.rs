@@ -156,13 +156,10 @@ pub fn add(args: AddArgs) -> anyhow::Result<()> {
 /// Re-runs this command with `--foreground` as a detached child logging to
 /// `cache_dir`, and returns once it is ready, printing what it said.
 pub(super) fn daemonize(cache_dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(cache_dir)
-        .with_context(|| format!("create cache directory {}", cache_dir.display()))?;
+    // The log sits beside the cache's plaintext, under the same rule.
+    crate::private::ensure_dir(cache_dir, crate::private::CACHE_DIR)?;
     let log_path = cache_dir.join(LOG_FILE_NAME);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
+    let log = crate::private::open_append(&log_path)
         .with_context(|| format!("open log {}", log_path.display()))?;
     // The log is appended to across runs; on failure show only this run's lines.
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
@@ -282,7 +279,9 @@ pub(super) async fn open_engine(
 /// The run directory, created if needed.
 pub(super) fn ensure_run_dir() -> anyhow::Result<PathBuf> {
     let run_dir = daemon::run_dir();
-    std::fs::create_dir_all(&run_dir)
+    // Records name key files, token files and stores: the owner's business.
+    // An existing run directory is taken as it is (its mode is the admin's).
+    crate::private::create_dirs(&run_dir)
         .with_context(|| format!("create run directory {}", run_dir.display()))?;
     Ok(run_dir)
 }

@@ -1,20 +1,18 @@
 //! Key files: written 0600, refused when others may read them.
 
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 use crate::chunk::TenantKey;
 
 pub fn keygen(out: &Path) -> anyhow::Result<()> {
     let mut key = TenantKey([0; 32]);
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key.0);
-    let mut file = std::fs::OpenOptions::new()
+    let mut file = crate::private::file_options()
         .write(true)
         .create_new(true)
-        .mode(0o600)
         .open(out)
         .with_context(|| format!("create key file {}", out.display()))?;
     file.write_all(key.to_file_text().as_bytes())
@@ -27,16 +25,7 @@ pub fn keygen(out: &Path) -> anyhow::Result<()> {
 /// Reads a key file, refusing one that group or others may read: a key that
 /// leaked through a loose mode is as good as published.
 pub fn load_key(path: &Path) -> anyhow::Result<TenantKey> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("read key file {}", path.display()))?;
-    let mode = meta.mode() & 0o777;
-    if mode & 0o077 != 0 {
-        bail!(
-            "key file {} has mode {mode:04o}: it must not be readable by group or others (chmod 600 {})",
-            path.display(),
-            path.display()
-        );
-    }
+    crate::private::check(path, crate::private::KEY_FILE)?;
     let text = zeroize::Zeroizing::new(
         std::fs::read(path).with_context(|| format!("read key file {}", path.display()))?,
     );

@@ -189,11 +189,16 @@ impl DeviceRecord {
         run_dir.join(format!("{pid}.json"))
     }
 
-    /// Writes the record atomically (so `list` never reads half of one) and
-    /// durably.
+    /// Writes the record atomically (so `list` never reads half of one),
+    /// durably, and readable by its owner alone: it names key and token
+    /// files and stores (never a token or key itself).
     pub fn publish(&self, run_dir: &Path) -> std::io::Result<()> {
         let path = Self::record_path(run_dir, self.pid);
-        crate::durable::write(&path, &serde_json::to_vec_pretty(self)?)
+        crate::durable::write_with_mode(
+            &path,
+            &serde_json::to_vec_pretty(self)?,
+            crate::private::FILE_MODE,
+        )
     }
 
     /// Removes the record and socket of device `pid`.

@@ -31,7 +31,7 @@ async fn with_readahead_reads_equal_the_image_and_fetch_each_chunk_once() {
 /// bytes and the counters.
 async fn scan_and_check(readahead_chunks: u32) {
     let (image, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let opts = EngineOptions {
         readahead_chunks,
         ..EngineOptions::default()
@@ -89,7 +89,7 @@ async fn scan_and_check(readahead_chunks: u32) {
 #[tokio::test]
 async fn zero_chunks_are_served_without_a_fetch() {
     let (_, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), false).unwrap();
     let mut buf = vec![7u8; 1000];
     engine
@@ -108,7 +108,7 @@ async fn zero_chunks_are_served_without_a_fetch() {
 #[tokio::test]
 async fn requests_out_of_range_are_invalid() {
     let (image, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), false).unwrap();
     let size = image.len() as u64;
     for (offset, len) in [
@@ -133,7 +133,7 @@ async fn requests_out_of_range_are_invalid() {
 async fn concurrent_readers_of_a_cold_chunk_share_one_fetch() {
     let (image, fx) = fixture();
     fx.store.set_delay(Some(Duration::from_millis(100)));
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), false).unwrap();
     let readers = (0..16u64).map(|i| {
         let engine = Arc::clone(&engine);
@@ -153,7 +153,7 @@ async fn concurrent_readers_of_a_cold_chunk_share_one_fetch() {
 async fn a_cancelled_reader_does_not_cancel_the_fetch() {
     let (image, fx) = fixture();
     let gate = fx.store.gate(fx.id(0));
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), false).unwrap();
     let first = tokio::time::timeout(Duration::from_millis(50), engine.read(0, 10)).await;
     assert!(first.is_err(), "the gated read should have timed out");
@@ -165,7 +165,7 @@ async fn a_cancelled_reader_does_not_cancel_the_fetch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn present_chunks_are_served_while_another_fetch_is_blocked() {
     let (image, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), false).unwrap();
     engine.read(0, 10).await.unwrap();
     let gate = fx.store.gate(fx.id(4));
@@ -199,7 +199,7 @@ async fn present_chunks_are_served_while_another_fetch_is_blocked() {
 async fn a_corrupted_chunk_fails_the_read_and_is_not_kept() {
     let (image, fx) = fixture();
     fx.store.set_corrupt(fx.id(3), true);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), false).unwrap();
     let err = engine.read(3 * CS as u64 + 10, 20).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
@@ -231,7 +231,7 @@ async fn a_corrupted_chunk_fails_the_read_and_is_not_kept() {
 async fn a_failed_fetch_is_reported_and_retried() {
     let (image, fx) = fixture();
     fx.store.set_failing(fx.id(0), true);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), false).unwrap();
     let err = engine.read(0, 10).await.unwrap_err();
     assert!(
@@ -248,7 +248,7 @@ async fn a_failed_fetch_is_reported_and_retried() {
 #[tokio::test]
 async fn a_read_only_device_refuses_writes() {
     let (image, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), true).unwrap();
     assert!(engine.read_only());
     let err = engine.write(0, b"hello").await.unwrap_err();

@@ -18,7 +18,7 @@ fn allocated_bytes(dir: &Path) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discarding_absent_chunks_fetches_nothing_and_reads_zeros() {
     let (image, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path());
     // Chunks 2..=4 whole, from the middle of chunk 1 to the middle of 5.
     let (start, end) = (CS as u64 + 100, 5 * CS as u64 + 100);
@@ -47,7 +47,7 @@ async fn discarding_absent_chunks_fetches_nothing_and_reads_zeros() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partial_discard_of_an_absent_chunk_leaves_it_alone_and_fetches_nothing() {
     let (image, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path());
     engine.discard(3 * CS as u64 + 10, 100).await.unwrap();
     assert_eq!(fx.store.gets(), 0);
@@ -59,7 +59,7 @@ async fn a_partial_discard_of_an_absent_chunk_leaves_it_alone_and_fetches_nothin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partial_discards_and_write_zeroes_of_present_chunks_zero_the_range() {
     let (mut model, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path());
     engine.read(0, model.len()).await.unwrap();
     let gets = fx.store.gets();
@@ -74,7 +74,7 @@ async fn partial_discards_and_write_zeroes_of_present_chunks_zero_the_range() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partial_write_zeroes_of_an_absent_chunk_keeps_the_rest_of_it() {
     let (mut model, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path());
     engine.write_zeroes(3 * CS as u64 + 10, 100).await.unwrap();
     model[3 * CSU + 10..3 * CSU + 110].fill(0);
@@ -97,7 +97,7 @@ async fn partial_write_zeroes_of_an_absent_chunk_keeps_the_rest_of_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discarded_chunks_free_cache_space_and_stay_zero_after_a_restart() {
     let (mut model, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path());
     engine.read(0, model.len()).await.unwrap();
     engine.flush().await.unwrap();
@@ -125,7 +125,7 @@ async fn discarded_chunks_free_cache_space_and_stay_zero_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_device_refuses_discards() {
     let (_, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let opts = EngineOptions {
         read_only: true,
         ..EngineOptions::default()
@@ -145,7 +145,7 @@ async fn a_read_only_device_refuses_discards() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discards_past_the_end_are_invalid() {
     let (_, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path());
     for (offset, len) in [(0, u64::MAX), (u64::MAX, 1), (engine.size(), 1)] {
         let err = engine.discard(offset, len).await.unwrap_err();

@@ -25,7 +25,7 @@ fn open(fx: &Fixture, dir: &Path, deadline: Duration) -> Arc<Engine> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_failures_are_retried_within_the_deadline() {
     let (image, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), Duration::from_secs(5));
     fx.store.set_transient(fx.id(3), 3);
     let got = within(engine.read(3 * CS as u64, 100)).await.unwrap();
@@ -38,7 +38,7 @@ async fn transient_failures_are_retried_within_the_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_are_bounded_and_other_failures_never_retried() {
     let (_, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), Duration::from_secs(30));
     let attempts = FetchPolicy::default().max_attempts;
     fx.store.set_transient(fx.id(3), 1000);
@@ -63,7 +63,7 @@ async fn retries_are_bounded_and_other_failures_never_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_store_fails_the_read_at_the_deadline_and_later_reads_succeed() {
     let (image, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let deadline = Duration::from_millis(300);
     let engine = open(&fx, tmp.path(), deadline);
     engine.read(0, 10).await.unwrap();
@@ -86,7 +86,7 @@ async fn a_hung_store_fails_the_read_at_the_deadline_and_later_reads_succeed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demand_fetches_go_before_readahead_when_fetches_are_bounded() {
     let (image, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let opts = EngineOptions {
         readahead_chunks: 4,
         max_fetches: 1,

@@ -160,7 +160,7 @@ proptest! {
         let stored = fx.manifest.entries.iter()
             .filter(|e| matches!(e, ManifestEntry::Chunk { .. }))
             .count() as u64;
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::private::test_dir();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

@@ -48,7 +48,7 @@ fn readahead(engine: &Engine) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_sequential_scan_fetches_ahead_of_the_reader() {
     let (image, fx) = image(64, 0, &[]);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), 8);
     // Each step waits for the fetches ahead to end, so the counts do not
     // depend on timing. A stream with a window of w fetches fills its
@@ -99,7 +99,7 @@ async fn a_cold_sequential_scan_fetches_ahead_of_the_reader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_reads_fetch_nothing_ahead() {
     let (image, fx) = image(32, 0, &[]);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), 8);
     // No read lands within three chunks of an earlier one.
     let order = [20, 3, 27, 9, 14, 0, 31, 24, 6, 17];
@@ -116,7 +116,7 @@ async fn random_reads_fetch_nothing_ahead() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readahead_chunks_zero_turns_it_off() {
     let (image, fx) = image(12, 0, &[]);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), 0);
     // Reads that straddle chunk boundaries, as a file system's would.
     let mut at = 0;
@@ -141,7 +141,7 @@ async fn readahead_skips_zero_chunks_and_stops_at_the_end() {
     let (image, fx) = image(12, 1000, &[3, 4, 10]);
     // Held at the store, so the window does not move on.
     let gates = [fx.store.gate(fx.id(2)), fx.store.gate(fx.id(5))];
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), 8);
     read_chunk(&engine, &image, 0).await;
     read_chunk(&engine, &image, 1).await;
@@ -181,7 +181,7 @@ async fn failed_readahead_fetches_fail_no_request() {
     let (image, fx) = image(8, 0, &[]);
     fx.store.set_corrupt(fx.id(2), true);
     fx.store.set_failing(fx.id(3), true);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), 8);
     read_chunk(&engine, &image, 0).await;
     read_chunk(&engine, &image, 1).await;
@@ -211,7 +211,7 @@ async fn a_reader_waiting_on_a_failed_readahead_fetch_fetches_the_chunk_itself()
     let (image, fx) = image(8, 0, &[]);
     let gate = fx.store.gate(fx.id(2));
     fx.store.set_failing(fx.id(2), true);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), 8);
     read_chunk(&engine, &image, 0).await;
     read_chunk(&engine, &image, 1).await;
@@ -237,7 +237,7 @@ async fn a_reader_waiting_on_a_failed_readahead_fetch_fetches_the_chunk_itself()
 async fn readahead_in_flight_is_bounded_and_never_holds_up_demand_fetches() {
     let (image, fx) = image(16, 0, &[]);
     let gates = [fx.store.gate(fx.id(2)), fx.store.gate(fx.id(3))];
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), 2);
     read_chunk(&engine, &image, 0).await;
     read_chunk(&engine, &image, 1).await;
@@ -268,7 +268,7 @@ async fn readahead_in_flight_is_bounded_and_never_holds_up_demand_fetches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hits_outside_the_runtime_keep_a_stream_going() {
     let (image, fx) = image(32, 0, &[]);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), 8);
     read_chunk(&engine, &image, 0).await;
     read_chunk(&engine, &image, 1).await;
@@ -296,7 +296,7 @@ async fn hits_outside_the_runtime_keep_a_stream_going() {
 async fn readahead_respects_written_chunks_and_the_fill_lock() {
     let (image, fx) = image(8, 0, &[]);
     let gate = fx.store.gate(fx.id(3));
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), 8);
     let written = vec![0x5a; CSU];
     engine.write(2 * CS as u64, &written).await.unwrap();

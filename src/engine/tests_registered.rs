@@ -25,7 +25,7 @@ async fn registered_reads_serve_fetched_present_and_zero_pieces() {
         fx.manifest.entries[1],
         crate::chunk::ManifestEntry::Zero
     ));
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path());
     // Cold: chunks 0 and 2 are fetched, 1 is zero, all in one request.
     let (at, len) = (CSU / 2, 2 * CSU);
@@ -44,7 +44,7 @@ async fn registered_reads_serve_fetched_present_and_zero_pieces() {
 #[tokio::test]
 async fn registered_writes_land_in_present_absent_and_zero_chunks() {
     let (mut model, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path());
     let writes: [(usize, Vec<u8>); 4] = [
         // A whole chunk, never fetched.
@@ -73,7 +73,7 @@ async fn registered_writes_land_in_present_absent_and_zero_chunks() {
 #[tokio::test]
 async fn a_registered_buffer_without_registered_io_fails_the_request() {
     let (_, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path());
     let (_io, fixed) = RegisteredIo::for_read(CSU);
     // SyncIo cannot reach a registered buffer: an error, never a panic

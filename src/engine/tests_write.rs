@@ -26,7 +26,7 @@ async fn write(engine: &Arc<Engine>, model: &mut [u8], offset: usize, data: &[u8
 #[tokio::test]
 async fn writes_fetch_only_what_they_keep() {
     let (mut model, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path());
     // A whole chunk: no fetch.
     write(&engine, &mut model, 0, &vec![0xAB; CSU]).await;
@@ -62,7 +62,7 @@ async fn writes_fetch_only_what_they_keep() {
 #[tokio::test]
 async fn writes_survive_flush_and_reopen_and_are_never_fetched() {
     let (mut model, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     {
         let engine = open(&fx, tmp.path());
         write(&engine, &mut model, 2 * CSU + 100, b"partial write").await;
@@ -89,7 +89,7 @@ async fn writes_survive_flush_and_reopen_and_are_never_fetched() {
 async fn a_cache_for_another_manifest_is_refused() {
     let (_, fx) = fixture();
     let other = seal_image(&sample_image(8, 1000, CS, 43), CS);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     drop(open(&fx, tmp.path()));
     let err = open_engine(&other, tmp.path(), EngineOptions::default()).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
@@ -106,7 +106,7 @@ async fn a_cache_for_another_manifest_is_refused() {
 async fn a_manifest_that_does_not_cover_the_image_is_refused() {
     let (_, mut fx) = fixture();
     fx.manifest.entries.pop();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let err = Engine::open(
         fx.manifest.clone(),
         fx.digest,
@@ -124,7 +124,7 @@ async fn a_whole_chunk_write_waits_for_a_fetch_in_flight() {
     // Otherwise the fetch could land after the write and undo it.
     let (mut model, fx) = fixture();
     let gate = fx.store.gate(fx.id(4));
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path());
     let reader = {
         let engine = Arc::clone(&engine);
@@ -159,7 +159,7 @@ async fn stale_bytes_under_a_zero_chunk_never_show() {
     // A write acknowledged but never flushed, then a crash, leaves bytes in
     // the data file under a chunk whose bit is clear.
     let (mut model, fx) = fixture();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     {
         let cache = CacheDir::open_or_create(
             tmp.path(),
@@ -206,7 +206,7 @@ async fn sigkill_child() {
 
 #[test]
 fn acknowledged_writes_survive_sigkill() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",

@@ -20,9 +20,12 @@ pub(super) async fn handle(
 ) -> Result<Reply, Infallible> {
     let started = Instant::now();
     let received = request.body().size_hint().exact().unwrap_or(0);
+    // Method and path only: headers carry the bearer token.
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
     let (route, reply) = dispatch(&state, request).await;
     let reply = reply.unwrap_or_else(|refusal| refusal);
     let sent = reply.body().size_hint().exact().unwrap_or(0);
+    tracing::debug!(%method, path, status = reply.status().as_u16(), sent, "answered");
     state
         .metrics
         .record(route, reply.status(), received, sent, started.elapsed());

@@ -192,7 +192,9 @@ impl Output {
                 path: path.to_owned(),
                 source,
             };
-            let (temp, file) = TempFile::create(&out).map_err(|source| write_err(&out, source))?;
+            // The image in plaintext: its owner's alone until they say otherwise.
+            let (temp, file) = TempFile::create_with_mode(&out, crate::private::FILE_MODE)
+                .map_err(|source| write_err(&out, source))?;
             // Sized first, so every zero chunk is a hole never written.
             file.set_len(size)
                 .map_err(|source| write_err(temp.path(), source))?;

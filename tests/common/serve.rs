@@ -18,12 +18,20 @@ impl Served {
     /// Starts `lazyblk serve --listen 127.0.0.1:0 ARGS…` and returns once
     /// it has printed the address it listens on.
     pub fn start<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Served {
-        let mut child = Command::new(lazyblk_bin())
-            .arg("serve")
+        let mut cmd = Command::new(lazyblk_bin());
+        cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
+            .stderr(Stdio::null());
+        Served::spawn(cmd)
+    }
+
+    /// Starts `cmd`, a `lazyblk serve` command line set up by the caller
+    /// (its own stderr and environment, say), and returns once it has
+    /// printed the address it listens on.
+    pub fn spawn(mut cmd: Command) -> Served {
+        let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
             .spawn()
             .expect("start lazyblk serve");
         let mut line = String::new();
@@ -32,7 +40,7 @@ impl Served {
             .unwrap();
         let url = line.trim().to_owned();
         assert!(
-            url.starts_with("http://127.0.0.1:"),
+            url.starts_with("http://127.0.0.1:") || url.starts_with("https://127.0.0.1:"),
             "serve printed {line:?}"
         );
         Served { child, url }
@@ -40,7 +48,9 @@ impl Served {
 
     /// `127.0.0.1:PORT`.
     pub fn addr(&self) -> &str {
-        self.url.trim_start_matches("http://")
+        self.url
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
     }
 
     /// The Prometheus text at this server's /metrics.
