@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # Runs one command inside a throwaway VM on a Debian cloud kernel (with
-# ublk_drv and loop loaded), and exits with that command's exit code. The
-# guest has no network card and no disk: everything it needs is in its
-# initramfs, /tmp is a tmpfs.
+# ublk_drv, loop and virtio_blk loaded), and exits with that command's exit
+# code. The guest has no network card and no disk unless --qemu-arg gives
+# it one: everything it needs is in its initramfs, /tmp is a tmpfs.
 #
 #   scripts/vm-run.sh [--timeout SECS] [--mem MIB] [--cwd GUESTDIR]
 #                     [--env NAME=VALUE]... [--add HOSTPATH[:GUESTPATH]]...
-#                     -- COMMAND [ARGS...]
+#                     [--qemu-arg ARG]... -- COMMAND [ARGS...]
 #
 # --add copies a file or directory into the guest, at GUESTPATH or else at
 # /vm/BASENAME (/vm is on PATH and is the default working directory); not
 # under /tmp, /run, /dev, /proc or /sys, which the guest mounts over. Every
 # ELF file added gets the shared libraries `ldd` lists. The guest always has
 # busybox, fio, mkfs.ext4, e2fsck, debugfs, losetup, mount, umount, findmnt
-# and fusermount3.
+# and fusermount3. --qemu-arg passes one more argument to QEMU (e.g. the
+# -chardev and -device of a vhost-user disk, which the guest sees as
+# /dev/vdX; -m is --mem).
 #
 # The console streams to stdout. Exit status: the guest command's, or 124
 # when the VM ran past --timeout, or 125 when the guest ended without
@@ -40,6 +42,7 @@ mem_mib=2048
 cwd=/vm
 adds=()
 envs=()
+qemu_args=()
 while (($#)); do
     case $1 in
     --timeout) timeout_secs=${2:?--timeout needs SECS}; shift 2 ;;
@@ -47,6 +50,7 @@ while (($#)); do
     --cwd) cwd=${2:?--cwd needs a guest directory}; shift 2 ;;
     --add) adds+=("${2:?--add needs HOSTPATH[:GUESTPATH]}"); shift 2 ;;
     --env) envs+=("${2:?--env needs NAME=VALUE}"); shift 2 ;;
+    --qemu-arg) qemu_args+=("${2:?--qemu-arg needs an argument}"); shift 2 ;;
     --) shift; break ;;
     -h | --help) usage 0 ;;
     *) printf 'vm-run: unknown option %s\n' "$1" >&2; usage ;;
@@ -253,6 +257,7 @@ boot() {
         -nographic -no-reboot -nic none \
         -kernel "$kernel" -initrd "$work/initrd" \
         -append "console=ttyS0 quiet panic=-1" \
+        "${qemu_args[@]}" \
         </dev/null >"$work/console" 2>&1 &
     qemu_pid=$!
     # The serial console ends lines with CR LF, and the firmware sends

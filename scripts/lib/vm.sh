@@ -22,8 +22,9 @@ VM_APT_DIR=$VM_CACHE/apt-$VM_SUITE
 VM_KERNEL_DIR=$VM_CACHE/kernel-$VM_SUITE
 # Modules the guest loads, by module name; their own dependencies are found
 # from each module's `depends` field and loaded first. Everything else the
-# tests use (ext4, io_uring, FUSE, tmpfs) is built into both kernels.
-VM_MODULES=(ublk_drv loop)
+# tests use (ext4, io_uring, FUSE, tmpfs, virtio-pci) is built into both
+# kernels; virtio_blk gives the guest the disks of vhost-user-blk tests.
+VM_MODULES=(ublk_drv loop virtio_blk)
 
 # Runs apt-get or apt-cache against the private configuration only.
 vm_apt() {

@@ -52,15 +52,21 @@ pub struct AddArgs {
     /// block device (for kernels without ublk).
     #[arg(long, value_name = "MOUNTPOINT")]
     pub fuse: Option<PathBuf>,
+    /// Serve the image to VMs as a virtio disk on the vhost-user socket
+    /// SOCKET (QEMU's vhost-user-blk-pci, Cloud Hypervisor, Firecracker),
+    /// one VM after another; `--queues` sets the queue count (default 1).
+    #[arg(long, value_name = "SOCKET", conflicts_with = "fuse")]
+    pub vhost_user_blk: Option<PathBuf>,
     /// The ublk device number wanted (/dev/ublkbID); by default the driver picks.
     #[arg(
         short = 'n',
         long = "number",
         value_name = "ID",
-        conflicts_with = "fuse"
+        conflicts_with_all = ["fuse", "vhost_user_blk"]
     )]
     pub id: Option<u32>,
     /// ublk queues (one thread each); default: online CPUs, at most 8.
+    /// With `--vhost-user-blk`, the virtqueues a VM may use.
     #[arg(short = 'q', long, conflicts_with = "fuse", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub queues: Option<u16>,
     /// Requests in flight per ublk queue.
@@ -71,12 +77,12 @@ pub struct AddArgs {
     pub read_only: bool,
     /// Let the ublk device outlive this process: if it dies, I/O waits
     /// until `lazyblk recover -n ID` serves the device again.
-    #[arg(long, conflicts_with = "fuse")]
+    #[arg(long, conflicts_with_all = ["fuse", "vhost_user_blk"])]
     pub recoverable: bool,
     /// Keep the ublk device in copy mode even where the driver offers zero
     /// copy (AUTO_BUF_REG, Linux 6.16+); `lazyblk features` says which a
     /// device gets.
-    #[arg(long, conflicts_with = "fuse")]
+    #[arg(long, conflicts_with_all = ["fuse", "vhost_user_blk"])]
     pub no_zero_copy: bool,
     /// Most chunks fetched ahead of a sequential reader at once; 0 turns
     /// readahead off (random-access workloads then fetch only what they read).
@@ -101,6 +107,9 @@ pub struct DelArgs {
     /// The FUSE mountpoint the device was added at.
     #[arg(long, value_name = "MOUNTPOINT", conflicts_with_all = ["id", "all"])]
     pub fuse: Option<PathBuf>,
+    /// The vhost-user socket the device was added on.
+    #[arg(long, value_name = "SOCKET", conflicts_with_all = ["id", "all", "fuse"])]
+    pub vhost_user_blk: Option<PathBuf>,
     /// The ublk device number (/dev/ublkbID).
     #[arg(
         short = 'n',
@@ -115,6 +124,8 @@ pub struct DelArgs {
     /// Stop a ublk device even while it is open (e.g. mounted); its users
     /// then get I/O errors. Without it, kernels with SAFE_STOP_DEV (7.0+)
     /// refuse to stop an open device; older kernels stop it regardless.
+    /// A vhost-user-blk device with a VM connected is stopped only with it
+    /// (the VM's disk then stops answering).
     #[arg(long)]
     pub force: bool,
 }
@@ -122,9 +133,10 @@ pub struct DelArgs {
 impl AddArgs {
     /// The frontend the options ask for.
     pub fn frontend(&self) -> FrontendKind {
-        match self.fuse {
-            Some(_) => FrontendKind::Fuse,
-            None => FrontendKind::Ublk,
+        match (&self.fuse, &self.vhost_user_blk) {
+            (Some(_), _) => FrontendKind::Fuse,
+            (None, Some(_)) => FrontendKind::VhostUserBlk,
+            (None, None) => FrontendKind::Ublk,
         }
     }
 }
@@ -149,6 +161,10 @@ pub fn add(args: AddArgs) -> anyhow::Result<()> {
             ublk::isolate_mounts()?;
             super::runtime()?.block_on(super::ublk::serve_add(&args))
         }
+        (FrontendKind::VhostUserBlk, _) => match &args.vhost_user_blk {
+            Some(socket) => super::runtime()?.block_on(super::vhost_user::serve(&args, socket)),
+            None => unreachable!("a vhost-user-blk device has a socket"),
+        },
         (FrontendKind::Fuse, None) => unreachable!("a FUSE device has a mountpoint"),
     }
 }
@@ -403,8 +419,17 @@ pub async fn del(args: DelArgs) -> anyhow::Result<()> {
         };
         return del_one(&run_dir, device, args.force).await;
     }
+    if let Some(socket) = args.vhost_user_blk {
+        let socket = std::path::absolute(&socket)
+            .with_context(|| format!("socket {}", socket.display()))?;
+        let device = devices
+            .iter()
+            .find(|d| d.record.frontend == FrontendKind::VhostUserBlk && d.record.target == socket)
+            .ok_or_else(|| anyhow!("no lazyblk device serves {}", socket.display()))?;
+        return del_one(&run_dir, device, args.force).await;
+    }
     let Some(fuse) = args.fuse else {
-        bail!("say which device: -n ID, --all, or --fuse MOUNTPOINT");
+        bail!("say which device: -n ID, --all, --fuse MOUNTPOINT or --vhost-user-blk SOCKET");
     };
     let mountpoint = fuse
         .canonicalize()
@@ -428,7 +453,9 @@ async fn del_one(run_dir: &Path, device: &daemon::DeviceStatus, force: bool) -> 
                 };
                 tokio::task::spawn_blocking(move || ublk::delete(id)).await??;
             }
-            FrontendKind::Fuse => bail!("FUSE device record {pid} cannot be orphaned"),
+            FrontendKind::Fuse | FrontendKind::VhostUserBlk => {
+                bail!("{} device record {pid} cannot be orphaned", device.record.frontend)
+            }
         }
         DeviceRecord::remove(run_dir, pid);
         outln!("deleted orphaned {target}");

@@ -19,6 +19,7 @@ mod serve;
 mod tiers;
 mod transfer;
 mod ublk;
+mod vhost_user;
 
 pub use tiers::HostCacheArgs;
 

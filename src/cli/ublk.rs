@@ -98,8 +98,8 @@ pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
         (FrontendKind::Ublk, None) => {
             bail!("the record of device {} names no ublk device", args.id)
         }
-        (FrontendKind::Fuse, _) => bail!(
-            "device {} is served through FUSE: only ublk devices can be recovered",
+        (other @ (FrontendKind::Fuse | FrontendKind::VhostUserBlk), _) => bail!(
+            "device {} is served through {other}: only ublk devices can be recovered",
             orphan.record.pid
         ),
     };

@@ -44,6 +44,9 @@ pub enum FrontendKind {
     Fuse,
     /// `/dev/ublkbN` through the kernel's ublk driver.
     Ublk,
+    /// A virtio disk for VMs, served on a vhost-user socket.
+    #[serde(rename = "vhost-user-blk")]
+    VhostUserBlk,
 }
 
 impl FrontendKind {
@@ -51,6 +54,7 @@ impl FrontendKind {
         match self {
             FrontendKind::Fuse => "fuse",
             FrontendKind::Ublk => "ublk",
+            FrontendKind::VhostUserBlk => "vhost-user-blk",
         }
     }
 }
@@ -66,7 +70,8 @@ impl std::fmt::Display for FrontendKind {
 pub struct DeviceRecord {
     pub pid: u32,
     pub frontend: FrontendKind,
-    /// Where the device is presented: a FUSE mountpoint or a block device path.
+    /// Where the device is presented: a FUSE mountpoint, a block device
+    /// path or a vhost-user socket.
     pub target: PathBuf,
     pub name: String,
     pub store: String,
@@ -317,7 +322,11 @@ mod tests {
 
     #[test]
     fn records_written_with_frontend_strings_still_read() {
-        for (name, kind) in [("ublk", FrontendKind::Ublk), ("fuse", FrontendKind::Fuse)] {
+        for (name, kind) in [
+            ("ublk", FrontendKind::Ublk),
+            ("fuse", FrontendKind::Fuse),
+            ("vhost-user-blk", FrontendKind::VhostUserBlk),
+        ] {
             let record: DeviceRecord = serde_json::from_str(&record_json(name)).unwrap();
             assert_eq!(record.frontend, kind);
             assert_eq!(kind.to_string(), name);

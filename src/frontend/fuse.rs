@@ -25,7 +25,6 @@ use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, Session, TimeOrNow,
 };
-use futures::FutureExt;
 use tokio::runtime::Handle;
 
 use crate::engine::{Engine, EngineError, Request as BlockRequest, SyncIo};
@@ -165,11 +164,7 @@ impl DiskFs {
     /// Runs `request` on this thread if it completes without waiting, else
     /// finishes it on a blocking thread.
     fn run(&self, request: impl Future<Output = ()> + Send + 'static) {
-        let mut request = Box::pin(request);
-        if request.as_mut().now_or_never().is_none() {
-            self.runtime
-                .spawn_blocking(move || futures::executor::block_on(request));
-        }
+        super::run_inline_or_blocking(&self.runtime, request);
     }
 
     fn attr(&self, ino: u64) -> FileAttr {

@@ -14,3 +14,24 @@
 
 pub mod fuse;
 pub mod ublk;
+pub mod vhost_user;
+
+use std::future::Future;
+
+use futures::FutureExt;
+use tokio::runtime::Handle;
+
+/// Runs `request` on the calling thread if it completes without waiting
+/// (with [`crate::engine::SyncIo`], a request whose chunks are all present
+/// or zero), else finishes it on `runtime`'s blocking pool, which also does
+/// its remaining cache I/O: a cold chunk never holds up the requests behind
+/// it, and no file I/O runs on an async worker.
+pub(crate) fn run_inline_or_blocking(
+    runtime: &Handle,
+    request: impl Future<Output = ()> + Send + 'static,
+) {
+    let mut request = Box::pin(request);
+    if request.as_mut().now_or_never().is_none() {
+        runtime.spawn_blocking(move || futures::executor::block_on(request));
+    }
+}
