@@ -52,6 +52,9 @@ LAZYBLK_VM_SUITE=trixie scripts/vm-test.sh
 section "ublk tests in a VM on Debian trixie-backports' kernel (scripts/vm-test.sh)"
 LAZYBLK_VM_SUITE=trixie-backports scripts/vm-test.sh
 
+section "vhost-user-blk: VMs boot with lazyblk disks (scripts/vhost-user-test.sh)"
+scripts/vhost-user-test.sh
+
 section "fuzz targets, 10 s each (scripts/fuzz.sh)"
 FUZZ_SECONDS=10 scripts/fuzz.sh
 

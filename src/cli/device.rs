@@ -420,8 +420,8 @@ pub async fn del(args: DelArgs) -> anyhow::Result<()> {
         return del_one(&run_dir, device, args.force).await;
     }
     if let Some(socket) = args.vhost_user_blk {
-        let socket = std::path::absolute(&socket)
-            .with_context(|| format!("socket {}", socket.display()))?;
+        let socket =
+            std::path::absolute(&socket).with_context(|| format!("socket {}", socket.display()))?;
         let device = devices
             .iter()
             .find(|d| d.record.frontend == FrontendKind::VhostUserBlk && d.record.target == socket)
@@ -454,7 +454,10 @@ async fn del_one(run_dir: &Path, device: &daemon::DeviceStatus, force: bool) -> 
                 tokio::task::spawn_blocking(move || ublk::delete(id)).await??;
             }
             FrontendKind::Fuse | FrontendKind::VhostUserBlk => {
-                bail!("{} device record {pid} cannot be orphaned", device.record.frontend)
+                bail!(
+                    "{} device record {pid} cannot be orphaned",
+                    device.record.frontend
+                )
             }
         }
         DeviceRecord::remove(run_dir, pid);

@@ -92,9 +92,8 @@ pub(super) async fn serve(args: &AddArgs, socket: &Path) -> anyhow::Result<()> {
         engine.clone(),
         tokio::runtime::Handle::current(),
     );
-    let session = tokio::task::spawn_blocking(move || {
-        serving_device.serve(serving_engine, runtime, options)
-    });
+    let session =
+        tokio::task::spawn_blocking(move || serving_device.serve(serving_engine, runtime, options));
     let (session_result, flushed) =
         serve_until_stopped(&engine, control, control_task, &run_dir, session).await?;
     session_result

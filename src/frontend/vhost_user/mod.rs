@@ -37,7 +37,9 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueOwnedT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use self::request::{BlkRequest, MAX_RANGES, SECTOR_BYTES};
 use crate::engine::Engine;
@@ -183,7 +185,9 @@ impl VhostUserBlk {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The device one hypervisor connection sees.
@@ -230,10 +234,16 @@ impl BlkBackend {
         };
         use std::mem::offset_of;
         let capacity = self.engine.size() / SECTOR_BYTES;
-        put(offset_of!(virtio_blk_config, capacity), &capacity.to_le_bytes());
+        put(
+            offset_of!(virtio_blk_config, capacity),
+            &capacity.to_le_bytes(),
+        );
         // Linux puts at most two descriptors of its own (header, status) in a chain.
         let seg_max = u32::from(QUEUE_SIZE) - 2;
-        put(offset_of!(virtio_blk_config, seg_max), &seg_max.to_le_bytes());
+        put(
+            offset_of!(virtio_blk_config, seg_max),
+            &seg_max.to_le_bytes(),
+        );
         put(
             offset_of!(virtio_blk_config, blk_size),
             &(SECTOR_BYTES as u32).to_le_bytes(),
@@ -243,12 +253,21 @@ impl BlkBackend {
             &self.queues.to_le_bytes(),
         );
         for (limit, value) in [
-            (offset_of!(virtio_blk_config, max_discard_sectors), MAX_RANGE_SECTORS),
+            (
+                offset_of!(virtio_blk_config, max_discard_sectors),
+                MAX_RANGE_SECTORS,
+            ),
             (offset_of!(virtio_blk_config, max_discard_seg), MAX_RANGES),
             // 4 KiB: the image's file system block.
             (offset_of!(virtio_blk_config, discard_sector_alignment), 8),
-            (offset_of!(virtio_blk_config, max_write_zeroes_sectors), MAX_RANGE_SECTORS),
-            (offset_of!(virtio_blk_config, max_write_zeroes_seg), MAX_RANGES),
+            (
+                offset_of!(virtio_blk_config, max_write_zeroes_sectors),
+                MAX_RANGE_SECTORS,
+            ),
+            (
+                offset_of!(virtio_blk_config, max_write_zeroes_seg),
+                MAX_RANGES,
+            ),
         ] {
             put(limit, &value.to_le_bytes());
         }
@@ -361,7 +380,9 @@ impl VhostUserBackend for BlkBackend {
         // With EVENT_IDX the guest kicks only when told to: look again
         // after re-enabling kicks, or a chain added meanwhile would wait.
         loop {
-            vring.disable_notification().map_err(std::io::Error::other)?;
+            vring
+                .disable_notification()
+                .map_err(std::io::Error::other)?;
             self.drain(vring)?;
             if !vring.enable_notification().map_err(std::io::Error::other)? {
                 return Ok(());

@@ -92,14 +92,29 @@ impl Segments {
 
 #[derive(Debug)]
 enum Op {
-    Read { offset: u64, into: Segments },
-    Write { offset: u64, from: Segments },
+    Read {
+        offset: u64,
+        into: Segments,
+    },
+    Write {
+        offset: u64,
+        from: Segments,
+    },
     Flush,
-    Discard { ranges: Segments },
-    WriteZeroes { ranges: Segments },
-    GetId { into: Segments },
+    Discard {
+        ranges: Segments,
+    },
+    WriteZeroes {
+        ranges: Segments,
+    },
+    GetId {
+        into: Segments,
+    },
     /// Answered with `status` without touching the engine.
-    Refused { status: u32, why: String },
+    Refused {
+        status: u32,
+        why: String,
+    },
 }
 
 /// A request taken off a queue, ready to be served.
@@ -252,7 +267,10 @@ impl BlkRequest {
                 Ok(0)
             }
             Op::Flush => {
-                engine.submit(&SyncIo, Request::Flush).await.map_err(failed)?;
+                engine
+                    .submit(&SyncIo, Request::Flush)
+                    .await
+                    .map_err(failed)?;
                 Ok(0)
             }
             Op::Discard { ranges } | Op::WriteZeroes { ranges } => {
@@ -294,9 +312,12 @@ fn range_request(range: &[u8], zeroes: bool) -> Result<Request<'static>, (u32, S
     if flags & !known != 0 {
         return Err((VIRTIO_BLK_S_UNSUPP, format!("range flags {flags:#x}")));
     }
-    let offset = sector
-        .checked_mul(SECTOR_BYTES)
-        .ok_or_else(|| (VIRTIO_BLK_S_IOERR, format!("sector {sector} is past any disk")))?;
+    let offset = sector.checked_mul(SECTOR_BYTES).ok_or_else(|| {
+        (
+            VIRTIO_BLK_S_IOERR,
+            format!("sector {sector} is past any disk"),
+        )
+    })?;
     let len = u64::from(sectors) * SECTOR_BYTES;
     Ok(if zeroes {
         Request::WriteZeroes { offset, len }
