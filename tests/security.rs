@@ -272,3 +272,102 @@ fn rand_bytes() -> [u8; 16] {
     bytes.copy_from_slice(&pseudo_random(seed, 16));
     bytes
 }
+
+/// A private CA and a certificate it issued for 127.0.0.1, as PEM files in
+/// `dir`: (ca.pem, server.pem, server.key).
+fn private_ca(dir: &Path) -> [PathBuf; 3] {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "lazyblk test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
+    let paths = ["ca.pem", "server.pem", "server.key"].map(|name| dir.join(name));
+    fs::write(&paths[0], ca_cert.pem()).unwrap();
+    fs::write(&paths[1], server_cert.pem()).unwrap();
+    write_secret_file(&paths[2], &server_key.serialize_pem());
+    paths
+}
+
+#[test]
+fn push_and_export_over_https_trust_a_private_ca_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    let [ca, cert, key] = private_ca(dir.path());
+    let lazyblk = || Command::new(lazyblk_bin());
+    run(lazyblk().args(["keygen", "--out"]).arg(path("tenant.key")));
+    write_secret_file(&path("write.token"), "https-write-token");
+    let image = path("image.raw");
+    let mut bytes = pseudo_random(11, 3 << 20);
+    bytes.extend(std::iter::repeat_n(0, 1 << 20));
+    fs::write(&image, &bytes).unwrap();
+
+    // A TLS key others may read is refused before the server starts.
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o640)).unwrap();
+    let mut loose = lazyblk();
+    loose
+        .args(["serve", "--listen", "127.0.0.1:0", "--store"])
+        .arg(path("store"))
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key);
+    run_failing(&mut loose, &format!("chmod 600 {}", key.display()));
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+
+    let mut serve = lazyblk();
+    serve
+        .args(["serve", "--listen", "127.0.0.1:0", "--store"])
+        .arg(path("store"))
+        .arg("--write-token-file")
+        .arg(path("write.token"))
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stderr(Stdio::null());
+    let served = Served::spawn(serve);
+    assert!(served.url.starts_with("https://"), "{}", served.url);
+
+    let with_store = |verb: &str| {
+        let mut cmd = lazyblk();
+        cmd.args([verb, "--store", &served.url, "--key"])
+            .arg(path("tenant.key"))
+            .args(["--name", "app"]);
+        cmd
+    };
+    let push = || {
+        let mut cmd = with_store("push");
+        cmd.arg(&image).arg("--token-file").arg(path("write.token"));
+        cmd
+    };
+    // Without the CA (public roots only): a certificate error.
+    run_failing(&mut push(), "invalid peer certificate: UnknownIssuer");
+    // The wrong CA (the server's own certificate is no CA) fails too.
+    run_failing(
+        push().arg("--tls-ca").arg(&cert),
+        "invalid peer certificate",
+    );
+
+    run(push().arg("--tls-ca").arg(&ca));
+    let out = path("exported.img");
+    run(with_store("export")
+        .arg("--out")
+        .arg(&out)
+        .arg("--tls-ca")
+        .arg(&ca));
+    assert_eq!(fs::read(&out).unwrap(), bytes);
+    run_failing(
+        with_store("export").arg("--out").arg(path("never.img")),
+        "invalid peer certificate",
+    );
+    assert!(!path("never.img").exists());
+}

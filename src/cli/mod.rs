@@ -102,6 +102,11 @@ pub struct StoreArgs {
     /// Speak HTTP/2 to an http:// chunk server from the first byte (h2c).
     #[arg(long)]
     pub http2_prior_knowledge: bool,
+    /// A PEM file of CA certificates that https:// servers (chunk servers,
+    /// cache fleet nodes, an S3 endpoint) must chain to, instead of the
+    /// public web roots: a private CA, or a self-signed server certificate.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
     /// The S3 API endpoint of an s3:// store (default: AWS_ENDPOINT_URL_S3,
     /// AWS_ENDPOINT_URL, else AWS in AWS_REGION).
     #[arg(long, value_name = "URL")]
@@ -137,6 +142,7 @@ impl StoreArgs {
         Ok(StoreOptions {
             token,
             http2_prior_knowledge: self.http2_prior_knowledge,
+            tls_ca: self.tls_ca.clone(),
             s3: S3Options {
                 endpoint: self.s3_endpoint.clone(),
                 path_style: self.s3_path_style,

@@ -50,6 +50,15 @@ pub struct ServeArgs {
     /// (chunks and manifests are encrypted). The write token reads too.
     #[arg(long, value_name = "FILE")]
     pub read_token_file: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM, the server's own
+    /// certificate first); clients name the server https://HOST:PORT and,
+    /// for a private CA, trust it with --tls-ca.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM; refused if group or others may
+    /// read it).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Connections served at once; more wait to be accepted.
     #[arg(long, default_value_t = ServerOptions::default().max_connections)]
     pub max_connections: usize,
@@ -75,7 +84,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(read_token_file)
         .transpose()?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::net::tls::server_config(cert, key)?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let options = ServerOptions {
+        tls,
         tokens: Tokens::new(read.as_deref(), write.as_deref()),
         chunk_delay: Duration::from_millis(args.delay),
         max_connections: args.max_connections.max(1),
@@ -96,7 +111,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let bound = server.local_addr()?;
     let mut terminate = signal(SignalKind::terminate()).context("watch SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("watch SIGINT")?;
-    outln!("http://{bound}");
+    outln!("{scheme}://{bound}");
     tracing::info!(%bound, store = %described, "serving");
     server
         .run(async {

@@ -119,6 +119,7 @@ pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
                 specs: ublk.store_specs(),
                 token_file: ublk.token_file.clone(),
                 http2_prior_knowledge: ublk.http2_prior_knowledge,
+                tls_ca: ublk.tls_ca.clone(),
                 s3_endpoint: ublk.s3_endpoint.clone(),
                 s3_path_style: ublk.s3_path_style,
                 ec_cache: ublk.ec_cache.clone(),
@@ -222,6 +223,12 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
                 .as_ref()
                 .map(|path| std::path::absolute(path).unwrap_or(path.clone())),
             http2_prior_knowledge: spec.image.store.http2_prior_knowledge,
+            tls_ca: spec
+                .image
+                .store
+                .tls_ca
+                .as_ref()
+                .map(|path| std::path::absolute(path).unwrap_or(path.clone())),
             s3_endpoint: spec.image.store.s3_endpoint.clone(),
             s3_path_style: spec.image.store.s3_path_style,
             ec_cache: spec.image.store.ec_cache.clone(),

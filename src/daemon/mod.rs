@@ -117,6 +117,9 @@ pub struct UblkRecord {
     /// `--http2-prior-knowledge` as given to `add`.
     #[serde(default)]
     pub http2_prior_knowledge: bool,
+    /// `--tls-ca` as given to `add`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
     /// `--s3-endpoint` as given to `add`; without one, `recover` takes the
     /// endpoint from its own environment, as it does the credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]

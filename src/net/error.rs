@@ -128,16 +128,15 @@ fn chain_has_permanent_cause(error: &(dyn StdError + 'static)) -> bool {
                 return true;
             }
         }
-        if let Some(io) = error.downcast_ref::<io::Error>() {
-            if matches!(
-                io.kind(),
-                io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData
-            ) {
-                // rustls reports a bad certificate as InvalidData wrapping its error.
-                return io
-                    .get_ref()
-                    .is_some_and(|inner| inner.is::<rustls::Error>());
-            }
+        if let Some(inner) = error
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::get_ref)
+        {
+            // An io::Error's source() is the source of the error it wraps,
+            // skipping that error itself; and rustls's certificate error
+            // arrives wrapped twice (tokio-rustls, then hyper-rustls).
+            cause = Some(inner);
+            continue;
         }
         cause = error.source();
     }

@@ -1,7 +1,7 @@
 //! The one HTTP client every network store shares.
 //!
-//! A pooled hyper client over rustls (ring, webpki roots): `http://` and
-//! `https://` alike, HTTP/2 where the server offers it through ALPN, or h2c
+//! A pooled hyper client over rustls (ring; webpki roots, or only the CA a
+//! user names with `--tls-ca`, see [`tls`]): `http://` and `https://` alike, HTTP/2 where the server offers it through ALPN, or h2c
 //! by prior knowledge when asked. Each exchange has a deadline for the whole
 //! of it (headers and body), and a response body is read only up to a cap
 //! the caller gives, so a misbehaving server can neither hang a read nor
@@ -12,8 +12,11 @@
 
 mod error;
 pub mod protocol;
+pub mod tls;
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,6 +28,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use error::{is_transient_status, HttpError};
+pub use tls::TlsError;
 
 /// How long a connection attempt may take before it counts as refused.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -55,15 +59,29 @@ impl HttpClient {
     /// from the first byte (the server must support h2c); otherwise they
     /// speak HTTP/1.1 and `https://` negotiates HTTP/2 where offered.
     pub fn new(h2c_prior_knowledge: bool) -> HttpClient {
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            // The ring provider supports TLS 1.2 and 1.3, the only versions asked for.
+            .expect("ring supports the default protocol versions");
+        HttpClient::build(builder, h2c_prior_knowledge)
+    }
+
+    /// A new pool whose `https://` connections trust `tls` alone (see
+    /// [`tls::client_config_trusting`]); ALPN is set here.
+    pub fn with_tls(h2c_prior_knowledge: bool, tls: rustls::ClientConfig) -> HttpClient {
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
+        HttpClient::build(builder, h2c_prior_knowledge)
+    }
+
+    fn build(
+        builder: hyper_rustls::HttpsConnectorBuilder<hyper_rustls::builderstates::WantsSchemes>,
+        h2c_prior_knowledge: bool,
+    ) -> HttpClient {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let builder = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            // The ring provider supports TLS 1.2 and 1.3, the only versions asked for.
-            .expect("ring supports the default protocol versions")
-            .https_or_http();
+        let builder = builder.https_or_http();
         let https = if h2c_prior_knowledge {
             builder.enable_http2().wrap_connector(http)
         } else {
@@ -78,6 +96,30 @@ impl HttpClient {
             .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
             .build(https);
         HttpClient { inner }
+    }
+
+    /// The process-wide pool for this protocol choice and trust: webpki's
+    /// roots without `ca`, else only the CA certificates in the PEM file
+    /// `ca` (read once per process).
+    pub fn shared_trusting(
+        h2c_prior_knowledge: bool,
+        ca: Option<&Path>,
+    ) -> Result<HttpClient, TlsError> {
+        let Some(ca) = ca else {
+            return Ok(HttpClient::shared(h2c_prior_knowledge));
+        };
+        static TRUSTING: OnceLock<Mutex<HashMap<(bool, PathBuf), HttpClient>>> = OnceLock::new();
+        let mut pools = TRUSTING
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = (h2c_prior_knowledge, ca.to_owned());
+        if let Some(client) = pools.get(&key) {
+            return Ok(client.clone());
+        }
+        let client = HttpClient::with_tls(h2c_prior_knowledge, tls::client_config_trusting(ca)?);
+        pools.insert(key, client.clone());
+        Ok(client)
     }
 
     /// The process-wide pool for the given protocol choice: every store

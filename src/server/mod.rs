@@ -1,6 +1,6 @@
 //! The chunk server (`lazyblk serve`): a store's chunks and manifests over
-//! HTTP/1.1 (keep-alive) and HTTP/2 (h2c), the protocol [`crate::store::http`]
-//! speaks.
+//! HTTP/1.1 (keep-alive) and HTTP/2 (h2c), or over TLS with either chosen by
+//! ALPN, the protocol [`crate::store::http`] speaks.
 //!
 //! Routes (see [`crate::net::protocol`]): `GET`/`HEAD /v1/chunks/{id}` (single Range),
 //! `PUT`/`DELETE /v1/chunks/{id}`, `POST /v1/chunks/missing`,
@@ -61,6 +61,9 @@ pub struct ServerOptions {
     /// Bytes of erasure-coded shards kept in memory for a cache fleet
     /// (`/v1/shards`); `None`: the server is no fleet node.
     pub shard_cache_size: Option<u64>,
+    /// Serve HTTPS with these settings (see [`crate::net::tls`]) instead
+    /// of plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServerOptions {
@@ -73,6 +76,7 @@ impl Default for ServerOptions {
             max_connections: 1024,
             shutdown_grace: Duration::from_secs(30),
             shard_cache_size: None,
+            tls: None,
         }
     }
 }
@@ -179,17 +183,34 @@ impl Server {
                 let _permit = permit;
                 open.add(1);
                 let _closed = Closed(&open);
-                if !preface_arrives(&stream, state.options.header_timeout).await {
-                    tracing::debug!(%peer, "closed a connection that sent no request in time");
+                let limit = state.options.header_timeout;
+                let Some(tls) = state.options.tls.clone() else {
+                    if !preface_arrives(&stream, limit).await {
+                        tracing::debug!(%peer, "closed a connection that sent no request in time");
+                        return;
+                    }
+                    serve_connection(builder, stream, state, watcher, peer).await;
                     return;
-                }
-                let service = hyper::service::service_fn(move |request| {
-                    routes::handle(Arc::clone(&state), request)
-                });
-                let connection = builder.serve_connection(TokioIo::new(stream), service);
-                if let Err(error) = watcher.watch(connection.into_owned()).await {
-                    tracing::debug!(%peer, error = %error, "connection ended");
-                }
+                };
+                let accept = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+                let stream = match tokio::time::timeout(limit, accept).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%peer, %error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "closed a connection that did not finish its TLS handshake in time");
+                        return;
+                    }
+                };
+                // ALPN said which protocol follows: no sniffing, so no
+                // partial preface can stall the connection.
+                let builder = match stream.get_ref().1.alpn_protocol() {
+                    Some(crate::net::tls::ALPN_H2) => builder.http2_only(),
+                    _ => builder.http1_only(),
+                };
+                serve_connection(builder, stream, state, watcher, peer).await;
             });
         }
         drop(self.listener);
@@ -200,6 +221,25 @@ impl Server {
         {
             tracing::warn!("requests still in flight after {grace:?}; stopping anyway");
         }
+    }
+}
+
+/// Serves requests on one accepted (and, with TLS, handshaken) connection
+/// until it closes or the server shuts down.
+async fn serve_connection<S>(
+    builder: auto::Builder<TokioExecutor>,
+    stream: S,
+    state: Arc<State>,
+    watcher: hyper_util::server::graceful::Watcher,
+    peer: SocketAddr,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service =
+        hyper::service::service_fn(move |request| routes::handle(Arc::clone(&state), request));
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    if let Err(error) = watcher.watch(connection.into_owned()).await {
+        tracing::debug!(%peer, error = %error, "connection ended");
     }
 }
 
@@ -236,3 +276,5 @@ async fn preface_arrives(stream: &TcpStream, limit: Duration) -> bool {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_tls;

@@ -22,15 +22,15 @@ use crate::store::{ChunkStore, MAX_ENVELOPE_SIZE};
 const WRITE: &str = "write-secret";
 const READ: &str = "read-secret";
 
-struct Running {
-    addr: SocketAddr,
+pub(super) struct Running {
+    pub(super) addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
-    registry: Arc<Registry>,
+    pub(super) registry: Arc<Registry>,
 }
 
 impl Running {
-    async fn start(
+    pub(super) async fn start(
         store: Arc<dyn ChunkStore>,
         addr: SocketAddr,
         options: ServerOptions,
@@ -56,7 +56,7 @@ impl Running {
         format!("http://{}", self.addr)
     }
 
-    async fn stop(mut self) {
+    pub(super) async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         (&mut self.task).await.unwrap();
     }
@@ -68,11 +68,11 @@ impl Drop for Running {
     }
 }
 
-fn dir_store(dir: &tempfile::TempDir) -> Arc<dyn ChunkStore> {
+pub(super) fn dir_store(dir: &tempfile::TempDir) -> Arc<dyn ChunkStore> {
     Arc::new(DirStore::open(&dir.path().join("store")).unwrap())
 }
 
-fn options(read: Option<&str>, write: Option<&str>) -> ServerOptions {
+pub(super) fn options(read: Option<&str>, write: Option<&str>) -> ServerOptions {
     ServerOptions {
         tokens: Tokens::new(read, write),
         header_timeout: Duration::from_millis(300),

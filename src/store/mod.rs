@@ -211,6 +211,21 @@ pub struct StoreOptions {
     pub http2_prior_knowledge: bool,
     /// Where an `s3://` store's API is and how it addresses buckets.
     pub s3: s3::S3Options,
+    /// A PEM file of the CA certificates `https://` servers (chunk servers,
+    /// fleet nodes, an S3 endpoint) must chain to, instead of webpki's roots.
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl StoreOptions {
+    /// The process's shared HTTP client for these options.
+    pub fn http_client(&self, spec: &str, h2c: bool) -> Result<HttpClient, StoreError> {
+        HttpClient::shared_trusting(h2c, self.tls_ca.as_deref()).map_err(|e| {
+            StoreError::InvalidSpec {
+                spec: spec.to_owned(),
+                reason: crate::error::chain(&e),
+            }
+        })
+    }
 }
 
 impl fmt::Debug for StoreOptions {
@@ -219,6 +234,7 @@ impl fmt::Debug for StoreOptions {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("http2_prior_knowledge", &self.http2_prior_knowledge)
             .field("s3", &self.s3)
+            .field("tls_ca", &self.tls_ca)
             .finish()
     }
 }
@@ -247,11 +263,15 @@ pub fn open_store(spec: &str, options: &StoreOptions) -> Result<Arc<dyn ChunkSto
         }
         "http" | "https" => Ok(Arc::new(http::HttpStore::new(
             spec,
-            HttpClient::shared(options.http2_prior_knowledge),
+            options.http_client(spec, options.http2_prior_knowledge)?,
             options.token.clone(),
             http::HttpStoreTiming::default(),
         )?)),
-        "s3" => Ok(Arc::new(s3::S3Store::open(spec, &options.s3)?)),
+        "s3" => Ok(Arc::new(s3::S3Store::open(
+            spec,
+            &options.s3,
+            options.http_client(spec, false)?,
+        )?)),
         _ => Err(invalid(format!(
             "no store engine for scheme {scheme:?}; give a directory path, file://, http://, https:// or s3://"
         ))),

@@ -147,7 +147,7 @@ pub fn open_fleet(
     scheme: Scheme,
     options: &StoreOptions,
 ) -> Result<EcFleetStore, StoreError> {
-    let client = HttpClient::shared(options.http2_prior_knowledge);
+    let client = options.http_client(urls, options.http2_prior_knowledge)?;
     let nodes = urls
         .split(',')
         .map(str::trim)

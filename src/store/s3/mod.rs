@@ -65,20 +65,35 @@ impl S3Store {
     /// Opens `s3://BUCKET[/PREFIX]`, configured by `options` and the
     /// standard AWS environment variables. Makes no request: a bucket that
     /// does not exist, or refuses the credentials, fails the first one.
-    pub fn open(spec: &str, options: &S3Options) -> Result<S3Store, StoreError> {
-        S3Store::with_env(spec, options, |name| std::env::var(name).ok())
+    /// Requests go through `client` (which says whom `https://` trusts).
+    pub fn open(
+        spec: &str,
+        options: &S3Options,
+        client: HttpClient,
+    ) -> Result<S3Store, StoreError> {
+        S3Store::build(spec, options, |name| std::env::var(name).ok(), client)
     }
 
-    /// [`S3Store::open`] with the environment read through `env`.
+    /// [`S3Store::open`] with the environment read through `env`, through
+    /// the shared client.
     pub fn with_env(
         spec: &str,
         options: &S3Options,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<S3Store, StoreError> {
+        S3Store::build(spec, options, env, HttpClient::shared(false))
+    }
+
+    fn build(
+        spec: &str,
+        options: &S3Options,
+        env: impl Fn(&str) -> Option<String>,
+        client: HttpClient,
+    ) -> Result<S3Store, StoreError> {
         Ok(S3Store {
             objects: Arc::new(Objects {
                 config: S3Config::new(spec, options, env)?,
-                client: HttpClient::shared(false),
+                client,
             }),
             spec: spec.to_owned(),
         })
