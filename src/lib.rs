@@ -17,6 +17,7 @@
 //! * [`store`]: the [`store::ChunkStore`] trait and its engines.
 //! * [`net`]: the HTTP client the network stores share.
 //! * [`server`]: the chunk server that serves a store over HTTP.
+//! * [`fault_proxy`]: a loopback proxy injecting network faults, for tests.
 //! * [`retry`]: the back-off schedule for transient failures.
 //! * [`metrics`]: Prometheus text exposition of counters and histograms.
 //! * [`transfer`]: `push` (image → store) and `export` (store → image).
@@ -43,6 +44,7 @@ pub mod durable;
 pub mod engine;
 pub mod error;
 pub mod ext4;
+pub mod fault_proxy;
 pub mod flatten;
 pub mod frontend;
 pub mod maint;

@@ -11,6 +11,7 @@ macro_rules! outln {
 }
 
 mod device;
+mod fault_proxy;
 mod flatten;
 mod fuse;
 mod keys;
@@ -76,6 +77,10 @@ pub enum Command {
     /// Serve a store's chunks and manifests over HTTP (the store URL
     /// http://HOST:PORT names it to other commands).
     Serve(serve::ServeArgs),
+    /// A loopback proxy injecting faults in front of an HTTP store (tests
+    /// and soak runs).
+    #[command(hide = true)]
+    FaultProxy(fault_proxy::FaultProxyArgs),
     /// Show which ublk features the running kernel's driver supports.
     Features {
         /// Print JSON instead of a table.
@@ -208,7 +213,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let default_level = match &cli.command {
         Command::Add(args) if args.foreground => "info",
         Command::Recover(args) if args.foreground => "info",
-        Command::Serve(_) => "info",
+        Command::Serve(_) | Command::FaultProxy(_) => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("LAZYBLK_LOG")
@@ -227,6 +232,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List { json } => runtime()?.block_on(device::list(json)),
         Command::Recover(args) => ublk::recover(args),
         Command::Serve(args) => runtime()?.block_on(serve::serve(args)),
+        Command::FaultProxy(args) => runtime()?.block_on(fault_proxy::fault_proxy(args)),
         Command::Features { json } => ublk::features(json),
         Command::Gc(args) => runtime()?.block_on(maint::gc(args)),
         Command::Verify(args) => runtime()?.block_on(maint::verify(args)),
