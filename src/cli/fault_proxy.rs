@@ -17,6 +17,10 @@ pub struct FaultProxyArgs {
     /// proxy's URL is printed once it listens.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
+    /// Only GETs whose path starts with PREFIX draw faults (e.g.
+    /// /v1/chunks/: manifests and listings pass unharmed).
+    #[arg(long, value_name = "PREFIX", default_value = "")]
+    pub only_under: String,
     /// Milliseconds added before every request is forwarded.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     pub latency_ms: u64,
@@ -42,6 +46,7 @@ pub struct FaultProxyArgs {
 
 pub async fn fault_proxy(args: FaultProxyArgs) -> anyhow::Result<()> {
     let rates = FaultRates {
+        only_under: args.only_under,
         latency_ms: args.latency_ms,
         error_rate: args.error_rate,
         reset_rate: args.reset_rate,
@@ -49,7 +54,7 @@ pub async fn fault_proxy(args: FaultProxyArgs) -> anyhow::Result<()> {
         truncate_rate: args.truncate_rate,
         flip_rate: args.flip_rate,
     };
-    let proxy = FaultProxy::bind(args.listen, &args.upstream, rates, args.seed).await?;
+    let proxy = FaultProxy::bind(args.listen, &args.upstream, rates.clone(), args.seed).await?;
     let bound = proxy.local_addr()?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;

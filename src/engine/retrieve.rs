@@ -30,8 +30,9 @@ pub type FetchPolicy = RetryPolicy;
 
 /// The envelope of chunk `index` (named `id`), unverified.
 ///
-/// Retries transient failures within the deadline; `retries` counts each
-/// retry. A deadline that passes is [`EngineError::FetchTimeout`].
+/// Retries transient failures within the deadline, unless the store
+/// retried them already (then only the deadline applies); `retries` counts
+/// each retry. A deadline that passes is [`EngineError::FetchTimeout`].
 ///
 /// # Cancel safety
 /// Dropping the future abandons the request to the store; nothing is kept.
@@ -42,7 +43,15 @@ pub async fn get_envelope(
     id: &ChunkId,
     retries: &AtomicU64,
 ) -> Result<Bytes, EngineError> {
-    let result = policy
+    let single = FetchPolicy {
+        max_attempts: 1,
+        ..*policy
+    };
+    let policy_here = match store.retries_transient_failures() {
+        true => &single,
+        false => policy,
+    };
+    let result = policy_here
         .run(
             || store.get(id),
             |error| error.kind() == ErrorKind::Transient,

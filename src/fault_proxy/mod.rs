@@ -359,7 +359,7 @@ async fn control(shared: &Shared, route: &str, request: Request<Incoming>) -> Re
             if let Err(reason) = rates.validate() {
                 return text(StatusCode::BAD_REQUEST, &reason);
             }
-            shared.plan.set_rates(rates);
+            shared.plan.set_rates(rates.clone());
             shared.rates_changed.notify_waiters();
             json(&rates)
         }

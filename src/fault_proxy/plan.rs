@@ -1,9 +1,10 @@
 //! What the fault proxy does to each request, and what it has done.
 //!
-//! Every GET draws one outcome from the configured rates with a seeded
-//! generator: at most one fault per request, so the rates add up to the
-//! share of reads that go wrong. Other methods are never harmed (uploads,
-//! listings and manifests set a test up; the read path is under test).
+//! Every GET (under a path prefix, if one is given) draws one outcome from
+//! the configured rates with a seeded generator: at most one fault per
+//! request, so the rates add up to the share of reads that go wrong. Other
+//! requests are never harmed: uploads, listings and, with a prefix such as
+//! `/v1/chunks/`, manifests set a test up; the read path is under test.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -15,9 +16,11 @@ use serde::{Deserialize, Serialize};
 
 /// How often each fault is injected, as shares of GET requests in [0, 1]
 /// whose sum is at most 1.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FaultRates {
+    /// Only GETs whose path starts with this draw faults (all when empty).
+    pub only_under: String,
     /// Added before every request is forwarded, whatever its method.
     pub latency_ms: u64,
     /// Answered `503 Service Unavailable` without reaching the upstream.
@@ -130,7 +133,7 @@ impl Plan {
     }
 
     pub fn rates(&self) -> FaultRates {
-        self.state().rates
+        self.state().rates.clone()
     }
 
     pub fn set_rates(&self, rates: FaultRates) {
@@ -154,6 +157,9 @@ impl Plan {
             return (Outcome::Forward, latency);
         }
         *counts.gets_by_path.entry(path.to_owned()).or_default() += 1;
+        if !path.starts_with(&state.rates.only_under) {
+            return (Outcome::Forward, latency);
+        }
         let roll: f64 = state.rng.gen();
         let outcomes = [
             Outcome::Error,
@@ -230,7 +236,7 @@ mod tests {
             flip_rate: 0.25,
             ..FaultRates::default()
         };
-        let plan = Plan::new(rates, 7);
+        let plan = Plan::new(rates.clone(), 7);
         let mut errors = 0;
         let mut flips = 0;
         for _ in 0..4000 {
@@ -250,6 +256,14 @@ mod tests {
         assert_eq!(counts.requests, 4100);
         assert_eq!(counts.gets_by_path.get("/a"), Some(&4000));
         assert_eq!(counts.gets_by_path.get("/b"), None);
+
+        plan.set_rates(FaultRates {
+            only_under: "/v1/chunks/".into(),
+            error_rate: 1.0,
+            ..FaultRates::default()
+        });
+        assert_eq!(plan.draw(true, "/v1/manifests/a").0, Outcome::Forward);
+        assert_eq!(plan.draw(true, "/v1/chunks/ab").0, Outcome::Error);
     }
 
     #[test]
@@ -259,7 +273,7 @@ mod tests {
             ..FaultRates::default()
         };
         let run = |seed| {
-            let plan = Plan::new(rates, seed);
+            let plan = Plan::new(rates.clone(), seed);
             (0..64)
                 .map(|_| plan.draw(true, "/").0 == Outcome::Reset)
                 .collect::<Vec<_>>()

@@ -204,13 +204,13 @@ async fn only_loopback_and_valid_rates_are_accepted() {
     let anywhere = "0.0.0.0:0".parse().unwrap();
     let local = "127.0.0.1:0".parse().unwrap();
     let rates = FaultRates::default();
-    let refused = FaultProxy::bind(anywhere, "http://127.0.0.1:1", rates, 0).await;
+    let refused = FaultProxy::bind(anywhere, "http://127.0.0.1:1", rates.clone(), 0).await;
     assert!(matches!(
         refused,
         Err(FaultProxyError::ListenNotLoopback(_))
     ));
     for upstream in ["http://example.com", "https://127.0.0.1:1", "not a url"] {
-        let refused = FaultProxy::bind(local, upstream, rates, 0).await;
+        let refused = FaultProxy::bind(local, upstream, rates.clone(), 0).await;
         assert!(
             matches!(refused, Err(FaultProxyError::Upstream { .. })),
             "{upstream}"

@@ -467,4 +467,8 @@ impl ChunkStore for HttpStore {
     fn describe(&self) -> String {
         self.base.clone()
     }
+
+    fn retries_transient_failures(&self) -> bool {
+        true
+    }
 }

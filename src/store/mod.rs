@@ -190,6 +190,13 @@ pub trait ChunkStore: Send + Sync + std::fmt::Debug {
     async fn list_manifests(&self) -> Result<Vec<String>, StoreError>;
     /// How the store was named by the user, for messages.
     fn describe(&self) -> String;
+    /// Whether the store retries its own transient failures (on the
+    /// schedule of [`crate::retry`]) before it reports one: a caller then
+    /// must not retry again, or the attempts multiply into a storm against
+    /// a failing server.
+    fn retries_transient_failures(&self) -> bool {
+        false
+    }
     /// Per-tier read counters of a store made of tiers; none for a plain store.
     fn tier_stats(&self) -> Vec<TierSnapshot> {
         Vec::new()

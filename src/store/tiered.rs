@@ -247,6 +247,13 @@ impl ChunkStore for TieredStore {
         self.stats()
     }
 
+    /// The origin's answer is the one a reader gets (a failure above it
+    /// only sends the read down), so the origin's retries are the ones that
+    /// count.
+    fn retries_transient_failures(&self) -> bool {
+        self.origin().retries_transient_failures()
+    }
+
     fn fleet_stats(&self) -> Option<super::ec::FleetStatsSnapshot> {
         self.tiers.iter().find_map(|tier| tier.store.fleet_stats())
     }

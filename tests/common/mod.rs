@@ -13,6 +13,7 @@ use std::process::{Command, Output};
 
 use tempfile::TempDir;
 
+pub mod fault_proxy;
 pub mod layout;
 pub mod seaweedfs;
 pub mod serve;

@@ -261,6 +261,10 @@ impl ChunkStore for S3Store {
     fn describe(&self) -> String {
         self.spec.clone()
     }
+
+    fn retries_transient_failures(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
