@@ -256,8 +256,8 @@ fn fetched_chunks_are_checkpointed_and_survive_sigkill() {
 /// How many chunks the cache's persisted bitmap records as present.
 fn checkpointed_chunks(bitmap: &std::path::Path) -> u32 {
     let bytes = fs::read(bitmap).unwrap();
-    let (_, words) = lazyblk::cache::bitmap::decode(&bytes).unwrap();
-    words.iter().map(|word| word.count_ones()).sum()
+    let file = lazyblk::cache::bitmap::decode(&bytes).unwrap();
+    file.present.iter().map(|word| word.count_ones()).sum()
 }
 
 #[test]

@@ -48,7 +48,7 @@ fn main() -> std::io::Result<()> {
         for index in present {
             words[index / 64] |= 1 << (index % 64);
         }
-        write("bitmap_decode", name, &encode(&geometry, &words))?;
+        write("bitmap_decode", name, &encode(&geometry, &words, &words))?;
     }
 
     write(

@@ -1,14 +1,16 @@
-//! The present-bitmap: which chunks of the image the data file holds.
+//! The present-bitmap: which chunks of the image the data file holds, and
+//! which of those the device has written to.
 //!
-//! In memory it is a word array of atomics, so any number of readers test
-//! bits without a lock while fetches and writes set them. Bits are only ever
-//! set, never cleared, for the life of a cache directory: a chunk once
-//! present stays present.
+//! In memory each set is a word array of atomics, so any number of readers
+//! test bits without a lock while fetches and writes set them. A serving
+//! cache only ever sets bits: a chunk once present stays present. Only a
+//! repair (at open, or `verify-cache --repair`) clears them.
 //!
 //! On disk it is the `present` file described in `docs/FORMAT.md`
 //! ("Cache present-bitmap"): a fixed header naming the manifest and geometry,
-//! the bits LSB-first, and a SHA-256 of everything before it so a torn or
-//! damaged file is refused rather than trusted.
+//! the present bits and the written bits LSB-first, and a SHA-256 of
+//! everything before it so a torn or damaged file is refused rather than
+//! trusted.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -16,8 +18,11 @@ use sha2::{Digest, Sha256};
 
 /// The first eight bytes of every present-bitmap file.
 pub const MAGIC: [u8; 8] = *b"LZBKPRES";
-/// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this build writes.
+pub const VERSION: u32 = 2;
+/// The version before written bits, still read: it cannot tell written
+/// chunks from fetched ones, so every present chunk counts as written.
+pub const VERSION_PRESENT_ONLY: u32 = 1;
 /// Bytes before the bits.
 pub const HEADER_LEN: usize = 64;
 /// Bytes of the trailing SHA-256.
@@ -105,6 +110,21 @@ impl PresentBits {
         added
     }
 
+    /// Removes `index`; true if it was there. For repairs only: a serving
+    /// cache never forgets a chunk (readers test bits without a lock).
+    pub fn clear(&self, index: u64) -> bool {
+        if index >= self.len {
+            return false;
+        }
+        let bit = 1 << (index % 64);
+        let before = self.words[(index / 64) as usize].fetch_and(!bit, Ordering::AcqRel);
+        let removed = before & bit != 0;
+        if removed {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        removed
+    }
+
     /// How many indices are in the set.
     pub fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
@@ -130,10 +150,23 @@ impl PresentBits {
     }
 }
 
-/// Serialises a bitmap file for `geometry` holding the bits of `words`.
-pub fn encode(geometry: &Geometry, words: &[u64]) -> Vec<u8> {
+/// The contents of a bitmap file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapFile {
+    pub geometry: Geometry,
+    /// Chunks the data file holds, as words (bit `i % 64` of word `i / 64`).
+    pub present: Vec<u64>,
+    /// Chunks the device wrote to (written, discarded or zeroed): their
+    /// bytes are the user's, not the manifest's.
+    pub written: Vec<u64>,
+}
+
+/// Serialises a bitmap file for `geometry` holding the `present` and
+/// `written` bits (as words); written bits of chunks not present are left
+/// out.
+pub fn encode(geometry: &Geometry, present: &[u64], written: &[u64]) -> Vec<u8> {
     let bitmap_bytes = geometry.bitmap_bytes();
-    let mut out = Vec::with_capacity(HEADER_LEN + bitmap_bytes + CHECKSUM_LEN);
+    let mut out = Vec::with_capacity(HEADER_LEN + 2 * bitmap_bytes + CHECKSUM_LEN);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&geometry.chunk_size.to_le_bytes());
@@ -144,9 +177,19 @@ pub fn encode(geometry: &Geometry, words: &[u64]) -> Vec<u8> {
     // Little-endian words laid end to end are exactly the LSB-first byte
     // bitmap: bit i sits in byte i/8 at bit i%8.
     out.extend(
-        words
+        present
             .iter()
             .flat_map(|w| w.to_le_bytes())
+            .take(bitmap_bytes),
+    );
+    // A written bit means nothing for a chunk that is not present (a
+    // snapshot may catch a write that made a chunk present half done): it is
+    // left out, so every file holds written bits of present chunks only.
+    out.extend(
+        written
+            .iter()
+            .zip(present)
+            .flat_map(|(w, p)| (w & p).to_le_bytes())
             .take(bitmap_bytes),
     );
     let checksum: [u8; 32] = Sha256::digest(&out).into();
@@ -163,7 +206,7 @@ pub enum DecodeError {
     BadMagic,
     #[error("its checksum does not match its contents (torn or damaged write)")]
     Checksum,
-    #[error("format version {0} is not supported (this build reads version {VERSION})")]
+    #[error("format version {0} is not supported (this build reads versions {VERSION_PRESENT_ONLY} and {VERSION})")]
     Version(u32),
     #[error("its header says {chunk_count} chunks of {chunk_size} bytes for an image of {image_size} bytes")]
     Inconsistent {
@@ -175,10 +218,12 @@ pub enum DecodeError {
     Length { expected: usize, actual: usize },
     #[error("bits are set beyond chunk {chunk_count}")]
     StrayBits { chunk_count: u64 },
+    #[error("it marks chunks written that it does not mark present")]
+    WrittenNotPresent,
 }
 
-/// Parses and checks a bitmap file: the header geometry and the bits as words.
-pub fn decode(bytes: &[u8]) -> Result<(Geometry, Vec<u64>), DecodeError> {
+/// Parses and checks a bitmap file.
+pub fn decode(bytes: &[u8]) -> Result<BitmapFile, DecodeError> {
     let min = HEADER_LEN + CHECKSUM_LEN;
     if bytes.len() < min {
         return Err(DecodeError::TooShort {
@@ -196,9 +241,11 @@ pub fn decode(bytes: &[u8]) -> Result<(Geometry, Vec<u64>), DecodeError> {
     let u32_at = |at: usize| u32::from_le_bytes(body[at..at + 4].try_into().expect("4 bytes"));
     let u64_at = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
     let version = u32_at(8);
-    if version != VERSION {
-        return Err(DecodeError::Version(version));
-    }
+    let bit_arrays = match version {
+        VERSION => 2,
+        VERSION_PRESENT_ONLY => 1,
+        _ => return Err(DecodeError::Version(version)),
+    };
     let (chunk_size, chunk_count, image_size) = (u32_at(12), u64_at(16), u64_at(24));
     let manifest_digest: [u8; 32] = body[32..64].try_into().expect("32 bytes");
     let geometry = Geometry::new(manifest_digest, image_size, chunk_size)
@@ -208,16 +255,37 @@ pub fn decode(bytes: &[u8]) -> Result<(Geometry, Vec<u64>), DecodeError> {
             chunk_size,
             image_size,
         })?;
-    let bits = &body[HEADER_LEN..];
-    let expected = HEADER_LEN + geometry.bitmap_bytes() + CHECKSUM_LEN;
+    let bitmap_bytes = geometry.bitmap_bytes();
+    let expected = HEADER_LEN + bit_arrays * bitmap_bytes + CHECKSUM_LEN;
     if bytes.len() != expected {
         return Err(DecodeError::Length {
             expected,
             actual: bytes.len(),
         });
     }
+    let present = words_of(&body[HEADER_LEN..][..bitmap_bytes], chunk_count)?;
+    let written = if bit_arrays == 2 {
+        let written = words_of(&body[HEADER_LEN + bitmap_bytes..], chunk_count)?;
+        // A written chunk the data file does not hold means nothing; a
+        // writer never records one, so the file is not what it claims.
+        if written.iter().zip(&present).any(|(w, p)| w & !p != 0) {
+            return Err(DecodeError::WrittenNotPresent);
+        }
+        written
+    } else {
+        present.clone()
+    };
+    Ok(BitmapFile {
+        geometry,
+        present,
+        written,
+    })
+}
+
+/// The bits of `bytes` (LSB-first) as words, refusing any past `chunk_count`.
+fn words_of(bytes: &[u8], chunk_count: u64) -> Result<Vec<u64>, DecodeError> {
     let mut words = vec![0u64; chunk_count.div_ceil(64) as usize];
-    for (i, &byte) in bits.iter().enumerate() {
+    for (i, &byte) in bytes.iter().enumerate() {
         words[i / 8] |= u64::from(byte) << (8 * (i % 8));
     }
     if let Some(last) = words.last() {
@@ -226,5 +294,5 @@ pub fn decode(bytes: &[u8]) -> Result<(Geometry, Vec<u64>), DecodeError> {
             return Err(DecodeError::StrayBits { chunk_count });
         }
     }
-    Ok((geometry, words))
+    Ok(words)
 }

@@ -20,22 +20,21 @@ pub enum CacheError {
         #[source]
         source: io::Error,
     },
-    #[error("cache directory {} is in use by another process", dir.display())]
-    InUse { dir: PathBuf },
+    #[error(
+        "cache directory {} is in use by {}; stop that device first (or use another cache directory)",
+        dir.display(),
+        match holder { Some(pid) => format!("process {pid}"), None => "another process".into() }
+    )]
+    InUse { dir: PathBuf, holder: Option<u32> },
     #[error("read present-bitmap {}", path.display())]
     ReadBitmap {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error(
-        "present-bitmap {} is corrupt; delete the cache directory {} to start it afresh",
-        path.display(),
-        dir.display()
-    )]
-    CorruptBitmap {
+    #[error("present-bitmap {} was written by another version of lazyblk", path.display())]
+    UnsupportedBitmap {
         path: PathBuf,
-        dir: PathBuf,
         #[source]
         reason: DecodeError,
     },
@@ -54,25 +53,6 @@ pub enum CacheError {
         dir: PathBuf,
         found: Box<Geometry>,
         expected: Box<Geometry>,
-    },
-    #[error(
-        "cache directory {} has a data file but no present-bitmap; delete the directory to start it afresh",
-        dir.display()
-    )]
-    BitmapMissing { dir: PathBuf },
-    #[error(
-        "cache directory {} lists {present} chunks present but has no data file; delete the directory to start it afresh",
-        dir.display()
-    )]
-    DataMissing { dir: PathBuf, present: u64 },
-    #[error(
-        "cache directory {} has a data file of {actual} bytes, not the image's {expected}; delete the directory to start it afresh",
-        dir.display()
-    )]
-    DataSize {
-        dir: PathBuf,
-        expected: u64,
-        actual: u64,
     },
     #[error("open cache data file {}", path.display())]
     OpenData {
@@ -130,10 +110,7 @@ impl CacheError {
             CacheError::InvalidGeometry { .. }
             | CacheError::WrongManifest { .. }
             | CacheError::OutOfRange { .. } => ErrorKind::Invalid,
-            CacheError::CorruptBitmap { .. }
-            | CacheError::BitmapMissing { .. }
-            | CacheError::DataMissing { .. }
-            | CacheError::DataSize { .. } => ErrorKind::Integrity,
+            CacheError::UnsupportedBitmap { .. } => ErrorKind::Unsupported,
             CacheError::Private(e) if e.io_source().is_none() => ErrorKind::Invalid,
             CacheError::Private(_)
             | CacheError::Lock { .. }

@@ -11,30 +11,45 @@
 //!   been fetched or written;
 //! * `present`: the persistent present-bitmap (see [`bitmap`] and
 //!   `docs/FORMAT.md`), naming the manifest digest and geometry it was made
-//!   for, so a cache made for another image is refused, never reused;
+//!   for, so a cache made for another image is refused, never reused; it
+//!   also records which present chunks the device wrote to, so a check
+//!   (`verify-cache`, [`check`]) knows which chunks must still hold the
+//!   manifest's bytes;
 //! * `lock`: held with an exclusive `flock` while the cache is open, so two
-//!   daemons never serve one cache.
+//!   daemons never serve one cache; it names the holder's pid.
 //!
 //! Invariants:
-//! * a bit is set in memory only after its chunk's bytes were written to
-//!   `data` (callers keep this; [`CacheDir::mark_present`] says so);
+//! * a present bit is set in memory only after its chunk's bytes were
+//!   written to `data` (callers keep this; [`CacheDir::mark_present`] says
+//!   so);
+//! * a chunk's bytes are changed by a write only after its written bit is
+//!   set, and, if its present bit may be on disk already, on disk too
+//!   ([`CacheDir::record_written`]): so on disk, a present chunk not marked
+//!   written holds exactly the manifest's bytes, even after a crash;
 //! * a bit reaches the `present` file only after its bytes were made durable:
 //!   [`CacheDir::flush`] snapshots the bits, then `fdatasync`s `data`, then
 //!   persists the snapshot;
 //! * the `present` file is replaced atomically (temp file, fsync, rename,
-//!   fsync directory), so a crash leaves the old or the new bitmap, whole.
+//!   fsync directory), so a crash leaves the old or the new bitmap, whole;
+//! * opening never trusts damaged files ([`attach`]): bits it cannot vouch
+//!   for are dropped and the chunks fetched again.
 
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+mod attach;
 pub mod bitmap;
+pub mod check;
 mod error;
 pub mod io;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_attach;
 
+pub use attach::{list_indices, Damage, Repair};
 pub use bitmap::{DecodeError, Geometry};
 pub use error::CacheError;
 
@@ -51,13 +66,24 @@ pub struct CacheDir {
     geometry: Geometry,
     data: File,
     present: PresentBits,
-    /// How many bits the `present` file on disk holds. The lock also keeps
-    /// two flushes from interleaving, so an older snapshot never replaces a
-    /// newer one.
-    persisted: Mutex<u64>,
+    /// Present chunks whose bytes the device changed: they no longer match
+    /// the manifest.
+    written: PresentBits,
+    /// The bits the `present` file on disk holds. The lock also keeps
+    /// flushes and written-bit records from interleaving, so an older
+    /// snapshot never replaces a newer one.
+    persisted: Mutex<OnDisk>,
+    /// What opening found damaged and repaired.
+    repairs: Vec<Repair>,
     /// Declared last so it is dropped last: the lock is released only after
     /// the data file is closed.
     _lock: File,
+}
+
+#[derive(Debug)]
+struct OnDisk {
+    present: Vec<u64>,
+    written: Vec<u64>,
 }
 
 impl CacheDir {
@@ -65,8 +91,9 @@ impl CacheDir {
     /// `manifest_digest`, creating the directory and files if absent.
     ///
     /// A cache made for another manifest, image size or chunk size is
-    /// refused ([`CacheError::WrongManifest`]); a damaged bitmap is refused
-    /// ([`CacheError::CorruptBitmap`]). Neither is ever wiped.
+    /// refused ([`CacheError::WrongManifest`]) and kept as it is. Damaged
+    /// files are repaired by dropping the bits they can no longer vouch for
+    /// (logged, and listed by [`CacheDir::repairs`]).
     pub fn open_or_create(
         dir: &Path,
         manifest_digest: [u8; 32],
@@ -80,75 +107,29 @@ impl CacheDir {
         })?;
         crate::private::ensure_dir(dir, crate::private::CACHE_DIR)?;
         let lock = take_lock(dir)?;
-        let data_path = dir.join(DATA_FILE);
-        let bitmap_path = dir.join(BITMAP_FILE);
-
-        let bitmap = match fs::read(&bitmap_path) {
-            Ok(bytes) => Some(bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(source) => {
-                return Err(CacheError::ReadBitmap {
-                    path: bitmap_path,
-                    source,
-                })
-            }
-        };
-        let data_exists = data_path
-            .try_exists()
-            .map_err(|source| CacheError::OpenData {
-                path: data_path.clone(),
-                source,
-            })?;
-
-        let (present, persisted) = match bitmap {
-            None if data_exists => {
-                return Err(CacheError::BitmapMissing {
-                    dir: dir.to_owned(),
-                })
-            }
-            None => {
-                // The bitmap is written before the data file exists, so a
-                // crash between the two leaves an empty bitmap and no data:
-                // the next open finishes the job below.
-                let present = PresentBits::empty(geometry.chunk_count);
-                write_bitmap(dir, &bitmap::encode(&geometry, &present.snapshot()))?;
-                (present, 0)
-            }
-            Some(bytes) => {
-                let (found, words) =
-                    bitmap::decode(&bytes).map_err(|reason| CacheError::CorruptBitmap {
-                        path: bitmap_path.clone(),
-                        dir: dir.to_owned(),
-                        reason,
-                    })?;
-                if found != geometry {
-                    return Err(CacheError::WrongManifest {
-                        dir: dir.to_owned(),
-                        found: Box::new(found),
-                        expected: Box::new(geometry),
-                    });
-                }
-                let present = PresentBits::from_words(geometry.chunk_count, words);
-                let count = present.count();
-                if !data_exists && count > 0 {
-                    return Err(CacheError::DataMissing {
-                        dir: dir.to_owned(),
-                        present: count,
-                    });
-                }
-                (present, count)
-            }
-        };
-
-        let data = open_data(dir, &data_path, image_size, data_exists)?;
+        let attach::Loaded {
+            data,
+            bits,
+            repairs,
+        } = attach::load(dir, &geometry)?;
         Ok(CacheDir {
             dir: dir.to_owned(),
             geometry,
             data,
-            present,
-            persisted: Mutex::new(persisted),
+            present: PresentBits::from_words(geometry.chunk_count, bits.present.clone()),
+            written: PresentBits::from_words(geometry.chunk_count, bits.written.clone()),
+            persisted: Mutex::new(OnDisk {
+                present: bits.present,
+                written: bits.written,
+            }),
+            repairs,
             _lock: lock,
         })
+    }
+
+    /// What opening found damaged and repaired; empty for a sound cache.
+    pub fn repairs(&self) -> &[Repair] {
+        &self.repairs
     }
 
     /// The directory this cache lives in.
@@ -177,6 +158,67 @@ impl CacheDir {
     /// How many chunks the data file holds.
     pub fn present_count(&self) -> u64 {
         self.present.count()
+    }
+
+    /// Whether the device wrote to chunk `index` (its bytes are the user's).
+    /// Once true, writes to the chunk need no further bookkeeping.
+    pub fn is_written(&self, index: u64) -> bool {
+        self.written.get(index)
+    }
+
+    /// Records that the device is about to change chunk `index`: call it
+    /// before the bytes change (a write, a discard, write-zeroes), whether
+    /// or not the chunk is present yet.
+    ///
+    /// If the `present` file on disk already lists the chunk, the written
+    /// bit is persisted before this returns, so a crash during the write
+    /// never leaves a chunk listed as the manifest's whose bytes are not.
+    /// That costs one bitmap write per chunk in the life of the cache.
+    ///
+    /// Blocks on `fsync` when it persists; call it from a blocking context
+    /// unless [`CacheDir::is_written`] is already true.
+    pub fn record_written(&self, index: u64) -> Result<(), CacheError> {
+        if index >= self.geometry.chunk_count || self.written.get(index) {
+            return Ok(());
+        }
+        let mut persisted = self.persisted.lock().unwrap_or_else(|e| e.into_inner());
+        if self.written.get(index) {
+            return Ok(());
+        }
+        if attach::is_set(&persisted.present, index) {
+            // The present bits on disk stay as they are (their bytes are
+            // durable); only this written bit is added.
+            let mut written = self.written.snapshot();
+            written[(index / 64) as usize] |= 1 << (index % 64);
+            let written = only_present(written, &persisted.present);
+            write_bitmap(
+                &self.dir,
+                &bitmap::encode(&self.geometry, &persisted.present, &written),
+            )?;
+            persisted.written = written;
+        }
+        // Set only now: whoever sees the bit may change the bytes at once.
+        self.written.set(index);
+        Ok(())
+    }
+
+    /// Forgets chunks `indices` (their bytes are not the manifest's, say),
+    /// durably: they are fetched again by whoever opens the cache next.
+    /// For a repair by a process that does not serve the cache.
+    pub fn drop_chunks(&self, indices: &[u64]) -> Result<(), CacheError> {
+        let mut persisted = self.persisted.lock().unwrap_or_else(|e| e.into_inner());
+        for &index in indices {
+            self.present.clear(index);
+            self.written.clear(index);
+        }
+        let present = self.present.snapshot();
+        let written = only_present(self.written.snapshot(), &present);
+        write_bitmap(
+            &self.dir,
+            &bitmap::encode(&self.geometry, &present, &written),
+        )?;
+        *persisted = OnDisk { present, written };
+        Ok(())
     }
 
     /// Fills `buf` from the data file at `offset`.
@@ -251,19 +293,23 @@ impl CacheDir {
         let mut persisted = self.persisted.lock().unwrap_or_else(|e| e.into_inner());
         // Snapshot first: every bit in it was set after its bytes were
         // written, so the fdatasync below covers those bytes. A bit set
-        // after the snapshot waits for the next flush.
-        let words = self.present.snapshot();
-        let count: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
+        // after the snapshot waits for the next flush. Present before
+        // written: a chunk a write makes present had its written bit set
+        // before its present bit, so both are in the snapshot or neither.
+        let present = self.present.snapshot();
+        let written = only_present(self.written.snapshot(), &present);
         self.data
             .sync_data()
             .map_err(|source| CacheError::SyncData {
                 path: self.data_path(),
                 source,
             })?;
-        // Bits are only ever added, so an equal count is an equal set.
-        if count != *persisted {
-            write_bitmap(&self.dir, &bitmap::encode(&self.geometry, &words))?;
-            *persisted = count;
+        if present != persisted.present || written != persisted.written {
+            write_bitmap(
+                &self.dir,
+                &bitmap::encode(&self.geometry, &present, &written),
+            )?;
+            *persisted = OnDisk { present, written };
         }
         Ok(())
     }
@@ -284,11 +330,14 @@ impl CacheDir {
     }
 }
 
+/// Takes the cache's lock and writes this process's pid into the lock
+/// file, so whoever finds it taken can say who holds it.
 fn take_lock(dir: &Path) -> Result<File, CacheError> {
     let path = dir.join(LOCK_FILE);
     let file = crate::private::file_options()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
         .open(&path)
         .map_err(|source| CacheError::Lock {
@@ -299,10 +348,26 @@ fn take_lock(dir: &Path) -> Result<File, CacheError> {
     // in the same process is refused too, and the kernel drops it when the
     // process dies, even by SIGKILL.
     match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(file),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(CacheError::InUse {
-            dir: dir.to_owned(),
-        }),
+        Ok(()) => {
+            let pid = format!("{}\n", std::process::id());
+            file.set_len(0)
+                .and_then(|()| file.write_all_at(pid.as_bytes(), 0))
+                .map_err(|source| CacheError::Lock {
+                    path: path.clone(),
+                    source,
+                })?;
+            Ok(file)
+        }
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            // The holder writes its pid just after it takes the lock: a
+            // reader racing that write finds no pid, and says so.
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut &file, &mut text);
+            Err(CacheError::InUse {
+                dir: dir.to_owned(),
+                holder: text.trim().parse().ok(),
+            })
+        }
         Err(errno) => Err(CacheError::Lock {
             path,
             source: errno.into(),
@@ -322,16 +387,8 @@ fn open_data(dir: &Path, path: &Path, image_size: u64, exists: bool) -> Result<F
         .truncate(false)
         .open(path)
         .map_err(open_err)?;
-    if exists {
-        let actual = file.metadata().map_err(open_err)?.len();
-        if actual != image_size {
-            return Err(CacheError::DataSize {
-                dir: dir.to_owned(),
-                expected: image_size,
-                actual,
-            });
-        }
-    } else {
+    // An existing file's size is checked by `attach`, which repairs it.
+    if !exists {
         // A fresh sparse file reads as zeros everywhere, which is what an
         // all-zero chunk must read as once written to.
         file.set_len(image_size).map_err(open_err)?;
@@ -339,6 +396,14 @@ fn open_data(dir: &Path, path: &Path, image_size: u64, exists: bool) -> Result<F
         crate::durable::sync_dir(dir).map_err(open_err)?;
     }
     Ok(file)
+}
+
+/// The written bits of present chunks: what the `present` file holds.
+fn only_present(mut written: Vec<u64>, present: &[u64]) -> Vec<u64> {
+    for (w, p) in written.iter_mut().zip(present) {
+        *w &= p;
+    }
+    written
 }
 
 /// Replaces the `present` file atomically and durably.

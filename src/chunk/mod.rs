@@ -19,8 +19,8 @@ pub use id::{ChunkId, ParseChunkIdError};
 pub use keys::{derive_salt, validate_salt_domain, KeyFileError, Salt, TenantKey};
 pub use manifest::{manifest_digest, Manifest, ManifestEntry, ManifestError, PublicManifest};
 pub use seal::{
-    chunk_key, open_chunk, open_chunk_in_place, seal_chunk, seal_chunk_in_place, verify_envelope,
-    ChunkError, ChunkKey, SealedChunk, ENVELOPE_OVERHEAD,
+    chunk_key, open_chunk, open_chunk_in_place, plaintext_matches, seal_chunk, seal_chunk_in_place,
+    verify_envelope, ChunkError, ChunkKey, SealedChunk, ENVELOPE_OVERHEAD,
 };
 
 /// The default chunk size: 512 KiB, as in the paper.

@@ -124,6 +124,26 @@ pub fn verify_envelope(id: &ChunkId, envelope: &[u8]) -> Result<(), ChunkError> 
     Ok(())
 }
 
+/// Whether `plaintext` is the chunk the manifest names by `id` and `key`:
+/// sealing it under `key` must give back the envelope named `id`. The
+/// encryption is deterministic (the key fixes it), so a holder of the
+/// plaintext checks it without the store and without the salt.
+pub fn plaintext_matches(id: &ChunkId, key: &ChunkKey, plaintext: &[u8]) -> bool {
+    let mut body = plaintext.to_vec();
+    let tag = aead_key(key)
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key([0; 12]),
+            Aad::from(CHUNK_AAD),
+            &mut body,
+        )
+        .expect("a chunk is far below the AES-GCM length limit");
+    let mut name = Sha256::new();
+    name.update(&body);
+    name.update(tag.as_ref());
+    let actual: [u8; 32] = name.finalize().into();
+    bool::from(actual.ct_eq(&id.0))
+}
+
 /// [`open_chunk`] on a borrowed buffer: the plaintext is decrypted in place
 /// and returned as the front of `envelope`. A caller that keeps its own
 /// (aligned) buffers opens without allocating or copying.
@@ -164,6 +184,32 @@ mod tests {
         assert_eq!(a.id, b.id);
         assert_eq!(a.envelope, b.envelope);
         assert_eq!(a.key, b.key);
+    }
+
+    #[test]
+    fn plaintext_is_checked_against_id_and_key_without_the_salt() {
+        let sealed = seal_chunk(&salt(4), b"chunk plaintext");
+        assert!(plaintext_matches(
+            &sealed.id,
+            &sealed.key,
+            b"chunk plaintext"
+        ));
+        assert!(!plaintext_matches(
+            &sealed.id,
+            &sealed.key,
+            b"chunk plaintexT"
+        ));
+        assert!(!plaintext_matches(
+            &sealed.id,
+            &sealed.key,
+            b"chunk plaintext "
+        ));
+        let other = seal_chunk(&salt(5), b"chunk plaintext");
+        assert!(!plaintext_matches(
+            &other.id,
+            &sealed.key,
+            b"chunk plaintext"
+        ));
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod serve;
 mod tiers;
 mod transfer;
 mod ublk;
+mod verify_cache;
 mod vhost_user;
 
 pub use tiers::HostCacheArgs;
@@ -74,6 +75,9 @@ pub enum Command {
     Gc(maint::GcArgs),
     /// Check chunks against their names; repair bad and missing ones from another store.
     Verify(maint::VerifyArgs),
+    /// Check a device's cache against the image's manifest (while no device
+    /// uses it); --repair drops chunks that fail so they are fetched again.
+    VerifyCache(verify_cache::VerifyCacheArgs),
     /// Serve a store's chunks and manifests over HTTP (the store URL
     /// http://HOST:PORT names it to other commands).
     Serve(serve::ServeArgs),
@@ -236,6 +240,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Features { json } => ublk::features(json),
         Command::Gc(args) => runtime()?.block_on(maint::gc(args)),
         Command::Verify(args) => runtime()?.block_on(maint::verify(args)),
+        Command::VerifyCache(args) => runtime()?.block_on(verify_cache::verify_cache(args)),
     }
 }
 

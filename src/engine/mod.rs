@@ -444,6 +444,7 @@ impl Engine {
         let whole = self.layout.is_whole(piece);
         loop {
             if self.cache.is_present(piece.index) {
+                self.note_written(piece.index).await?;
                 return self.write_cache(io, data, piece.offset).await;
             }
             if !whole && !self.layout.is_zero(piece.index) {
@@ -462,8 +463,10 @@ impl Engine {
                 }
             };
             if self.cache.is_present(piece.index) {
+                self.note_written(piece.index).await?;
                 return self.write_cache(io, data, piece.offset).await;
             }
+            self.note_written(piece.index).await?;
             let chunk_start = self.layout.chunk_start(piece.index);
             if whole {
                 self.write_cache(io, data, chunk_start).await?;
@@ -509,10 +512,12 @@ impl Engine {
             if self.layout.is_whole(&piece) {
                 self.punch_chunk(io, piece.index).await?;
             } else if self.cache.is_present(piece.index) {
+                self.note_written(piece.index).await?;
                 self.punch(io, piece.offset, piece.len as u64).await?;
             } else if must_zero && !self.layout.is_zero(piece.index) {
                 // The rest of the chunk must keep its bytes: fetch them.
                 self.ensure_present(piece.index).await?;
+                self.note_written(piece.index).await?;
                 self.punch(io, piece.offset, piece.len as u64).await?;
             }
             // Otherwise the range reads as zeros (a zero chunk) or may keep
@@ -529,6 +534,7 @@ impl Engine {
         );
         loop {
             if self.cache.is_present(index) {
+                self.note_written(index).await?;
                 self.punch(io, start, len).await?;
                 add(&self.counters.chunks_punched, 1);
                 return Ok(());
@@ -544,6 +550,7 @@ impl Engine {
                 }
             };
             // Stale bytes may sit where no bit is set: the hole clears them.
+            self.note_written(index).await?;
             self.punch(io, start, len).await?;
             self.cache.mark_present(index);
             add(&self.counters.chunks_punched, 1);
@@ -558,6 +565,27 @@ impl Engine {
             fill.await?;
         }
         Ok(())
+    }
+
+    /// Records, before its bytes change, that the device wrote to chunk
+    /// `index` (see [`CacheDir::record_written`]): at once if it is known,
+    /// else on the blocking pool, as it may persist the bitmap.
+    async fn note_written(&self, index: u64) -> Result<(), EngineError> {
+        if self.cache.is_written(index) {
+            return Ok(());
+        }
+        let cache = Arc::clone(&self.cache);
+        self.fetcher
+            .runtime()
+            .spawn_blocking(move || cache.record_written(index))
+            .await
+            .map_err(|e| EngineError::TaskFailed {
+                task: "record a written chunk".into(),
+                reason: e.to_string(),
+            })?
+            .map_err(|source| EngineError::WriteCache {
+                source: Arc::new(source),
+            })
     }
 
     /// `fdatasync` of the data file, then the present-bitmap, on the

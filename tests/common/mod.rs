@@ -216,6 +216,11 @@ impl World {
         while Path::new(&format!("/proc/{pid}")).exists() {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+        self.forget_mount(mnt);
+    }
+
+    /// Detaches the FUSE mount at `mnt`, whose device process is dead.
+    pub fn forget_mount(&self, mnt: &Path) {
         run(Command::new("umount").arg("-l").arg(mnt));
         self.mounts.borrow_mut().retain(|m| m != mnt);
     }

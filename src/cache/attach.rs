@@ -1,0 +1,259 @@
+//! What opening a cache directory checks, and how it repairs what fails.
+//!
+//! The files of a cache may have been damaged while no process held them (a
+//! full disk, a careless copy, a bad sector, a crash of the file system
+//! itself). None of that is ever trusted: a damaged `present` file, a
+//! missing or resized `data` file, or a fetched chunk whose bytes are a hole
+//! loses the bits that cannot be vouched for. Those chunks are fetched again;
+//! chunks the device wrote to and that lose their bit are lost, which is what
+//! a disk that lost those blocks would do, and the log says so.
+//!
+//! A cache made for another image is not damage: it is refused, never
+//! repaired (see [`CacheError::WrongManifest`]).
+
+use std::fmt;
+use std::fs::File;
+use std::path::Path;
+
+use super::bitmap::{self, BitmapFile, DecodeError, Geometry};
+use super::{open_data, write_bitmap, CacheError, BITMAP_FILE, DATA_FILE};
+
+/// Damage found when a cache was opened, and the bits dropped for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repair {
+    pub damage: Damage,
+    /// The chunks whose bits were dropped (present, and written if set).
+    pub dropped: Vec<u64>,
+}
+
+/// What was wrong with a cache's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Damage {
+    /// `present` failed its checks: every chunk counts as absent.
+    Bitmap(DecodeError),
+    /// `data` exists without `present`: nothing in it can be vouched for.
+    BitmapMissing,
+    /// `present` lists chunks but `data` is gone.
+    DataMissing,
+    /// `data` was `actual` bytes, not the image's size: chunks past its end
+    /// are gone, and it is resized.
+    DataSize { actual: u64 },
+    /// Fetched chunks whose bytes in `data` are holes (a fetched chunk is
+    /// never all zeros: the manifest stores none).
+    Holes,
+}
+
+impl fmt::Display for Repair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.damage {
+            Damage::Bitmap(reason) => write!(
+                f,
+                "{BITMAP_FILE} is damaged ({reason}): every chunk is fetched again and writes \
+                 to the device since it was created are lost"
+            )?,
+            Damage::BitmapMissing => write!(
+                f,
+                "{DATA_FILE} exists without {BITMAP_FILE}: every chunk is fetched again and \
+                 writes to the device since it was created are lost"
+            )?,
+            Damage::DataMissing => write!(f, "{DATA_FILE} is missing")?,
+            Damage::DataSize { actual } => write!(
+                f,
+                "{DATA_FILE} is {actual} bytes, not the image's size: chunks past its end are dropped"
+            )?,
+            Damage::Holes => write!(f, "fetched chunks in {DATA_FILE} are holes")?,
+        }
+        if !self.dropped.is_empty() {
+            write!(
+                f,
+                "; dropped {} chunk(s): {}",
+                self.dropped.len(),
+                list_indices(&self.dropped)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Chunk indices for a message: all of a few, or the first ones of many.
+pub fn list_indices(indices: &[u64]) -> String {
+    const SHOWN: usize = 16;
+    let mut text = indices
+        .iter()
+        .take(SHOWN)
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if indices.len() > SHOWN {
+        text.push_str(&format!(" and {} more", indices.len() - SHOWN));
+    }
+    text
+}
+
+/// A cache directory's files, checked and repaired.
+pub(super) struct Loaded {
+    pub data: File,
+    pub bits: BitmapFile,
+    pub repairs: Vec<Repair>,
+}
+
+/// Opens (creating if absent) the files of the cache in `dir`, which the
+/// caller has locked, for `geometry`; damage is repaired and the repaired
+/// bitmap persisted before this returns.
+pub(super) fn load(dir: &Path, geometry: &Geometry) -> Result<Loaded, CacheError> {
+    let data_path = dir.join(DATA_FILE);
+    let bitmap_path = dir.join(BITMAP_FILE);
+    let data_exists = data_path
+        .try_exists()
+        .map_err(|source| CacheError::OpenData {
+            path: data_path.clone(),
+            source,
+        })?;
+    let empty = || BitmapFile {
+        geometry: *geometry,
+        present: vec![0; geometry.chunk_count.div_ceil(64) as usize],
+        written: vec![0; geometry.chunk_count.div_ceil(64) as usize],
+    };
+    let mut repairs = Vec::new();
+    let mut bits = match std::fs::read(&bitmap_path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if data_exists {
+                repairs.push(Repair {
+                    damage: Damage::BitmapMissing,
+                    dropped: Vec::new(),
+                });
+            } else {
+                // The bitmap is written before the data file exists, so a
+                // crash between the two leaves an empty bitmap and no data:
+                // the next open finishes the job.
+                write_bitmap(
+                    dir,
+                    &bitmap::encode(geometry, &empty().present, &empty().written),
+                )?;
+            }
+            empty()
+        }
+        Err(source) => {
+            return Err(CacheError::ReadBitmap {
+                path: bitmap_path,
+                source,
+            })
+        }
+        Ok(bytes) => match bitmap::decode(&bytes) {
+            Ok(found) if found.geometry != *geometry => {
+                return Err(CacheError::WrongManifest {
+                    dir: dir.to_owned(),
+                    found: Box::new(found.geometry),
+                    expected: Box::new(*geometry),
+                })
+            }
+            Ok(found) => found,
+            // A newer format is not damage: leave it to the build that wrote it.
+            Err(reason @ DecodeError::Version(_)) => {
+                return Err(CacheError::UnsupportedBitmap {
+                    path: bitmap_path,
+                    reason,
+                })
+            }
+            Err(reason) => {
+                repairs.push(Repair {
+                    damage: Damage::Bitmap(reason),
+                    dropped: Vec::new(),
+                });
+                empty()
+            }
+        },
+    };
+
+    let data = open_data(dir, &data_path, geometry.image_size, data_exists)?;
+    let chunk_end =
+        |index: u64| ((index + 1) * u64::from(geometry.chunk_size)).min(geometry.image_size);
+    if !data_exists {
+        let dropped = drop_where(&mut bits, |_| true);
+        if !dropped.is_empty() {
+            repairs.push(Repair {
+                damage: Damage::DataMissing,
+                dropped,
+            });
+        }
+    } else {
+        let open_err = |source| CacheError::OpenData {
+            path: data_path.clone(),
+            source,
+        };
+        let actual = data.metadata().map_err(open_err)?.len();
+        if actual != geometry.image_size {
+            let dropped = drop_where(&mut bits, |index| chunk_end(index) > actual);
+            data.set_len(geometry.image_size).map_err(open_err)?;
+            data.sync_all().map_err(open_err)?;
+            repairs.push(Repair {
+                damage: Damage::DataSize { actual },
+                dropped,
+            });
+        }
+        let fetched: Vec<u64> = set_indices(&bits.present)
+            .filter(|&index| !is_set(&bits.written, index))
+            .collect();
+        let mut holes = Vec::new();
+        for index in fetched {
+            let start = index * u64::from(geometry.chunk_size);
+            if is_hole(&data, start, chunk_end(index)).map_err(open_err)? {
+                holes.push(index);
+            }
+        }
+        if !holes.is_empty() {
+            drop_where(&mut bits, |index| holes.binary_search(&index).is_ok());
+            repairs.push(Repair {
+                damage: Damage::Holes,
+                dropped: holes,
+            });
+        }
+    }
+    if !repairs.is_empty() {
+        for repair in &repairs {
+            tracing::warn!(cache = %dir.display(), "cache repaired on open: {repair}");
+        }
+        write_bitmap(dir, &bitmap::encode(geometry, &bits.present, &bits.written))?;
+    }
+    Ok(Loaded {
+        data,
+        bits,
+        repairs,
+    })
+}
+
+/// Whether `data` holds no byte in `start..end`, by `SEEK_DATA`. A file
+/// system without it reports data everywhere, which keeps every bit.
+fn is_hole(data: &File, start: u64, end: u64) -> std::io::Result<bool> {
+    match rustix::fs::seek(data, rustix::fs::SeekFrom::Data(start)) {
+        Ok(next) => Ok(next >= end),
+        Err(rustix::io::Errno::NXIO) => Ok(true),
+        Err(errno) => Err(errno.into()),
+    }
+}
+
+pub(super) fn is_set(words: &[u64], index: u64) -> bool {
+    words
+        .get((index / 64) as usize)
+        .is_some_and(|w| w & (1 << (index % 64)) != 0)
+}
+
+pub(super) fn set_indices(words: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    words.iter().enumerate().flat_map(|(i, &word)| {
+        (0..64)
+            .filter(move |bit| word & (1 << bit) != 0)
+            .map(move |bit| i as u64 * 64 + bit)
+    })
+}
+
+/// Clears the present and written bits of every present chunk `drop`
+/// picks; returns those chunks.
+fn drop_where(bits: &mut BitmapFile, drop: impl Fn(u64) -> bool) -> Vec<u64> {
+    let dropped: Vec<u64> = set_indices(&bits.present).filter(|&i| drop(i)).collect();
+    for &index in &dropped {
+        let mask = !(1u64 << (index % 64));
+        bits.present[(index / 64) as usize] &= mask;
+        bits.written[(index / 64) as usize] &= mask;
+    }
+    dropped
+}
