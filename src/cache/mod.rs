@@ -31,10 +31,10 @@
 //!   persists the snapshot;
 //! * the `present` file is replaced atomically (temp file, fsync, rename,
 //!   fsync directory), so a crash leaves the old or the new bitmap, whole;
-//! * opening never trusts damaged files ([`attach`]): bits it cannot vouch
+//! * opening never trusts damaged files (`attach.rs`, [`Repair`]): bits it cannot vouch
 //!   for are dropped and the chunks fetched again.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
