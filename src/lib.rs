@@ -52,6 +52,7 @@ pub mod metrics;
 pub mod net;
 pub mod oci;
 pub mod private;
+pub mod report;
 pub mod retry;
 pub mod server;
 pub mod store;

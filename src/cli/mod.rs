@@ -16,6 +16,7 @@ mod flatten;
 mod fuse;
 mod keys;
 mod maint;
+mod report;
 mod serve;
 mod tiers;
 mod transfer;
@@ -85,6 +86,10 @@ pub enum Command {
     /// and soak runs).
     #[command(hide = true)]
     FaultProxy(fault_proxy::FaultProxyArgs),
+    /// The corpus figures: dedup on upload across a version series,
+    /// sharing of a base image, and (with the cold-start benchmark's
+    /// results) sparsity, the starts and a tier replay; tables and SVG plots.
+    Report(report::ReportArgs),
     /// Show which ublk features the running kernel's driver supports.
     Features {
         /// Print JSON instead of a table.
@@ -238,6 +243,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => runtime()?.block_on(serve::serve(args)),
         Command::FaultProxy(args) => runtime()?.block_on(fault_proxy::fault_proxy(args)),
         Command::Features { json } => ublk::features(json),
+        Command::Report(args) => runtime()?.block_on(report::report(args)),
         Command::Gc(args) => runtime()?.block_on(maint::gc(args)),
         Command::Verify(args) => runtime()?.block_on(maint::verify(args)),
         Command::VerifyCache(args) => runtime()?.block_on(verify_cache::verify_cache(args)),

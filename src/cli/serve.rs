@@ -66,11 +66,22 @@ pub struct ServeArgs {
     /// and benchmarks).
     #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
     pub delay: u64,
+    /// Bytes a second all chunk answers share, one after another (suffixes
+    /// K, M, G): a distant origin's link, for benchmarks.
+    #[arg(long, value_name = "BYTES_PER_SEC", value_parser = parse_rate, hide = true)]
+    pub rate: Option<u64>,
     /// Be a node of an erasure-coded cache fleet (`--ec-cache` on clients):
     /// keep up to BYTES of shards in memory (suffixes K, M, G), evicting
     /// when full. Shards never reach the store.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub shard_cache_size: Option<u64>,
+}
+
+fn parse_rate(text: &str) -> Result<u64, String> {
+    match parse_size(text)? {
+        0 => Err(format!("{text:?}: a link carries at least one byte a second")),
+        rate => Ok(rate),
+    }
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -93,6 +104,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls,
         tokens: Tokens::new(read.as_deref(), write.as_deref()),
         chunk_delay: Duration::from_millis(args.delay),
+        chunk_rate: args.rate,
         max_connections: args.max_connections.max(1),
         shard_cache_size: args.shard_cache_size,
         ..ServerOptions::default()

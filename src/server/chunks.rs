@@ -91,6 +91,9 @@ pub(super) async fn get(state: &State, id: &str, parts: &Parts, head: bool) -> H
         }
     };
     let body_len = body.len();
+    if let (Some(link), false) = (&state.link, head) {
+        link.carry(body_len).await;
+    }
     let mut reply = reply(status, if head { Bytes::new() } else { body });
     cache_headers(&mut reply);
     let headers = reply.headers_mut();

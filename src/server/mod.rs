@@ -21,6 +21,7 @@
 
 mod auth;
 mod chunks;
+mod link;
 mod manifests;
 mod reply;
 mod routes;
@@ -50,6 +51,10 @@ pub struct ServerOptions {
     /// Added before every chunk (and shard) GET is answered: a stand-in
     /// for a distant origin, or a slow fleet node, in benchmarks and tests.
     pub chunk_delay: Duration,
+    /// Bytes a second all chunk answers share, sent one after another
+    /// (after `chunk_delay`): a stand-in for a distant origin's link, in
+    /// benchmarks. `None`: as fast as the connection goes.
+    pub chunk_rate: Option<u64>,
     /// A connection must send a whole request head within this long.
     pub header_timeout: Duration,
     /// A request body must arrive whole within this long.
@@ -71,6 +76,7 @@ impl Default for ServerOptions {
         ServerOptions {
             tokens: Tokens::default(),
             chunk_delay: Duration::ZERO,
+            chunk_rate: None,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             max_connections: 1024,
@@ -88,6 +94,8 @@ struct State {
     /// A fleet node's shards: a cache of their own, never in `store`.
     shards: Option<ShardCache>,
     options: ServerOptions,
+    /// Where `chunk_rate` is kept.
+    link: Option<link::Link>,
     metrics: routes::Metrics,
     listing: chunks::ListingSnapshot,
 }
@@ -118,6 +126,7 @@ impl Server {
         let state = Arc::new(State {
             store,
             shards: options.shard_cache_size.map(ShardCache::new),
+            link: options.chunk_rate.filter(|&rate| rate > 0).map(link::Link::new),
             options,
             metrics: routes::Metrics::new(registry),
             listing: chunks::ListingSnapshot::default(),

@@ -527,3 +527,40 @@ async fn the_store_retries_through_a_server_restart() {
     assert_eq!(error.kind(), crate::error::ErrorKind::Transient, "{error}");
     assert!(started.elapsed() < Duration::from_secs(2));
 }
+
+#[tokio::test]
+async fn a_rate_capped_server_sends_whole_chunks_one_after_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(
+        &dir,
+        ServerOptions {
+            chunk_rate: Some(1_000_000),
+            ..options(None, Some(WRITE))
+        },
+    )
+    .await;
+    let store = Arc::new(http_store(&server.url(), Some(WRITE)));
+    let envelopes: Vec<Bytes> = (0..4u8)
+        .map(|n| Bytes::from(vec![n; 50_000]))
+        .collect();
+    for envelope in &envelopes {
+        store
+            .put(&ChunkId::of_envelope(envelope), envelope.clone())
+            .await
+            .unwrap();
+    }
+    let started = Instant::now();
+    let gets: Vec<_> = envelopes
+        .iter()
+        .map(|envelope| {
+            let (store, id) = (store.clone(), ChunkId::of_envelope(envelope));
+            tokio::spawn(async move { store.get(&id).await })
+        })
+        .collect();
+    for (get, envelope) in gets.into_iter().zip(&envelopes) {
+        assert_eq!(&get.await.unwrap().unwrap(), envelope);
+    }
+    // 200 kB at 1 MB/s share one link: never sooner than 0.2 s.
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    server.stop().await;
+}
