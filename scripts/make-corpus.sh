@@ -55,8 +55,10 @@ mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
 [[ -d $layout ]] || umoci init --layout "$layout"
 
+# grep reads the whole list: `grep -q` would stop at the first match and,
+# under pipefail, umoci's SIGPIPE would read as "no such tag".
 has_tag() {
-    umoci ls --layout "$layout" | grep -qx "$1"
+    umoci ls --layout "$layout" | grep -x "$1" >/dev/null
 }
 
 # The wheels every image installs, fetched once for the images' Python
@@ -86,6 +88,13 @@ in_root() {
     unshare --mount --fork -- sh -c 'mount -t proc proc "$1/proc" && shift && exec chroot "$@"' \
         in_root "$root" "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
         LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive SOURCE_DATE_EPOCH=$epoch "$@"
+}
+
+# Starts a build step: MARKER's mtime is set a little in the past, as file
+# timestamps are coarser than the clock (a file made right after the marker
+# may carry the same time). What umoci unpacked keeps its older mtimes.
+mark_step() {
+    touch -d "@$(($(date +%s) - 2))" "$1"
 }
 
 # Sets what the step since MARKER created or changed to the build date.
@@ -238,7 +247,7 @@ build_app() {
     note "app image $tag"
     local bundle=$work/$tag root=$work/$tag/rootfs marker=$work/$tag.marker
     umoci unpack --image "$layout:python" "$bundle" >/dev/null
-    : >"$marker"
+    mark_step "$marker"
     mkdir -p "$root/tmp/wheels"
     cp "$wheels"/*.whl "$root/tmp/wheels/"
     printf '%s\n' "$requirements" >"$root/tmp/requirements.txt"
@@ -247,7 +256,7 @@ build_app() {
     rm -rf "$root/tmp/wheels" "$root/tmp/requirements.txt"
     settle_mtimes "$root" "$marker"
     umoci repack --refresh-bundle --image "$layout:$tag-deps" "$bundle"
-    : >"$marker"
+    mark_step "$marker"
     "$app_step" "$root"
     settle_mtimes "$root" "$marker"
     umoci repack --image "$layout:$tag" "$bundle"

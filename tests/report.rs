@@ -96,13 +96,15 @@ fn report_agrees_with_what_each_push_uploaded() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| (s["name"].as_str().unwrap().to_owned(), s["reused"].as_u64().unwrap()))
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_owned(),
+                s["reused"].as_u64().unwrap(),
+            )
+        })
         .collect();
     let expected = [("v1", 6), ("v2", 6), ("v3", 6), ("other", 1)];
-    assert_eq!(
-        reused,
-        expected.map(|(n, r)| (n.to_owned(), r)).to_vec()
-    );
+    assert_eq!(reused, expected.map(|(n, r)| (n.to_owned(), r)).to_vec());
 
     assert_eq!(value["sparsity"][0]["chunks_read"], 2);
     assert_eq!(value["sparsity"][0]["chunks_fetched_cold"], 4);
@@ -115,7 +117,10 @@ fn report_agrees_with_what_each_push_uploaded() {
         assert!(svg.starts_with("<svg"), "{plot}");
     }
     let table = String::from_utf8(report(false)).unwrap();
-    assert!(table.contains("pushes uploading no new chunk 33%"), "{table}");
+    assert!(
+        table.contains("pushes uploading no new chunk 33%"),
+        "{table}"
+    );
 }
 
 #[test]

@@ -91,8 +91,12 @@ pub async fn report(args: ReportArgs) -> anyhow::Result<()> {
         chunk_bytes: u64::from(DEFAULT_CHUNK_SIZE),
         seed: 0x7135,
     };
-    let tiers = (!sparsity.is_empty())
-        .then(|| replay(&replay_workloads(&built_on_base, &args.series, &sparsity), &options));
+    let tiers = (!sparsity.is_empty()).then(|| {
+        replay(
+            &replay_workloads(&built_on_base, &args.series, &sparsity),
+            &options,
+        )
+    });
 
     if let Some(dir) = &args.plots {
         write_plots(dir, &rows, &sparsity)?;
@@ -105,8 +109,17 @@ pub async fn report(args: ReportArgs) -> anyhow::Result<()> {
         outln!("{value}");
         return Ok(());
     }
-    outln!("Dedup on upload: the series pushed in order onto a store holding {:?}", base.name);
-    outln!("  {:<16} {:>9} {:>6} {:>7}", "push", "distinct", "new", "new %");
+    outln!(
+        "Dedup on upload: the series pushed in order onto a store holding {:?}",
+        base.name
+    );
+    outln!(
+        "  {:<16} {:>9} {:>6} {:>7}",
+        "push",
+        "distinct",
+        "new",
+        "new %"
+    );
     for push in &dedup.pushes {
         outln!(
             "  {:<16} {:>9} {:>6} {:>7.2}",
@@ -122,8 +135,17 @@ pub async fn report(args: ReportArgs) -> anyhow::Result<()> {
         dedup.mean_new_percent,
         dedup.median_new_percent
     );
-    outln!("Cross-image sharing: chunks of {:?} each image reuses", base.name);
-    outln!("  {:<16} {:>7} {:>10} {:>11}", "image", "reused", "% of base", "% of image");
+    outln!(
+        "Cross-image sharing: chunks of {:?} each image reuses",
+        base.name
+    );
+    outln!(
+        "  {:<16} {:>7} {:>10} {:>11}",
+        "image",
+        "reused",
+        "% of base",
+        "% of image"
+    );
     for share in &sharing {
         outln!(
             "  {:<16} {:>7} {:>10.1} {:>11.1}",
@@ -240,7 +262,9 @@ fn print_tiers(tiers: &TierTable, options: &ReplayOptions) -> anyhow::Result<()>
         options.fleet_bytes >> 20,
         tiers.reads()
     );
-    outln!("  host cache {host:.2}%, fleet {fleet:.2}%, origin {origin:.2}% (paper: 67%, 32%, 0.06%)");
+    outln!(
+        "  host cache {host:.2}%, fleet {fleet:.2}%, origin {origin:.2}% (paper: 67%, 32%, 0.06%)"
+    );
     Ok(())
 }
 
@@ -255,7 +279,12 @@ fn write_plots(dir: &Path, rows: &[Row], sparsity: &[Sparsity]) -> anyhow::Resul
         let origins: Vec<String> = of_workload.iter().map(|r| r.origin.clone()).collect();
         let series: Vec<plot::Series> = VARIANTS
             .iter()
-            .map(|v| (v.to_string(), of_workload.iter().map(|r| r.done(v)).collect()))
+            .map(|v| {
+                (
+                    v.to_string(),
+                    of_workload.iter().map(|r| r.done(v)).collect(),
+                )
+            })
             .filter(|(_, values): &plot::Series| values.iter().any(Option::is_some))
             .collect();
         plot::lines(
@@ -308,7 +337,10 @@ fn write_plots(dir: &Path, rows: &[Row], sparsity: &[Sparsity]) -> anyhow::Resul
         ),
         (
             "% fetched cold (readahead)".into(),
-            sparsity.iter().map(Sparsity::percent_fetched_cold).collect(),
+            sparsity
+                .iter()
+                .map(Sparsity::percent_fetched_cold)
+                .collect(),
         ),
     ];
     plot::bars(
@@ -320,4 +352,3 @@ fn write_plots(dir: &Path, rows: &[Row], sparsity: &[Sparsity]) -> anyhow::Resul
     )?;
     Ok(())
 }
-

@@ -79,7 +79,9 @@ pub struct ServeArgs {
 
 fn parse_rate(text: &str) -> Result<u64, String> {
     match parse_size(text)? {
-        0 => Err(format!("{text:?}: a link carries at least one byte a second")),
+        0 => Err(format!(
+            "{text:?}: a link carries at least one byte a second"
+        )),
         rate => Ok(rate),
     }
 }

@@ -136,7 +136,10 @@ pub struct Row {
 /// baseline (measured once per workload) joins every origin's row.
 pub fn rows(starts: &[Start]) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
-    for start in starts.iter().filter(|s| !matches!(s.variant.as_str(), "baseline" | "probe")) {
+    for start in starts
+        .iter()
+        .filter(|s| !matches!(s.variant.as_str(), "baseline" | "probe"))
+    {
         let row = match rows
             .iter_mut()
             .position(|r| r.workload == start.workload && r.origin == start.origin)

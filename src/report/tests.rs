@@ -41,7 +41,11 @@ fn each_push_uploads_what_no_earlier_push_stored() {
 fn an_empty_series_has_no_figures_rather_than_nan() {
     let dedup = dedup(&[], &[]);
     assert_eq!(
-        (dedup.zero_new_percent, dedup.mean_new_percent, dedup.median_new_percent),
+        (
+            dedup.zero_new_percent,
+            dedup.mean_new_percent,
+            dedup.median_new_percent
+        ),
         (0.0, 0.0, 0.0)
     );
 }
@@ -51,10 +55,17 @@ fn sharing_counts_the_base_chunks_each_image_holds() {
     let base = image("base", &[1, 2, 3, 4, 0]);
     let shares = sharing(
         &base,
-        &[image("app", &[1, 2, 3, 9, 9]), image("other", &[7, 8, 0, 0, 0])],
+        &[
+            image("app", &[1, 2, 3, 9, 9]),
+            image("other", &[7, 8, 0, 0, 0]),
+        ],
     );
     assert_eq!(
-        (shares[0].base_chunks, shares[0].reused, shares[0].image_chunks),
+        (
+            shares[0].base_chunks,
+            shares[0].reused,
+            shares[0].image_chunks
+        ),
         (4, 3, 4)
     );
     assert_eq!(shares[0].percent_of_base(), 75.0);

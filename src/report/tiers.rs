@@ -115,7 +115,9 @@ pub fn replay(workloads: &[Vec<ChunkId>], options: &ReplayOptions) -> TierTable 
     let weight = options.chunk_bytes;
     for _ in 0..options.starts {
         let x = rng.gen::<f64>() * total;
-        let workload = &workloads[cumulative.partition_point(|&c| c < x).min(workloads.len() - 1)];
+        let workload = &workloads[cumulative
+            .partition_point(|&c| c < x)
+            .min(workloads.len() - 1)];
         let host = &mut hosts[rng.gen_range(0..options.hosts)];
         for &id in workload {
             if host.policy.touch(&id) {
@@ -171,7 +173,14 @@ mod tests {
     fn one_host_reads_from_the_origin_once_then_from_its_cache() {
         let set: Vec<ChunkId> = (1..=10).map(|n| ChunkId([n; 32])).collect();
         let table = replay(&[set], &options(5, 1, 100, 100));
-        assert_eq!(table, TierTable { host: 40, fleet: 0, origin: 10 });
+        assert_eq!(
+            table,
+            TierTable {
+                host: 40,
+                fleet: 0,
+                origin: 10
+            }
+        );
         assert_eq!(table.percents(), [80.0, 0.0, 20.0]);
     }
 

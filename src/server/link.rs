@@ -22,7 +22,10 @@ pub(super) struct Link {
 impl Link {
     /// A link of `bytes_per_sec` (more than zero).
     pub(super) fn new(bytes_per_sec: u64) -> Link {
-        assert!(bytes_per_sec > 0, "a link carries at least one byte a second");
+        assert!(
+            bytes_per_sec > 0,
+            "a link carries at least one byte a second"
+        );
         Link {
             bytes_per_sec,
             busy_until: Mutex::new(Instant::now()),

@@ -126,7 +126,10 @@ impl Server {
         let state = Arc::new(State {
             store,
             shards: options.shard_cache_size.map(ShardCache::new),
-            link: options.chunk_rate.filter(|&rate| rate > 0).map(link::Link::new),
+            link: options
+                .chunk_rate
+                .filter(|&rate| rate > 0)
+                .map(link::Link::new),
             options,
             metrics: routes::Metrics::new(registry),
             listing: chunks::ListingSnapshot::default(),

@@ -540,9 +540,7 @@ async fn a_rate_capped_server_sends_whole_chunks_one_after_another() {
     )
     .await;
     let store = Arc::new(http_store(&server.url(), Some(WRITE)));
-    let envelopes: Vec<Bytes> = (0..4u8)
-        .map(|n| Bytes::from(vec![n; 50_000]))
-        .collect();
+    let envelopes: Vec<Bytes> = (0..4u8).map(|n| Bytes::from(vec![n; 50_000])).collect();
     for envelope in &envelopes {
         store
             .put(&ChunkId::of_envelope(envelope), envelope.clone())
