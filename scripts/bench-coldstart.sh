@@ -101,11 +101,11 @@ start_server() {
 run_workload() {
     local root=$1 kind=$2
     shift 2
-    local ready done
+    local ready finished
     case $kind in
         cmd)
             chroot "$root" sh -c "$*" >"$work/workload.out" 2>&1 || die "workload $* failed: $(tail -3 "$work/workload.out")"
-            ready=$(now) done=$ready
+            ready=$(now) finished=$ready
             ;;
         http)
             local port
@@ -118,12 +118,12 @@ run_workload() {
             done
             ready=$(now)
             curl -sf -o /dev/null "http://127.0.0.1:$port/score" || die "the app's /score failed"
-            done=$(now)
+            finished=$(now)
             kill "$server"
             wait "$server" 2>/dev/null || true
             ;;
     esac
-    echo "$(elapsed "$t0" "$ready") $(elapsed "$t0" "$done")"
+    echo "$(elapsed "$t0" "$ready") $(elapsed "$t0" "$finished")"
 }
 
 # emit JSON...: one result line (jq -n arguments).
@@ -177,13 +177,13 @@ for spec in "${workloads[@]}"; do
     skopeo copy --quiet --src-tls-verify=false "docker://127.0.0.1:$registry_port/corpus:$image" "oci:$pulled:$image"
     umoci unpack --image "$pulled:$image" "$bundle" >/dev/null
     unpacked=$(elapsed "$t0" "$(now)")
-    read -r ready done < <(run_workload "$bundle/rootfs" "$kind" "$rest")
+    read -r ready finished < <(run_workload "$bundle/rootfs" "$kind" "$rest")
     moved=$(du -sb "$pulled/blobs" | cut -f1)
-    note "baseline $wl: ready ${ready}s, done ${done}s (pull+unpack ${unpacked}s, $moved bytes)"
-    emit --arg wl "$wl" --arg image "$image" --argjson ready "$ready" --argjson done "$done" \
+    note "baseline $wl: ready ${ready}s, done ${finished}s (pull+unpack ${unpacked}s, $moved bytes)"
+    emit --arg wl "$wl" --arg image "$image" --argjson ready "$ready" --argjson finished "$finished" \
         --argjson unpacked "$unpacked" --argjson moved "$moved" --arg load "$(load)" \
         '{kind: "start", workload: $wl, image: $image, variant: "baseline", origin: "loopback registry",
-          delay_ms: 0, rate_bytes_per_sec: null, ready_secs: $ready, done_secs: $done,
+          delay_ms: 0, rate_bytes_per_sec: null, ready_secs: $ready, done_secs: $finished,
           pull_unpack_secs: $unpacked, bytes_moved: $moved, load: $load}'
     rm -rf "$pulled" "$bundle"
 done
@@ -210,8 +210,8 @@ lazy_start() {
     "$bin" add --store "$origin" --key "$key" --name "$image.$wl" --cache-dir "$cache" \
         --fuse "$fuse_mnt" --read-only "$@" >/dev/null
     mount -o loop,ro "$fuse_mnt/disk" "$root"
-    local ready done
-    read -r ready done < <(run_workload "$root" "$kind" "$rest")
+    local ready finished
+    read -r ready finished < <(run_workload "$root" "$kind" "$rest")
     local stats
     stats=$("$bin" list --json | jq -c --arg m "$fuse_mnt" '.[] | select(.record.target == $m) | .stats')
     umount "$root"
@@ -221,14 +221,14 @@ lazy_start() {
     # Bytes from the origin: the last tier's when there are tiers.
     moved=$(jq -r 'if (.tiers // []) == [] then .bytes_fetched else .tiers[-1].bytes end' <<<"$stats")
     fetched=$(jq -r '.chunks_fetched' <<<"$stats")
-    note "$variant $wl @ ${delay}ms${rate:+/$rate B/s}: ready ${ready}s, done ${done}s, $fetched chunks, $moved bytes from the origin"
+    note "$variant $wl @ ${delay}ms${rate:+/$rate B/s}: ready ${ready}s, done ${finished}s, $fetched chunks, $moved bytes from the origin"
     emit --arg variant "$variant" --arg wl "$wl" --arg image "$image" --argjson ready "$ready" \
-        --argjson done "$done" --argjson delay "$delay" --arg rate "$rate" --argjson moved "$moved" \
+        --argjson finished "$finished" --argjson delay "$delay" --arg rate "$rate" --argjson moved "$moved" \
         --argjson stats "$stats" --arg load "$(load)" \
         '{kind: "start", workload: $wl, image: $image, variant: $variant,
           origin: ("\($delay) ms" + (if $rate == "" then "" else " at \(($rate | tonumber) * 8 / 1e6) Mbit/s" end)),
           delay_ms: $delay, rate_bytes_per_sec: (if $rate == "" then null else ($rate | tonumber) end),
-          ready_secs: $ready, done_secs: $done, bytes_moved: $moved,
+          ready_secs: $ready, done_secs: $finished, bytes_moved: $moved,
           chunks_fetched: $stats.chunks_fetched, chunks_total: $stats.chunks_total,
           chunks_zero: $stats.chunks_zero, stats: $stats, load: $load}'
 }

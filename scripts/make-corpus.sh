@@ -82,6 +82,7 @@ fetch_wheels() {
 
 # in_root ROOTFS CMD...: runs CMD chrooted in ROOTFS with /proc mounted in a
 # mount namespace of its own, so nothing stays mounted if the step fails.
+# shellcheck disable=SC2016 # the inner shell expands its own arguments
 in_root() {
     local root=$1
     shift
