@@ -14,6 +14,7 @@ mod id;
 mod keys;
 mod manifest;
 mod seal;
+mod trace;
 
 pub use id::{ChunkId, ParseChunkIdError};
 pub use keys::{derive_salt, validate_salt_domain, KeyFileError, Salt, TenantKey};
@@ -21,6 +22,10 @@ pub use manifest::{manifest_digest, Manifest, ManifestEntry, ManifestError, Publ
 pub use seal::{
     chunk_key, open_chunk, open_chunk_in_place, plaintext_matches, seal_chunk, seal_chunk_in_place,
     verify_envelope, ChunkError, ChunkKey, SealedChunk, ENVELOPE_OVERHEAD,
+};
+pub use trace::{
+    merge as merge_trace_runs, Trace, TraceError, TraceRun, DEFAULT_MERGE_THRESHOLD,
+    MAX_TRACE_RUNS,
 };
 
 /// The default chunk size: 512 KiB, as in the paper.

@@ -33,6 +33,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
+use super::access::Access;
 use super::layout::{Content, Layout};
 use super::retrieve::{get_envelope, open_envelope, FetchPolicy};
 use super::slots::{Priority, Slot, Slots, Ticket};
@@ -84,6 +85,7 @@ pub(super) struct Fetcher {
     slots: Arc<Slots>,
     inflight: DashMap<u64, Flight>,
     counters: Arc<Counters>,
+    access: Arc<Access>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -133,6 +135,7 @@ impl Fetcher {
         policy: FetchPolicy,
         max_fetches: usize,
         counters: Arc<Counters>,
+        access: Arc<Access>,
     ) -> Fetcher {
         Fetcher {
             store,
@@ -143,6 +146,7 @@ impl Fetcher {
             slots: Slots::new(max_fetches),
             inflight: DashMap::new(),
             counters,
+            access,
         }
     }
 
@@ -155,16 +159,28 @@ impl Fetcher {
     /// started now if there was none. A fill already waiting for a slot is
     /// raised to `priority` if that is more urgent.
     pub fn fetch(self: &Arc<Self>, index: u64, priority: Priority) -> Option<Fill> {
+        self.fetch_or_join(index, priority, true)
+    }
+
+    /// Starts a fetch of chunk `index` at `priority` and returns its fill,
+    /// or `None` if the chunk is present, zero, past the end or already
+    /// being filled: a speculative fetch joins no one.
+    pub fn start_fetch(self: &Arc<Self>, index: u64, priority: Priority) -> Option<Fill> {
+        self.fetch_or_join(index, priority, false)
+    }
+
+    fn fetch_or_join(self: &Arc<Self>, index: u64, priority: Priority, join: bool) -> Option<Fill> {
         if self.cache.is_present(index) {
             return None;
         }
         match self.inflight.entry(index) {
-            Entry::Occupied(flight) => {
+            Entry::Occupied(flight) if join => {
                 if let Some(ticket) = &flight.get().ticket {
                     self.slots.raise(ticket, priority);
                 }
                 Some(flight.get().fill.clone())
             }
+            Entry::Occupied(_) => None,
             Entry::Vacant(slot) => {
                 if self.cache.is_present(index) {
                     return None;
@@ -172,6 +188,9 @@ impl Fetcher {
                 let Some(Content::Sealed { id, key }) = self.layout.content(index) else {
                     return None;
                 };
+                if priority == Priority::Demand {
+                    add(&self.counters.demand_fetches, 1);
+                }
                 let ticket = Ticket::new(priority);
                 let fill = self.start(index, *id, key.clone(), Arc::clone(&ticket));
                 slot.insert(Flight {
@@ -181,6 +200,12 @@ impl Fetcher {
                 Some(fill)
             }
         }
+    }
+
+    /// Fetches waiting for a store slot in `priority`'s line.
+    #[cfg(test)]
+    pub fn waiting(&self, priority: Priority) -> usize {
+        self.slots.waiting(priority)
     }
 
     /// Whether a fill of chunk `index` is running.
@@ -222,10 +247,13 @@ impl Fetcher {
         let (tx, rx) = oneshot::channel();
         let reply: Reply = Arc::new(Mutex::new(Some(tx)));
         let fetcher = Arc::clone(self);
+        let origin = ticket.priority();
         self.runtime.spawn(async move {
             let fetched = {
                 let done = FlightDone { fetcher, index };
-                done.fetcher.run(index, id, key, &ticket, &reply).await
+                done.fetcher
+                    .run(index, id, key, origin, &ticket, &reply)
+                    .await
             };
             // The entry is gone now: a waiter told to look again, or failed,
             // finds no stale flight to join.
@@ -252,6 +280,7 @@ impl Fetcher {
         index: u64,
         id: ChunkId,
         key: ChunkKey,
+        origin: Priority,
         ticket: &Arc<Ticket>,
         reply: &Reply,
     ) -> Result<Filled, EngineError> {
@@ -284,6 +313,7 @@ impl Fetcher {
         let (expected, offset) = (self.layout.chunk_len(index), self.layout.chunk_start(index));
         let waiters = Arc::clone(reply);
         let counters = Arc::clone(&self.counters);
+        let access = Arc::clone(&self.access);
         // SHA-256 and AES-GCM of a whole chunk take a few hundred
         // microseconds, and the cache write may block: a blocking thread,
         // never an async worker. It also hands the plaintext to the
@@ -297,6 +327,7 @@ impl Fetcher {
                     source: Arc::new(source),
                 })?;
             cache.mark_present(index);
+            access.note_filled(index, origin, &counters);
             // Counted before the waiters wake, so what they see includes it.
             add(&counters.chunks_fetched, 1);
             counters.record_fetch_latency(started.elapsed());

@@ -100,6 +100,25 @@ impl Layout {
         })
     }
 
+    /// The indices holding `ids`, in the order of `ids` (an id held at
+    /// several indices gives each, in index order), each once; ids the
+    /// manifest lacks give none.
+    pub fn indices_of(&self, ids: &[ChunkId]) -> Vec<u64> {
+        let mut at: std::collections::HashMap<&ChunkId, Vec<u64>> =
+            std::collections::HashMap::new();
+        for (index, entry) in self.manifest.entries.iter().enumerate() {
+            if let ManifestEntry::Chunk { id, .. } = entry {
+                at.entry(id).or_default().push(index as u64);
+            }
+        }
+        let mut plan = Vec::new();
+        for id in ids {
+            // Taking the list out makes a repeated id give nothing more.
+            plan.extend(at.remove(id).unwrap_or_default());
+        }
+        plan
+    }
+
     pub fn is_zero(&self, index: u64) -> bool {
         matches!(self.content(index), Some(Content::Zero))
     }

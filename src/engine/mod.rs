@@ -15,8 +15,9 @@
 //! Each part is one type in its own file: [`Layout`](layout.rs) (offsets to
 //! chunks, what the manifest says), `Fetcher` (fetcher.rs, with its
 //! priority `Slots` and the store side in retrieve.rs), `Readahead`
-//! (readahead.rs), `Counters` (stats.rs). The engine wires them and holds
-//! the request logic below.
+//! (readahead.rs), the trace walk of prefetch (prefetch.rs), `Access`
+//! (access.rs: the recorded trace, speculative precision), `Counters`
+//! (stats.rs). The engine wires them and holds the request logic below.
 //!
 //! Invariants:
 //! * no byte reaches a reader unless it came from the cache (whose chunks
@@ -68,12 +69,14 @@ use tokio::runtime::Handle;
 
 use crate::cache::io::CacheIo;
 use crate::cache::CacheDir;
-use crate::chunk::Manifest;
+use crate::chunk::{ChunkId, Manifest};
 use crate::store::ChunkStore;
 
+mod access;
 mod error;
 mod fetcher;
 mod layout;
+mod prefetch;
 mod readahead;
 mod request;
 mod retrieve;
@@ -92,6 +95,8 @@ mod tests_faults;
 #[cfg(test)]
 mod tests_model;
 #[cfg(test)]
+mod tests_prefetch;
+#[cfg(test)]
 mod tests_readahead;
 #[cfg(test)]
 mod tests_registered;
@@ -106,8 +111,10 @@ pub use retrieve::{get_envelope, open_envelope, FetchPolicy, DEFAULT_FETCH_TIMEO
 pub use slots::Priority;
 pub use stats::EngineStats;
 
+use access::Access;
 use fetcher::{Fetcher, Fill, Filled};
 use layout::{Layout, Piece};
+use prefetch::StopFlag;
 use readahead::Readahead;
 use stats::{add, Counters};
 
@@ -116,6 +123,9 @@ use stats::{add, Counters};
 pub const DEFAULT_READAHEAD_CHUNKS: u32 = 8;
 /// The default of [`EngineOptions::max_fetches`].
 pub const DEFAULT_MAX_FETCHES: usize = 64;
+/// The default of [`EngineOptions::prefetch_chunks`]: a quarter of the
+/// default store slots, so demand and readahead always find slots free.
+pub const DEFAULT_PREFETCH_CHUNKS: usize = 16;
 
 /// How a device is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +145,13 @@ pub struct EngineOptions {
     /// Most requests to the store at once; more wait in line, demand
     /// fetches before readahead before prefetch.
     pub max_fetches: usize,
+    /// Most prefetch fetches ([`Engine::prefetch`]) in flight at once.
+    /// Below `max_fetches`, a demand fetch never waits for prefetch beyond
+    /// one fetch's time.
+    pub prefetch_chunks: usize,
+    /// Record the order in which requests first read each chunk
+    /// ([`Engine::recorded_trace`]).
+    pub record_trace: bool,
 }
 
 impl Default for EngineOptions {
@@ -144,6 +161,8 @@ impl Default for EngineOptions {
             readahead_chunks: DEFAULT_READAHEAD_CHUNKS,
             fetch: FetchPolicy::default(),
             max_fetches: DEFAULT_MAX_FETCHES,
+            prefetch_chunks: DEFAULT_PREFETCH_CHUNKS,
+            record_trace: false,
         }
     }
 }
@@ -156,7 +175,16 @@ pub struct Engine {
     fetcher: Arc<Fetcher>,
     readahead: Arc<Readahead>,
     counters: Arc<Counters>,
+    access: Arc<Access>,
+    prefetch_stop: Arc<StopFlag>,
+    prefetch_chunks: usize,
     read_only: bool,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.prefetch_stop.stop();
+    }
 }
 
 impl Engine {
@@ -188,6 +216,7 @@ impl Engine {
         })?;
         let cache = Arc::new(cache);
         let counters = Arc::new(Counters::new());
+        let access = Arc::new(Access::new(layout.chunk_count(), opts.record_trace));
         let fetcher = Arc::new(Fetcher::new(
             store,
             Arc::clone(&cache),
@@ -196,6 +225,7 @@ impl Engine {
             opts.fetch,
             opts.max_fetches,
             Arc::clone(&counters),
+            Arc::clone(&access),
         ));
         let readahead = Arc::new(Readahead::new(
             opts.readahead_chunks,
@@ -209,6 +239,9 @@ impl Engine {
             fetcher,
             readahead,
             counters,
+            access,
+            prefetch_stop: Arc::default(),
+            prefetch_chunks: opts.prefetch_chunks,
             read_only: opts.read_only,
         }))
     }
@@ -241,6 +274,52 @@ impl Engine {
         };
         self.counters.fill(&mut stats);
         stats
+    }
+
+    /// Starts fetching, in the order given, the chunks `ids` name (a trace
+    /// recorded on this image or an earlier version of it), in the
+    /// background at [`Priority::Prefetch`], and returns how many chunks
+    /// that plans. An id the image holds at several indices is fetched for
+    /// each; ids the image lacks are skipped. See prefetch.rs for how it
+    /// yields to demand reads; it stops when the engine is dropped or
+    /// [`Engine::stop_prefetch`] is called.
+    pub fn prefetch(&self, ids: &[ChunkId]) -> u64 {
+        let plan = self.layout.indices_of(ids);
+        let planned = plan.len() as u64;
+        if !plan.is_empty() {
+            prefetch::spawn(
+                Arc::clone(&self.fetcher),
+                plan,
+                self.prefetch_chunks,
+                Arc::clone(&self.counters),
+                Arc::clone(&self.prefetch_stop),
+            );
+        }
+        planned
+    }
+
+    /// Stops any prefetch: no new prefetch fetch starts; those in flight
+    /// finish.
+    pub fn stop_prefetch(&self) {
+        self.prefetch_stop.stop();
+    }
+
+    /// The chunks requests have read so far, by id, first read first and
+    /// each once; `None` unless the engine was opened with
+    /// [`EngineOptions::record_trace`].
+    pub fn recorded_trace(&self) -> Option<Vec<ChunkId>> {
+        let indices = self.access.recorded()?;
+        let mut seen = std::collections::HashSet::new();
+        Some(
+            indices
+                .into_iter()
+                .filter_map(|index| match self.layout.content(index) {
+                    Some(layout::Content::Sealed { id, .. }) => Some(*id),
+                    _ => None,
+                })
+                .filter(|id| seen.insert(*id))
+                .collect(),
+        )
     }
 
     /// Serves `request`, doing its cache I/O through `io`. Completes whole
@@ -297,7 +376,11 @@ impl Engine {
         // fetched in parallel.
         let mut waits: Vec<(Piece, Fill)> = Vec::new();
         for piece in self.layout.pieces(offset, len) {
-            if self.cache.is_present(piece.index) || self.layout.is_zero(piece.index) {
+            let zero = self.layout.is_zero(piece.index);
+            if !zero {
+                self.access.note_read(piece.index, &self.counters);
+            }
+            if zero || self.cache.is_present(piece.index) {
                 add(&self.counters.cache_hits, 1);
             } else {
                 add(&self.counters.cache_misses, 1);
@@ -683,10 +766,18 @@ impl Engine {
                 .all(|p| self.cache.is_present(p.index) || self.layout.is_zero(p.index))
     }
 
+    /// Fetches waiting for a store slot at `priority`.
+    #[cfg(test)]
+    pub(crate) fn fetches_waiting(&self, priority: Priority) -> usize {
+        self.fetcher.waiting(priority)
+    }
+
     /// Whether no fetch, readahead included, still holds the cache: a test
     /// that reopens the cache waits for this.
     #[cfg(test)]
     pub(crate) fn is_idle(&self) -> bool {
+        // The fetcher is held by the engine and the readahead; a running
+        // prefetch walk holds a third handle.
         Arc::strong_count(&self.fetcher) == 2 && Arc::strong_count(&self.readahead) == 1
     }
 }

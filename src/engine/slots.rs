@@ -184,6 +184,12 @@ impl Slots {
         state.free += 1;
     }
 
+    /// Fetches waiting in `priority`'s line right now.
+    #[cfg(test)]
+    pub fn waiting(&self, priority: Priority) -> usize {
+        self.lock().waiting[priority as usize].len()
+    }
+
     /// Slots free right now.
     #[cfg(test)]
     pub fn free(&self) -> usize {

@@ -54,6 +54,32 @@ pub struct EngineStats {
     /// for it and counts as a cache miss.
     #[serde(default)]
     pub chunks_readahead: u64,
+    /// Chunks fetched by readahead that a request then read: with
+    /// `chunks_readahead`, readahead's precision.
+    #[serde(default)]
+    pub readahead_chunks_read: u64,
+    /// Fetches a request started because it needed the chunk and nothing
+    /// had fetched it yet (readahead and prefetch did not, or not in
+    /// time): the demand misses that remain.
+    #[serde(default)]
+    pub demand_fetches: u64,
+    /// Chunks the prefetch plan named (a recorded trace's chunks that the
+    /// image holds, as chunk indices).
+    #[serde(default)]
+    pub prefetch_planned: u64,
+    /// Planned chunks the prefetch has not finished with yet (waiting or
+    /// in flight); 0 once it is done, above 0 if it was stopped early.
+    #[serde(default)]
+    pub prefetch_remaining: u64,
+    /// Fetches started by prefetch (chunks already present or being
+    /// fetched are skipped and not counted). Each also counts in
+    /// `chunks_fetched` once it succeeds.
+    #[serde(default)]
+    pub chunks_prefetched: u64,
+    /// Chunks fetched by prefetch that a request then read: with
+    /// `chunks_prefetched`, prefetch's precision.
+    #[serde(default)]
+    pub prefetched_chunks_read: u64,
     /// Envelope bytes received from the store (including any that then
     /// failed verification).
     pub bytes_fetched: u64,
@@ -102,6 +128,12 @@ pub(crate) struct Counters {
     pub cache_misses: AtomicU64,
     pub chunks_fetched: AtomicU64,
     pub chunks_readahead: AtomicU64,
+    pub readahead_chunks_read: AtomicU64,
+    pub demand_fetches: AtomicU64,
+    pub prefetch_planned: AtomicU64,
+    pub prefetch_remaining: AtomicU64,
+    pub chunks_prefetched: AtomicU64,
+    pub prefetched_chunks_read: AtomicU64,
     pub bytes_fetched: AtomicU64,
     pub fetch_errors: AtomicU64,
     pub fetch_retries: AtomicU64,
@@ -120,6 +152,11 @@ pub(crate) fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
+/// Takes `n` from a gauge.
+pub(crate) fn sub(counter: &AtomicU64, n: u64) {
+    counter.fetch_sub(n, Ordering::Relaxed);
+}
+
 fn get(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
@@ -136,6 +173,12 @@ impl Counters {
             cache_misses: AtomicU64::new(0),
             chunks_fetched: AtomicU64::new(0),
             chunks_readahead: AtomicU64::new(0),
+            readahead_chunks_read: AtomicU64::new(0),
+            demand_fetches: AtomicU64::new(0),
+            prefetch_planned: AtomicU64::new(0),
+            prefetch_remaining: AtomicU64::new(0),
+            chunks_prefetched: AtomicU64::new(0),
+            prefetched_chunks_read: AtomicU64::new(0),
             bytes_fetched: AtomicU64::new(0),
             fetch_errors: AtomicU64::new(0),
             fetch_retries: AtomicU64::new(0),
@@ -180,6 +223,12 @@ impl Counters {
         stats.cache_misses = get(&self.cache_misses);
         stats.chunks_fetched = get(&self.chunks_fetched);
         stats.chunks_readahead = get(&self.chunks_readahead);
+        stats.readahead_chunks_read = get(&self.readahead_chunks_read);
+        stats.demand_fetches = get(&self.demand_fetches);
+        stats.prefetch_planned = get(&self.prefetch_planned);
+        stats.prefetch_remaining = get(&self.prefetch_remaining);
+        stats.chunks_prefetched = get(&self.chunks_prefetched);
+        stats.prefetched_chunks_read = get(&self.prefetched_chunks_read);
         stats.bytes_fetched = get(&self.bytes_fetched);
         stats.fetch_errors = get(&self.fetch_errors);
         stats.fetch_retries = get(&self.fetch_retries);
