@@ -240,8 +240,8 @@ pub fn merge(runs: &[&[ChunkId]], threshold: f64) -> Vec<ChunkId> {
         .map(|(id, mut ranks)| {
             ranks.sort_unstable();
             let median = ranks[(ranks.len() - 1) / 2];
-            let mean_scaled = ranks.iter().map(|&r| r as u128).sum::<u128>() * 1_000_000
-                / ranks.len() as u128;
+            let mean_scaled =
+                ranks.iter().map(|&r| r as u128).sum::<u128>() * 1_000_000 / ranks.len() as u128;
             (median, mean_scaled, id)
         })
         .collect();
@@ -310,13 +310,22 @@ mod tests {
     #[test]
     fn a_trace_of_another_image_is_refused() {
         let trace = trace();
-        assert_eq!(trace.runs_for("app.trace", "app", &[9; 32]).unwrap().len(), 2);
+        assert_eq!(
+            trace.runs_for("app.trace", "app", &[9; 32]).unwrap().len(),
+            2
+        );
         // Another name, but a run on this very manifest: accepted.
-        assert_eq!(trace.runs_for("x.trace", "copy", &[2; 32]).unwrap().len(), 2);
+        assert_eq!(
+            trace.runs_for("x.trace", "copy", &[2; 32]).unwrap().len(),
+            2
+        );
         let err = trace.runs_for("db.trace", "db", &[9; 32]).unwrap_err();
         assert!(matches!(err, TraceError::OtherImage { .. }), "{err}");
         let text = err.to_string();
-        assert!(text.contains("\"app\"") && text.contains("\"db\""), "{text}");
+        assert!(
+            text.contains("\"app\"") && text.contains("\"db\""),
+            "{text}"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use clap::Args;
 
 use super::keys::load_key;
+use super::trace::{start_prefetch, Recorder, TraceArgs};
 use super::{tiers, HostCacheArgs, ImageArgs};
 use crate::chunk::{manifest_digest, Manifest};
 use crate::daemon::{
@@ -88,6 +89,8 @@ pub struct AddArgs {
     /// readahead off (random-access workloads then fetch only what they read).
     #[arg(long, default_value_t = DEFAULT_READAHEAD_CHUNKS)]
     pub readahead_chunks: u32,
+    #[command(flatten)]
+    pub trace: TraceArgs,
     /// Most seconds a chunk's fetch may take, retries of transient store
     /// failures included; a read that needs it then fails with EIO, well
     /// before the kernel's 30 s I/O timeout, and a later read tries again.
@@ -267,12 +270,24 @@ pub(super) async fn serve_metrics(
     Ok(Some(bound))
 }
 
+/// An opened device engine, its store, and what it records.
+pub(super) struct Opened {
+    pub engine: Arc<Engine>,
+    pub store: Arc<dyn ChunkStore>,
+    /// Stores the recorded trace run when the device stops
+    /// (`--record-trace`).
+    pub recorder: Option<Recorder>,
+}
+
+/// Opens the image's manifest and cache for serving and starts prefetching
+/// from its trace (unless `trace` says not to).
 pub(super) async fn open_engine(
     image: &ImageArgs,
     host_cache: &HostCacheArgs,
     cache_dir: &Path,
-    opts: EngineOptions,
-) -> anyhow::Result<(Arc<Engine>, Arc<dyn ChunkStore>)> {
+    mut opts: EngineOptions,
+    trace: &TraceArgs,
+) -> anyhow::Result<Opened> {
     let tenant = load_key(&image.key)?;
     let store = tiers::open(&image.store, host_cache)?.store;
     let name = &image.name;
@@ -284,12 +299,25 @@ pub(super) async fn open_engine(
         cache_dir.to_owned(),
     );
     let digest = manifest_digest(&sealed);
+    opts.record_trace = trace.record_trace;
+    opts.prefetch_chunks = trace.prefetch_chunks;
     let engine = tokio::task::spawn_blocking(move || {
         Engine::open(manifest, digest, engine_store, &dir, opts, runtime)
     })
     .await?
     .with_context(|| format!("open cache {}", cache_dir.display()))?;
-    Ok((engine, store))
+    start_prefetch(&engine, &*store, image, &tenant, &digest, trace).await?;
+    let recorder = trace.record_trace.then(|| Recorder {
+        store: store.clone(),
+        image: name.clone(),
+        tenant,
+        digest,
+    });
+    Ok(Opened {
+        engine,
+        store,
+        recorder,
+    })
 }
 
 /// The run directory, created if needed.
@@ -335,6 +363,7 @@ impl<F: Detach> daemon::DeviceControl for EngineControl<F> {
     }
 
     async fn stop(&self, force: bool) -> Result<(), String> {
+        self.engine.stop_prefetch();
         self.engine
             .checkpoint()
             .await
@@ -347,10 +376,11 @@ impl<F: Detach> daemon::DeviceControl for EngineControl<F> {
 /// meanwhile. SIGTERM or Ctrl-C asks `control` to stop the device, which it
 /// may refuse while the device is in use (it then keeps serving). Afterwards
 /// the control socket and checkpoints end, the engine is flushed and the
-/// device record removed. Returns what `device` returned and the final
-/// flush's result.
+/// device record removed, and a recording device stores its trace run.
+/// Returns what `device` returned and the final flush's result.
 pub(super) async fn serve_until_stopped<T>(
     engine: &Arc<Engine>,
+    recorder: Option<&Recorder>,
     control: Arc<dyn daemon::DeviceControl>,
     control_task: tokio::task::JoinHandle<()>,
     run_dir: &Path,
@@ -372,7 +402,15 @@ pub(super) async fn serve_until_stopped<T>(
     };
     control_task.abort();
     checkpoints.abort();
+    engine.stop_prefetch();
     let flushed = engine.checkpoint().await;
+    if let Some(recorder) = recorder {
+        // A lost run costs a later start its prefetch, never data: say so
+        // and carry on stopping.
+        if let Err(e) = recorder.save(engine).await {
+            tracing::error!("record the trace run: {e:#}");
+        }
+    }
     DeviceRecord::remove(run_dir, std::process::id());
     tracing::info!(stats = ?engine.stats(), "device stopped");
     Ok((ended, flushed))
@@ -554,6 +592,22 @@ pub async fn list(json: bool) -> anyhow::Result<()> {
             mode,
             d.record.cache_dir.display()
         );
+        if let Some(s) = d
+            .stats
+            .as_ref()
+            .filter(|s| s.prefetch_planned > 0 || s.chunks_readahead > 0)
+        {
+            outln!(
+                "     prefetch: {} planned, {} fetched, {} then read, {} left; readahead: {} fetched, {} then read; {} demand fetches",
+                s.prefetch_planned,
+                s.chunks_prefetched,
+                s.prefetched_chunks_read,
+                s.prefetch_remaining,
+                s.chunks_readahead,
+                s.readahead_chunks_read,
+                s.demand_fetches
+            );
+        }
         // A device reading through tiers: one line per tier under its row.
         for tier in d.stats.iter().flat_map(|s| &s.tiers) {
             outln!(

@@ -9,7 +9,7 @@ use tokio::net::UnixListener;
 
 use super::device::{
     engine_options, ensure_run_dir, list_devices, open_engine, say_ready, serve_metrics,
-    serve_until_stopped, AddArgs, Detach, EngineControl,
+    serve_until_stopped, AddArgs, Detach, EngineControl, Opened,
 };
 use crate::daemon::{self, DeviceRecord, FrontendKind};
 use crate::frontend::fuse::{FuseDevice, DISK_FILE_NAME};
@@ -24,11 +24,16 @@ impl Detach for Arc<FuseDevice> {
 }
 
 pub(super) async fn serve(args: &AddArgs, mountpoint: &Path) -> anyhow::Result<()> {
-    let (engine, store) = open_engine(
+    let Opened {
+        engine,
+        store,
+        recorder,
+    } = open_engine(
         &args.image,
         &args.host_cache,
         &args.cache_dir,
         engine_options(args.read_only, args.readahead_chunks, args.fetch_timeout),
+        &args.trace,
     )
     .await?;
     let name = &args.image.name;
@@ -93,8 +98,15 @@ pub(super) async fn serve(args: &AddArgs, mountpoint: &Path) -> anyhow::Result<(
 
     let session_device = device.clone();
     let session = tokio::task::spawn_blocking(move || session_device.wait());
-    let (session_result, flushed) =
-        serve_until_stopped(&engine, control, control_task, &run_dir, session).await?;
+    let (session_result, flushed) = serve_until_stopped(
+        &engine,
+        recorder.as_ref(),
+        control,
+        control_task,
+        &run_dir,
+        session,
+    )
+    .await?;
     session_result
         .map_err(|e| anyhow!("FUSE session task: {e}"))?
         .context("FUSE session")?;

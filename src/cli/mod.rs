@@ -19,6 +19,7 @@ mod maint;
 mod report;
 mod serve;
 mod tiers;
+mod trace;
 mod transfer;
 mod ublk;
 mod verify_cache;
@@ -69,6 +70,11 @@ pub enum Command {
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Merge or show an image's access traces (recorded by `add --record-trace`).
+    Trace {
+        #[command(subcommand)]
+        command: trace::TraceCommand,
     },
     /// Serve a `--recoverable` ublk device again after its process died.
     Recover(ublk::RecoverArgs),
@@ -239,6 +245,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Add(args) => device::add(args),
         Command::Del(args) => runtime()?.block_on(device::del(args)),
         Command::List { json } => runtime()?.block_on(device::list(json)),
+        Command::Trace { command } => runtime()?.block_on(trace::run(command)),
         Command::Recover(args) => ublk::recover(args),
         Command::Serve(args) => runtime()?.block_on(serve::serve(args)),
         Command::FaultProxy(args) => runtime()?.block_on(fault_proxy::fault_proxy(args)),

@@ -16,8 +16,9 @@ use tokio::net::UnixListener;
 
 use super::device::{
     daemonize, engine_options, ensure_run_dir, list_devices, open_engine, say_ready, serve_metrics,
-    serve_until_stopped, AddArgs, Detach, EngineControl,
+    serve_until_stopped, AddArgs, Detach, EngineControl, Opened,
 };
+use super::trace::TraceArgs;
 use super::{HostCacheArgs, ImageArgs, StoreArgs};
 use crate::daemon::{self, DeviceControl, DeviceRecord, DeviceState, FrontendKind, UblkRecord};
 use crate::frontend::ublk::{self, DeviceInfo, DeviceOptions, Start};
@@ -41,6 +42,7 @@ struct Spec {
     readahead_chunks: u32,
     fetch_timeout: f64,
     metrics: Option<std::net::SocketAddr>,
+    trace: TraceArgs,
     start: Start,
     /// The record of the process that died, replaced once the device is live.
     replaces: Option<u32>,
@@ -55,6 +57,7 @@ pub(super) async fn serve_add(args: &AddArgs) -> anyhow::Result<()> {
         readahead_chunks: args.readahead_chunks,
         fetch_timeout: args.fetch_timeout,
         metrics: args.metrics,
+        trace: args.trace.clone(),
         start: Start::Add(DeviceOptions {
             id: args.id,
             queues: args.queues.unwrap_or_else(ublk::default_queues),
@@ -137,6 +140,12 @@ pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
         readahead_chunks: ublk.readahead_chunks,
         fetch_timeout: ublk.fetch_timeout_secs,
         metrics: ublk.metrics,
+        // The cache holds what the device read before it died: no
+        // prefetch, and no run recorded from a device that started midway.
+        trace: TraceArgs {
+            no_prefetch: true,
+            ..TraceArgs::default()
+        },
         start: Start::Recover { id: args.id },
         replaces: Some(orphan.record.pid),
     }))
@@ -157,11 +166,16 @@ impl Detach for UblkDevice {
 }
 
 async fn serve(spec: Spec) -> anyhow::Result<()> {
-    let (engine, store) = open_engine(
+    let Opened {
+        engine,
+        store,
+        recorder,
+    } = open_engine(
         &spec.image,
         &spec.host_cache,
         &spec.cache_dir,
         engine_options(spec.read_only, spec.readahead_chunks, spec.fetch_timeout),
+        &spec.trace,
     )
     .await?;
     let metrics = serve_metrics(&engine, &store, &spec.image.name, spec.metrics).await?;
@@ -271,8 +285,15 @@ async fn serve(spec: Spec) -> anyhow::Result<()> {
     );
     say_ready(&format!("{} id {}", info.path.display(), info.id))?;
 
-    let (ended, flushed) =
-        serve_until_stopped(&engine, control, control_task, &run_dir, &mut device).await?;
+    let (ended, flushed) = serve_until_stopped(
+        &engine,
+        recorder.as_ref(),
+        control,
+        control_task,
+        &run_dir,
+        &mut device,
+    )
+    .await?;
     ended.context("ublk device task")??;
     flushed.context("final flush")?;
     Ok(())

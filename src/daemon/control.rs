@@ -32,7 +32,8 @@ pub enum ControlRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "result", content = "value", rename_all = "snake_case")]
 pub enum ControlResponse {
-    Stats(EngineStats),
+    /// Boxed: the counters outweigh every other answer many times.
+    Stats(Box<EngineStats>),
     Stopping,
     Error(String),
 }
@@ -121,7 +122,7 @@ pub async fn serve_control(listener: UnixListener, device: Arc<dyn DeviceControl
                 return;
             };
             let response = match line.map(|l| serde_json::from_slice::<ControlRequest>(&l)) {
-                Some(Ok(ControlRequest::Stats)) => ControlResponse::Stats(device.stats()),
+                Some(Ok(ControlRequest::Stats)) => ControlResponse::Stats(Box::new(device.stats())),
                 Some(Ok(ControlRequest::Stop { force })) => match device.stop(force).await {
                     Ok(()) => ControlResponse::Stopping,
                     Err(e) => ControlResponse::Error(e),

@@ -54,7 +54,7 @@ pub async fn serve(
 
 /// Counters: `(suffix, help, value)`; the family is
 /// `lazyblk_device_<suffix>_total`.
-fn counters(stats: &EngineStats) -> [(&'static str, &'static str, u64); 17] {
+fn counters(stats: &EngineStats) -> [(&'static str, &'static str, u64); 22] {
     [
         (
             "read_requests",
@@ -96,6 +96,31 @@ fn counters(stats: &EngineStats) -> [(&'static str, &'static str, u64); 17] {
             "chunks_readahead",
             "Fetches started by sequential readahead.",
             stats.chunks_readahead,
+        ),
+        (
+            "readahead_chunks_read",
+            "Chunks fetched by readahead that a request then read.",
+            stats.readahead_chunks_read,
+        ),
+        (
+            "demand_fetches",
+            "Fetches started by a request that needed the chunk.",
+            stats.demand_fetches,
+        ),
+        (
+            "prefetch_planned",
+            "Chunks the prefetch plan of a recorded trace named.",
+            stats.prefetch_planned,
+        ),
+        (
+            "chunks_prefetched",
+            "Fetches started by prefetch from a recorded trace.",
+            stats.chunks_prefetched,
+        ),
+        (
+            "prefetched_chunks_read",
+            "Chunks fetched by prefetch that a request then read.",
+            stats.prefetched_chunks_read,
         ),
         (
             "fetched_bytes",
@@ -171,6 +196,11 @@ fn refresh(registry: &Registry, name: &str, engine: &Weak<Engine>, last: &Mutex<
             "chunks_present",
             "Chunks held in the local cache.",
             stats.chunks_present,
+        ),
+        (
+            "prefetch_remaining",
+            "Planned prefetch chunks not yet done.",
+            stats.prefetch_remaining,
         ),
     ];
     for (suffix, help, value) in gauges {

@@ -251,7 +251,7 @@ pub async fn list_devices(
             Ok(ControlResponse::Stats(stats)) => devices.push(DeviceStatus {
                 record,
                 state: DeviceState::Live,
-                stats: Some(stats),
+                stats: Some(*stats),
             }),
             Ok(_) => {}
             Err(ControlError::Connect { .. }) => match &record.ublk {

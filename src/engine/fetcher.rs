@@ -38,7 +38,7 @@ use super::layout::{Content, Layout};
 use super::retrieve::{get_envelope, open_envelope, FetchPolicy};
 use super::slots::{Priority, Slot, Slots, Ticket};
 use super::stats::{add, Counters};
-use super::EngineError;
+use super::{EngineError, EngineOptions};
 use crate::cache::CacheDir;
 use crate::chunk::{ChunkId, ChunkKey};
 use crate::error::{chain, ErrorKind};
@@ -132,8 +132,7 @@ impl Fetcher {
         cache: Arc<CacheDir>,
         layout: Arc<Layout>,
         runtime: Handle,
-        policy: FetchPolicy,
-        max_fetches: usize,
+        opts: &EngineOptions,
         counters: Arc<Counters>,
         access: Arc<Access>,
     ) -> Fetcher {
@@ -142,8 +141,8 @@ impl Fetcher {
             cache,
             layout,
             runtime,
-            policy,
-            slots: Slots::new(max_fetches),
+            policy: opts.fetch,
+            slots: Slots::new(opts.max_fetches),
             inflight: DashMap::new(),
             counters,
             access,

@@ -222,8 +222,7 @@ impl Engine {
             Arc::clone(&cache),
             Arc::clone(&layout),
             runtime,
-            opts.fetch,
-            opts.max_fetches,
+            &opts,
             Arc::clone(&counters),
             Arc::clone(&access),
         ));

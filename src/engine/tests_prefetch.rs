@@ -78,7 +78,11 @@ async fn a_recorded_trace_is_the_first_reads_by_id_and_prefetches_exactly_those(
     in_order.extend([fx.id(3); 6]);
     in_order.push(fx.id(0));
     assert_eq!(fx.store.get_order()[gets_before..], in_order);
-    assert_eq!(engine.recorded_trace().unwrap(), [], "prefetch is not a read");
+    assert_eq!(
+        engine.recorded_trace().unwrap(),
+        [],
+        "prefetch is not a read"
+    );
     for &index in &order {
         read_chunk(&engine, &image, index).await;
     }

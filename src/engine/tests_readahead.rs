@@ -89,11 +89,37 @@ async fn a_cold_sequential_scan_fetches_ahead_of_the_reader() {
     }
     let stats = engine.stats();
     assert_eq!(stats.chunks_readahead, 62);
+    // Every chunk read ahead was then read: precision 1.
+    assert_eq!(stats.readahead_chunks_read, 62);
+    assert_eq!(stats.demand_fetches, 2);
     assert_eq!(stats.chunks_fetched, 64);
     assert_eq!(stats.chunks_present, 64);
     // Chunks 0 and 1, and any the reader caught still in flight.
     assert!(stats.cache_misses >= 2, "{stats:?}");
     assert_eq!(stats.cache_hits + stats.cache_misses, 64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readahead_precision_counts_what_the_reader_then_read() {
+    let (image, fx) = image(32, 0, &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = open(&fx, tmp.path(), 8);
+    // A short stream: chunks 0 to 3, then the reader stops. The window
+    // grew to 4 at chunk 3, so readahead fetched chunks 2 to 11.
+    for index in 0..4 {
+        read_chunk(&engine, &image, index).await;
+        idle(&engine).await;
+    }
+    let stats = engine.stats();
+    assert_eq!(
+        (stats.chunks_readahead, stats.readahead_chunks_read),
+        (10, 2),
+        "{stats:?}"
+    );
+    // Reading one more of them counts once, however often it is read.
+    read_chunk(&engine, &image, 7).await;
+    read_chunk(&engine, &image, 7).await;
+    assert_eq!(engine.stats().readahead_chunks_read, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

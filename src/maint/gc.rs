@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
-use super::{referenced_chunks, Progress, ReadManifestError, CONCURRENCY};
+use super::{manifest_names, referenced_chunks, Progress, ReadManifestError, CONCURRENCY};
 use crate::chunk::ChunkId;
 use crate::store::{ChunkStore, StoreError};
 
@@ -83,8 +83,7 @@ pub async fn collect_garbage(
 
     progress("listing chunks", 0, 0);
     let chunks = store.list().await.map_err(GcError::ListChunks)?;
-    let names = store
-        .list_manifests()
+    let names = manifest_names(store)
         .await
         .map_err(|e| GcError::ReadManifests(ReadManifestError::List(e)))?;
     let mut report = GcReport {

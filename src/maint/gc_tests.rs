@@ -106,3 +106,37 @@ async fn an_absurd_grace_is_an_error() {
         .unwrap_err();
     assert!(matches!(err, GcError::Grace(_)), "{err}");
 }
+
+#[tokio::test]
+async fn a_trace_beside_a_manifest_is_no_manifest() {
+    let store = MemStore::default();
+    let kept = put_image(&store, "app", &[1]).await;
+    let trace = crate::chunk::Trace {
+        image: "app".into(),
+        runs: vec![crate::chunk::TraceRun {
+            manifest_digest: [0; 32],
+            recorded_at: 0,
+            ids: kept.clone(),
+        }],
+    };
+    store
+        .put_manifest(
+            &crate::store::trace_name("app"),
+            Bytes::from(trace.seal(&crate::chunk::TenantKey([4; 32]))),
+        )
+        .await
+        .unwrap();
+    age_all(&store, 2 * HOUR).await;
+    let report = collect_garbage(&store, &opts(HOUR, false), &no_progress)
+        .await
+        .unwrap();
+    assert_eq!((report.manifests, report.chunks_referenced), (1, 1));
+    let verified = crate::maint::verify(
+        &store,
+        &crate::maint::VerifyOptions::default(),
+        &no_progress,
+    )
+    .await
+    .unwrap();
+    assert_eq!(verified.chunks_checked, 1);
+}

@@ -49,6 +49,14 @@ pub enum ReadManifestError {
     },
 }
 
+/// The names of the store's manifests, leaving out the traces stored
+/// beside them (they reference no chunk a collection must keep).
+async fn manifest_names(store: &dyn ChunkStore) -> Result<Vec<String>, StoreError> {
+    let mut names = store.list_manifests().await?;
+    names.retain(|name| !crate::store::is_trace_name(name));
+    Ok(names)
+}
+
 /// Every chunk id that the manifests named `names` reference. A manifest
 /// that vanished since it was listed references nothing; one that cannot
 /// be fetched or parsed fails the whole call, naming it, since a partial

@@ -14,7 +14,9 @@ use std::time::Instant;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
-use super::{chunks_of, id_of, referenced_chunks, Progress, ReadManifestError, CONCURRENCY};
+use super::{
+    chunks_of, id_of, manifest_names, referenced_chunks, Progress, ReadManifestError, CONCURRENCY,
+};
 use crate::chunk::ChunkId;
 use crate::error::ErrorKind;
 use crate::store::{ChunkStore, StoreError};
@@ -104,8 +106,7 @@ pub async fn verify(
                 .into_iter()
                 .map(|c| c.id)
                 .collect();
-            let names = store
-                .list_manifests()
+            let names = manifest_names(store)
                 .await
                 .map_err(ReadManifestError::List)?;
             let listed: HashSet<ChunkId> = ids.iter().copied().collect();

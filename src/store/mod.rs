@@ -285,12 +285,34 @@ pub fn open_store(spec: &str, options: &StoreOptions) -> Result<Arc<dyn ChunkSto
     }
 }
 
+/// What a manifest's access trace ([`crate::chunk::Trace`]) is stored
+/// under, beside the manifest, through the manifest methods: the
+/// manifest's name with this suffix. Push refuses manifest names that end
+/// with it, and whatever lists manifests to read them skips such names.
+pub const TRACE_SUFFIX: &str = ".trace";
+
+/// The name the trace of manifest `manifest` is stored under.
+pub fn trace_name(manifest: &str) -> String {
+    format!("{manifest}{TRACE_SUFFIX}")
+}
+
+/// Whether a name from [`ChunkStore::list_manifests`] is a trace, not a
+/// manifest.
+pub fn is_trace_name(name: &str) -> bool {
+    name.ends_with(TRACE_SUFFIX)
+}
+
 /// Checks a manifest name: 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting
-/// with `.`. Every engine takes the same names, so they are safe as file
-/// names, URL path segments and object keys alike, and a manifest can move
-/// between stores.
+/// with `.` (a trace's name may be [`TRACE_SUFFIX`] longer). Every engine
+/// takes the same names, so they are safe as file names, URL path segments
+/// and object keys alike, and a manifest can move between stores.
 pub fn validate_manifest_name(name: &str) -> Result<(), StoreError> {
-    let reason = if name.is_empty() || name.len() > 128 {
+    let longest = if is_trace_name(name) {
+        128 + TRACE_SUFFIX.len()
+    } else {
+        128
+    };
+    let reason = if name.is_empty() || name.len() > longest {
         "must be 1 to 128 characters long"
     } else if name.starts_with('.') {
         "must not start with '.'"

@@ -31,7 +31,7 @@ use crate::chunk::{
     is_zero, seal_chunk_in_place, validate_chunk_size, validate_salt_domain, ChunkId, ChunkKey,
     Manifest, ManifestEntry, Salt, TenantKey,
 };
-use crate::store::{validate_manifest_name, ChunkStore, StoreError};
+use crate::store::{is_trace_name, validate_manifest_name, ChunkStore, StoreError, TRACE_SUFFIX};
 
 /// Bytes read and sealed per window: enough chunks to keep every core
 /// busy and to batch the store's `missing` query, few enough to bound memory
@@ -223,7 +223,14 @@ pub(super) fn validate(opts: &PushOptions) -> Result<(), TransferError> {
             invalid(format!("manifest name {name:?} {reason}"))
         }
         other => invalid(other.to_string()),
-    })
+    })?;
+    if is_trace_name(&opts.name) {
+        return Err(invalid(format!(
+            "manifest name {:?} must not end with {TRACE_SUFFIX:?}: such names hold access traces",
+            opts.name
+        )));
+    }
+    Ok(())
 }
 
 /// Opens a regular file or block device and finds its size.

@@ -1,0 +1,205 @@
+//! Trace record and prefetch through the real kernel: record a start with
+//! `add --record-trace`, remove the device, and check that the next `add`
+//! prefetches exactly the recorded chunks and that readers see the same
+//! bytes; a trace of another image is refused.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn stat(device: &serde_json::Value, key: &str) -> u64 {
+    device["stats"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {key} in {device}"))
+}
+
+/// What a start reads: a few files, as a workload's imports would.
+const READ: [&str; 4] = [
+    "dir03/sub0/file001.bin",
+    "dir07/sub1/file006.bin",
+    "dir10/sub1/file014.bin",
+    "marker.txt",
+];
+
+fn read_files(root: &Path) -> Vec<Vec<u8>> {
+    READ.iter()
+        .map(|f| fs::read(root.join(f)).unwrap())
+        .collect()
+}
+
+/// `lazyblk trace SUB --store STORE --key KEY`.
+fn trace(world: &World, sub: &str) -> std::process::Command {
+    let mut cmd = world.lazyblk();
+    cmd.args(["trace", sub, "--store"])
+        .arg(world.store())
+        .arg("--key")
+        .arg(world.key());
+    cmd
+}
+
+fn trace_show(world: &World, name: &str) -> serde_json::Value {
+    let out = run(trace(world, "show").args(["--name", name, "--json"]));
+    serde_json::from_slice(&out.stdout).expect("trace show --json prints JSON")
+}
+
+/// Waits (up to 30 s) until the device's prefetch is done.
+fn prefetched(world: &World, mnt: &Path) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let device = world.device(mnt);
+        if stat(&device, "prefetch_remaining") == 0 {
+            return device;
+        }
+        assert!(Instant::now() < deadline, "prefetch never ended: {device}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_recorded_start_is_prefetched_by_the_next_add_and_reads_the_same() {
+    let world = World::new();
+    let tree = world.path("tree");
+    make_tree(&tree);
+    let image = world.path("image.ext4");
+    make_ext4(&tree, &image, 96);
+    world.push(&image, "app");
+    let no_readahead = ["--readahead-chunks", "0"];
+
+    // Record one start.
+    let extra = [&no_readahead[..], &["--record-trace"]].concat();
+    let fuse = world.add_with("app", "cache1", "fuse1", true, &extra);
+    let root = world.mount_loop(&fuse, "root1", true);
+    let first = read_files(&root);
+    let recorded_fetches = stat(&world.device(&fuse), "demand_fetches");
+    assert!(recorded_fetches > 0);
+    world.umount(&root);
+    world.del(&fuse);
+    let shown = trace_show(&world, "app");
+    assert_eq!(shown["runs"].as_array().unwrap().len(), 1, "{shown}");
+    let recorded = shown["runs"][0]["chunks"].as_u64().unwrap();
+    assert_eq!(shown["prefetch"].as_array().unwrap().len() as u64, recorded);
+    assert!(recorded > 0 && recorded <= recorded_fetches, "{shown}");
+
+    // The next add prefetches those chunks, and only those, before anyone
+    // reads: nothing is mounted yet.
+    let fuse = world.add_with("app", "cache2", "fuse2", true, &no_readahead);
+    let device = prefetched(&world, &fuse);
+    let planned = stat(&device, "prefetch_planned");
+    assert!(planned >= recorded, "{device}");
+    assert_eq!(stat(&device, "chunks_prefetched"), planned, "{device}");
+    assert_eq!(stat(&device, "chunks_fetched"), planned, "{device}");
+    assert_eq!(stat(&device, "demand_fetches"), 0, "{device}");
+
+    // Readers see the same bytes, and the start now misses (almost)
+    // nothing.
+    let root = world.mount_loop(&fuse, "root2", true);
+    let second = read_files(&root);
+    assert!(first == second, "prefetch changed what a reader sees");
+    for (file, bytes) in READ.iter().zip(&second) {
+        assert!(fs::read(tree.join(file)).unwrap() == *bytes, "{file}");
+    }
+    let device = world.device(&fuse);
+    assert!(stat(&device, "prefetched_chunks_read") > 0, "{device}");
+    assert!(
+        stat(&device, "demand_fetches") * 10 <= recorded_fetches,
+        "{device}"
+    );
+    world.umount(&root);
+    world.del(&fuse);
+
+    // --no-prefetch fetches nothing up front.
+    let fuse = world.add_with(
+        "app",
+        "cache3",
+        "fuse3",
+        true,
+        &[&no_readahead[..], &["--no-prefetch"]].concat(),
+    );
+    let device = world.device(&fuse);
+    assert_eq!(stat(&device, "prefetch_planned"), 0, "{device}");
+    assert_eq!(stat(&device, "chunks_fetched"), 0, "{device}");
+    world.del(&fuse);
+
+    // A trace that belongs to another image is refused, naming both.
+    let other_tree = world.path("other-tree");
+    fs::create_dir_all(&other_tree).unwrap();
+    fs::write(other_tree.join("hello.txt"), b"another image").unwrap();
+    let other = world.path("other.ext4");
+    make_ext4(&other_tree, &other, 16);
+    world.push(&other, "other");
+    let manifests = world.store().join("manifests");
+    fs::copy(manifests.join("app.trace"), manifests.join("other.trace")).unwrap();
+    let mnt = world.path("fuse4");
+    fs::create_dir_all(&mnt).unwrap();
+    run_failing(
+        world
+            .with_store("add")
+            .args(["--name", "other", "--cache-dir"])
+            .arg(world.path("cache4"))
+            .arg("--fuse")
+            .arg(&mnt),
+        "was recorded for image \"app\", not \"other\"",
+    );
+    let fuse = world.add_with("other", "cache4", "fuse4", true, &["--no-prefetch"]);
+    world.del(&fuse);
+
+    // Push refuses a name that would pass for a trace.
+    run_failing(
+        world
+            .with_store("push")
+            .arg(&other)
+            .args(["--name", "x.trace"]),
+        "must not end with \".trace\"",
+    );
+}
+
+#[test]
+fn trace_merge_keeps_what_most_runs_read() {
+    let world = World::new();
+    let tree = world.path("tree");
+    make_tree(&tree);
+    let image = world.path("image.ext4");
+    make_ext4(&tree, &image, 96);
+    world.push(&image, "app");
+    // Three recorded starts: every one reads the common file, one reads
+    // another file besides.
+    for (run, extra_file) in [(1, None), (2, Some("large.bin")), (3, None)] {
+        let fuse = world.add_with(
+            "app",
+            &format!("cache{run}"),
+            &format!("fuse{run}"),
+            true,
+            &["--record-trace", "--no-prefetch", "--readahead-chunks", "0"],
+        );
+        let root = world.mount_loop(&fuse, &format!("root{run}"), true);
+        fs::read(root.join("dir05/sub2/file006.bin")).unwrap();
+        if let Some(file) = extra_file {
+            fs::read(root.join(file)).unwrap();
+        }
+        world.umount(&root);
+        world.del(&fuse);
+    }
+    let shown = trace_show(&world, "app");
+    let runs: Vec<u64> = shown["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["chunks"].as_u64().unwrap())
+        .collect();
+    assert_eq!(runs.len(), 3, "{shown}");
+    // large.bin is 24 MiB: its run read far more than the others.
+    assert!(runs[1] > runs[0] + 40, "{shown}");
+    let majority = shown["prefetch"].as_array().unwrap().len() as u64;
+    assert!(majority <= runs[0].max(runs[2]), "{shown}");
+
+    // Union instead of majority: large.bin's chunks come back.
+    run(trace(&world, "merge").args(["--name", "app", "--threshold", "0"]));
+    let merged = trace_show(&world, "app");
+    assert_eq!(merged["runs"].as_array().unwrap().len(), 1, "{merged}");
+    let union = merged["runs"][0]["chunks"].as_u64().unwrap();
+    assert!(union >= runs[1], "{merged}");
+}
