@@ -10,7 +10,7 @@ use tokio::net::UnixListener;
 
 use super::device::{
     engine_options, ensure_run_dir, list_devices, open_engine, say_ready, serve_metrics,
-    serve_until_stopped, AddArgs, Detach, EngineControl,
+    serve_until_stopped, AddArgs, Detach, EngineControl, Opened,
 };
 use crate::daemon::{self, DeviceRecord, FrontendKind};
 use crate::frontend::vhost_user::{BlkOptions, VhostUserBlk};
@@ -27,11 +27,16 @@ impl Detach for Arc<VhostUserBlk> {
 }
 
 pub(super) async fn serve(args: &AddArgs, socket: &Path) -> anyhow::Result<()> {
-    let (engine, store) = open_engine(
+    let Opened {
+        engine,
+        store,
+        recorder,
+    } = open_engine(
         &args.image,
         &args.host_cache,
         &args.cache_dir,
         engine_options(args.read_only, args.readahead_chunks, args.fetch_timeout),
+        &args.trace,
     )
     .await?;
     let name = &args.image.name;
@@ -94,8 +99,15 @@ pub(super) async fn serve(args: &AddArgs, socket: &Path) -> anyhow::Result<()> {
     );
     let session =
         tokio::task::spawn_blocking(move || serving_device.serve(serving_engine, runtime, options));
-    let (session_result, flushed) =
-        serve_until_stopped(&engine, control, control_task, &run_dir, session).await?;
+    let (session_result, flushed) = serve_until_stopped(
+        &engine,
+        recorder.as_ref(),
+        control,
+        control_task,
+        &run_dir,
+        session,
+    )
+    .await?;
     session_result
         .context("vhost-user-blk task")?
         .context("vhost-user-blk")?;
