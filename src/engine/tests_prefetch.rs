@@ -44,7 +44,7 @@ async fn a_recorded_trace_is_the_first_reads_by_id_and_prefetches_exactly_those(
     let image = sample_image(24, 0, CS, 3);
     let fx = seal_image(&image, CS);
     assert_eq!(fx.id(11), fx.id(3));
-    let recording = tempfile::tempdir().unwrap();
+    let recording = crate::private::test_dir();
     let engine = open(&fx, recording.path(), true, 4);
     // A zero chunk (not recorded), repeats, and a chunk whose id was
     // recorded already (11, as 3).
@@ -55,13 +55,13 @@ async fn a_recorded_trace_is_the_first_reads_by_id_and_prefetches_exactly_those(
     let trace = engine.recorded_trace().unwrap();
     let expected: Vec<_> = [10usize, 2, 3, 0].iter().map(|&i| fx.id(i)).collect();
     assert_eq!(trace, expected);
-    assert!(open(&fx, tempfile::tempdir().unwrap().path(), false, 4)
+    assert!(open(&fx, crate::private::test_dir().path(), false, 4)
         .recorded_trace()
         .is_none());
     idle(&engine).await;
     drop(engine);
 
-    let fresh = tempfile::tempdir().unwrap();
+    let fresh = crate::private::test_dir();
     let gets_before = fx.store.gets() as usize;
     let engine = open(&fx, fresh.path(), true, 1);
     // Chunk 3's id is held at six indices: each is a chunk to fill.
@@ -108,7 +108,7 @@ async fn prefetch_never_changes_what_a_reader_sees() {
         .map(|&i| fx.id(i))
         .collect();
     for with_prefetch in [false, true] {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::private::test_dir();
         let engine = open(&fx, dir.path(), false, 3);
         if with_prefetch {
             assert!(engine.prefetch(&ids) > 0);
@@ -136,7 +136,7 @@ async fn a_trace_of_an_earlier_version_prefetches_the_chunks_that_remain() {
     rebuilt.extend_from_slice(&image);
     let new = seal_image(&rebuilt, CS);
     let trace: Vec<_> = [4usize, 8, 0].iter().map(|&i| old.id(i)).collect();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::private::test_dir();
     let engine = open(&new, dir.path(), false, 2);
     assert_eq!(engine.prefetch(&trace), 3);
     prefetch_done(&engine).await;
@@ -194,7 +194,7 @@ async fn a_demand_read_is_served_before_a_prefetch_of_ten_thousand_chunks_drains
     // Every prefetch get hangs until the test lets one through.
     let gate = fx.store.gate(common);
     for (max_fetches, prefetch_chunks, releases) in [(8, 4, 0), (4, 4, 1)] {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::private::test_dir();
         let opts = EngineOptions {
             readahead_chunks: 0,
             max_fetches,

@@ -102,7 +102,7 @@ async fn a_cold_sequential_scan_fetches_ahead_of_the_reader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readahead_precision_counts_what_the_reader_then_read() {
     let (image, fx) = image(32, 0, &[]);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), 8);
     // A short stream: chunks 0 to 3, then the reader stops. The window
     // grew to 4 at chunk 3, so readahead fetched chunks 2 to 11.
