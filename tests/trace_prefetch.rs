@@ -202,4 +202,16 @@ fn trace_merge_keeps_what_most_runs_read() {
     assert_eq!(merged["runs"].as_array().unwrap().len(), 1, "{merged}");
     let union = merged["runs"][0]["chunks"].as_u64().unwrap();
     assert!(union >= runs[1], "{merged}");
+
+    // A new version with no trace of its own takes the old one's runs.
+    world.push(&image, "app-v2");
+    run(trace(&world, "merge").args(["--name", "app-v2", "app"]));
+    let v2 = trace_show(&world, "app-v2");
+    assert_eq!(v2["image"], "app-v2", "{v2}");
+    assert_eq!(v2["prefetch"], merged["prefetch"], "{v2}");
+    // Naming an image without a trace is an error, not an empty merge.
+    run_failing(
+        trace(&world, "merge").args(["--name", "app-v2", "nothing"]),
+        "image \"nothing\" has no trace",
+    );
 }
