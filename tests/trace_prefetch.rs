@@ -17,12 +17,14 @@ fn stat(device: &serde_json::Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in {device}"))
 }
 
-/// What a start reads: a few files, as a workload's imports would.
-const READ: [&str; 4] = [
+/// What a start reads: a few files, as a workload's imports would, and
+/// one large one.
+const READ: [&str; 5] = [
     "dir03/sub0/file001.bin",
     "dir07/sub1/file006.bin",
     "dir10/sub1/file014.bin",
     "marker.txt",
+    "large.bin",
 ];
 
 fn read_files(root: &Path) -> Vec<Vec<u8>> {
@@ -94,8 +96,9 @@ fn a_recorded_start_is_prefetched_by_the_next_add_and_reads_the_same() {
     assert_eq!(stat(&device, "chunks_fetched"), planned, "{device}");
     assert_eq!(stat(&device, "demand_fetches"), 0, "{device}");
 
-    // Readers see the same bytes, and the start now misses (almost)
-    // nothing.
+    // Readers see the same bytes, and the start now misses little: the
+    // same reads of the same files (a kernel may read a little
+    // differently from one mount to the next).
     let root = world.mount_loop(&fuse, "root2", true);
     let second = read_files(&root);
     assert!(first == second, "prefetch changed what a reader sees");
@@ -105,7 +108,11 @@ fn a_recorded_start_is_prefetched_by_the_next_add_and_reads_the_same() {
     let device = world.device(&fuse);
     assert!(stat(&device, "prefetched_chunks_read") > 0, "{device}");
     assert!(
-        stat(&device, "demand_fetches") * 10 <= recorded_fetches,
+        stat(&device, "demand_fetches") * 4 <= recorded_fetches,
+        "{device}"
+    );
+    assert!(
+        stat(&device, "prefetched_chunks_read") * 4 >= planned * 3,
         "{device}"
     );
     world.umount(&root);
