@@ -63,7 +63,7 @@ pub enum Command {
     /// Attach an image as a block device (/dev/ublkbN) served lazily from
     /// the store; prints its path and id once it is live.
     Add(device::AddArgs),
-    /// Flush and remove a device (-n ID, --all, or --fuse MOUNTPOINT).
+    /// Flush and remove a device (-n ID, --all, --fuse MOUNTPOINT or --vhost-user-blk SOCKET).
     Del(device::DelArgs),
     /// List devices (live, and ublk devices whose process died) and their counters.
     List {

@@ -18,6 +18,8 @@
 //! the device waits for the next, so a disk outlives its VMs.
 
 mod request;
+#[cfg(test)]
+mod tests;
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
