@@ -88,6 +88,62 @@ fn a_second_device_on_a_cache_in_use_is_refused_naming_the_holder() {
     world.del(&third);
 }
 
+#[test]
+fn a_damaged_cache_is_repaired_on_add_logged_and_served_right() {
+    let world = World::new();
+    let image = push_image(&world);
+    let cache = world.path("cache");
+    let mnt = world.add("raw", "cache", "warm", false);
+    let disk = fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("disk"))
+        .unwrap();
+    assert_eq!(fs::read(mnt.join("disk")).unwrap(), image);
+    disk.write_all_at(b"kept", 5).unwrap();
+    disk.sync_all().unwrap();
+    drop(disk);
+    world.del(&mnt);
+    let mut expected = image.clone();
+    expected[5..9].copy_from_slice(b"kept");
+
+    // Chunks 10 and 11 lost from the data file, and stale bytes there
+    // that must not be served.
+    let data = fs::OpenOptions::new()
+        .write(true)
+        .open(cache.join("data"))
+        .unwrap();
+    lazyblk::cache::io::punch_hole(&data, 10 * CHUNK as u64, 2 * CHUNK as u64).unwrap();
+    drop(data);
+    let mnt = world.add("raw", "cache", "holes", true);
+    assert_eq!(fs::read(mnt.join("disk")).unwrap(), expected);
+    world.del(&mnt);
+    let log = fs::read_to_string(cache.join("daemon.log")).unwrap();
+    assert!(
+        log.contains("cache repaired on open") && log.contains("dropped 2 chunk(s): 10, 11"),
+        "{log}"
+    );
+
+    // A torn bitmap: every chunk is fetched again, the write is lost.
+    let present = fs::read(cache.join("present")).unwrap();
+    fs::write(cache.join("present"), &present[..present.len() / 2]).unwrap();
+    let report = world
+        .with_store("verify-cache")
+        .args(["--name", "raw"])
+        .arg("--cache-dir")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert!(!report.status.success(), "verify-cache passed a torn bitmap");
+    assert!(
+        String::from_utf8_lossy(&report.stderr).contains("is damaged"),
+        "{report:?}"
+    );
+    let mnt = world.add("raw", "cache", "torn", true);
+    assert_eq!(fs::read(mnt.join("disk")).unwrap(), image);
+    world.del(&mnt);
+    verify_cache(&world, &cache);
+}
+
 /// What the writer knows: the image as of its last completed fsync, and
 /// the writes since (any of which the device may or may not have kept).
 struct Written {
