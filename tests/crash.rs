@@ -133,7 +133,10 @@ fn a_damaged_cache_is_repaired_on_add_logged_and_served_right() {
         .arg(&cache)
         .output()
         .unwrap();
-    assert!(!report.status.success(), "verify-cache passed a torn bitmap");
+    assert!(
+        !report.status.success(),
+        "verify-cache passed a torn bitmap"
+    );
     assert!(
         String::from_utf8_lossy(&report.stderr).contains("is damaged"),
         "{report:?}"
