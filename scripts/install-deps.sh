@@ -37,6 +37,11 @@ tools=(
     "curl curl"              # readiness checks of the SeaweedFS test cluster
     "wrk wrk"                # load for the chunk server benchmark (bench-http.sh)
     "nginx nginx"            # the chunk server benchmark's baseline
+    "qemu-img qemu-utils"    # NBD clients in the NBD tests (qemu-img, qemu-io)
+    "qemu-io qemu-utils"
+    "nbdinfo libnbd-bin"     # NBD clients in the NBD tests (nbdinfo, nbdcopy)
+    "nbdcopy libnbd-bin"
+    "nbdkit nbdkit"          # the NBD benchmark's baseline (curl plugin, cache filter)
 )
 # Packages with no command of their own, checked through dpkg.
 libraries=(

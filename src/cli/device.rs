@@ -3,8 +3,8 @@
 //! `add` (and `recover`) re-run themselves with `--foreground` as a
 //! detached child and return once the child says the device is ready (one
 //! line on its stdout, `ready` and what to tell the user); the child logs to
-//! `CACHE_DIR/daemon.log`. The device itself is served by `fuse.rs` or
-//! `ublk.rs`.
+//! `CACHE_DIR/daemon.log`. The device itself is served by `fuse.rs`,
+//! `nbd.rs`, `ublk.rs` or `vhost_user.rs`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
@@ -28,7 +28,7 @@ use crate::engine::{
     Engine, EngineOptions, EngineStats, FetchPolicy, DEFAULT_FETCH_TIMEOUT,
     DEFAULT_READAHEAD_CHUNKS,
 };
-use crate::frontend::ublk;
+use crate::frontend::{nbd, ublk};
 use crate::store::ChunkStore;
 
 const READY_WORD: &str = "ready";
@@ -58,17 +58,28 @@ pub struct AddArgs {
     /// one VM after another; `--queues` sets the queue count (default 1).
     #[arg(long, value_name = "SOCKET", conflicts_with = "fuse")]
     pub vhost_user_blk: Option<PathBuf>,
+    /// Serve the image as an NBD export instead, at unix:PATH or
+    /// tcp:ADDR:PORT (port 0 picks a free one); prints the export's URI.
+    #[arg(long, value_name = "LISTENER", conflicts_with_all = ["fuse", "vhost_user_blk"])]
+    pub nbd: Option<nbd::Listen>,
+    /// With --nbd: the TLS certificate chain (PEM); clients must then
+    /// upgrade with STARTTLS before anything else.
+    #[arg(long, value_name = "PEM", requires_all = ["nbd", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// With --nbd: the TLS certificate's private key (PEM).
+    #[arg(long, value_name = "PEM", requires_all = ["nbd", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
     /// The ublk device number wanted (/dev/ublkbID); by default the driver picks.
     #[arg(
         short = 'n',
         long = "number",
         value_name = "ID",
-        conflicts_with_all = ["fuse", "vhost_user_blk"]
+        conflicts_with_all = ["fuse", "vhost_user_blk", "nbd"]
     )]
     pub id: Option<u32>,
     /// ublk queues (one thread each); default: online CPUs, at most 8.
     /// With `--vhost-user-blk`, the virtqueues a VM may use.
-    #[arg(short = 'q', long, conflicts_with = "fuse", value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(short = 'q', long, conflicts_with_all = ["fuse", "nbd"], value_parser = clap::value_parser!(u16).range(1..=64))]
     pub queues: Option<u16>,
     /// Requests in flight per ublk queue.
     #[arg(short = 'd', long, default_value_t = ublk::DEFAULT_DEPTH, value_parser = clap::value_parser!(u16).range(1..=4096))]
@@ -78,12 +89,12 @@ pub struct AddArgs {
     pub read_only: bool,
     /// Let the ublk device outlive this process: if it dies, I/O waits
     /// until `lazyblk recover -n ID` serves the device again.
-    #[arg(long, conflicts_with_all = ["fuse", "vhost_user_blk"])]
+    #[arg(long, conflicts_with_all = ["fuse", "vhost_user_blk", "nbd"])]
     pub recoverable: bool,
     /// Keep the ublk device in copy mode even where the driver offers zero
     /// copy (AUTO_BUF_REG, Linux 6.16+); `lazyblk features` says which a
     /// device gets.
-    #[arg(long, conflicts_with_all = ["fuse", "vhost_user_blk"])]
+    #[arg(long, conflicts_with_all = ["fuse", "vhost_user_blk", "nbd"])]
     pub no_zero_copy: bool,
     /// Most chunks fetched ahead of a sequential reader at once; 0 turns
     /// readahead off (random-access workloads then fetch only what they read).
@@ -113,6 +124,9 @@ pub struct DelArgs {
     /// The vhost-user socket the device was added on.
     #[arg(long, value_name = "SOCKET", conflicts_with_all = ["id", "all", "fuse"])]
     pub vhost_user_blk: Option<PathBuf>,
+    /// The NBD listener the device was added at (unix:PATH, tcp:ADDR:PORT).
+    #[arg(long, value_name = "LISTENER", conflicts_with_all = ["id", "all", "fuse", "vhost_user_blk"])]
+    pub nbd: Option<nbd::Listen>,
     /// The ublk device number (/dev/ublkbID).
     #[arg(
         short = 'n',
@@ -121,14 +135,15 @@ pub struct DelArgs {
         conflicts_with = "all"
     )]
     pub id: Option<u32>,
-    /// Every device in the run directory, FUSE and ublk, orphans included.
+    /// Every device in the run directory, whatever its frontend, orphans included.
     #[arg(short = 'a', long)]
     pub all: bool,
     /// Stop a ublk device even while it is open (e.g. mounted); its users
     /// then get I/O errors. Without it, kernels with SAFE_STOP_DEV (7.0+)
     /// refuse to stop an open device; older kernels stop it regardless.
     /// A vhost-user-blk device with a VM connected is stopped only with it
-    /// (the VM's disk then stops answering).
+    /// (the VM's disk then stops answering), an NBD device with clients
+    /// connected likewise (they are disconnected).
     #[arg(long)]
     pub force: bool,
 }
@@ -136,10 +151,11 @@ pub struct DelArgs {
 impl AddArgs {
     /// The frontend the options ask for.
     pub fn frontend(&self) -> FrontendKind {
-        match (&self.fuse, &self.vhost_user_blk) {
-            (Some(_), _) => FrontendKind::Fuse,
-            (None, Some(_)) => FrontendKind::VhostUserBlk,
-            (None, None) => FrontendKind::Ublk,
+        match (&self.fuse, &self.vhost_user_blk, &self.nbd) {
+            (Some(_), _, _) => FrontendKind::Fuse,
+            (None, Some(_), _) => FrontendKind::VhostUserBlk,
+            (None, None, Some(_)) => FrontendKind::Nbd,
+            (None, None, None) => FrontendKind::Ublk,
         }
     }
 }
@@ -168,6 +184,7 @@ pub fn add(args: AddArgs) -> anyhow::Result<()> {
             Some(socket) => super::runtime()?.block_on(super::vhost_user::serve(&args, socket)),
             None => unreachable!("a vhost-user-blk device has a socket"),
         },
+        (FrontendKind::Nbd, _) => super::runtime()?.block_on(super::nbd::serve(&args)),
         (FrontendKind::Fuse, None) => unreachable!("a FUSE device has a mountpoint"),
     }
 }
@@ -466,8 +483,16 @@ pub async fn del(args: DelArgs) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow!("no lazyblk device serves {}", socket.display()))?;
         return del_one(&run_dir, device, args.force).await;
     }
+    if let Some(listen) = args.nbd {
+        let target = super::nbd::record_target(&listen)?;
+        let device = devices
+            .iter()
+            .find(|d| d.record.frontend == FrontendKind::Nbd && d.record.target == target)
+            .ok_or_else(|| anyhow!("no lazyblk device serves NBD at {}", target.display()))?;
+        return del_one(&run_dir, device, args.force).await;
+    }
     let Some(fuse) = args.fuse else {
-        bail!("say which device: -n ID, --all, --fuse MOUNTPOINT or --vhost-user-blk SOCKET");
+        bail!("say which device: -n ID, --all, --fuse MOUNTPOINT, --vhost-user-blk SOCKET or --nbd LISTENER");
     };
     let mountpoint = fuse
         .canonicalize()
@@ -491,7 +516,7 @@ async fn del_one(run_dir: &Path, device: &daemon::DeviceStatus, force: bool) -> 
                 };
                 tokio::task::spawn_blocking(move || ublk::delete(id)).await??;
             }
-            FrontendKind::Fuse | FrontendKind::VhostUserBlk => {
+            FrontendKind::Fuse | FrontendKind::VhostUserBlk | FrontendKind::Nbd => {
                 bail!(
                     "{} device record {pid} cannot be orphaned",
                     device.record.frontend

@@ -16,6 +16,7 @@ mod flatten;
 mod fuse;
 mod keys;
 mod maint;
+mod nbd;
 mod report;
 mod serve;
 mod tiers;
@@ -63,7 +64,7 @@ pub enum Command {
     /// Attach an image as a block device (/dev/ublkbN) served lazily from
     /// the store; prints its path and id once it is live.
     Add(device::AddArgs),
-    /// Flush and remove a device (-n ID, --all, --fuse MOUNTPOINT or --vhost-user-blk SOCKET).
+    /// Flush and remove a device (-n ID, --all, --fuse MOUNTPOINT, --vhost-user-blk SOCKET or --nbd LISTENER).
     Del(device::DelArgs),
     /// List devices (live, and ublk devices whose process died) and their counters.
     List {

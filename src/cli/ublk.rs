@@ -101,10 +101,12 @@ pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
         (FrontendKind::Ublk, None) => {
             bail!("the record of device {} names no ublk device", args.id)
         }
-        (other @ (FrontendKind::Fuse | FrontendKind::VhostUserBlk), _) => bail!(
-            "device {} is served through {other}: only ublk devices can be recovered",
-            orphan.record.pid
-        ),
+        (other @ (FrontendKind::Fuse | FrontendKind::VhostUserBlk | FrontendKind::Nbd), _) => {
+            bail!(
+                "device {} is served through {other}: only ublk devices can be recovered",
+                orphan.record.pid
+            )
+        }
     };
     if !ublk.recoverable {
         bail!(

@@ -47,6 +47,8 @@ pub enum FrontendKind {
     /// A virtio disk for VMs, served on a vhost-user socket.
     #[serde(rename = "vhost-user-blk")]
     VhostUserBlk,
+    /// An NBD export on a Unix socket or TCP address.
+    Nbd,
 }
 
 impl FrontendKind {
@@ -55,6 +57,7 @@ impl FrontendKind {
             FrontendKind::Fuse => "fuse",
             FrontendKind::Ublk => "ublk",
             FrontendKind::VhostUserBlk => "vhost-user-blk",
+            FrontendKind::Nbd => "nbd",
         }
     }
 }
@@ -71,7 +74,8 @@ pub struct DeviceRecord {
     pub pid: u32,
     pub frontend: FrontendKind,
     /// Where the device is presented: a FUSE mountpoint, a block device
-    /// path or a vhost-user socket.
+    /// path, a vhost-user socket or an NBD listener (`unix:PATH`,
+    /// `tcp:ADDR:PORT`).
     pub target: PathBuf,
     pub name: String,
     pub store: String,
@@ -363,7 +367,7 @@ mod tests {
 
     #[test]
     fn an_unknown_frontend_is_refused_not_guessed() {
-        let error = serde_json::from_str::<DeviceRecord>(&record_json("nbd")).unwrap_err();
-        assert!(error.to_string().contains("nbd"), "{error}");
+        let error = serde_json::from_str::<DeviceRecord>(&record_json("iscsi")).unwrap_err();
+        assert!(error.to_string().contains("iscsi"), "{error}");
     }
 }

@@ -27,7 +27,8 @@ use fuser::{
 };
 use tokio::runtime::Handle;
 
-use crate::engine::{Engine, EngineError, Request as BlockRequest, SyncIo};
+use super::errno;
+use crate::engine::{Engine, Request as BlockRequest, SyncIo};
 
 const ROOT_INO: u64 = 1;
 const DISK_INO: u64 = 2;
@@ -421,13 +422,4 @@ impl Filesystem for DiskFs {
         }
         reply.ok();
     }
-}
-
-/// The errno a failed request is answered with; failures other than a
-/// refused write are logged, since the kernel reports only the errno.
-fn errno(error: &EngineError) -> i32 {
-    if error.kind() != crate::error::ErrorKind::ReadOnly {
-        tracing::warn!("request failed: {}", crate::error::chain(error));
-    }
-    error.kind().errno()
 }

@@ -13,6 +13,7 @@
 //! it (clippy's `undocumented_unsafe_blocks` refuses a block without one).
 
 pub mod fuse;
+pub mod nbd;
 pub mod ublk;
 pub mod vhost_user;
 
@@ -20,6 +21,9 @@ use std::future::Future;
 
 use futures::FutureExt;
 use tokio::runtime::Handle;
+
+use crate::engine::EngineError;
+use crate::error::ErrorKind;
 
 /// Runs `request` on the calling thread if it completes without waiting
 /// (with [`crate::engine::SyncIo`], a request whose chunks are all present
@@ -34,4 +38,13 @@ pub(crate) fn run_inline_or_blocking(
     if request.as_mut().now_or_never().is_none() {
         runtime.spawn_blocking(move || futures::executor::block_on(request));
     }
+}
+
+/// The errno a failed request is answered with; failures other than a
+/// refused write are logged, since the client sees only the errno.
+pub(crate) fn errno(error: &EngineError) -> i32 {
+    if error.kind() != ErrorKind::ReadOnly {
+        tracing::warn!("request failed: {}", crate::error::chain(error));
+    }
+    error.kind().errno()
 }

@@ -15,6 +15,7 @@ use tempfile::TempDir;
 
 pub mod fault_proxy;
 pub mod layout;
+pub mod nbd;
 pub mod seaweedfs;
 pub mod serve;
 
