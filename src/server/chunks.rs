@@ -8,12 +8,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
-use hyper::body::Incoming;
 
 use super::auth::Access;
 use super::reply::{
     check_length, json, read_body, refuse, reply, store_failure, wanted_range, Handled, Reply,
-    Wanted,
+    RequestBody, Wanted,
 };
 use super::State;
 use crate::chunk::ChunkId;
@@ -112,7 +111,7 @@ pub(super) async fn get(state: &State, id: &str, parts: &Parts, head: bool) -> H
     Ok(reply)
 }
 
-pub(super) async fn put(state: &State, id: &str, parts: &Parts, body: Incoming) -> Handled {
+pub(super) async fn put(state: &State, id: &str, parts: &Parts, body: RequestBody) -> Handled {
     let id = parse_id(id)?;
     state.allow(&parts.headers, Access::Write)?;
     check_length(&parts.headers, MAX_ENVELOPE_SIZE)?;
@@ -161,7 +160,7 @@ pub(super) async fn delete(state: &State, id: &str, parts: &Parts) -> Handled {
     }
 }
 
-pub(super) async fn missing(state: &State, parts: &Parts, body: Incoming) -> Handled {
+pub(super) async fn missing(state: &State, parts: &Parts, body: RequestBody) -> Handled {
     // A push asks this: it refreshes the chunks it finds, so it is a write.
     state.allow(&parts.headers, Access::Write)?;
     check_length(&parts.headers, MAX_MISSING_BODY)?;

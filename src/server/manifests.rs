@@ -4,10 +4,9 @@
 use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderValue, StatusCode};
-use hyper::body::Incoming;
 
 use super::auth::Access;
-use super::reply::{check_length, json, read_body, reply, store_failure, Handled};
+use super::reply::{check_length, json, read_body, reply, store_failure, Handled, RequestBody};
 use super::State;
 use crate::net::protocol::ManifestList;
 use crate::store::{validate_manifest_name, MAX_MANIFEST_SIZE};
@@ -32,7 +31,7 @@ pub(super) async fn get(state: &State, name: &str, parts: &Parts, head: bool) ->
     Ok(reply)
 }
 
-pub(super) async fn put(state: &State, name: &str, parts: &Parts, body: Incoming) -> Handled {
+pub(super) async fn put(state: &State, name: &str, parts: &Parts, body: RequestBody) -> Handled {
     validate_manifest_name(name).map_err(store_failure)?;
     state.allow(&parts.headers, Access::Write)?;
     check_length(&parts.headers, MAX_MANIFEST_SIZE)?;

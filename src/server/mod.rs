@@ -32,6 +32,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -100,6 +102,44 @@ struct State {
     listing: chunks::ListingSnapshot,
 }
 
+/// The server's request handling alone, without a listener: a request
+/// handed to [`Handler::answer`] is answered as one from a connection
+/// would be (tests and fuzzing drive it without sockets).
+#[derive(Debug, Clone)]
+pub struct Handler {
+    state: Arc<State>,
+}
+
+impl Handler {
+    /// `registry` receives the metrics of the requests answered.
+    pub fn new(
+        store: Arc<dyn ChunkStore>,
+        options: ServerOptions,
+        registry: Arc<Registry>,
+    ) -> Handler {
+        // A cache-mode store's layers (memory, disk, origin).
+        crate::store::metrics::export(&registry, "lazyblk_store", &[], store.clone());
+        let state = Arc::new(State {
+            store,
+            shards: options.shard_cache_size.map(ShardCache::new),
+            link: options
+                .chunk_rate
+                .filter(|&rate| rate > 0)
+                .map(link::Link::new),
+            options,
+            metrics: routes::Metrics::new(registry),
+            listing: chunks::ListingSnapshot::default(),
+        });
+        Handler { state }
+    }
+
+    /// The answer to `request`, refusals included.
+    pub async fn answer(&self, request: http::Request<Full<Bytes>>) -> http::Response<Full<Bytes>> {
+        let request = request.map(|body| body.map_err(|never| match never {}).boxed_unsync());
+        routes::answer(&self.state, request).await
+    }
+}
+
 /// A bound, not yet serving, chunk server.
 #[derive(Debug)]
 pub struct Server {
@@ -121,19 +161,7 @@ impl Server {
         registry: Arc<Registry>,
     ) -> std::io::Result<Server> {
         let listener = TcpListener::bind(addr).await?;
-        // A cache-mode store's layers (memory, disk, origin).
-        crate::store::metrics::export(&registry, "lazyblk_store", &[], store.clone());
-        let state = Arc::new(State {
-            store,
-            shards: options.shard_cache_size.map(ShardCache::new),
-            link: options
-                .chunk_rate
-                .filter(|&rate| rate > 0)
-                .map(link::Link::new),
-            options,
-            metrics: routes::Metrics::new(registry),
-            listing: chunks::ListingSnapshot::default(),
-        });
+        let Handler { state } = Handler::new(store, options, registry);
         Ok(Server { listener, state })
     }
 

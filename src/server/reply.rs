@@ -5,12 +5,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
 
 use crate::error::ErrorKind;
 use crate::store::StoreError;
 
 pub(super) type Reply = Response<Full<Bytes>>;
+/// A request's body, from a connection or handed in directly (see
+/// [`super::Handler`]).
+pub(super) type RequestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
 /// A handler's outcome: both sides are answers, the error side a refusal.
 pub(super) type Handled = Result<Reply, Reply>;
 
@@ -63,7 +65,7 @@ pub(super) fn store_failure(error: StoreError) -> Reply {
 /// The request body, refused with 413 past `limit` bytes and with 408 if it
 /// does not arrive whole within `timeout`.
 pub(super) async fn read_body(
-    body: Incoming,
+    body: RequestBody,
     limit: usize,
     timeout: Duration,
 ) -> Result<Bytes, Reply> {

@@ -6,33 +6,39 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{header, HeaderValue, Method, Request, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 
 use super::auth::{Access, Refusal};
-use super::reply::{refuse, Handled, Reply};
+use super::reply::{refuse, Handled, Reply, RequestBody};
 use super::{chunks, manifests, shards, State};
 use crate::metrics::{Registry, LATENCY_BUCKETS};
 
-/// Answers one request; every outcome, refusals included, is an answer.
+/// Answers one request of a connection.
 pub(super) async fn handle(
     state: Arc<State>,
     request: Request<Incoming>,
 ) -> Result<Reply, Infallible> {
+    Ok(answer(&state, request.map(BodyExt::boxed_unsync)).await)
+}
+
+/// Answers one request; every outcome, refusals included, is an answer.
+pub(super) async fn answer(state: &State, request: Request<RequestBody>) -> Reply {
     let started = Instant::now();
     let received = request.body().size_hint().exact().unwrap_or(0);
     // Method and path only: headers carry the bearer token.
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-    let (route, reply) = dispatch(&state, request).await;
+    let (route, reply) = dispatch(state, request).await;
     let reply = reply.unwrap_or_else(|refusal| refusal);
     let sent = reply.body().size_hint().exact().unwrap_or(0);
     tracing::debug!(%method, path, status = reply.status().as_u16(), sent, "answered");
     state
         .metrics
         .record(route, reply.status(), received, sent, started.elapsed());
-    Ok(reply)
+    reply
 }
 
-async fn dispatch(state: &State, request: Request<Incoming>) -> (&'static str, Handled) {
+async fn dispatch(state: &State, request: Request<RequestBody>) -> (&'static str, Handled) {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path();
     let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();

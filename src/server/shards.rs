@@ -10,10 +10,9 @@
 use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderValue, StatusCode};
-use hyper::body::Incoming;
 
 use super::auth::Access;
-use super::reply::{check_length, read_body, refuse, reply, Handled, Reply};
+use super::reply::{check_length, read_body, refuse, reply, Handled, Reply, RequestBody};
 use super::State;
 use crate::chunk::ChunkId;
 use crate::store::ec::{ShardCache, MAX_SHARDS, MAX_SHARD_OBJECT};
@@ -70,7 +69,7 @@ pub(super) async fn put(
     id: &str,
     index: &str,
     parts: &Parts,
-    body: Incoming,
+    body: RequestBody,
 ) -> Handled {
     let (shards, id, index) = parse(state, id, index)?;
     state.allow(&parts.headers, Access::Write)?;

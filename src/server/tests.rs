@@ -562,3 +562,30 @@ async fn a_rate_capped_server_sends_whole_chunks_one_after_another() {
     assert!(started.elapsed() >= Duration::from_millis(200));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_handler_answers_requests_handed_to_it_without_a_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let handler = super::Handler::new(dir_store(&dir), options(None, Some(WRITE)), Registry::new());
+    let request = |method: Method, path: &str, token: Option<&str>, body: &'static [u8]| {
+        let mut builder = Request::builder().method(method).uri(path);
+        if let Some(token) = token {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        builder.body(Full::new(Bytes::from_static(body))).unwrap()
+    };
+    let id = ChunkId::of_envelope(b"handed in");
+    let path = format!("/v1/chunks/{}", id.to_hex());
+    let put = handler.answer(request(Method::PUT, &path, Some(WRITE), b"handed in"));
+    assert_eq!(put.await.status(), StatusCode::NO_CONTENT);
+    let get = handler.answer(request(Method::GET, &path, None, b"")).await;
+    assert_eq!(get.status(), StatusCode::OK);
+    let unknown = handler
+        .answer(request(Method::GET, "/v2/x", None, b""))
+        .await;
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    let refused = handler
+        .answer(request(Method::PUT, &path, None, b"x"))
+        .await;
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+}

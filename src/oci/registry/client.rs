@@ -201,26 +201,38 @@ impl Client {
         if !response.status().is_success() {
             return Err(token_error(format!("HTTP {}", response.status().as_u16())));
         }
-        #[derive(serde::Deserialize)]
-        struct TokenResponse {
-            token: Option<String>,
-            access_token: Option<String>,
-        }
         let body = response
             .into_body()
             .with_config()
             .limit(1 << 20)
             .read_to_vec()
             .map_err(|e| token_error(e.to_string()))?;
-        let parsed: TokenResponse =
-            serde_json::from_slice(&body).map_err(|e| token_error(format!("bad JSON: {e}")))?;
-        let token = parsed
-            .token
-            .or(parsed.access_token)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| token_error("the answer holds no token".into()))?;
+        let token = token_from_answer(&body).map_err(token_error)?;
         Ok(format!("Bearer {token}"))
     }
+}
+
+/// The bearer token in a token endpoint's JSON answer (`token`, or OAuth's
+/// `access_token`), which must be non-empty visible ASCII: it goes back in
+/// a header.
+pub fn token_from_answer(body: &[u8]) -> Result<String, String> {
+    #[derive(serde::Deserialize)]
+    struct TokenResponse {
+        token: Option<String>,
+        access_token: Option<String>,
+    }
+    let parsed: TokenResponse =
+        serde_json::from_slice(body).map_err(|e| format!("bad JSON: {e}"))?;
+    let token = parsed
+        .token
+        .filter(|t| !t.is_empty())
+        .or(parsed.access_token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| "the answer holds no token".to_owned())?;
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the token is not visible ASCII".into());
+    }
+    Ok(token)
 }
 
 fn transient_error(e: &ureq::Error) -> bool {
@@ -346,5 +358,15 @@ mod tests {
             ("Basic", vec![("realm".into(), "x".into())])
         );
         assert!(parse_challenge("").is_none());
+    }
+
+    #[test]
+    fn token_answers_give_a_header_safe_token() {
+        assert_eq!(token_from_answer(br#"{"token":"abc"}"#).unwrap(), "abc");
+        let oauth = br#"{"token":"","access_token":"xyz"}"#;
+        assert_eq!(token_from_answer(oauth).unwrap(), "xyz");
+        assert!(token_from_answer(br#"{}"#).is_err());
+        assert!(token_from_answer(br#"{"token":"a\r\nX-Evil: 1"}"#).is_err());
+        assert!(token_from_answer(b"not json").is_err());
     }
 }

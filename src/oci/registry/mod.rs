@@ -13,7 +13,7 @@ mod client;
 use std::io::Read;
 use std::sync::Arc;
 
-pub use client::parse_challenge;
+pub use client::{parse_challenge, token_from_answer};
 use client::{BlobBody, Client};
 
 use super::source::{
