@@ -110,7 +110,7 @@ for d in $(seq "$devices"); do
     fio --name="soak$d" --filename="${loops[d - 1]}" --direct=1 --ioengine=libaio \
         --rw=randrw --rwmixread=50 --bsrange=4k-64k --iodepth=4 \
         --numjobs="$jobs" --size="${region}M" --offset_increment="${region}M" \
-        --verify=crc32c --verify_backlog=64 --verify_fatal=1 \
+        --verify=crc32c --verify_backlog=64 --verify_fatal=1 --verify_state_save=0 \
         --time_based --runtime="$seconds" \
         --output-format=json --output="$work/fio$d.json" >/dev/null 2>&1 &
     fio_pids+=($!)
