@@ -24,6 +24,10 @@
 # Needs root, FUSE and loop devices, and the corpus (built on first use).
 # LAZYBLK_BENCH_DIR (default a fresh directory under /var/tmp) is the work
 # directory; LAZYBLK_BENCH_ORIGINS picks origins (default "0 10 50 5@200").
+# The lazyblk report figures come from the same run:
+#   lazyblk report --store WORK/store --base python \
+#       --series app-v1,app-v2,app-v3,app-v4,app-v5 --other tally-v1 \
+#       --results RESULTS --plots docs/img
 set -euo pipefail
 # shellcheck source=scripts/lib/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
@@ -37,7 +41,8 @@ layout=$corpus/oci
 results=${LAZYBLK_BENCH_RESULTS:-$REPO_ROOT/docs/coldstart-results.jsonl}
 origins=${LAZYBLK_BENCH_ORIGINS:-0 10 50 5@200}
 bench_work_dir /var/tmp bench-coldstart
-bin=$(build_release)
+# LAZYBLK_BIN runs a binary already built instead of building one.
+bin=${LAZYBLK_BIN:-$(build_release)}
 : >"$results"
 
 # The corpus in push order: the base first, then each version as CI
