@@ -218,7 +218,7 @@ lazy_start() {
     local ready finished
     read -r ready finished < <(run_workload "$root" "$kind" "$rest")
     local stats
-    stats=$("$bin" list --json | jq -c --arg m "$fuse_mnt" '.[] | select(.record.target == $m) | .stats')
+    stats=$("$bin" list --json | jq -c --arg m "$fuse_mnt" '.[] | select(.target == $m) | .stats')
     umount "$root"
     "$bin" del --fuse "$fuse_mnt" >/dev/null
     [[ $variant == record ]] && return 0
