@@ -16,7 +16,7 @@ use std::fs::File;
 use std::path::Path;
 
 use super::bitmap::{self, BitmapFile, DecodeError, Geometry};
-use super::{open_data, write_bitmap, CacheError, BITMAP_FILE, DATA_FILE};
+use super::{open_data, write_bitmap, CacheError, BITMAP_FILE, DATA_FILE, WRITTEN_LOG};
 
 /// Damage found when a cache was opened, and the bits dropped for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +95,11 @@ pub(super) struct Loaded {
     pub data: File,
     pub bits: BitmapFile,
     pub repairs: Vec<Repair>,
+    pub written_log: File,
+    /// Present chunks `written.log` marks written.
+    pub logged: Vec<u64>,
+    /// Where the next entry of `written.log` goes.
+    pub log_len: u64,
 }
 
 /// Opens (creating if absent) the files of the cache in `dir`, which the
@@ -209,6 +214,7 @@ pub(super) fn load(dir: &Path, geometry: &Geometry) -> Result<Loaded, CacheError
             });
         }
     }
+    let (written_log, logged, log_len) = open_written_log(dir, &bits)?;
     if !repairs.is_empty() {
         for repair in &repairs {
             tracing::warn!(cache = %dir.display(), "cache repaired on open: {repair}");
@@ -219,7 +225,36 @@ pub(super) fn load(dir: &Path, geometry: &Geometry) -> Result<Loaded, CacheError
         data,
         bits,
         repairs,
+        written_log,
+        logged,
+        log_len,
     })
+}
+
+/// Opens `written.log` (creating it if absent) and reads the present
+/// chunks it marks written: indices as `u64` little-endian. Entries for
+/// chunks not present mean nothing, and a torn last entry is overwritten.
+fn open_written_log(dir: &Path, bits: &BitmapFile) -> Result<(File, Vec<u64>, u64), CacheError> {
+    let path = dir.join(WRITTEN_LOG);
+    let log_err = |source| CacheError::RecordWritten {
+        path: path.clone(),
+        source,
+    };
+    let file = crate::private::file_options()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(log_err)?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut &file, &mut bytes).map_err(log_err)?;
+    let logged = bytes
+        .chunks_exact(8)
+        .map(|entry| u64::from_le_bytes(entry.try_into().expect("8 bytes")))
+        .filter(|&index| is_set(&bits.present, index))
+        .collect();
+    Ok((file, logged, bytes.len() as u64 / 8 * 8))
 }
 
 /// Whether `data` holds no byte in `start..end`, by `SEEK_DATA`. A file

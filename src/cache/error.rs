@@ -96,6 +96,12 @@ pub enum CacheError {
         #[source]
         source: io::Error,
     },
+    #[error("record a written chunk in {}", path.display())]
+    RecordWritten {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("persist present-bitmap {}", path.display())]
     PersistBitmap {
         path: PathBuf,
@@ -121,6 +127,7 @@ impl CacheError {
             | CacheError::WriteData { .. }
             | CacheError::PunchData { .. }
             | CacheError::SyncData { .. }
+            | CacheError::RecordWritten { .. }
             | CacheError::PersistBitmap { .. } => ErrorKind::Io,
         }
     }

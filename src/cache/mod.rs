@@ -6,7 +6,7 @@
 //!
 //! A cache directory holds the image's plaintext, so it is private: created
 //! 0700 with files 0600, and an existing one that group or others may use
-//! is refused (see [`crate::private`]). It holds three files:
+//! is refused (see [`crate::private`]). It holds four files:
 //! * `data`: the image's bytes at their own offsets, sparse where nothing has
 //!   been fetched or written;
 //! * `present`: the persistent present-bitmap (see [`bitmap`] and
@@ -15,6 +15,8 @@
 //!   also records which present chunks the device wrote to, so a check
 //!   (`verify-cache`, [`check`]) knows which chunks must still hold the
 //!   manifest's bytes;
+//! * `written.log`: chunks written since the last flush whose present bit
+//!   was on disk already ([`CacheDir::record_written`]);
 //! * `lock`: held with an exclusive `flock` while the cache is open, so two
 //!   daemons never serve one cache; it names the holder's pid.
 //!
@@ -23,8 +25,8 @@
 //!   written to `data` (callers keep this; [`CacheDir::mark_present`] says
 //!   so);
 //! * a chunk's bytes are changed by a write only after its written bit is
-//!   set, and, if its present bit may be on disk already, on disk too
-//!   ([`CacheDir::record_written`]): so on disk, a present chunk not marked
+//!   set, and, if its present bit may be on disk already, recorded in
+//!   `written.log` ([`CacheDir::record_written`]): so on disk, a present chunk not marked
 //!   written holds exactly the manifest's bytes, even after a crash;
 //! * a bit reaches the `present` file only after its bytes were made durable:
 //!   [`CacheDir::flush`] snapshots the bits, then `fdatasync`s `data`, then
@@ -58,6 +60,7 @@ use bitmap::PresentBits;
 const DATA_FILE: &str = "data";
 const BITMAP_FILE: &str = "present";
 const LOCK_FILE: &str = "lock";
+const WRITTEN_LOG: &str = "written.log";
 
 /// One device's open cache directory.
 #[derive(Debug)]
@@ -73,6 +76,9 @@ pub struct CacheDir {
     /// flushes and written-bit records from interleaving, so an older
     /// snapshot never replaces a newer one.
     persisted: Mutex<OnDisk>,
+    /// Written bits of chunks whose present bit is on disk, recorded
+    /// between flushes (see [`CacheDir::record_written`]).
+    written_log: File,
     /// What opening found damaged and repaired.
     repairs: Vec<Repair>,
     /// Declared last so it is dropped last: the lock is released only after
@@ -84,6 +90,8 @@ pub struct CacheDir {
 struct OnDisk {
     present: Vec<u64>,
     written: Vec<u64>,
+    /// Bytes of `written.log` in use.
+    log_len: u64,
 }
 
 impl CacheDir {
@@ -111,17 +119,28 @@ impl CacheDir {
             data,
             bits,
             repairs,
+            written_log,
+            logged,
+            log_len,
         } = attach::load(dir, &geometry)?;
+        // Written bits only the log holds count from now on; the next flush
+        // puts them in `present` and empties the log.
+        let mut written = bits.written.clone();
+        for index in logged {
+            written[(index / 64) as usize] |= 1 << (index % 64);
+        }
         Ok(CacheDir {
             dir: dir.to_owned(),
             geometry,
             data,
             present: PresentBits::from_words(geometry.chunk_count, bits.present.clone()),
-            written: PresentBits::from_words(geometry.chunk_count, bits.written.clone()),
+            written: PresentBits::from_words(geometry.chunk_count, written),
             persisted: Mutex::new(OnDisk {
                 present: bits.present,
                 written: bits.written,
+                log_len,
             }),
+            written_log,
             repairs,
             _lock: lock,
         })
@@ -170,12 +189,16 @@ impl CacheDir {
     /// before the bytes change (a write, a discard, write-zeroes), whether
     /// or not the chunk is present yet.
     ///
-    /// If the `present` file on disk already lists the chunk, the written
-    /// bit is persisted before this returns, so a crash during the write
-    /// never leaves a chunk listed as the manifest's whose bytes are not.
-    /// That costs one bitmap write per chunk in the life of the cache.
+    /// If the `present` file on disk already lists the chunk, the chunk's
+    /// index is appended to `written.log` before this returns, so a process
+    /// that dies during the write never leaves a chunk listed as the
+    /// manifest's whose bytes are not. The log is not synced: a power loss
+    /// may lose the record, and then only a chunk whose every change since
+    /// its fetch was unflushed, so a repair that refetches it restores what
+    /// was flushed. The next flush moves the bits into `present` and
+    /// empties the log.
     ///
-    /// Blocks on `fsync` when it persists; call it from a blocking context
+    /// May wait for a flush in progress; call it from a blocking context
     /// unless [`CacheDir::is_written`] is already true.
     pub fn record_written(&self, index: u64) -> Result<(), CacheError> {
         if index >= self.geometry.chunk_count || self.written.get(index) {
@@ -186,16 +209,13 @@ impl CacheDir {
             return Ok(());
         }
         if attach::is_set(&persisted.present, index) {
-            // The present bits on disk stay as they are (their bytes are
-            // durable); only this written bit is added.
-            let mut written = self.written.snapshot();
-            written[(index / 64) as usize] |= 1 << (index % 64);
-            let written = only_present(written, &persisted.present);
-            write_bitmap(
-                &self.dir,
-                &bitmap::encode(&self.geometry, &persisted.present, &written),
-            )?;
-            persisted.written = written;
+            self.written_log
+                .write_all_at(&index.to_le_bytes(), persisted.log_len)
+                .map_err(|source| CacheError::RecordWritten {
+                    path: self.dir.join(WRITTEN_LOG),
+                    source,
+                })?;
+            persisted.log_len += 8;
         }
         // Set only now: whoever sees the bit may change the bytes at once.
         self.written.set(index);
@@ -217,8 +237,9 @@ impl CacheDir {
             &self.dir,
             &bitmap::encode(&self.geometry, &present, &written),
         )?;
-        *persisted = OnDisk { present, written };
-        Ok(())
+        persisted.present = present;
+        persisted.written = written;
+        self.empty_written_log(&mut persisted)
     }
 
     /// Fills `buf` from the data file at `offset`.
@@ -309,7 +330,23 @@ impl CacheDir {
                 &self.dir,
                 &bitmap::encode(&self.geometry, &present, &written),
             )?;
-            *persisted = OnDisk { present, written };
+            persisted.present = present;
+            persisted.written = written;
+        }
+        // Every logged bit was set before the snapshot (both under the
+        // lock), so `present` now holds it.
+        self.empty_written_log(&mut persisted)
+    }
+
+    fn empty_written_log(&self, persisted: &mut OnDisk) -> Result<(), CacheError> {
+        if persisted.log_len > 0 {
+            self.written_log
+                .set_len(0)
+                .map_err(|source| CacheError::RecordWritten {
+                    path: self.dir.join(WRITTEN_LOG),
+                    source,
+                })?;
+            persisted.log_len = 0;
         }
         Ok(())
     }

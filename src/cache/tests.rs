@@ -273,7 +273,7 @@ fn a_new_cache_is_private_to_its_owner() {
         assert_eq!(mode(&path), 0o600, "{}", path.display());
         files += 1;
     }
-    assert_eq!(files, 3, "data, present and lock");
+    assert_eq!(files, 4, "data, present, written.log and lock");
 }
 
 #[test]
