@@ -371,3 +371,89 @@ fn push_and_export_over_https_trust_a_private_ca_and_nothing_else() {
     );
     assert!(!path("never.img").exists());
 }
+
+/// One request on a connection of its own: the status code.
+fn status_of(addr: &str, method: &str, path: &str, token: &str, body: &[u8]) -> u16 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    stream.write_all(body).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"))
+}
+
+#[test]
+fn ids_and_names_that_climb_out_of_the_store_are_refused_by_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    // Beside the store, where a path built from "../secret" would land.
+    fs::write(path("secret"), "outside the store").unwrap();
+    write_secret_file(&path("write.token"), "climb-write-token");
+    let mut serve = Command::new(lazyblk_bin());
+    serve
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--shard-cache-size",
+            "1M",
+        ])
+        .arg("--store")
+        .arg(path("store"))
+        .arg("--write-token-file")
+        .arg(path("write.token"))
+        .stderr(Stdio::null());
+    let served = Served::spawn(serve);
+    let addr = served.addr();
+    let token = "climb-write-token";
+    let climbs = [
+        "..%2Fsecret",
+        "..%2F..%2Fsecret",
+        "%2E%2E%2Fsecret",
+        "..",
+        "ab%2F..%2F..%2F..%2Fsecret",
+        "%2Fetc%2Fpasswd",
+        "..\\secret",
+    ];
+    for climb in climbs {
+        for (method, route) in [
+            ("GET", format!("/v1/chunks/{climb}")),
+            ("HEAD", format!("/v1/chunks/{climb}")),
+            ("PUT", format!("/v1/chunks/{climb}")),
+            ("DELETE", format!("/v1/chunks/{climb}")),
+            ("GET", format!("/v1/manifests/{climb}")),
+            ("PUT", format!("/v1/manifests/{climb}")),
+            ("GET", format!("/v1/shards/{climb}/0")),
+            ("PUT", format!("/v1/shards/{climb}/0")),
+            ("GET", format!("/v1/chunks/../../{climb}")),
+            ("GET", format!("/v1/chunks?after={climb}")),
+        ] {
+            let status = status_of(addr, method, &route, token, b"planted");
+            assert!(
+                (400..500).contains(&status),
+                "{method} {route} answered {status}"
+            );
+        }
+    }
+    assert_eq!(
+        fs::read_to_string(path("secret")).unwrap(),
+        "outside the store"
+    );
+    let mut left: Vec<String> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["secret", "store", "write.token"], "nothing planted");
+}

@@ -128,4 +128,30 @@ mod tests {
         lower.insert(header::AUTHORIZATION, "bearer r".parse().unwrap());
         assert_eq!(tokens.check(&lower, Access::Read), Ok(()));
     }
+
+    #[test]
+    fn prefixes_extensions_and_near_misses_of_a_token_are_refused() {
+        // Compared as digests: a prefix matches nothing, so a guesser learns
+        // nothing from how much of a token was right, whatever the timing.
+        let tokens = Tokens::new(None, Some("write-secret"));
+        for near in [
+            "w",
+            "write-secre",
+            "write-secret ",
+            "write-secretX",
+            "Write-secret",
+        ] {
+            assert!(
+                tokens.check(&with(Some(near)), Access::Write).is_err(),
+                "{near:?}"
+            );
+        }
+        assert_eq!(
+            tokens.check(&with(Some("write-secret")), Access::Write),
+            Ok(())
+        );
+        // Nothing of the token is kept but its digest, nor shown.
+        let shown = format!("{tokens:?}");
+        assert!(!shown.contains("write-secret"), "{shown}");
+    }
 }

@@ -23,6 +23,7 @@ mod auth;
 mod chunks;
 mod link;
 mod manifests;
+mod outgoing;
 mod reply;
 mod routes;
 mod shards;
@@ -68,6 +69,11 @@ pub struct ServerOptions {
     /// Bytes of erasure-coded shards kept in memory for a cache fleet
     /// (`/v1/shards`); `None`: the server is no fleet node.
     pub shard_cache_size: Option<u64>,
+    /// Requests one HTTP/2 connection may have in flight at once.
+    pub h2_max_streams: u32,
+    /// A response must be taken by the client whole within this long, or
+    /// its connection is closed (see `outgoing.rs`).
+    pub send_timeout: Duration,
     /// Serve HTTPS with these settings (see [`crate::net::tls`]) instead
     /// of plain HTTP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -84,6 +90,8 @@ impl Default for ServerOptions {
             max_connections: 1024,
             shutdown_grace: Duration::from_secs(30),
             shard_cache_size: None,
+            h2_max_streams: 128,
+            send_timeout: Duration::from_secs(60),
             tls: None,
         }
     }
@@ -100,6 +108,9 @@ struct State {
     link: Option<link::Link>,
     metrics: routes::Metrics,
     listing: chunks::ListingSnapshot,
+    /// The send deadline's settings and counters; each connection takes
+    /// its own copy.
+    send_deadline: outgoing::SendDeadline,
 }
 
 /// The server's request handling alone, without a listener: a request
@@ -126,6 +137,7 @@ impl Handler {
                 .chunk_rate
                 .filter(|&rate| rate > 0)
                 .map(link::Link::new),
+            send_deadline: outgoing::SendDeadline::new(options.send_timeout, &registry),
             options,
             metrics: routes::Metrics::new(registry),
             listing: chunks::ListingSnapshot::default(),
@@ -136,7 +148,9 @@ impl Handler {
     /// The answer to `request`, refusals included.
     pub async fn answer(&self, request: http::Request<Full<Bytes>>) -> http::Response<Full<Bytes>> {
         let request = request.map(|body| body.map_err(|never| match never {}).boxed_unsync());
-        routes::answer(&self.state, request).await
+        routes::answer(&self.state, request)
+            .await
+            .map(|body| Full::new(body.into_bytes()))
     }
 }
 
@@ -182,7 +196,10 @@ impl Server {
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_concurrent_streams(256)
+            .max_concurrent_streams(options.h2_max_streams)
+            // What h2 buffers per stream beyond what the client's window
+            // lets out: the rest of a body waits in it, frame by frame.
+            .max_send_buf_size(2 * outgoing::FRAME)
             .max_header_list_size(16 * 1024)
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(32 << 20)
@@ -275,11 +292,27 @@ async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service =
-        hyper::service::service_fn(move |request| routes::handle(Arc::clone(&state), request));
+    let deadline = state.send_deadline.for_connection();
+    let replies_deadline = deadline.clone();
+    let service = hyper::service::service_fn(move |request| {
+        let (state, deadline) = (Arc::clone(&state), replies_deadline.clone());
+        async move {
+            let mut reply = routes::handle(state, request).await?;
+            deadline.watch(reply.body_mut());
+            Ok::<_, std::convert::Infallible>(reply)
+        }
+    });
     let connection = builder.serve_connection(TokioIo::new(stream), service);
-    if let Err(error) = watcher.watch(connection.into_owned()).await {
-        tracing::debug!(%peer, error = %error, "connection ended");
+    tokio::select! {
+        ended = watcher.watch(connection.into_owned()) => {
+            if let Err(error) = ended {
+                tracing::debug!(%peer, error = %error, "connection ended");
+            }
+        }
+        // Dropping the connection closes it and frees what it held.
+        () = deadline.abandoned() => {
+            tracing::info!(%peer, "closed a connection that left a response unread past the send deadline");
+        }
     }
 }
 
@@ -318,3 +351,5 @@ async fn preface_arrives(stream: &TcpStream, limit: Duration) -> bool {
 mod tests;
 #[cfg(test)]
 mod tests_tls;
+#[cfg(test)]
+mod tests_unread;

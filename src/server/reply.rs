@@ -4,12 +4,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 
+use super::outgoing::Outgoing;
 use crate::error::ErrorKind;
 use crate::store::StoreError;
 
-pub(super) type Reply = Response<Full<Bytes>>;
+pub(super) type Reply = Response<Outgoing>;
 /// A request's body, from a connection or handed in directly (see
 /// [`super::Handler`]).
 pub(super) type RequestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
@@ -17,7 +18,7 @@ pub(super) type RequestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, 
 pub(super) type Handled = Result<Reply, Reply>;
 
 pub(super) fn reply(status: StatusCode, body: impl Into<Bytes>) -> Reply {
-    let mut response = Response::new(Full::new(body.into()));
+    let mut response = Response::new(Outgoing::new(body.into()));
     *response.status_mut() = status;
     response
 }

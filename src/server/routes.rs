@@ -10,7 +10,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 
 use super::auth::{Access, Refusal};
-use super::reply::{refuse, Handled, Reply, RequestBody};
+use super::reply::{refuse, reply, Handled, Reply, RequestBody};
 use super::{chunks, manifests, shards, State};
 use crate::metrics::{Registry, LATENCY_BUCKETS};
 
@@ -45,10 +45,7 @@ async fn dispatch(state: &State, request: Request<RequestBody>) -> (&'static str
     let method = &parts.method;
     match segments.as_slice() {
         ["metrics"] => match *method {
-            Method::GET => (
-                "metrics",
-                Ok(crate::metrics::response(&state.metrics.registry)),
-            ),
+            Method::GET => ("metrics", Ok(metrics_text(&state.metrics.registry))),
             _ => ("metrics", Err(not_allowed("GET"))),
         },
         ["v1", "chunks"] => match *method {
@@ -185,4 +182,14 @@ impl Metrics {
             )
             .observe(elapsed);
     }
+}
+
+/// The Prometheus text of `registry`.
+fn metrics_text(registry: &Registry) -> Reply {
+    let mut response = reply(StatusCode::OK, registry.render());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    response
 }
