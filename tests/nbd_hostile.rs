@@ -11,10 +11,12 @@ use std::fs;
 use common::nbd::*;
 use common::*;
 
+/// Fields drop in order: the device is stopped while the world's run
+/// directory still names it.
 struct Setup {
+    device: NbdDevice,
     world: World,
     image: Vec<u8>,
-    device: NbdDevice,
     socket: std::path::PathBuf,
 }
 
