@@ -154,8 +154,12 @@ fn bad_requests_get_errors_and_the_connection_goes_on() {
     assert_eq!(client.reply(), (6, EINVAL), "unknown command");
     client.request(CMD_READ, 1 << 9, 7, 0, 4096);
     assert_eq!(client.reply(), (7, EINVAL), "unknown flag");
+    // The protocol requires FUA to be accepted on any command.
     client.request(CMD_READ, FLAG_FUA, 8, 0, 4096);
-    assert_eq!(client.reply(), (8, EINVAL), "FUA on a read");
+    assert_eq!(client.reply(), (8, 0), "FUA on a read");
+    assert!(client.bytes(4096) == s.image[..4096]);
+    client.request(CMD_FLUSH, FLAG_FUA, 9, 0, 0);
+    assert_eq!(client.reply(), (9, 0), "FUA on a flush");
     still_serves(&mut client, &s.image);
 
     // A FUA write, a flush, zeroes; then read back.

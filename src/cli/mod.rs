@@ -276,6 +276,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Room for fetches beyond the requests that may wait on the pool.
+        .max_blocking_threads(2 * crate::frontend::MAX_WAITING_REQUESTS)
         .thread_name("lazyblk-worker")
         .build()?)
 }

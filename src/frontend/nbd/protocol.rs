@@ -96,12 +96,19 @@ impl Command {
         }
     }
 
-    /// The command flags this command may carry; any other is EINVAL.
+    /// The command flags this command may carry; any other is EINVAL. FUA
+    /// is accepted on every command, as the protocol requires once
+    /// SEND_FUA is negotiated (some clients set it on flushes); it only
+    /// acts where a command changes data.
     pub fn allowed_flags(self) -> u16 {
         match self {
-            Command::Write | Command::Trim => CMD_FLAG_FUA,
             Command::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-            Command::Read | Command::Flush | Command::Disconnect | Command::Unknown(_) => 0,
+            Command::Read
+            | Command::Write
+            | Command::Trim
+            | Command::Flush
+            | Command::Disconnect => CMD_FLAG_FUA,
+            Command::Unknown(_) => 0,
         }
     }
 }

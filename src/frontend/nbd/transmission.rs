@@ -108,8 +108,10 @@ async fn read_requests<R: AsyncRead + Unpin>(
         let mut data = vec![0u8; payload as usize];
         reader.read_exact(&mut data).await?;
         let (engine, replies) = (export.engine.clone(), replies.clone());
+        let slot = crate::frontend::waiting_request_slot().await;
         tokio::task::spawn_blocking(move || {
             let (error, data) = futures::executor::block_on(execute(&engine, &request, data));
+            drop(slot);
             let _ = replies.send(Reply {
                 handle: request.handle,
                 error,
@@ -188,8 +190,14 @@ async fn execute(
         Command::Disconnect | Command::Unknown(_) => return (EINVAL, None),
     };
     let is_read = request.command == Command::Read;
+    // A read or a flush with FUA needs nothing more than it already does.
+    let flush_after = fua
+        && matches!(
+            block_request,
+            Request::Write { .. } | Request::Discard { .. } | Request::WriteZeroes { .. }
+        );
     let mut result = engine.submit(&SyncIo, block_request).await;
-    if result.is_ok() && fua {
+    if result.is_ok() && flush_after {
         result = engine.submit(&SyncIo, Request::Flush).await;
     }
     match result {

@@ -94,10 +94,19 @@ impl std::fmt::Debug for VhostUserBlk {
 impl VhostUserBlk {
     /// Listens on `socket`, replacing a stale socket file there.
     pub fn bind(socket: &Path) -> Result<VhostUserBlk, VhostUserError> {
-        let listener = Listener::new(socket, true).map_err(|source| VhostUserError::Listen {
+        let listen_error = |source| VhostUserError::Listen {
             socket: socket.to_owned(),
             source,
-        })?;
+        };
+        let listener = Listener::new(socket, true).map_err(listen_error)?;
+        // Whoever can connect reads and writes the image's plaintext: the
+        // owner alone, as for NBD's socket; chmod to share it.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            socket,
+            std::fs::Permissions::from_mode(crate::private::FILE_MODE),
+        )
+        .map_err(|e| listen_error(vhost::vhost_user::Error::SocketError(e)))?;
         Ok(VhostUserBlk {
             socket: socket.to_owned(),
             listener: Mutex::new(Some(listener)),
