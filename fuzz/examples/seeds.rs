@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use lazyblk::cache::bitmap::{encode, Geometry};
 use lazyblk::chunk::{derive_salt, seal_chunk, Manifest, ManifestEntry, MIN_CHUNK_SIZE};
-use lazyblk::daemon::{ControlRequest, ControlResponse, DeviceRecord};
+use lazyblk::daemon::{ControlRequest, ControlResponse, DeviceRecord, FrontendKind};
 use lazyblk::engine::EngineStats;
 use lazyblk_fuzz::tenant;
 
@@ -59,7 +59,7 @@ fn main() -> std::io::Result<()> {
     write(
         "control_request",
         "stop",
-        line(&ControlRequest::Stop).as_bytes(),
+        line(&ControlRequest::Stop { force: false }).as_bytes(),
     )?;
     let stats = ControlResponse::Stats(EngineStats {
         image_bytes: 1 << 30,
@@ -72,12 +72,14 @@ fn main() -> std::io::Result<()> {
     write("control_request", "answer-error", line(&refused).as_bytes())?;
     let record = DeviceRecord {
         pid: 4242,
-        frontend: "fuse".into(),
+        frontend: FrontendKind::Fuse,
         target: "/mnt/app".into(),
         name: "app-v1".into(),
         store: "dir:/var/lib/lazyblk".into(),
         cache_dir: "/var/cache/lazyblk/app-v1".into(),
         read_only: true,
+        metrics: None,
+        ublk: None,
     };
     write("control_request", "record", line(&record).as_bytes())?;
 
@@ -97,6 +99,109 @@ fn main() -> std::io::Result<()> {
 
     write("layer_read", "every-kind", &layer_tar()?)?;
     write("layer_read", "empty-layer", &[0u8; 1024])?;
+
+    // OCI documents: a platform index leading to a manifest, a manifest
+    // served as such, and a config; each led by its media type's number.
+    let layer = format!("sha256:{}", "ab".repeat(32));
+    let config = format!("sha256:{}", "cd".repeat(32));
+    let image_manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{layer}","size":100}},{{"mediaType":"application/vnd.oci.image.layer.v1.tar+zstd","digest":"{layer}","size":7}}]}}"#
+    );
+    let index = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{config}","size":9,"platform":{{"architecture":"arm64","os":"linux","variant":"v8"}}}},{{"digest":"{layer}","size":9,"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#
+    );
+    let mut oci = |name: &str, documents: &[(u8, &str)]| {
+        let joined: Vec<Vec<u8>> = documents
+            .iter()
+            .map(|(choice, text)| [&[*choice][..], text.as_bytes()].concat())
+            .collect();
+        write("oci_documents", name, &joined.join(&0u8))
+    };
+    oci("index-then-manifest", &[(0, &index), (1, &image_manifest)])?;
+    oci("arm64-index", &[(128, &index), (5, &image_manifest)])?;
+    oci("manifest", &[(1, &image_manifest)])?;
+    oci(
+        "config",
+        &[(
+            4,
+            r#"{"rootfs":{"type":"layers","diff_ids":["sha256:00"]}}"#,
+        )],
+    )?;
+
+    let answers: [(&str, &str); 6] = [
+        (
+            "bearer",
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:app:pull""#,
+        ),
+        ("basic", r#"Basic realm="registry""#),
+        ("escaped", r#"Bearer realm="a"b,c", error="invalid_token""#),
+        ("token", r#"{"token":"abc.def","expires_in":300}"#),
+        ("access-token", r#"{"access_token":"xyz","token":""}"#),
+        ("reference", "registry.example:5000/team/app@sha256:0000000000000000000000000000000000000000000000000000000000000000"),
+    ];
+    for (name, text) in answers {
+        write("registry_answers", name, text.as_bytes())?;
+    }
+
+    let hex = id.to_hex();
+    let protocol = [
+        ("missing-request", format!(r#"{{"ids":["{hex}","00"]}}"#)),
+        ("missing-answer", format!(r#"{{"missing":["{hex}"]}}"#)),
+        (
+            "page",
+            format!(
+                r#"{{"chunks":[{{"id":"{hex}","modified_unix_ns":1700000000000000000,"size":524316}}],"next":"{hex}"}}"#
+            ),
+        ),
+        (
+            "manifests",
+            r#"{"manifests":["app","base-1.0"]}"#.to_owned(),
+        ),
+        ("deleted", r#"{"deleted":true}"#.to_owned()),
+    ];
+    for (name, text) in &protocol {
+        write("protocol_json", name, text.as_bytes())?;
+    }
+
+    // Requests as the server's target reads them: `METHOD TARGET`, header
+    // lines, an empty line, the body.
+    let envelope = seal_chunk(&derive_salt(&[1; 32], "default"), b"seed chunk").envelope;
+    let read = "Authorization: Bearer fuzz-read-token";
+    let write_token = "Authorization: Bearer fuzz-write-token";
+    let mut put = format!("PUT /v1/chunks/{hex} HTTP/1.1\n{write_token}\n\n").into_bytes();
+    put.extend_from_slice(&envelope);
+    let requests: Vec<(&str, Vec<u8>)> = vec![
+        ("put-chunk", put),
+        (
+            "get-chunk-range",
+            format!("GET /v1/chunks/{hex}\n{read}\nRange: bytes=2-9\n\n").into_bytes(),
+        ),
+        (
+            "missing",
+            format!("POST /v1/chunks/missing\n{write_token}\n\n{{\"ids\":[\"{hex}\"]}}")
+                .into_bytes(),
+        ),
+        (
+            "list",
+            format!("GET /v1/chunks?after={hex}&limit=10\n{read}\n\n").into_bytes(),
+        ),
+        (
+            "put-manifest",
+            format!("PUT /v1/manifests/app-1.0\n{write_token}\n\nsealed").into_bytes(),
+        ),
+        (
+            "delete-older",
+            format!("DELETE /v1/chunks/{hex}?older_than_unix_ns=5\n{write_token}\n\n").into_bytes(),
+        ),
+        (
+            "shard",
+            format!("GET /v1/shards/{hex}/3\n{read}\n\n").into_bytes(),
+        ),
+        ("metrics", b"GET /metrics\n\n".to_vec()),
+    ];
+    for (name, bytes) in &requests {
+        write("server_request", name, bytes)?;
+    }
 
     println!("wrote {written} bytes of seeds under {}", seeds.display());
     Ok(())
@@ -141,7 +246,7 @@ fn line<T: serde::Serialize>(value: &T) -> String {
 fn layer_tar() -> std::io::Result<Vec<u8>> {
     use tar::{EntryType, Header};
     let mut b = tar::Builder::new(Vec::new());
-    let mut header = |kind: EntryType, size: u64| {
+    let header = |kind: EntryType, size: u64| {
         let mut h = Header::new_gnu();
         h.set_entry_type(kind);
         h.set_size(size);
