@@ -13,7 +13,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use lazyblk::cache::bitmap::{encode, Geometry};
-use lazyblk::chunk::{derive_salt, seal_chunk, Manifest, ManifestEntry, MIN_CHUNK_SIZE};
+use lazyblk::chunk::{
+    derive_salt, seal_chunk, ChunkId, Manifest, ManifestEntry, Trace, TraceRun, MIN_CHUNK_SIZE,
+};
 use lazyblk::daemon::{ControlRequest, ControlResponse, DeviceRecord, FrontendKind};
 use lazyblk::engine::EngineStats;
 use lazyblk_fuzz::tenant;
@@ -35,6 +37,20 @@ fn main() -> std::io::Result<()> {
             name,
             &manifest(chunks, short_tail).seal(&tenant()),
         )?;
+    }
+
+    for (name, runs) in [("empty", 0u8), ("two-runs", 2)] {
+        let trace = Trace {
+            image: "app".into(),
+            runs: (0..runs)
+                .map(|run| TraceRun {
+                    manifest_digest: [run; 32],
+                    recorded_at: 1_700_000_000 + u64::from(run),
+                    ids: (0..4).map(|i| ChunkId([i + run; 32])).collect(),
+                })
+                .collect(),
+        };
+        write("trace_open", name, &trace.seal(&tenant()))?;
     }
 
     for (name, chunks, present) in [
@@ -61,12 +77,12 @@ fn main() -> std::io::Result<()> {
         "stop",
         line(&ControlRequest::Stop { force: false }).as_bytes(),
     )?;
-    let stats = ControlResponse::Stats(EngineStats {
+    let stats = ControlResponse::Stats(Box::new(EngineStats {
         image_bytes: 1 << 30,
         chunk_size: MIN_CHUNK_SIZE,
         chunks_total: 16384,
         ..EngineStats::default()
-    });
+    }));
     write("control_request", "answer-stats", line(&stats).as_bytes())?;
     let refused = ControlResponse::Error("device is in use".into());
     write("control_request", "answer-error", line(&refused).as_bytes())?;
