@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Some((scheme, params)) = parse_challenge(text) {
         assert!(
-            !scheme.is_empty() && !scheme.contains(' '),
+            !scheme.is_empty() && !scheme.contains(char::is_whitespace),
             "scheme {scheme:?}"
         );
         let printed = print_challenge(&scheme, &params);

@@ -246,7 +246,11 @@ fn transient_error(e: &ureq::Error) -> bool {
 /// and backslash escapes.
 pub fn parse_challenge(header: &str) -> Option<(String, Vec<(String, String)>)> {
     let header = header.trim();
-    let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
+    // Any whitespace ends the scheme (not only a space), so a scheme never
+    // carries whitespace that a second parse of the same header would trim.
+    let (scheme, rest) = header
+        .split_once(char::is_whitespace)
+        .unwrap_or((header, ""));
     if scheme.is_empty() {
         return None;
     }
@@ -358,6 +362,11 @@ mod tests {
             ("Basic", vec![("realm".into(), "x".into())])
         );
         assert!(parse_challenge("").is_none());
+        // A form feed ends the scheme as a space does (found by fuzzing).
+        assert_eq!(
+            parse_challenge("Bearer\u{c} ,").unwrap(),
+            ("Bearer".into(), vec![])
+        );
     }
 
     #[test]
