@@ -22,7 +22,7 @@ use super::trace::{start_prefetch, Recorder, TraceArgs};
 use super::{tiers, HostCacheArgs, ImageArgs};
 use crate::chunk::{manifest_digest, Manifest};
 use crate::daemon::{
-    self, ControlRequest, ControlResponse, DeviceRecord, DeviceState, FrontendKind,
+    self, ControlRequest, ControlResponse, DeviceRecord, DeviceState, FrontendKind, UblkRecord,
 };
 use crate::engine::{
     Engine, EngineOptions, EngineStats, FetchPolicy, DEFAULT_FETCH_TIMEOUT,
@@ -149,6 +149,21 @@ pub struct DelArgs {
 }
 
 impl AddArgs {
+    /// What the device process serves, whatever the frontend.
+    pub(super) fn device_spec(&self) -> DeviceSpec {
+        DeviceSpec {
+            image: self.image.clone(),
+            host_cache: self.host_cache.clone(),
+            cache_dir: self.cache_dir.clone(),
+            read_only: self.read_only,
+            readahead_chunks: self.readahead_chunks,
+            fetch_timeout: self.fetch_timeout,
+            metrics: self.metrics,
+            trace: self.trace.clone(),
+            replaces: None,
+        }
+    }
+
     /// The frontend the options ask for.
     pub fn frontend(&self) -> FrontendKind {
         match (&self.fuse, &self.vhost_user_blk, &self.nbd) {
@@ -236,7 +251,7 @@ pub(super) fn daemonize(cache_dir: &Path) -> anyhow::Result<()> {
 
 /// Tells the parent `add` (or a user in the foreground) that the device is
 /// live and where.
-pub(super) fn say_ready(what: &str) -> anyhow::Result<()> {
+fn say_ready(what: &str) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{READY_WORD} {what}").and_then(|()| stdout.flush())?;
     Ok(())
@@ -252,7 +267,7 @@ fn parse_fetch_timeout(text: &str) -> Result<f64, String> {
 }
 
 /// The engine options of a device with these settings.
-pub(super) fn engine_options(
+fn engine_options(
     read_only: bool,
     readahead_chunks: u32,
     fetch_timeout_secs: f64,
@@ -268,10 +283,9 @@ pub(super) fn engine_options(
     }
 }
 
-/// Opens the image's manifest and cache for serving.
 /// Starts the device's metrics endpoint, if one was asked for, and says
 /// where it listens.
-pub(super) async fn serve_metrics(
+async fn serve_metrics(
     engine: &Arc<Engine>,
     store: &Arc<dyn ChunkStore>,
     name: &str,
@@ -288,7 +302,7 @@ pub(super) async fn serve_metrics(
 }
 
 /// An opened device engine, its store, and what it records.
-pub(super) struct Opened {
+struct Opened {
     pub engine: Arc<Engine>,
     pub store: Arc<dyn ChunkStore>,
     /// Stores the recorded trace run when the device stops
@@ -298,7 +312,7 @@ pub(super) struct Opened {
 
 /// Opens the image's manifest and cache for serving and starts prefetching
 /// from its trace (unless `trace` says not to).
-pub(super) async fn open_engine(
+async fn open_engine(
     image: &ImageArgs,
     host_cache: &HostCacheArgs,
     cache_dir: &Path,
@@ -353,6 +367,150 @@ pub(super) async fn list_devices(run_dir: &Path) -> anyhow::Result<Vec<daemon::D
         .with_context(|| format!("read run directory {}", run_dir.display()))
 }
 
+/// What a device process serves, whatever its frontend: the image, where
+/// it is cached, and the engine's settings.
+#[derive(Debug, Clone)]
+pub(super) struct DeviceSpec {
+    pub image: ImageArgs,
+    pub host_cache: HostCacheArgs,
+    pub cache_dir: PathBuf,
+    pub read_only: bool,
+    pub readahead_chunks: u32,
+    pub fetch_timeout: f64,
+    pub metrics: Option<std::net::SocketAddr>,
+    pub trace: TraceArgs,
+    /// The record of a process that died, replaced once the device is live.
+    pub replaces: Option<u32>,
+}
+
+/// A frontend a device process has set up (mounted, bound, started) but
+/// not yet served from: what [`serve_device`] needs of each.
+#[async_trait]
+pub(super) trait Frontend: Send + Sized + 'static {
+    /// How the control socket takes the frontend down.
+    type Detach: Detach + 'static;
+    const KIND: FrontendKind;
+    /// Where users find the device: the target of its record.
+    fn target(&self) -> PathBuf;
+    /// What `add` prints once the device is ready.
+    fn ready(&self) -> String;
+    fn detacher(&self) -> Self::Detach;
+    /// The ublk part of the device record.
+    fn ublk_record(&self) -> Option<UblkRecord> {
+        None
+    }
+    /// Takes the frontend down when its device cannot be published: no one
+    /// could find it.
+    async fn abandon(self);
+    /// Serves until detached (or until the frontend ends by itself).
+    async fn serve(self) -> anyhow::Result<()>;
+}
+
+/// The device process, whatever its frontend: opens the engine, makes sure
+/// no other device serves `claims`, binds the control socket, sets the
+/// frontend up with `start`, publishes the device record, says it is ready
+/// and serves until stopped (see [`serve_until_stopped`]).
+pub(super) async fn serve_device<F, Start, Started>(
+    spec: &DeviceSpec,
+    claims: Option<&Path>,
+    start: Start,
+) -> anyhow::Result<()>
+where
+    F: Frontend,
+    Start: FnOnce(Arc<Engine>) -> Started,
+    Started: std::future::Future<Output = anyhow::Result<F>>,
+{
+    let Opened {
+        engine,
+        store,
+        recorder,
+    } = open_engine(
+        &spec.image,
+        &spec.host_cache,
+        &spec.cache_dir,
+        engine_options(spec.read_only, spec.readahead_chunks, spec.fetch_timeout),
+        &spec.trace,
+    )
+    .await?;
+    let name = &spec.image.name;
+
+    // Everything that can fail comes before the frontend starts, so a
+    // failed start leaves no mount or listener behind, and no socket is
+    // taken from a live device.
+    let run_dir = ensure_run_dir()?;
+    if let Some(claims) = claims {
+        if let Some(other) = list_devices(&run_dir)
+            .await?
+            .into_iter()
+            .find(|d| d.record.target == claims)
+        {
+            bail!(
+                "device {} already serves {:?} at {}",
+                other.record.pid,
+                other.record.name,
+                claims.display()
+            );
+        }
+    }
+    let pid = std::process::id();
+    let socket = DeviceRecord::socket_path(&run_dir, pid);
+    let _ = std::fs::remove_file(&socket);
+    let control_listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("bind {}", socket.display()))?;
+    let started = match serve_metrics(&engine, &store, name, spec.metrics).await {
+        Ok(metrics) => start(engine.clone()).await.map(|f| (metrics, f)),
+        Err(e) => Err(e),
+    };
+    let (metrics, frontend) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
+    };
+    let target = frontend.target();
+    let record = DeviceRecord {
+        pid,
+        frontend: F::KIND,
+        target: target.clone(),
+        name: name.clone(),
+        store: store.describe(),
+        cache_dir: std::path::absolute(&spec.cache_dir).unwrap_or(spec.cache_dir.clone()),
+        read_only: spec.read_only,
+        metrics,
+        ublk: frontend.ublk_record(),
+    };
+    if let Err(e) = record.publish(&run_dir) {
+        frontend.abandon().await;
+        DeviceRecord::remove(&run_dir, pid);
+        return Err(e).with_context(|| format!("write device record in {}", run_dir.display()));
+    }
+    if let Some(old) = spec.replaces {
+        DeviceRecord::remove(&run_dir, old);
+    }
+    let control = Arc::new(EngineControl {
+        engine: engine.clone(),
+        store: store.clone(),
+        frontend: frontend.detacher(),
+    });
+    let control_task = tokio::spawn(daemon::serve_control(control_listener, control.clone()));
+    tracing::info!(name, target = %target.display(), "device ready");
+    say_ready(&frontend.ready())?;
+
+    let (served, flushed) = serve_until_stopped(
+        &engine,
+        recorder.as_ref(),
+        control,
+        control_task,
+        &run_dir,
+        frontend.serve(),
+    )
+    .await?;
+    served?;
+    flushed.context("final flush")?;
+    Ok(())
+}
+
 /// How a device process takes its frontend down; `force` detaches even a
 /// device in use, where the frontend can tell.
 #[async_trait]
@@ -395,7 +553,7 @@ impl<F: Detach> daemon::DeviceControl for EngineControl<F> {
 /// the control socket and checkpoints end, the engine is flushed and the
 /// device record removed, and a recording device stores its trace run.
 /// Returns what `device` returned and the final flush's result.
-pub(super) async fn serve_until_stopped<T>(
+async fn serve_until_stopped<T>(
     engine: &Arc<Engine>,
     recorder: Option<&Recorder>,
     control: Arc<dyn daemon::DeviceControl>,

@@ -12,15 +12,15 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use async_trait::async_trait;
 use clap::Args;
-use tokio::net::UnixListener;
+use tokio::task::JoinHandle;
 
 use super::device::{
-    daemonize, engine_options, ensure_run_dir, list_devices, open_engine, say_ready, serve_metrics,
-    serve_until_stopped, AddArgs, Detach, EngineControl, Opened,
+    daemonize, ensure_run_dir, list_devices, serve_device, AddArgs, Detach, DeviceSpec, Frontend,
 };
 use super::trace::TraceArgs;
 use super::{HostCacheArgs, ImageArgs, StoreArgs};
-use crate::daemon::{self, DeviceControl, DeviceRecord, DeviceState, FrontendKind, UblkRecord};
+use crate::daemon::{DeviceState, FrontendKind, UblkRecord};
+use crate::engine::Engine;
 use crate::frontend::ublk::{self, DeviceInfo, DeviceOptions, Start};
 
 #[derive(Debug, Args)]
@@ -33,41 +33,15 @@ pub struct RecoverArgs {
     pub foreground: bool,
 }
 
-/// What a device process serves, whether it adds or recovers the device.
-struct Spec {
-    image: ImageArgs,
-    host_cache: HostCacheArgs,
-    cache_dir: PathBuf,
-    read_only: bool,
-    readahead_chunks: u32,
-    fetch_timeout: f64,
-    metrics: Option<std::net::SocketAddr>,
-    trace: TraceArgs,
-    start: Start,
-    /// The record of the process that died, replaced once the device is live.
-    replaces: Option<u32>,
-}
-
 pub(super) async fn serve_add(args: &AddArgs) -> anyhow::Result<()> {
-    serve(Spec {
-        image: args.image.clone(),
-        host_cache: args.host_cache.clone(),
-        cache_dir: args.cache_dir.clone(),
-        read_only: args.read_only,
-        readahead_chunks: args.readahead_chunks,
-        fetch_timeout: args.fetch_timeout,
-        metrics: args.metrics,
-        trace: args.trace.clone(),
-        start: Start::Add(DeviceOptions {
-            id: args.id,
-            queues: args.queues.unwrap_or_else(ublk::default_queues),
-            depth: args.depth,
-            recoverable: args.recoverable,
-            zero_copy: !args.no_zero_copy,
-        }),
-        replaces: None,
-    })
-    .await
+    let start = Start::Add(DeviceOptions {
+        id: args.id,
+        queues: args.queues.unwrap_or_else(ublk::default_queues),
+        depth: args.depth,
+        recoverable: args.recoverable,
+        zero_copy: !args.no_zero_copy,
+    });
+    serve(args.device_spec(), start).await
 }
 
 pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
@@ -118,7 +92,7 @@ pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
     if !args.foreground {
         return daemonize(&orphan.record.cache_dir);
     }
-    runtime.block_on(serve(Spec {
+    let spec = DeviceSpec {
         image: ImageArgs {
             store: StoreArgs {
                 specs: ublk.store_specs(),
@@ -148,9 +122,9 @@ pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
             no_prefetch: true,
             ..TraceArgs::default()
         },
-        start: Start::Recover { id: args.id },
         replaces: Some(orphan.record.pid),
-    }))
+    };
+    runtime.block_on(serve(spec, Start::Recover { id: args.id }))
 }
 
 /// A ublk device by its id, as the control socket stops it.
@@ -167,138 +141,114 @@ impl Detach for UblkDevice {
     }
 }
 
-async fn serve(spec: Spec) -> anyhow::Result<()> {
-    let Opened {
-        engine,
-        store,
-        recorder,
-    } = open_engine(
-        &spec.image,
-        &spec.host_cache,
-        &spec.cache_dir,
-        engine_options(spec.read_only, spec.readahead_chunks, spec.fetch_timeout),
-        &spec.trace,
-    )
-    .await?;
-    let metrics = serve_metrics(&engine, &store, &spec.image.name, spec.metrics).await?;
-    let run_dir = ensure_run_dir()?;
-    let pid = std::process::id();
-    let socket = DeviceRecord::socket_path(&run_dir, pid);
-    let _ = std::fs::remove_file(&socket);
-    let listener =
-        UnixListener::bind(&socket).with_context(|| format!("bind {}", socket.display()))?;
+/// A live ublk device, served by the blocking task `device`.
+struct Live {
+    info: DeviceInfo,
+    record: UblkRecord,
+    engine: Arc<Engine>,
+    device: JoinHandle<Result<(), ublk::UblkFrontendError>>,
+}
 
-    let (live_tx, live_rx) = tokio::sync::oneshot::channel::<DeviceInfo>();
-    let runtime = tokio::runtime::Handle::current();
-    let device_engine = engine.clone();
-    let start = spec.start;
-    let mut device = tokio::task::spawn_blocking(move || {
-        ublk::serve(device_engine, runtime, start, move |info| {
-            let _ = live_tx.send(info);
+#[async_trait]
+impl Frontend for Live {
+    type Detach = UblkDevice;
+    const KIND: FrontendKind = FrontendKind::Ublk;
+
+    fn target(&self) -> PathBuf {
+        self.info.path.clone()
+    }
+
+    fn ready(&self) -> String {
+        format!("{} id {}", self.info.path.display(), self.info.id)
+    }
+
+    fn detacher(&self) -> UblkDevice {
+        UblkDevice(self.info.id)
+    }
+
+    fn ublk_record(&self) -> Option<UblkRecord> {
+        Some(self.record.clone())
+    }
+
+    /// Flushes first, as a stop would: the device was live, and may have
+    /// been written.
+    async fn abandon(self) {
+        self.engine.stop_prefetch();
+        let _ = self.engine.checkpoint().await;
+        let _ = UblkDevice(self.info.id).detach(true).await;
+        let _ = self.device.await;
+    }
+
+    async fn serve(self) -> anyhow::Result<()> {
+        Ok(self.device.await.context("ublk device task")??)
+    }
+}
+
+async fn serve(spec: DeviceSpec, start: Start) -> anyhow::Result<()> {
+    serve_device(&spec, None, |engine| async {
+        let (live_tx, live_rx) = tokio::sync::oneshot::channel::<DeviceInfo>();
+        let runtime = tokio::runtime::Handle::current();
+        let device_engine = engine.clone();
+        let mut device = tokio::task::spawn_blocking(move || {
+            ublk::serve(device_engine, runtime, start, move |info| {
+                let _ = live_tx.send(info);
+            })
+        });
+        let info = tokio::select! {
+            info = live_rx => info.ok(),
+            ended = &mut device => {
+                ended.context("ublk device task")??;
+                None
+            }
+        };
+        let Some(info) = info else {
+            bail!("the ublk device stopped before it was live");
+        };
+        tracing::info!(
+            name = spec.image.name,
+            path = %info.path.display(),
+            queues = info.queues,
+            depth = info.depth,
+            mode = %info.mode,
+            "device live"
+        );
+        Ok(Live {
+            record: ublk_record(&spec, &info),
+            info,
+            engine,
+            device,
         })
-    });
-    let info = tokio::select! {
-        info = live_rx => info.ok(),
-        ended = &mut device => {
-            ended.context("ublk device task")??;
-            None
-        }
-    };
-    let Some(info) = info else {
-        let _ = std::fs::remove_file(&socket);
-        bail!("the ublk device stopped before it was live");
-    };
+    })
+    .await
+}
 
-    let record = DeviceRecord {
-        pid,
-        frontend: FrontendKind::Ublk,
-        target: info.path.clone(),
-        name: spec.image.name.clone(),
-        store: store.describe(),
-        cache_dir: std::path::absolute(&spec.cache_dir).unwrap_or(spec.cache_dir.clone()),
-        read_only: spec.read_only,
-        metrics,
-        ublk: Some(UblkRecord {
-            id: info.id,
-            queues: info.queues,
-            depth: info.depth,
-            recoverable: info.recoverable,
-            copy_mode: info.mode,
-            store_spec: spec.image.store.origin().to_owned(),
-            stores: spec.image.store.specs.clone(),
-            host_cache: spec
-                .host_cache
-                .host_cache
-                .as_ref()
-                .map(|path| std::path::absolute(path).unwrap_or(path.clone())),
-            host_cache_size: spec.host_cache.host_cache_size,
-            token_file: spec
-                .image
-                .store
-                .token_file
-                .as_ref()
-                .map(|path| std::path::absolute(path).unwrap_or(path.clone())),
-            http2_prior_knowledge: spec.image.store.http2_prior_knowledge,
-            tls_ca: spec
-                .image
-                .store
-                .tls_ca
-                .as_ref()
-                .map(|path| std::path::absolute(path).unwrap_or(path.clone())),
-            s3_endpoint: spec.image.store.s3_endpoint.clone(),
-            s3_path_style: spec.image.store.s3_path_style,
-            ec_cache: spec.image.store.ec_cache.clone(),
-            ec_shards: spec
-                .image
-                .store
-                .ec_cache
-                .as_ref()
-                .map(|_| spec.image.store.ec_shards),
-            metrics: spec.metrics,
-            key: std::path::absolute(&spec.image.key).unwrap_or(spec.image.key.clone()),
-            readahead_chunks: spec.readahead_chunks,
-            fetch_timeout_secs: spec.fetch_timeout,
-            flags: info.flags,
-        }),
-    };
-    let control = Arc::new(EngineControl {
-        engine: engine.clone(),
-        store: store.clone(),
-        frontend: UblkDevice(info.id),
-    });
-    if let Err(e) = record.publish(&run_dir) {
-        // Without a record no one could find the device: take it down.
-        let _ = control.stop(true).await;
-        let _ = device.await;
-        DeviceRecord::remove(&run_dir, pid);
-        return Err(e).with_context(|| format!("write device record in {}", run_dir.display()));
+/// What `recover` needs to serve the device again.
+fn ublk_record(spec: &DeviceSpec, info: &DeviceInfo) -> UblkRecord {
+    let absolute = |path: &PathBuf| std::path::absolute(path).unwrap_or(path.clone());
+    let store = &spec.image.store;
+    UblkRecord {
+        id: info.id,
+        queues: info.queues,
+        depth: info.depth,
+        recoverable: info.recoverable,
+        copy_mode: info.mode,
+        store_spec: store.origin().to_owned(),
+        stores: store.specs.clone(),
+        host_cache: spec.host_cache.host_cache.as_ref().map(absolute),
+        host_cache_size: spec.host_cache.host_cache_size,
+        token_file: store.token_file.as_ref().map(absolute),
+        http2_prior_knowledge: store.http2_prior_knowledge,
+        tls_ca: store.tls_ca.as_ref().map(absolute),
+        s3_endpoint: store.s3_endpoint.clone(),
+        s3_path_style: store.s3_path_style,
+        ec_cache: store.ec_cache.clone(),
+        ec_shards: store.ec_cache.as_ref().map(|_| store.ec_shards),
+        metrics: spec.metrics,
+        key: absolute(&spec.image.key),
+        readahead_chunks: spec.readahead_chunks,
+        fetch_timeout_secs: spec.fetch_timeout,
+        flags: info.flags,
     }
-    if let Some(old) = spec.replaces {
-        DeviceRecord::remove(&run_dir, old);
-    }
-    let control_task = tokio::spawn(daemon::serve_control(listener, control.clone()));
-    tracing::info!(
-        name = spec.image.name,
-        path = %info.path.display(),
-        queues = info.queues,
-        depth = info.depth,
-        mode = %info.mode,
-        "device live"
-    );
-    say_ready(&format!("{} id {}", info.path.display(), info.id))?;
-
-    let (ended, flushed) = serve_until_stopped(
-        &engine,
-        recorder.as_ref(),
-        control,
-        control_task,
-        &run_dir,
-        &mut device,
-    )
-    .await?;
-    ended.context("ublk device task")??;
-    flushed.context("final flush")?;
-    Ok(())
 }
 
 pub fn features(json: bool) -> anyhow::Result<()> {
