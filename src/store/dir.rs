@@ -226,6 +226,39 @@ fn touch(path: &Path) -> io::Result<bool> {
     }
 }
 
+/// Where `delete_if_older` sets a chunk aside while it judges it.
+const SET_ASIDE_PREFIX: &str = ".gc-";
+
+/// The chunk a set-aside file holds, if `name` is one.
+fn set_aside_chunk(name: &std::ffi::OsStr) -> Option<ChunkId> {
+    let rest = name.to_str()?.strip_prefix(SET_ASIDE_PREFIX)?;
+    let (hex, _nonce) = rest.split_once('-')?;
+    hex.parse().ok()
+}
+
+/// Puts back a chunk that a collection which died mid-judgement left aside
+/// (its verdict is unknown, so the chunk stays until a later collection
+/// judges it again), or drops the copy when the chunk was uploaded again
+/// meanwhile. Whether the chunk is now in place.
+fn restore_set_aside(aside: &Path, chunk: &Path) -> io::Result<bool> {
+    let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+    if exists(chunk)? {
+        match fs::remove_file(aside) {
+            Err(e) if !gone(&e) => return Err(e),
+            _ => return Ok(true),
+        }
+    }
+    match fs::rename(aside, chunk) {
+        Ok(()) => {
+            sync_dir(chunk.parent().expect("chunk paths have a parent"))?;
+            Ok(true)
+        }
+        // A collection still running took it back or deleted it.
+        Err(e) if gone(&e) => exists(chunk),
+        Err(e) => Err(e),
+    }
+}
+
 /// The modification time of `path`, or `None` if there is no such file.
 fn modified(path: &Path) -> io::Result<Option<SystemTime>> {
     match fs::symlink_metadata(path) {
@@ -311,13 +344,23 @@ impl ChunkStore for DirStore {
                 let object = format!("{CHUNKS}/{prefix_name}");
                 for entry in fs::read_dir(prefix.path()).map_err(inner.io("list", &*object))? {
                     let entry = entry.map_err(inner.io("list", &*object))?;
-                    // Temp files and strays fail to parse and are skipped.
-                    let parsed = entry.file_name().to_str().map(str::parse::<ChunkId>);
-                    let Some(Ok(id)) = parsed else { continue };
+                    let id = if let Some(id) = set_aside_chunk(&entry.file_name()) {
+                        if !restore_set_aside(&entry.path(), &inner.chunk_path(&id))
+                            .map_err(inner.io("restore", chunk_object(&id)))?
+                        {
+                            continue;
+                        }
+                        id
+                    } else {
+                        // Temp files and strays fail to parse and are skipped.
+                        let parsed = entry.file_name().to_str().map(str::parse::<ChunkId>);
+                        let Some(Ok(id)) = parsed else { continue };
+                        id
+                    };
                     if !id.to_hex().starts_with(prefix_name) {
                         continue;
                     }
-                    let meta = match entry.metadata() {
+                    let meta = match fs::symlink_metadata(inner.chunk_path(&id)) {
                         Ok(meta) => meta,
                         // Deleted since the directory was read.
                         Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -333,6 +376,9 @@ impl ChunkStore for DirStore {
                     });
                 }
             }
+            // A restored chunk may also have been read under its own name.
+            listed.sort_unstable_by_key(|chunk| chunk.id);
+            listed.dedup_by_key(|chunk| chunk.id);
             Ok(listed)
         })
         .await
@@ -368,7 +414,7 @@ impl ChunkStore for DirStore {
             // no file and makes the pusher upload the chunk again.
             let dir = path.parent().expect("chunk paths have a parent");
             let aside = dir.join(format!(
-                ".gc-{}-{:016x}",
+                "{SET_ASIDE_PREFIX}{}-{:016x}",
                 id.to_hex(),
                 rand::random::<u64>()
             ));
@@ -383,10 +429,12 @@ impl ChunkStore for DirStore {
                     sync_dir(dir).map_err(err("delete"))?;
                     Ok(true)
                 }
-                _ => {
+                // A listing restored it meanwhile.
+                None => Ok(false),
+                Some(_) => {
                     // Refreshed meanwhile: put it back. Should the chunk have
                     // been uploaded again since, the bytes are the same.
-                    fs::rename(&aside, &path).map_err(err("restore"))?;
+                    restore_set_aside(&aside, &path).map_err(err("restore"))?;
                     Ok(false)
                 }
             }

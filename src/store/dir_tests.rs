@@ -310,6 +310,30 @@ async fn delete_if_older_keeps_fresh_and_refreshed_chunks() {
 }
 
 #[tokio::test]
+async fn a_chunk_left_aside_by_a_dead_collection_is_restored_by_the_next_listing() {
+    let (_dir, store) = store();
+    for n in [1, 2] {
+        store.put(&id(n), Bytes::from(vec![n; 10])).await.unwrap();
+    }
+    // What a collection killed between setting a chunk aside and judging it
+    // leaves: the chunk under its set-aside name only.
+    let path = store.chunk_path(&id(1));
+    let aside = path.with_file_name(format!(".gc-{}-00000000000000aa", id(1).to_hex()));
+    fs::rename(&path, &aside).unwrap();
+    // And a chunk uploaded again after it was set aside: both copies.
+    let twice = store.chunk_path(&id(2));
+    let stale = twice.with_file_name(format!(".gc-{}-00000000000000bb", id(2).to_hex()));
+    fs::copy(&twice, &stale).unwrap();
+
+    let mut both = vec![id(1), id(2)];
+    both.sort();
+    assert_eq!(listed_ids(&store).await, both);
+    assert_eq!(store.get(&id(1)).await.unwrap(), &[1u8; 10][..]);
+    let files = all_files(&store.root().join("chunks"));
+    assert_eq!(files.len(), 2, "{files:?}");
+}
+
+#[tokio::test]
 async fn list_manifests_names_only_manifests() {
     let (_dir, store) = store();
     assert!(store.list_manifests().await.unwrap().is_empty());
