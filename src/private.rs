@@ -109,6 +109,11 @@ pub fn ensure_dir(dir: &Path, kind: Kind) -> Result<(), PrivacyError> {
         path: dir.to_owned(),
         source,
     })?;
+    check_dir(dir, kind)
+}
+
+/// Checks that an existing `dir` is a directory only its owner may use.
+pub fn check_dir(dir: &Path, kind: Kind) -> Result<(), PrivacyError> {
     if !check(dir, kind)?.is_dir() {
         return Err(PrivacyError::NotADirectory {
             what: kind.what,

@@ -147,6 +147,89 @@ fn a_damaged_cache_is_repaired_on_add_logged_and_served_right() {
     verify_cache(&world, &cache);
 }
 
+/// Every file of `dir` with its bytes and modification time.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>, std::time::SystemTime)> {
+    let mut files: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            let modified = entry.metadata().unwrap().modified().unwrap();
+            (
+                entry.file_name().to_string_lossy().into_owned(),
+                fs::read(&path).unwrap(),
+                modified,
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn verify_cache_without_repair_reports_damage_and_changes_nothing() {
+    let world = World::new();
+    let image = push_image(&world);
+    let cache = world.path("cache");
+    let mnt = world.add("raw", "cache", "warm", true);
+    assert_eq!(fs::read(mnt.join("disk")).unwrap(), image);
+    world.del(&mnt);
+
+    // Chunk 10 lost from the data file (damage opening repairs) and chunk
+    // 20 holding other bytes (a mismatch only the check finds).
+    let data = fs::OpenOptions::new()
+        .write(true)
+        .open(cache.join("data"))
+        .unwrap();
+    lazyblk::cache::io::punch_hole(&data, 10 * CHUNK as u64, CHUNK as u64).unwrap();
+    data.write_all_at(b"not the image", 20 * CHUNK as u64 + 7)
+        .unwrap();
+    data.sync_all().unwrap();
+    drop(data);
+    let before = snapshot(&cache);
+
+    let check = world
+        .with_store("verify-cache")
+        .args(["--name", "raw"])
+        .arg("--cache-dir")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(!check.status.success(), "{said}");
+    assert!(
+        said.contains("are holes") && said.contains(": 10"),
+        "{said}"
+    );
+    assert!(said.contains("1 mismatched"), "{said}");
+    assert!(
+        snapshot(&cache) == before,
+        "verify-cache without --repair changed the cache: {said}"
+    );
+
+    let out = run(world
+        .with_store("verify-cache")
+        .args(["--name", "raw", "--repair"])
+        .arg("--cache-dir")
+        .arg(&cache));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("repaired on open"), "{said}");
+    assert!(
+        said.contains("dropped 1 chunk(s), to be fetched again: 20"),
+        "{said}"
+    );
+    assert!(snapshot(&cache) != before);
+    let report = verify_cache(&world, &cache);
+    assert_eq!(report["mismatched"], serde_json::json!([]), "{report}");
+    let mnt = world.add("raw", "cache", "repaired", true);
+    assert_eq!(fs::read(mnt.join("disk")).unwrap(), image);
+    world.del(&mnt);
+}
+
 /// What the writer knows: the image as of its last completed fsync, and
 /// the writes since (any of which the device may or may not have kept).
 struct Written {

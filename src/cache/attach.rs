@@ -90,12 +90,24 @@ pub fn list_indices(indices: &[u64]) -> String {
     text
 }
 
-/// A cache directory's files, checked and repaired.
+/// Whether opening may change a cache's files to repair them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Access {
+    /// Repair what is damaged, creating what is absent.
+    Repair,
+    /// Change nothing on disk: damage is found and reported, bits that
+    /// cannot be vouched for are dropped in memory only.
+    ReadOnly,
+}
+
+/// A cache directory's files, checked (and repaired, for [`Access::Repair`]).
 pub(super) struct Loaded {
-    pub data: File,
+    /// `None` only read-only, when `data` is missing.
+    pub data: Option<File>,
     pub bits: BitmapFile,
     pub repairs: Vec<Repair>,
-    pub written_log: File,
+    /// `None` only read-only, when `written.log` is missing.
+    pub written_log: Option<File>,
     /// Present chunks `written.log` marks written.
     pub logged: Vec<u64>,
     /// Where the next entry of `written.log` goes.
@@ -103,9 +115,10 @@ pub(super) struct Loaded {
 }
 
 /// Opens (creating if absent) the files of the cache in `dir`, which the
-/// caller has locked, for `geometry`; damage is repaired and the repaired
-/// bitmap persisted before this returns.
-pub(super) fn load(dir: &Path, geometry: &Geometry) -> Result<Loaded, CacheError> {
+/// caller has locked, for `geometry`; with [`Access::Repair`], damage is
+/// repaired and the repaired bitmap persisted before this returns.
+pub(super) fn load(dir: &Path, geometry: &Geometry, access: Access) -> Result<Loaded, CacheError> {
+    let repair = access == Access::Repair;
     let data_path = dir.join(DATA_FILE);
     let bitmap_path = dir.join(BITMAP_FILE);
     let data_exists = data_path
@@ -127,7 +140,7 @@ pub(super) fn load(dir: &Path, geometry: &Geometry) -> Result<Loaded, CacheError
                     damage: Damage::BitmapMissing,
                     dropped: Vec::new(),
                 });
-            } else {
+            } else if repair {
                 // The bitmap is written before the data file exists, so a
                 // crash between the two leaves an empty bitmap and no data:
                 // the next open finishes the job.
@@ -170,7 +183,23 @@ pub(super) fn load(dir: &Path, geometry: &Geometry) -> Result<Loaded, CacheError
         },
     };
 
-    let data = open_data(dir, &data_path, geometry.image_size, data_exists)?;
+    let data = if repair {
+        Some(open_data(
+            dir,
+            &data_path,
+            geometry.image_size,
+            data_exists,
+        )?)
+    } else if data_exists {
+        Some(
+            File::open(&data_path).map_err(|source| CacheError::OpenData {
+                path: data_path.clone(),
+                source,
+            })?,
+        )
+    } else {
+        None
+    };
     let chunk_end =
         |index: u64| ((index + 1) * u64::from(geometry.chunk_size)).min(geometry.image_size);
     if !data_exists {
@@ -181,7 +210,7 @@ pub(super) fn load(dir: &Path, geometry: &Geometry) -> Result<Loaded, CacheError
                 dropped,
             });
         }
-    } else {
+    } else if let Some(data) = &data {
         let open_err = |source| CacheError::OpenData {
             path: data_path.clone(),
             source,
@@ -189,8 +218,10 @@ pub(super) fn load(dir: &Path, geometry: &Geometry) -> Result<Loaded, CacheError
         let actual = data.metadata().map_err(open_err)?.len();
         if actual != geometry.image_size {
             let dropped = drop_where(&mut bits, |index| chunk_end(index) > actual);
-            data.set_len(geometry.image_size).map_err(open_err)?;
-            data.sync_all().map_err(open_err)?;
+            if repair {
+                data.set_len(geometry.image_size).map_err(open_err)?;
+                data.sync_all().map_err(open_err)?;
+            }
             repairs.push(Repair {
                 damage: Damage::DataSize { actual },
                 dropped,
@@ -202,7 +233,7 @@ pub(super) fn load(dir: &Path, geometry: &Geometry) -> Result<Loaded, CacheError
         let mut holes = Vec::new();
         for index in fetched {
             let start = index * u64::from(geometry.chunk_size);
-            if is_hole(&data, start, chunk_end(index)).map_err(open_err)? {
+            if is_hole(data, start, chunk_end(index)).map_err(open_err)? {
                 holes.push(index);
             }
         }
@@ -214,8 +245,8 @@ pub(super) fn load(dir: &Path, geometry: &Geometry) -> Result<Loaded, CacheError
             });
         }
     }
-    let (written_log, logged, log_len) = open_written_log(dir, &bits)?;
-    if !repairs.is_empty() {
+    let (written_log, logged, log_len) = open_written_log(dir, &bits, access)?;
+    if repair && !repairs.is_empty() {
         for repair in &repairs {
             tracing::warn!(cache = %dir.display(), "cache repaired on open: {repair}");
         }
@@ -231,22 +262,35 @@ pub(super) fn load(dir: &Path, geometry: &Geometry) -> Result<Loaded, CacheError
     })
 }
 
-/// Opens `written.log` (creating it if absent) and reads the present
-/// chunks it marks written: indices as `u64` little-endian. Entries for
-/// chunks not present mean nothing, and a torn last entry is overwritten.
-fn open_written_log(dir: &Path, bits: &BitmapFile) -> Result<(File, Vec<u64>, u64), CacheError> {
+/// Opens `written.log` (creating it if absent, unless read-only) and reads
+/// the present chunks it marks written: indices as `u64` little-endian.
+/// Entries for chunks not present mean nothing, and a torn last entry is
+/// overwritten.
+fn open_written_log(
+    dir: &Path,
+    bits: &BitmapFile,
+    access: Access,
+) -> Result<(Option<File>, Vec<u64>, u64), CacheError> {
     let path = dir.join(WRITTEN_LOG);
     let log_err = |source| CacheError::RecordWritten {
         path: path.clone(),
         source,
     };
-    let file = crate::private::file_options()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(log_err)?;
+    let file = match access {
+        Access::Repair => crate::private::file_options()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path),
+        Access::ReadOnly => File::open(&path),
+    };
+    let file = match file {
+        Err(e) if access == Access::ReadOnly && e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((None, Vec::new(), 0))
+        }
+        opened => opened.map_err(log_err)?,
+    };
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut &file, &mut bytes).map_err(log_err)?;
     let logged = bytes
@@ -254,7 +298,7 @@ fn open_written_log(dir: &Path, bits: &BitmapFile) -> Result<(File, Vec<u64>, u6
         .map(|entry| u64::from_le_bytes(entry.try_into().expect("8 bytes")))
         .filter(|&index| is_set(&bits.present, index))
         .collect();
-    Ok((file, logged, bytes.len() as u64 / 8 * 8))
+    Ok((Some(file), logged, bytes.len() as u64 / 8 * 8))
 }
 
 /// Whether `data` holds no byte in `start..end`, by `SEEK_DATA`. A file

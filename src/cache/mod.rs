@@ -122,7 +122,14 @@ impl CacheDir {
             written_log,
             logged,
             log_len,
-        } = attach::load(dir, &geometry)?;
+        } = attach::load(dir, &geometry, attach::Access::Repair)?;
+        // Opening to repair creates both files, so neither is ever absent.
+        let absent = |name: &str| CacheError::OpenData {
+            path: dir.join(name),
+            source: std::io::ErrorKind::NotFound.into(),
+        };
+        let data = data.ok_or_else(|| absent(DATA_FILE))?;
+        let written_log = written_log.ok_or_else(|| absent(WRITTEN_LOG))?;
         // Written bits only the log holds count from now on; the next flush
         // puts them in `present` and empties the log.
         let mut written = bits.written.clone();
@@ -395,20 +402,43 @@ fn take_lock(dir: &Path) -> Result<File, CacheError> {
                 })?;
             Ok(file)
         }
-        Err(rustix::io::Errno::WOULDBLOCK) => {
-            // The holder writes its pid just after it takes the lock: a
-            // reader racing that write finds no pid, and says so.
-            let mut text = String::new();
-            let _ = std::io::Read::read_to_string(&mut &file, &mut text);
-            Err(CacheError::InUse {
-                dir: dir.to_owned(),
-                holder: text.trim().parse().ok(),
-            })
-        }
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(in_use(dir, &file)),
         Err(errno) => Err(CacheError::Lock {
             path,
             source: errno.into(),
         }),
+    }
+}
+
+/// Takes the cache's lock without writing to it, for a reader that must
+/// change nothing; `None` if there is no lock file (no device has one open,
+/// since a device creates it before any other file).
+pub(super) fn take_lock_read_only(dir: &Path) -> Result<Option<File>, CacheError> {
+    let path = dir.join(LOCK_FILE);
+    let lock_err = |source| CacheError::Lock {
+        path: path.clone(),
+        source,
+    };
+    let file = match File::open(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        opened => opened.map_err(lock_err)?,
+    };
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Some(file)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(in_use(dir, &file)),
+        Err(errno) => Err(lock_err(errno.into())),
+    }
+}
+
+/// The error for a lock another process holds, naming it from the lock file.
+fn in_use(dir: &Path, lock: &File) -> CacheError {
+    // The holder writes its pid just after it takes the lock: a reader
+    // racing that write finds no pid, and says so.
+    let mut text = String::new();
+    let _ = std::io::Read::read_to_string(&mut &*lock, &mut text);
+    CacheError::InUse {
+        dir: dir.to_owned(),
+        holder: text.trim().parse().ok(),
     }
 }
 

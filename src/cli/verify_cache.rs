@@ -1,5 +1,9 @@
 //! `verify-cache`: checks a device's cache directory against the image's
 //! manifest while no device uses it (the cache's lock keeps the two apart).
+//!
+//! Without `--repair` nothing on disk changes: the cache is opened read-only
+//! and its damage reported. With it, the cache is opened as a device opens
+//! it (repairing what opening repairs) and mismatched chunks are dropped.
 
 use std::path::PathBuf;
 
@@ -8,7 +12,7 @@ use clap::Args;
 
 use super::keys::load_key;
 use super::ImageArgs;
-use crate::cache::check::{check_chunks, CheckReport};
+use crate::cache::check::{check_chunks, CheckReport, ReadOnlyCache};
 use crate::cache::{list_indices, CacheDir};
 use crate::chunk::{manifest_digest, Manifest};
 
@@ -31,7 +35,7 @@ pub struct VerifyCacheArgs {
 struct Outcome {
     #[serde(flatten)]
     report: CheckReport,
-    /// Damage found (and repaired) on opening the cache.
+    /// Damage found on opening the cache (repaired with `--repair`).
     repaired_on_open: Vec<String>,
     /// Whether the mismatched chunks were dropped.
     repaired: bool,
@@ -53,12 +57,23 @@ pub async fn verify_cache(args: VerifyCacheArgs) -> anyhow::Result<()> {
     let digest = manifest_digest(&sealed);
     let repair = args.repair;
     let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<Outcome> {
+        if !repair {
+            let cache = ReadOnlyCache::open(&dir, digest, manifest.image_size, manifest.chunk_size)
+                .with_context(|| format!("open cache {}", dir.display()))?;
+            let report = check_chunks(&cache, &manifest)
+                .with_context(|| format!("check cache {}", dir.display()))?;
+            return Ok(Outcome {
+                report,
+                repaired_on_open: cache.damage().iter().map(ToString::to_string).collect(),
+                repaired: false,
+            });
+        }
         let cache =
             CacheDir::open_or_create(&dir, digest, manifest.image_size, manifest.chunk_size)
                 .with_context(|| format!("open cache {}", dir.display()))?;
         let report = check_chunks(&cache, &manifest)
             .with_context(|| format!("check cache {}", dir.display()))?;
-        let repaired = repair && !report.mismatched.is_empty();
+        let repaired = !report.mismatched.is_empty();
         if repaired {
             cache
                 .drop_chunks(&report.mismatched)
@@ -76,8 +91,13 @@ pub async fn verify_cache(args: VerifyCacheArgs) -> anyhow::Result<()> {
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&outcome)?);
     } else {
-        for repair in &outcome.repaired_on_open {
-            outln!("repaired on open: {repair}");
+        let found = if args.repair {
+            "repaired on open"
+        } else {
+            "damaged (left as it is: --repair repairs it)"
+        };
+        for damage in &outcome.repaired_on_open {
+            outln!("{found}: {damage}");
         }
         outln!(
             "{} chunks: {} checked, {} written by the device (not checked), {} mismatched",
