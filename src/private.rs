@@ -2,11 +2,12 @@
 //! device caches and logs that hold an image's plaintext.
 //!
 //! What we create is made private from the start (directories 0700, files
-//! 0600, whatever the umask). What we are handed is checked: a key file or
-//! cache directory that group or others may use is refused, never
-//! "fixed" behind the user's back, since whatever leaked through the loose
-//! mode already has; the error names the path, its mode and the `chmod`
-//! that makes it private.
+//! 0600, whatever the umask). What we are handed is checked: a key file,
+//! cache directory or log that group or others may use, or that another
+//! user owns (who may loosen its mode at any time, or read it as its
+//! owner), is refused, never "fixed" behind the user's back, since whatever
+//! leaked through the loose mode already has; the error names the path, its
+//! mode or owner, and the command that makes it private.
 
 #![forbid(unsafe_code)]
 
@@ -35,6 +36,19 @@ pub enum PrivacyError {
         path: PathBuf,
         mode: u32,
         fix: u32,
+    },
+    #[error(
+        "{what} {} is owned by uid {owner}, not by uid {expected} that runs lazyblk: its owner \
+         may read it, and it holds {holds} (chown {expected} {})",
+        path.display(),
+        path.display()
+    )]
+    ForeignOwner {
+        what: &'static str,
+        holds: &'static str,
+        path: PathBuf,
+        owner: u32,
+        expected: u32,
     },
     #[error("{what} {} is not a directory", path.display())]
     NotADirectory { what: &'static str, path: PathBuf },
@@ -77,8 +91,14 @@ pub const CACHE_DIR: Kind = Kind {
     holds: "the image's decrypted contents",
 };
 
+/// A daemon's log, kept in its cache directory.
+pub const LOG_FILE: Kind = Kind {
+    what: "log file",
+    holds: "a device's log",
+};
+
 /// Refuses `path` (followed through symlinks) if group or others have any
-/// permission on it.
+/// permission on it, or if another user owns it.
 pub fn check(path: &Path, kind: Kind) -> Result<fs::Metadata, PrivacyError> {
     let meta = fs::metadata(path).map_err(|source| PrivacyError::Io {
         op: "read",
@@ -86,6 +106,21 @@ pub fn check(path: &Path, kind: Kind) -> Result<fs::Metadata, PrivacyError> {
         path: path.to_owned(),
         source,
     })?;
+    check_metadata(path, &meta, kind)?;
+    Ok(meta)
+}
+
+fn check_metadata(path: &Path, meta: &fs::Metadata, kind: Kind) -> Result<(), PrivacyError> {
+    let expected = nix::unistd::geteuid().as_raw();
+    if meta.uid() != expected {
+        return Err(PrivacyError::ForeignOwner {
+            what: kind.what,
+            holds: kind.holds,
+            path: path.to_owned(),
+            owner: meta.uid(),
+            expected,
+        });
+    }
     let mode = meta.mode() & 0o777;
     if mode & 0o077 != 0 {
         let fix = if meta.is_dir() { DIR_MODE } else { FILE_MODE };
@@ -97,7 +132,7 @@ pub fn check(path: &Path, kind: Kind) -> Result<fs::Metadata, PrivacyError> {
             fix,
         });
     }
-    Ok(meta)
+    Ok(())
 }
 
 /// Creates `dir` (and any missing parent) 0700, or checks that an existing
@@ -138,9 +173,26 @@ pub fn file_options() -> OpenOptions {
     options
 }
 
-/// Opens `path` for appending, creating it 0600 if absent.
-pub fn open_append(path: &Path) -> io::Result<File> {
-    file_options().create(true).append(true).open(path)
+/// Opens `path` for appending, creating it 0600 if absent; an existing
+/// file is refused as [`check`] refuses it (checked on the open file, so it
+/// cannot be swapped between the check and the open).
+pub fn open_append(path: &Path, kind: Kind) -> Result<File, PrivacyError> {
+    let io_err = |op| {
+        move |source| PrivacyError::Io {
+            op,
+            what: kind.what,
+            path: path.to_owned(),
+            source,
+        }
+    };
+    let file = file_options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err("open"))?;
+    let meta = file.metadata().map_err(io_err("read"))?;
+    check_metadata(path, &meta, kind)?;
+    Ok(file)
 }
 
 /// A temporary directory a test may use as a cache directory: private, as
@@ -174,8 +226,73 @@ mod tests {
         // Again: an existing private directory is fine.
         ensure_dir(&dir, CACHE_DIR).unwrap();
         let file = dir.join("f");
-        open_append(&file).unwrap();
+        open_append(&file, LOG_FILE).unwrap();
         assert_eq!(mode(&file), 0o600);
+    }
+
+    #[test]
+    fn a_loose_file_opened_for_appending_is_refused_and_left_as_it_is() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("log");
+        fs::write(&path, "earlier\n").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = open_append(&path, LOG_FILE).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, PrivacyError::Exposed { mode: 0o644, .. }),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("chmod 600 {}", path.display())),
+            "{text}"
+        );
+        assert_eq!(mode(&path), 0o644);
+        assert_eq!(fs::read_to_string(&path).unwrap(), "earlier\n");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        open_append(&path, LOG_FILE).unwrap();
+    }
+
+    /// Gives `path` to a uid that is not ours (tests run as root, which may).
+    fn give_away(path: &Path) -> u32 {
+        let ours = nix::unistd::geteuid().as_raw();
+        let other = if ours == 65534 { 65533 } else { 65534 };
+        std::os::unix::fs::chown(path, Some(other), None)
+            .expect("chown needs root: the tests run as root");
+        other
+    }
+
+    #[test]
+    fn a_directory_key_or_log_another_user_owns_is_refused_naming_both_owners() {
+        let root = tempfile::tempdir().unwrap();
+        let ours = nix::unistd::geteuid().as_raw();
+        let dir = root.path().join("cache");
+        ensure_dir(&dir, CACHE_DIR).unwrap();
+        let key = root.path().join("key");
+        file_options().create(true).write(true).open(&key).unwrap();
+        let log = root.path().join("log");
+        open_append(&log, LOG_FILE).unwrap();
+        for path in [&dir, &key, &log] {
+            let other = give_away(path);
+            let err = match path {
+                p if p == &dir => ensure_dir(p, CACHE_DIR).map(drop),
+                p if p == &key => check(p, KEY_FILE).map(drop),
+                p => open_append(p, LOG_FILE).map(drop),
+            }
+            .unwrap_err();
+            let text = err.to_string();
+            assert!(
+                matches!(err, PrivacyError::ForeignOwner { owner, expected, .. }
+                    if owner == other && expected == ours),
+                "{text}"
+            );
+            assert!(text.contains(&path.display().to_string()), "{text}");
+            assert!(
+                text.contains(&format!("uid {other}")) && text.contains(&format!("uid {ours}")),
+                "{text}"
+            );
+            // Refused, not taken back behind the owner's back.
+            assert_eq!(fs::metadata(path).unwrap().uid(), other);
+        }
     }
 
     #[test]

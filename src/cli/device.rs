@@ -210,7 +210,7 @@ pub(super) fn daemonize(cache_dir: &Path) -> anyhow::Result<()> {
     // The log sits beside the cache's plaintext, under the same rule.
     crate::private::ensure_dir(cache_dir, crate::private::CACHE_DIR)?;
     let log_path = cache_dir.join(LOG_FILE_NAME);
-    let log = crate::private::open_append(&log_path)
+    let log = crate::private::open_append(&log_path, crate::private::LOG_FILE)
         .with_context(|| format!("open log {}", log_path.display()))?;
     // The log is appended to across runs; on failure show only this run's lines.
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);

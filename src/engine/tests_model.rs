@@ -317,7 +317,7 @@ proptest! {
                     engine = open();
                     unflushed.crashed(&mut model);
                     deliveries += stored;
-                    let report = crate::cache::check::check_chunks(&engine.cache, &fx.manifest).unwrap();
+                    let report = crate::cache::check::check_chunks(&*engine.cache, &fx.manifest).unwrap();
                     prop_assert!(report.mismatched.is_empty(), "after a crash: {:?}", report);
                 }
                 Op::Discard { at, len } | Op::WriteZeroes { at, len } => {
