@@ -77,7 +77,6 @@ impl Record {
 #[derive(Debug)]
 pub(super) struct AccessLog {
     path: PathBuf,
-    lock_path: PathBuf,
     /// Opened read + append: appends go to the end, replay reads at `offset`.
     file: File,
     inode: u64,
@@ -93,7 +92,6 @@ impl AccessLog {
         let path = root.join(LOG);
         let (file, inode) = open_log(&path)?;
         let mut log = AccessLog {
-            lock_path: root.join(LOCK),
             path,
             file,
             inode,
@@ -158,23 +156,30 @@ impl AccessLog {
         self.catch_up()
     }
 
-    /// Under the directory's lock: catches up, removes what the policy
-    /// evicts until the cache fits (`remove` deletes one chunk's file), and
-    /// compacts the log if it has grown long (`list` names every chunk file
-    /// present, with its size). Returns the chunks evicted.
+    /// Whether the cache holds more than it may, or the log has grown long
+    /// enough to compact (after catching up with other processes).
+    pub(super) fn needs_upkeep(&mut self, force_compaction: bool) -> io::Result<bool> {
+        self.catch_up()?;
+        Ok(force_compaction || self.policy.weight() > self.capacity || self.is_long())
+    }
+
+    fn is_long(&self) -> bool {
+        self.replayed > 4 * self.policy.len() as u64 + COMPACT_SLACK
+    }
+
+    /// Under the directory's lock (`_held`): catches up, removes what the
+    /// policy evicts until the cache fits (`remove` deletes one chunk's
+    /// file), and compacts the log if it has grown long (`list` names every
+    /// chunk file present, with its size). Returns the chunks evicted.
     pub(super) fn evict_and_compact(
         &mut self,
+        _held: &DirLock,
         force_compaction: bool,
         remove: impl Fn(&ChunkId) -> io::Result<()>,
         list: impl FnOnce() -> io::Result<Vec<(ChunkId, u64)>>,
     ) -> io::Result<Vec<ChunkId>> {
         self.catch_up()?;
-        let long = self.replayed > 4 * self.policy.len() as u64 + COMPACT_SLACK;
-        if self.policy.weight() <= self.capacity && !long && !force_compaction {
-            return Ok(Vec::new());
-        }
-        let _lock = lock_dir(self.lock_path.parent().expect("the lock is in the cache"))?;
-        self.catch_up()?;
+        let long = self.is_long();
         let mut evicted = Vec::new();
         let mut evict = |log: &mut AccessLog, id: ChunkId| -> io::Result<()> {
             // Logged before the file goes: a process that finds the file
@@ -196,7 +201,6 @@ impl AccessLog {
                 evict(self, id)?;
             }
         }
-        // The lock is released when `_lock` closes.
         Ok(evicted)
     }
 
@@ -226,9 +230,15 @@ impl AccessLog {
     }
 }
 
-/// Takes the cache directory's lock (waiting for it), held until the
-/// returned file closes.
-pub(super) fn lock_dir(root: &Path) -> io::Result<File> {
+/// The cache directory's lock, held until dropped.
+pub(super) struct DirLock {
+    _file: File,
+}
+
+/// Takes the cache directory's lock, waiting for it: never while holding
+/// the log's mutex, or every reader of this process waits on another
+/// process's eviction.
+pub(super) fn lock_dir(root: &Path) -> io::Result<DirLock> {
     let lock = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -236,7 +246,7 @@ pub(super) fn lock_dir(root: &Path) -> io::Result<File> {
         .mode(0o600)
         .open(root.join(LOCK))?;
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
-    Ok(lock)
+    Ok(DirLock { _file: lock })
 }
 
 fn open_log(path: &Path) -> io::Result<(File, u64)> {

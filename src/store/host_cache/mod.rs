@@ -233,9 +233,13 @@ impl Inner {
             let files = self.files()?;
             Ok(files.into_iter().map(|f| (f.id, f.size)).collect())
         };
+        if !self.lock_log().needs_upkeep(compact)? {
+            return Ok(());
+        }
+        let held = log::lock_dir(&self.root)?;
         let evicted = self
             .lock_log()
-            .evict_and_compact(compact, remove, present)?;
+            .evict_and_compact(&held, compact, remove, present)?;
         if !evicted.is_empty() {
             tracing::debug!(cache = %self.name, chunks = evicted.len(), "evicted");
         }

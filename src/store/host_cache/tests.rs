@@ -171,3 +171,34 @@ fn refuses_foreign_directories_and_a_zero_size() {
     let err = HostCache::open(&dir.path().join("new"), 0).unwrap_err();
     assert!(err.to_string().contains("more than 0"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_on_while_another_process_holds_the_eviction_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("hc");
+    let cache = Arc::new(HostCache::open(&root, 2 * SIZE as u64).unwrap());
+    let (kept, envelope) = chunk(1);
+    cache.put(&kept, envelope.clone()).await.unwrap();
+    cache.put(&chunk(2).0, chunk(2).1).await.unwrap();
+
+    // Another process, in the middle of a long eviction.
+    let other = super::log::lock_dir(&root).unwrap();
+    // A put over the bound, which must wait for that eviction to finish.
+    let putting = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.put(&chunk(3).0, chunk(3).1).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!putting.is_finished(), "the put did not wait for the lock");
+
+    // A hit logs under the log's mutex: it must not wait behind the put.
+    let read = tokio::time::timeout(std::time::Duration::from_secs(30), cache.get(&kept)).await;
+    assert_eq!(
+        read.expect("a read waited for another process's eviction")
+            .unwrap(),
+        envelope
+    );
+    drop(other);
+    putting.await.unwrap().unwrap();
+    assert!(on_disk(&cache).1 <= 2 * SIZE as u64);
+}
