@@ -77,8 +77,9 @@ impl HttpError {
     }
 
     /// A failure to get any response. A connection that was refused, reset
-    /// or cut short is transient; a TLS failure (a certificate that does not
-    /// verify) or a response that is not HTTP will fail the same way again.
+    /// or cut short is transient, in TLS too; a certificate that does not
+    /// verify, a handshake the two ends cannot agree on, or a response that
+    /// is not HTTP will fail the same way again (see [`is_permanent_tls`]).
     pub(super) fn transport(
         method: Method,
         url: String,
@@ -120,8 +121,8 @@ impl HttpError {
 fn chain_has_permanent_cause(error: &(dyn StdError + 'static)) -> bool {
     let mut cause: Option<&(dyn StdError + 'static)> = Some(error);
     while let Some(error) = cause {
-        if error.is::<rustls::Error>() {
-            return true;
+        if let Some(tls) = error.downcast_ref::<rustls::Error>() {
+            return is_permanent_tls(tls);
         }
         if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
             if hyper.is_parse() || hyper.is_user() {
@@ -141,6 +142,46 @@ fn chain_has_permanent_cause(error: &(dyn StdError + 'static)) -> bool {
         cause = error.source();
     }
     false
+}
+
+/// Whether a TLS failure will happen again on the next try: the peer's
+/// certificate does not verify, or the two ends' settings cannot agree.
+/// What a broken or tampered link causes (a record that does not decrypt
+/// or parse, an unexpected message, a peer's alert about such) may pass on
+/// another connection, and is transient, as resets and timeouts are.
+pub(crate) fn is_permanent_tls(error: &rustls::Error) -> bool {
+    use rustls::AlertDescription as Alert;
+    match error {
+        rustls::Error::InvalidCertificate(_)
+        | rustls::Error::InvalidCertRevocationList(_)
+        | rustls::Error::NoCertificatesPresented
+        | rustls::Error::UnsupportedNameType
+        | rustls::Error::PeerIncompatible(_)
+        | rustls::Error::NoApplicationProtocol
+        | rustls::Error::InconsistentKeys(_)
+        | rustls::Error::BadMaxFragmentSize
+        | rustls::Error::InvalidEncryptedClientHello(_) => true,
+        rustls::Error::AlertReceived(alert) => matches!(
+            alert,
+            Alert::HandshakeFailure
+                | Alert::NoCertificate
+                | Alert::BadCertificate
+                | Alert::UnsupportedCertificate
+                | Alert::CertificateRevoked
+                | Alert::CertificateExpired
+                | Alert::CertificateUnknown
+                | Alert::UnknownCA
+                | Alert::AccessDenied
+                | Alert::ProtocolVersion
+                | Alert::InsufficientSecurity
+                | Alert::UnrecognisedName
+                | Alert::BadCertificateStatusResponse
+                | Alert::BadCertificateHashValue
+                | Alert::CertificateRequired
+                | Alert::NoApplicationProtocol
+        ),
+        _ => false,
+    }
 }
 
 /// The start of an error response's body, on one line, for messages.
@@ -207,6 +248,73 @@ mod tests {
         let long = vec![b'x'; 1000];
         assert_eq!(reason_text(&long).len(), 200);
         assert!(status(404).to_string().ends_with("404 Not Found: why"));
+    }
+
+    /// A transport failure whose cause is `io`, as the client reports it.
+    fn broke_with(io: io::Error) -> HttpError {
+        HttpError::body(Method::GET, "https://127.0.0.1:1/".into(), Box::new(io))
+    }
+
+    /// How tokio-rustls and hyper-rustls hand a rustls error up: inside an
+    /// io::Error, inside another.
+    fn tls_failure(error: rustls::Error) -> HttpError {
+        let inner = io::Error::new(io::ErrorKind::InvalidData, error);
+        broke_with(io::Error::other(inner))
+    }
+
+    #[test]
+    fn tls_verification_failures_are_permanent_broken_links_are_transient() {
+        use rustls::{AlertDescription, CertificateError, PeerIncompatible};
+        for permanent in [
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+            rustls::Error::InvalidCertificate(CertificateError::Expired),
+            rustls::Error::InvalidCertificate(CertificateError::NotValidForName),
+            rustls::Error::NoCertificatesPresented,
+            rustls::Error::PeerIncompatible(PeerIncompatible::Tls12NotOffered),
+            rustls::Error::AlertReceived(AlertDescription::UnknownCA),
+            rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
+            rustls::Error::AlertReceived(AlertDescription::HandshakeFailure),
+        ] {
+            let text = format!("{permanent:?}");
+            let error = tls_failure(permanent);
+            assert!(!error.is_transient(), "{text}");
+            assert_eq!(
+                error.into_store_error("get", "s", "o".into()).kind(),
+                ErrorKind::Io,
+                "{text}"
+            );
+        }
+        for transient in [
+            rustls::Error::DecryptError,
+            rustls::Error::InvalidMessage(rustls::InvalidMessage::MessageTooShort),
+            rustls::Error::PeerSentOversizedRecord,
+            rustls::Error::AlertReceived(AlertDescription::BadRecordMac),
+            rustls::Error::AlertReceived(AlertDescription::InternalError),
+            rustls::Error::HandshakeNotComplete,
+        ] {
+            let text = format!("{transient:?}");
+            let error = tls_failure(transient);
+            assert!(error.is_transient(), "{text}");
+            assert_eq!(
+                error.into_store_error("get", "s", "o".into()).kind(),
+                ErrorKind::Transient,
+                "{text}"
+            );
+        }
+        // The socket failing under TLS: reset, cut mid-record, timed out.
+        for kind in [
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::UnexpectedEof,
+            io::ErrorKind::TimedOut,
+            io::ErrorKind::BrokenPipe,
+        ] {
+            let error = broke_with(io::Error::new(kind, "tls connection"));
+            assert_eq!(
+                error.into_store_error("get", "s", "o".into()).kind(),
+                ErrorKind::Transient,
+                "{kind:?}"
+            );
+        }
     }
 
     #[tokio::test]
