@@ -71,8 +71,8 @@ pub struct ServerOptions {
     pub shard_cache_size: Option<u64>,
     /// Requests one HTTP/2 connection may have in flight at once.
     pub h2_max_streams: u32,
-    /// A response must be taken by the client whole within this long, or
-    /// its connection is closed (see `outgoing.rs`).
+    /// A connection with responses to send that takes none of their bytes
+    /// for this long is closed (see `outgoing.rs`).
     pub send_timeout: Duration,
     /// Serve HTTPS with these settings (see [`crate::net::tls`]) instead
     /// of plain HTTP.
@@ -311,7 +311,7 @@ async fn serve_connection<S>(
         }
         // Dropping the connection closes it and frees what it held.
         () = deadline.abandoned() => {
-            tracing::info!(%peer, "closed a connection that left a response unread past the send deadline");
+            tracing::info!(%peer, "closed a connection that took no response bytes for the send deadline");
         }
     }
 }

@@ -5,20 +5,27 @@
 //! stops reading the socket. Each such response would hold its chunk in the
 //! server's memory for as long as the client likes. So a body is handed to
 //! hyper in frames of [`FRAME`] bytes, pulled only as the connection drains
-//! (with hyper's per-stream send buffer capped, see `mod.rs`), and a body
-//! not taken whole within the send deadline abandons its connection: the
-//! connection is closed, which frees every response parked on it. Together
-//! with the cap on streams per connection, an unread response costs at most
-//! one body per stream, for at most the deadline.
+//! (with hyper's per-stream send buffer capped, see `mod.rs`), and a
+//! connection with bodies to send that takes no frame of any of them for
+//! the send deadline is abandoned: it is closed, which frees every response
+//! parked on it. The deadline counts from the last progress, not from when
+//! a response was built: on a slow link a response queued behind others
+//! waits its turn while bytes flow, and must not time out for that; only a
+//! stall fails. Together with the cap on streams per connection, an unread
+//! response costs at most one body per stream, for as long as the
+//! connection's other responses keep moving plus the deadline.
 //!
 //! `lazyblk_http_unsent_bytes` counts the bytes of bodies not yet handed
 //! to hyper; `lazyblk_http_abandoned_connections_total` the connections
 //! closed for a response left unread.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
@@ -41,9 +48,39 @@ pub(super) struct Outgoing {
 #[derive(Debug)]
 struct Watch {
     unsent: Arc<Gauge>,
-    /// Fires the connection's abandonment unless aborted first (when the
-    /// body is dropped, sent or not).
-    deadline: tokio::task::AbortHandle,
+    progress: Arc<Progress>,
+}
+
+/// One connection's progress: when it last took a frame of a watched
+/// body, and how many watched bodies it still has to send.
+#[derive(Debug)]
+struct Progress {
+    since: Instant,
+    /// Milliseconds from `since` to the last frame taken.
+    last_frame_ms: AtomicU64,
+    pending: AtomicUsize,
+    /// Notified when a body is watched, so the watchdog resumes.
+    resumed: Notify,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            since: Instant::now(),
+            last_frame_ms: AtomicU64::new(0),
+            pending: AtomicUsize::new(0),
+            resumed: Notify::new(),
+        }
+    }
+
+    fn moved(&self) {
+        let now = self.since.elapsed().as_millis() as u64;
+        self.last_frame_ms.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn last_frame(&self) -> Instant {
+        self.since + Duration::from_millis(self.last_frame_ms.load(Ordering::Relaxed))
+    }
 }
 
 impl Outgoing {
@@ -81,6 +118,7 @@ impl Body for Outgoing {
         let frame = self.rest.split_to(n);
         if let Some(watch) = &self.watch {
             watch.unsent.add(-(n as i64));
+            watch.progress.moved();
         }
         Poll::Ready(Some(Ok(Frame::data(frame))))
     }
@@ -97,7 +135,7 @@ impl Body for Outgoing {
 impl Drop for Outgoing {
     fn drop(&mut self) {
         if let Some(watch) = &self.watch {
-            watch.deadline.abort();
+            watch.progress.pending.fetch_sub(1, Ordering::Relaxed);
             watch.unsent.add(-(self.rest.len() as i64));
         }
     }
@@ -110,8 +148,7 @@ pub(super) struct SendDeadline {
     limit: Duration,
     unsent: Arc<Gauge>,
     abandoned: Arc<Counter>,
-    /// Notified (once is enough) when a body outlived the deadline.
-    abandon: Arc<Notify>,
+    progress: Arc<Progress>,
 }
 
 impl SendDeadline {
@@ -128,14 +165,14 @@ impl SendDeadline {
                 "Connections closed because a response was left unread past the send deadline.",
                 &[],
             ),
-            abandon: Arc::new(Notify::new()),
+            progress: Arc::new(Progress::new()),
         }
     }
 
     /// The same limits for another connection.
     pub(super) fn for_connection(&self) -> SendDeadline {
         SendDeadline {
-            abandon: Arc::new(Notify::new()),
+            progress: Arc::new(Progress::new()),
             ..self.clone()
         }
     }
@@ -148,22 +185,37 @@ impl SendDeadline {
             return;
         }
         self.unsent.add(body.rest.len() as i64);
-        let (limit, abandon) = (self.limit, Arc::clone(&self.abandon));
-        let deadline = tokio::spawn(async move {
-            tokio::time::sleep(limit).await;
-            abandon.notify_one();
-        })
-        .abort_handle();
+        let progress = &self.progress;
+        if progress.pending.fetch_add(1, Ordering::Relaxed) == 0 {
+            // An idle connection's clock starts with its first body; one
+            // already sending keeps its own, so a queued body waits its
+            // turn without a clock of its own.
+            progress.moved();
+        }
+        progress.resumed.notify_one();
         body.watch = Some(Watch {
             unsent: Arc::clone(&self.unsent),
-            deadline,
+            progress: Arc::clone(progress),
         });
     }
 
-    /// Completes when a body on this connection outlived the deadline,
-    /// counting the abandonment.
+    /// Completes when this connection had bodies to send and took no frame
+    /// of them for the deadline, counting the abandonment.
     pub(super) async fn abandoned(&self) {
-        self.abandon.notified().await;
-        self.abandoned.inc();
+        let progress = &self.progress;
+        loop {
+            if progress.pending.load(Ordering::Relaxed) == 0 {
+                // A body watched after the check leaves a permit, so this
+                // wakes at once.
+                progress.resumed.notified().await;
+                continue;
+            }
+            let stalled_at = progress.last_frame() + self.limit;
+            if Instant::now() >= stalled_at {
+                self.abandoned.inc();
+                return;
+            }
+            tokio::time::sleep_until(stalled_at).await;
+        }
     }
 }

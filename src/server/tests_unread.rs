@@ -139,3 +139,135 @@ async fn a_client_that_never_reads_holds_one_body_per_stream_until_the_deadline_
     assert_eq!(gauge("lazyblk_http_abandoned_connections_total"), 1);
     server.stop().await;
 }
+
+const SLOW_BODY: usize = 256 << 10;
+
+/// A server whose send deadline is `deadline`, holding three chunks of
+/// `SLOW_BODY` bytes (in the store under the returned directory), and an
+/// HTTP/2 client connected to it whose windows open only as fast as it
+/// reads; the chunks' URLs and bytes.
+async fn slow_link(
+    deadline: Duration,
+) -> (
+    Running,
+    tempfile::TempDir,
+    hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    Vec<(String, Bytes)>,
+) {
+    let dir = crate::private::test_dir();
+    let store = dir_store(&dir);
+    let mut chunks = Vec::new();
+    for seed in 1..=3u32 {
+        let envelope = Bytes::from(
+            (0..SLOW_BODY as u32)
+                .map(|i| (i ^ seed).wrapping_mul(2_654_435_761) as u8)
+                .collect::<Vec<u8>>(),
+        );
+        let id = ChunkId::of_envelope(&envelope);
+        store.put(&id, envelope.clone()).await.unwrap();
+        chunks.push((id, envelope));
+    }
+    let server = Running::start(
+        store,
+        "127.0.0.1:0".parse().unwrap(),
+        ServerOptions {
+            send_timeout: deadline,
+            ..options(None, None)
+        },
+    )
+    .await;
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    // Small stream windows pace each body by its reader; the connection's
+    // window holds every stream's, so the streams read later do not starve
+    // the one read now.
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(32 << 10)
+        .initial_connection_window_size(1 << 20)
+        .adaptive_window(false)
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let urls = chunks
+        .into_iter()
+        .map(|(id, bytes)| (format!("http://{}/v1/chunks/{id}", server.addr), bytes))
+        .collect();
+    (server, dir, sender, urls)
+}
+
+fn abandoned(server: &Running) -> i64 {
+    server
+        .registry
+        .render()
+        .lines()
+        .find_map(|line| line.strip_prefix("lazyblk_http_abandoned_connections_total "))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_steady_reader_gets_responses_queued_past_the_deadline_whole() {
+    use http_body_util::BodyExt;
+
+    let deadline = Duration::from_secs(2);
+    let (server, _dir, sender, chunks) = slow_link(deadline).await;
+    // All three asked at once, then read one after the other, a frame at a
+    // time: the last is built at once but read long after the deadline,
+    // while bytes keep flowing (a pause per frame far below the deadline).
+    let mut responses = Vec::new();
+    for (url, _) in &chunks {
+        let mut sender = sender.clone();
+        let request = Request::get(url).body(Empty::new()).unwrap();
+        responses.push(tokio::spawn(async move {
+            sender.ready().await?;
+            sender.send_request(request).await
+        }));
+    }
+    let started = Instant::now();
+    for (response, (_, expected)) in responses.into_iter().zip(&chunks) {
+        let mut body = response.await.unwrap().unwrap().into_body();
+        let mut got = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.expect("the connection stays open while bytes flow");
+            if let Some(data) = frame.data_ref() {
+                got.extend_from_slice(data);
+            }
+            tokio::time::sleep(Duration::from_millis(80)).await;
+        }
+        assert!(got == expected[..], "a body came back altered");
+    }
+    // Not an assertion on speed: it says the test tested something.
+    assert!(
+        started.elapsed() > deadline,
+        "the reader was not slower than the deadline"
+    );
+    assert_eq!(abandoned(&server), 0);
+    drop(sender);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stalls_midway_loses_its_connection_at_the_deadline() {
+    use http_body_util::BodyExt;
+
+    let (server, _dir, mut sender, chunks) = slow_link(Duration::from_millis(500)).await;
+    sender.ready().await.unwrap();
+    let request = Request::get(&chunks[0].0).body(Empty::new()).unwrap();
+    let mut body = sender.send_request(request).await.unwrap().into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.data_ref().is_some_and(|data| !data.is_empty()));
+    // Then nothing is read: the window stays shut and the body stalls.
+    eventually("the stalled connection abandoned", || {
+        abandoned(&server) == 1
+    })
+    .await;
+    let mut rest = Ok(());
+    while let Some(frame) = body.frame().await {
+        if let Err(error) = frame {
+            rest = Err(error);
+            break;
+        }
+    }
+    assert!(rest.is_err(), "the stalled body came back whole");
+    server.stop().await;
+}
