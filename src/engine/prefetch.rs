@@ -15,6 +15,9 @@
 //! a fetch. A failed prefetch fails no request: readers fetch the chunk
 //! themselves. The walk stops when the engine is dropped or told to stop
 //! (the device is being removed); fetches already started finish.
+//! However it ends, `prefetch_remaining` then counts none of its chunks:
+//! a chunk leaves the count when its fetch ends or, never started, when
+//! the walk ends.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -62,6 +65,12 @@ async fn walk(
     stop: Arc<StopFlag>,
 ) {
     let permits = Arc::new(Semaphore::new(in_flight));
+    // Dropped with the walk, returned or cancelled (the runtime shutting
+    // down drops it mid-await).
+    let mut unwalked = Remaining {
+        counters: Arc::clone(&counters),
+        chunks: plan.len() as u64,
+    };
     for index in plan {
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             return;
@@ -70,20 +79,42 @@ async fn walk(
             tracing::debug!("prefetch stopped");
             return;
         }
+        let fetching = unwalked.take_one();
         let Some(fill) = fetcher.start_fetch(index, Priority::Prefetch) else {
             // Present, zero, or being filled by someone else already.
-            sub(&counters.prefetch_remaining, 1);
             continue;
         };
         add(&counters.chunks_prefetched, 1);
-        let counters = Arc::clone(&counters);
         fetcher.runtime().spawn(async move {
+            let _fetching = fetching;
             // Its outcome is the readers' business; only the slot matters.
             let _ = fill.await;
-            sub(&counters.prefetch_remaining, 1);
             drop(permit);
         });
     }
     // Hold on until the last fetch ends, so an idle engine has no prefetch.
     let _ = permits.acquire_many(in_flight as u32).await;
+}
+
+/// Chunks counted in `prefetch_remaining` until this is dropped.
+struct Remaining {
+    counters: Arc<Counters>,
+    chunks: u64,
+}
+
+impl Remaining {
+    /// Moves one chunk out into a count of its own.
+    fn take_one(&mut self) -> Remaining {
+        self.chunks -= 1;
+        Remaining {
+            counters: Arc::clone(&self.counters),
+            chunks: 1,
+        }
+    }
+}
+
+impl Drop for Remaining {
+    fn drop(&mut self) {
+        sub(&self.counters.prefetch_remaining, self.chunks);
+    }
 }
