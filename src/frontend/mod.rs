@@ -69,13 +69,28 @@ pub(crate) fn run_inline_or_blocking(
     }
 }
 
-/// The errno a failed request is answered with; failures other than a
-/// refused write are logged, since the client sees only the errno.
+/// The errno a failed request is answered with, after logging the failure
+/// (see [`log_failed`]), since the client sees only the errno.
 pub(crate) fn errno(error: &EngineError) -> i32 {
-    if error.kind() != ErrorKind::ReadOnly {
-        tracing::warn!("request failed: {}", crate::error::chain(error));
-    }
+    log_failed("request", error);
     error.kind().errno()
+}
+
+/// Whether a failed request was the client's own doing: a write to a
+/// read-only disk, a range past its end.
+pub(crate) fn clients_mistake(error: &EngineError) -> bool {
+    matches!(error.kind(), ErrorKind::ReadOnly | ErrorKind::Invalid)
+}
+
+/// Logs a failed request: our failures at warn, for the operator; the
+/// client's mistakes at debug, since a guest may make as many as it likes
+/// and the operator can do nothing about them (its own errno tells it).
+pub(crate) fn log_failed(what: &str, error: &EngineError) {
+    if clients_mistake(error) {
+        tracing::debug!("{what} refused: {}", crate::error::chain(error));
+    } else {
+        tracing::warn!("{what} failed: {}", crate::error::chain(error));
+    }
 }
 
 #[cfg(test)]
@@ -85,6 +100,61 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// What `log` logs at warn or above.
+    fn warnings(log: impl FnOnce()) -> String {
+        let lines = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let sink = Arc::clone(&lines);
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || Sink(Arc::clone(&sink)))
+            .finish();
+        tracing::subscriber::with_default(subscriber, log);
+        let text = lines.lock().unwrap().clone();
+        String::from_utf8(text).unwrap()
+    }
+
+    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_clients_mistakes_are_not_warned_about_our_failures_are() {
+        let past_the_end = EngineError::OutOfRange {
+            offset: 1 << 40,
+            len: 4096,
+            size: 1 << 20,
+        };
+        let mut errnos = Vec::new();
+        let said = warnings(|| {
+            errnos.push(errno(&past_the_end));
+            errnos.push(errno(&EngineError::ReadOnly));
+        });
+        assert_eq!(errnos, [libc::EINVAL, libc::EROFS]);
+        assert_eq!(said, "");
+        let ours = EngineError::FetchTimeout {
+            index: 7,
+            id: crate::chunk::ChunkId::of_envelope(b"x"),
+            after: Duration::from_secs(1),
+            attempts: 3,
+        };
+        let said = warnings(|| {
+            assert_eq!(errno(&ours), libc::EIO);
+        });
+        assert!(
+            said.contains("WARN") && said.contains("request failed"),
+            "{said}"
+        );
+    }
 
     /// More requests wait than the blocking pool has threads, and what they
     /// wait for is done on the blocking pool too, as a fetch's fill is: all

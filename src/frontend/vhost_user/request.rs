@@ -218,7 +218,9 @@ impl BlkRequest {
             Ok(written) => (VIRTIO_BLK_S_OK, written),
             Err((status, why)) => {
                 if !why.is_empty() {
-                    tracing::warn!("virtio-blk request failed: {why}");
+                    // A malformed request or guest memory it cannot use:
+                    // the guest's doing, which it learns from the status.
+                    tracing::debug!("virtio-blk request refused: {why}");
                 }
                 (status, 0)
             }
@@ -237,8 +239,8 @@ impl BlkRequest {
     }
 
     /// The bytes written into the chain's data, or the status to answer
-    /// and why (empty when the failure is the guest's own doing and needs
-    /// no log line).
+    /// and why the guest's request was refused (empty for an engine
+    /// failure, which is logged already).
     async fn run(
         &self,
         engine: &Engine,
@@ -326,13 +328,9 @@ fn range_request(range: &[u8], zeroes: bool) -> Result<Request<'static>, (u32, S
     })
 }
 
-/// The status of a failed engine request. A refused write is the guest's
-/// mistake on a read-only disk and is not logged.
+/// The status of a failed engine request, logged as every frontend logs
+/// one ([`crate::frontend::log_failed`]).
 fn failed(error: EngineError) -> (u32, String) {
-    let why = if error.kind() == crate::error::ErrorKind::ReadOnly {
-        String::new()
-    } else {
-        crate::error::chain(&error)
-    };
-    (VIRTIO_BLK_S_IOERR, why)
+    crate::frontend::log_failed("virtio-blk request", &error);
+    (VIRTIO_BLK_S_IOERR, String::new())
 }
