@@ -20,7 +20,7 @@ use bytes::Bytes;
 use tokio::sync::OnceCell;
 
 use super::bounded::BoundedCache;
-use super::tiered::TierStats;
+use super::tiered::{BackgroundFills, TierStats};
 use super::{ChunkStore, HostCache, ListedChunk, StoreError, TierSnapshot};
 use crate::chunk::{verify_envelope, ChunkError, ChunkId};
 
@@ -38,6 +38,7 @@ pub struct ReadThrough {
     disk: HostCache,
     origin: Arc<dyn ChunkStore>,
     flights: Mutex<HashMap<ChunkId, Flight>>,
+    disk_fills: BackgroundFills,
     /// memory, disk, origin.
     stats: [Arc<TierStats>; 3],
 }
@@ -62,6 +63,7 @@ impl ReadThrough {
             disk,
             origin,
             flights: Mutex::new(HashMap::new()),
+            disk_fills: BackgroundFills::new(),
             stats,
         })
     }
@@ -125,20 +127,9 @@ impl ReadThrough {
         }
         stats.hit(envelope.len(), started.elapsed());
         self.memory.insert(*id, envelope.clone());
-        let (disk, disk_stats, id, kept) = (
-            self.disk.clone(),
-            self.stats[1].clone(),
-            *id,
-            envelope.clone(),
-        );
-        tokio::spawn(async move {
-            match disk.put(&id, kept).await {
-                Ok(()) => disk_stats.fill(),
-                Err(e) => {
-                    tracing::warn!(id = %id, error = %crate::error::chain(&e), "cannot keep a chunk on disk")
-                }
-            }
-        });
+        let (disk, id, kept) = (self.disk.clone(), *id, envelope.clone());
+        self.disk_fills
+            .spawn(&self.stats[1], id, async move { disk.put(&id, kept).await });
         Ok(envelope)
     }
 }

@@ -42,11 +42,57 @@ pub const DEFAULT_TIER_DEADLINE: Duration = Duration::from_secs(1);
 /// Most background fills of upper tiers at once.
 pub const MAX_FILLS_IN_FLIGHT: usize = 64;
 
+/// Puts into faster tiers in the background, at most
+/// [`MAX_FILLS_IN_FLIGHT`] at once: a fill beyond that is dropped and
+/// counted (a later read fills again), so a burst of misses never queues
+/// envelopes without bound.
+#[derive(Debug)]
+pub(super) struct BackgroundFills(Arc<Semaphore>);
+
+impl BackgroundFills {
+    pub(super) fn new() -> BackgroundFills {
+        BackgroundFills(Arc::new(Semaphore::new(MAX_FILLS_IN_FLIGHT)))
+    }
+
+    /// Runs `fill` of chunk `id` into the tier counted by `stats`.
+    pub(super) fn spawn(
+        &self,
+        stats: &Arc<TierStats>,
+        id: ChunkId,
+        fill: impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static,
+    ) {
+        let Ok(permit) = self.0.clone().try_acquire_owned() else {
+            stats.add(&stats.fills_dropped);
+            return;
+        };
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match fill.await {
+                Ok(()) => stats.fill(),
+                Err(e) => {
+                    stats.add(&stats.fill_errors);
+                    tracing::debug!(tier = %stats.name, id = %id, error = %crate::error::chain(&e), "fill failed");
+                }
+            }
+        });
+    }
+
+    /// Waits until no fill is in flight.
+    pub(super) async fn settle(&self) {
+        // Every permit free means every fill has finished.
+        let all = u32::try_from(MAX_FILLS_IN_FLIGHT).expect("a small number");
+        if let Ok(permits) = self.0.acquire_many(all).await {
+            drop(permits);
+        }
+    }
+}
+
 /// Stores read in order, written at the last.
 #[derive(Debug)]
 pub struct TieredStore {
     tiers: Vec<Tier>,
-    fills: Arc<Semaphore>,
+    fills: BackgroundFills,
 }
 
 #[derive(Debug)]
@@ -79,7 +125,7 @@ impl TieredStore {
             .collect();
         Ok(TieredStore {
             tiers,
-            fills: Arc::new(Semaphore::new(MAX_FILLS_IN_FLIGHT)),
+            fills: BackgroundFills::new(),
         })
     }
 
@@ -93,11 +139,7 @@ impl TieredStore {
 
     /// Waits until no fill is in flight.
     pub async fn settle(&self) {
-        // Every permit free means every fill has finished.
-        let all = u32::try_from(MAX_FILLS_IN_FLIGHT).expect("a small number");
-        if let Ok(permits) = self.fills.acquire_many(all).await {
-            drop(permits);
-        }
+        self.fills.settle().await
     }
 
     /// The counters of each tier, fastest first.
@@ -136,25 +178,12 @@ impl TieredStore {
     fn fill(&self, targets: Vec<(usize, bool)>, id: ChunkId, envelope: &Bytes) {
         for (index, corrupt) in targets {
             let tier = &self.tiers[index];
-            let Ok(permit) = self.fills.clone().try_acquire_owned() else {
-                tier.stats.add(&tier.stats.fills_dropped);
-                continue;
-            };
-            let (store, stats, envelope) =
-                (tier.store.clone(), tier.stats.clone(), envelope.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
-                let replaced = match corrupt {
-                    true => store.delete(&id).await,
-                    false => Ok(()),
-                };
-                match replaced.and(store.put(&id, envelope).await) {
-                    Ok(()) => stats.fill(),
-                    Err(e) => {
-                        stats.add(&stats.fill_errors);
-                        tracing::debug!(tier = %stats.name, id = %id, error = %crate::error::chain(&e), "fill failed");
-                    }
+            let (store, envelope) = (tier.store.clone(), envelope.clone());
+            self.fills.spawn(&tier.stats, id, async move {
+                if corrupt {
+                    store.delete(&id).await?;
                 }
+                store.put(&id, envelope).await
             });
         }
     }
