@@ -55,5 +55,6 @@ pub mod private;
 pub mod report;
 pub mod retry;
 pub mod server;
+pub mod socket;
 pub mod store;
 pub mod transfer;

@@ -454,9 +454,9 @@ where
     }
     let pid = std::process::id();
     let socket = DeviceRecord::socket_path(&run_dir, pid);
-    let _ = std::fs::remove_file(&socket);
-    let control_listener = tokio::net::UnixListener::bind(&socket)
-        .with_context(|| format!("bind {}", socket.display()))?;
+    let control_listener =
+        crate::socket::bind_replacing_stale(&socket, tokio::net::UnixListener::bind)
+            .with_context(|| format!("bind {}", socket.display()))?;
     let started = match serve_metrics(&engine, &store, name, spec.metrics).await {
         Ok(metrics) => start(engine.clone()).await.map(|f| (metrics, f)),
         Err(e) => Err(e),

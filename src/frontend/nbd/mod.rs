@@ -85,8 +85,6 @@ pub enum NbdError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} exists and is not a socket")]
-    NotASocket { path: PathBuf },
     #[error("{connections} NBD client(s) connected: disconnect them first, or force")]
     Busy { connections: usize },
 }
@@ -179,9 +177,9 @@ impl NbdHandle {
 }
 
 impl NbdServer {
-    /// Listens at `listen`. A stale socket file at a Unix path is replaced
-    /// (the caller makes sure no live server owns it); any other file there
-    /// is left alone and refused.
+    /// Listens at `listen`. A stale socket file at a Unix path is replaced;
+    /// a live one, or any other file there, is refused
+    /// ([`crate::socket::bind_replacing_stale`]).
     pub async fn bind(listen: &Listen, export: Export) -> Result<NbdServer, NbdError> {
         let bind_error = |source| NbdError::Bind {
             listen: listen.clone(),
@@ -189,23 +187,10 @@ impl NbdServer {
         };
         let (listener, bound) = match listen {
             Listen::Unix(path) => {
-                use std::os::unix::fs::FileTypeExt;
-                match std::fs::symlink_metadata(path) {
-                    Ok(meta) if meta.file_type().is_socket() => {
-                        std::fs::remove_file(path).map_err(bind_error)?
-                    }
-                    Ok(_) => return Err(NbdError::NotASocket { path: path.clone() }),
-                    Err(_) => {}
-                }
-                let listener = UnixListener::bind(path).map_err(bind_error)?;
                 // Whoever can connect reads the image's plaintext: the
                 // owner alone, as for the cache; chmod to share it.
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(
-                    path,
-                    std::fs::Permissions::from_mode(crate::private::FILE_MODE),
-                )
-                .map_err(bind_error)?;
+                let listener = crate::socket::bind_replacing_stale(path, UnixListener::bind)
+                    .map_err(bind_error)?;
                 (Listener::Unix(listener, path.clone()), listen.clone())
             }
             Listen::Tcp(addr) => {

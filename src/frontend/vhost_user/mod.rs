@@ -92,20 +92,22 @@ impl std::fmt::Debug for VhostUserBlk {
 }
 
 impl VhostUserBlk {
-    /// Listens on `socket`, replacing a stale socket file there.
+    /// Listens on `socket`, replacing a stale socket file there; a live
+    /// one, or any other file, is refused.
     pub fn bind(socket: &Path) -> Result<VhostUserBlk, VhostUserError> {
         let listen_error = |source| VhostUserError::Listen {
             socket: socket.to_owned(),
             source,
         };
-        let listener = Listener::new(socket, true).map_err(listen_error)?;
         // Whoever can connect reads and writes the image's plaintext: the
-        // owner alone, as for NBD's socket; chmod to share it.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            socket,
-            std::fs::Permissions::from_mode(crate::private::FILE_MODE),
-        )
+        // owner alone, as for NBD's socket; chmod to share it. The vhost
+        // listener removes the socket file when dropped.
+        let listener = crate::socket::bind_replacing_stale(socket, |path| {
+            Listener::new(path, false).map_err(|e| match e {
+                vhost::vhost_user::Error::SocketError(e) => e,
+                other => std::io::Error::other(other.to_string()),
+            })
+        })
         .map_err(|e| listen_error(vhost::vhost_user::Error::SocketError(e)))?;
         Ok(VhostUserBlk {
             socket: socket.to_owned(),
