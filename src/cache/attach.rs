@@ -15,7 +15,7 @@ use std::fmt;
 use std::fs::File;
 use std::path::Path;
 
-use super::bitmap::{self, BitmapFile, DecodeError, Geometry};
+use super::bitmap::{self, DecodeError, Geometry, PresentBits};
 use super::{open_data, write_bitmap, CacheError, BITMAP_FILE, DATA_FILE, WRITTEN_LOG};
 
 /// Damage found when a cache was opened, and the bits dropped for it.
@@ -104,7 +104,10 @@ pub(super) enum Access {
 pub(super) struct Loaded {
     /// `None` only read-only, when `data` is missing.
     pub data: Option<File>,
-    pub bits: BitmapFile,
+    /// The chunks in `data` and those the device wrote, as `present` lists
+    /// them.
+    pub present: PresentBits,
+    pub written: PresentBits,
     pub repairs: Vec<Repair>,
     /// `None` only read-only, when `written.log` is missing.
     pub written_log: Option<File>,
@@ -127,13 +130,14 @@ pub(super) fn load(dir: &Path, geometry: &Geometry, access: Access) -> Result<Lo
             path: data_path.clone(),
             source,
         })?;
-    let empty = || BitmapFile {
-        geometry: *geometry,
-        present: vec![0; geometry.chunk_count.div_ceil(64) as usize],
-        written: vec![0; geometry.chunk_count.div_ceil(64) as usize],
+    let empty = || {
+        (
+            PresentBits::empty(geometry.chunk_count),
+            PresentBits::empty(geometry.chunk_count),
+        )
     };
     let mut repairs = Vec::new();
-    let mut bits = match std::fs::read(&bitmap_path) {
+    let (present, written) = match std::fs::read(&bitmap_path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if data_exists {
                 repairs.push(Repair {
@@ -144,10 +148,8 @@ pub(super) fn load(dir: &Path, geometry: &Geometry, access: Access) -> Result<Lo
                 // The bitmap is written before the data file exists, so a
                 // crash between the two leaves an empty bitmap and no data:
                 // the next open finishes the job.
-                write_bitmap(
-                    dir,
-                    &bitmap::encode(geometry, &empty().present, &empty().written),
-                )?;
+                let none = PresentBits::empty(geometry.chunk_count).snapshot();
+                write_bitmap(dir, &bitmap::encode(geometry, &none, &none))?;
             }
             empty()
         }
@@ -165,7 +167,10 @@ pub(super) fn load(dir: &Path, geometry: &Geometry, access: Access) -> Result<Lo
                     expected: Box::new(*geometry),
                 })
             }
-            Ok(found) => found,
+            Ok(found) => (
+                PresentBits::from_words(geometry.chunk_count, found.present),
+                PresentBits::from_words(geometry.chunk_count, found.written),
+            ),
             // A newer format is not damage: leave it to the build that wrote it.
             Err(reason @ DecodeError::Version(_)) => {
                 return Err(CacheError::UnsupportedBitmap {
@@ -203,7 +208,7 @@ pub(super) fn load(dir: &Path, geometry: &Geometry, access: Access) -> Result<Lo
     let chunk_end =
         |index: u64| ((index + 1) * u64::from(geometry.chunk_size)).min(geometry.image_size);
     if !data_exists {
-        let dropped = drop_where(&mut bits, |_| true);
+        let dropped = drop_where(&present, &written, |_| true);
         if !dropped.is_empty() {
             repairs.push(Repair {
                 damage: Damage::DataMissing,
@@ -217,7 +222,7 @@ pub(super) fn load(dir: &Path, geometry: &Geometry, access: Access) -> Result<Lo
         };
         let actual = data.metadata().map_err(open_err)?.len();
         if actual != geometry.image_size {
-            let dropped = drop_where(&mut bits, |index| chunk_end(index) > actual);
+            let dropped = drop_where(&present, &written, |index| chunk_end(index) > actual);
             if repair {
                 data.set_len(geometry.image_size).map_err(open_err)?;
                 data.sync_all().map_err(open_err)?;
@@ -227,9 +232,7 @@ pub(super) fn load(dir: &Path, geometry: &Geometry, access: Access) -> Result<Lo
                 dropped,
             });
         }
-        let fetched: Vec<u64> = set_indices(&bits.present)
-            .filter(|&index| !is_set(&bits.written, index))
-            .collect();
+        let fetched = present.indices().into_iter().filter(|&i| !written.get(i));
         let mut holes = Vec::new();
         for index in fetched {
             let start = index * u64::from(geometry.chunk_size);
@@ -238,23 +241,29 @@ pub(super) fn load(dir: &Path, geometry: &Geometry, access: Access) -> Result<Lo
             }
         }
         if !holes.is_empty() {
-            drop_where(&mut bits, |index| holes.binary_search(&index).is_ok());
+            drop_where(&present, &written, |index| {
+                holes.binary_search(&index).is_ok()
+            });
             repairs.push(Repair {
                 damage: Damage::Holes,
                 dropped: holes,
             });
         }
     }
-    let (written_log, logged, log_len) = open_written_log(dir, &bits, access)?;
+    let (written_log, logged, log_len) = open_written_log(dir, &present, access)?;
     if repair && !repairs.is_empty() {
         for repair in &repairs {
             tracing::warn!(cache = %dir.display(), "cache repaired on open: {repair}");
         }
-        write_bitmap(dir, &bitmap::encode(geometry, &bits.present, &bits.written))?;
+        write_bitmap(
+            dir,
+            &bitmap::encode(geometry, &present.snapshot(), &written.snapshot()),
+        )?;
     }
     Ok(Loaded {
         data,
-        bits,
+        present,
+        written,
         repairs,
         written_log,
         logged,
@@ -268,7 +277,7 @@ pub(super) fn load(dir: &Path, geometry: &Geometry, access: Access) -> Result<Lo
 /// overwritten.
 fn open_written_log(
     dir: &Path,
-    bits: &BitmapFile,
+    present: &PresentBits,
     access: Access,
 ) -> Result<(Option<File>, Vec<u64>, u64), CacheError> {
     let path = dir.join(WRITTEN_LOG);
@@ -296,7 +305,7 @@ fn open_written_log(
     let logged = bytes
         .chunks_exact(8)
         .map(|entry| u64::from_le_bytes(entry.try_into().expect("8 bytes")))
-        .filter(|&index| is_set(&bits.present, index))
+        .filter(|&index| present.get(index))
         .collect();
     Ok((Some(file), logged, bytes.len() as u64 / 8 * 8))
 }
@@ -311,28 +320,17 @@ fn is_hole(data: &File, start: u64, end: u64) -> std::io::Result<bool> {
     }
 }
 
-pub(super) fn is_set(words: &[u64], index: u64) -> bool {
-    words
-        .get((index / 64) as usize)
-        .is_some_and(|w| w & (1 << (index % 64)) != 0)
-}
-
-pub(super) fn set_indices(words: &[u64]) -> impl Iterator<Item = u64> + '_ {
-    words.iter().enumerate().flat_map(|(i, &word)| {
-        (0..64)
-            .filter(move |bit| word & (1 << bit) != 0)
-            .map(move |bit| i as u64 * 64 + bit)
-    })
-}
-
 /// Clears the present and written bits of every present chunk `drop`
 /// picks; returns those chunks.
-fn drop_where(bits: &mut BitmapFile, drop: impl Fn(u64) -> bool) -> Vec<u64> {
-    let dropped: Vec<u64> = set_indices(&bits.present).filter(|&i| drop(i)).collect();
+fn drop_where(
+    present: &PresentBits,
+    written: &PresentBits,
+    drop: impl Fn(u64) -> bool,
+) -> Vec<u64> {
+    let dropped: Vec<u64> = present.indices().into_iter().filter(|&i| drop(i)).collect();
     for &index in &dropped {
-        let mask = !(1u64 << (index % 64));
-        bits.present[(index / 64) as usize] &= mask;
-        bits.written[(index / 64) as usize] &= mask;
+        present.clear(index);
+        written.clear(index);
     }
     dropped
 }

@@ -90,9 +90,10 @@ impl PresentBits {
         if index >= self.len {
             return false;
         }
+        let (word, bit) = word_and_bit(index);
         // Acquire pairs with the Release in `set`: whoever sees the bit also
         // sees everything done before it was set (the data written).
-        self.words[(index / 64) as usize].load(Ordering::Acquire) & (1 << (index % 64)) != 0
+        self.words[word].load(Ordering::Acquire) & bit != 0
     }
 
     /// Adds `index`; true if it was not there before. An index out of range
@@ -101,8 +102,8 @@ impl PresentBits {
         if index >= self.len {
             return false;
         }
-        let bit = 1 << (index % 64);
-        let before = self.words[(index / 64) as usize].fetch_or(bit, Ordering::AcqRel);
+        let (word, bit) = word_and_bit(index);
+        let before = self.words[word].fetch_or(bit, Ordering::AcqRel);
         let added = before & bit == 0;
         if added {
             self.count.fetch_add(1, Ordering::Relaxed);
@@ -116,8 +117,8 @@ impl PresentBits {
         if index >= self.len {
             return false;
         }
-        let bit = 1 << (index % 64);
-        let before = self.words[(index / 64) as usize].fetch_and(!bit, Ordering::AcqRel);
+        let (word, bit) = word_and_bit(index);
+        let before = self.words[word].fetch_and(!bit, Ordering::AcqRel);
         let removed = before & bit != 0;
         if removed {
             self.count.fetch_sub(1, Ordering::Relaxed);
@@ -148,6 +149,31 @@ impl PresentBits {
             .map(|w| w.load(Ordering::Acquire))
             .collect()
     }
+
+    /// The indices in the set now, ascending.
+    pub fn indices(&self) -> Vec<u64> {
+        set_indices(&self.snapshot()).collect()
+    }
+}
+
+/// Where chunk `index` sits in a set's words: the word, and its bit there.
+fn word_and_bit(index: u64) -> (usize, u64) {
+    ((index / 64) as usize, 1 << (index % 64))
+}
+
+/// Whether `index` is set in `words` (a snapshot); false past their end.
+pub fn is_set(words: &[u64], index: u64) -> bool {
+    let (word, bit) = word_and_bit(index);
+    words.get(word).is_some_and(|w| w & bit != 0)
+}
+
+/// The indices set in `words` (a snapshot), ascending.
+pub fn set_indices(words: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    words.iter().enumerate().flat_map(|(i, &word)| {
+        (0..64)
+            .filter(move |bit| word & (1 << bit) != 0)
+            .map(move |bit| i as u64 * 64 + bit)
+    })
 }
 
 /// The contents of a bitmap file.

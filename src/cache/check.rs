@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 
 use crate::chunk::{is_zero, plaintext_matches, Manifest, ManifestEntry};
 
-use super::attach::{is_set, load, Access, Loaded};
+use super::attach::{load, Access, Loaded};
+use super::bitmap::PresentBits;
 use super::{take_lock_read_only, CacheDir, CacheError, Geometry, Repair, DATA_FILE};
 
 /// A cache whose chunks can be checked.
@@ -51,8 +52,8 @@ pub struct ReadOnlyCache {
     geometry: Geometry,
     /// `None` when the data file is missing (then no chunk is present).
     data: Option<File>,
-    present: Vec<u64>,
-    written: Vec<u64>,
+    present: PresentBits,
+    written: PresentBits,
     damage: Vec<Repair>,
     _lock: Option<File>,
 }
@@ -75,20 +76,20 @@ impl ReadOnlyCache {
         let lock = take_lock_read_only(dir)?;
         let Loaded {
             data,
-            bits,
+            present,
+            written,
             repairs,
             logged,
             ..
         } = load(dir, &geometry, Access::ReadOnly)?;
-        let mut written = bits.written;
         for index in logged {
-            written[(index / 64) as usize] |= 1 << (index % 64);
+            written.set(index);
         }
         Ok(ReadOnlyCache {
             dir: dir.to_owned(),
             geometry,
             data,
-            present: bits.present,
+            present,
             written,
             damage: repairs,
             _lock: lock,
@@ -106,10 +107,10 @@ impl CachedChunks for ReadOnlyCache {
         &self.geometry
     }
     fn is_present(&self, index: u64) -> bool {
-        is_set(&self.present, index)
+        self.present.get(index)
     }
     fn is_written(&self, index: u64) -> bool {
-        is_set(&self.written, index)
+        self.written.get(index)
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), CacheError> {
         let len = buf.len();

@@ -117,7 +117,8 @@ impl CacheDir {
         let lock = take_lock(dir)?;
         let attach::Loaded {
             data,
-            bits,
+            present,
+            written,
             repairs,
             written_log,
             logged,
@@ -130,23 +131,23 @@ impl CacheDir {
         };
         let data = data.ok_or_else(|| absent(DATA_FILE))?;
         let written_log = written_log.ok_or_else(|| absent(WRITTEN_LOG))?;
+        let persisted = OnDisk {
+            present: present.snapshot(),
+            written: written.snapshot(),
+            log_len,
+        };
         // Written bits only the log holds count from now on; the next flush
         // puts them in `present` and empties the log.
-        let mut written = bits.written.clone();
         for index in logged {
-            written[(index / 64) as usize] |= 1 << (index % 64);
+            written.set(index);
         }
         Ok(CacheDir {
             dir: dir.to_owned(),
             geometry,
             data,
-            present: PresentBits::from_words(geometry.chunk_count, bits.present.clone()),
-            written: PresentBits::from_words(geometry.chunk_count, written),
-            persisted: Mutex::new(OnDisk {
-                present: bits.present,
-                written: bits.written,
-                log_len,
-            }),
+            present,
+            written,
+            persisted: Mutex::new(persisted),
             written_log,
             repairs,
             _lock: lock,
@@ -215,7 +216,7 @@ impl CacheDir {
         if self.written.get(index) {
             return Ok(());
         }
-        if attach::is_set(&persisted.present, index) {
+        if bitmap::is_set(&persisted.present, index) {
             self.written_log
                 .write_all_at(&index.to_le_bytes(), persisted.log_len)
                 .map_err(|source| CacheError::RecordWritten {
