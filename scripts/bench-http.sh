@@ -17,7 +17,8 @@
 # Environment: LAZYBLK_BENCH_BYTES (default 1G) sizes the image;
 # LAZYBLK_BENCH_SECONDS (default 10) is each wrk run; LAZYBLK_BENCH_DIR
 # names the work directory (default: a fresh one under $TMPDIR or
-# /var/tmp, removed at the end).
+# /var/tmp, removed at the end); LAZYBLK_BENCH_ONLY=push runs (a) alone;
+# LAZYBLK_BENCH_BIN names a binary to measure instead of building one.
 set -euo pipefail
 # shellcheck source=scripts/lib/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
@@ -27,8 +28,15 @@ cd "$REPO_ROOT"
 bytes=${LAZYBLK_BENCH_BYTES:-1G}
 seconds=${LAZYBLK_BENCH_SECONDS:-10}
 
-note "cargo build --release"
-bin=$(build_release)
+only=${LAZYBLK_BENCH_ONLY:-}
+[[ -z $only || $only == push ]] || die "LAZYBLK_BENCH_ONLY takes only push, not $only"
+if [[ -n ${LAZYBLK_BENCH_BIN:-} ]]; then
+    bin=$LAZYBLK_BENCH_BIN
+    [[ -x $bin ]] || die "LAZYBLK_BENCH_BIN=$bin is no executable"
+else
+    note "cargo build --release"
+    bin=$(build_release)
+fi
 
 bench_work_dir "${TMPDIR:-/var/tmp}" lazyblk-bench-http
 servers=()
@@ -74,12 +82,17 @@ stop_last_server() { # [what: serve (default) or nginx]
     unset 'servers[-1]'
 }
 
-# Runs a command under /usr/bin/time; sets $wall.
+# Runs a command under /usr/bin/time; sets $wall and $cpu (its user +
+# system seconds).
 timed() {
-    /usr/bin/time -f '%e' -o "$work/time" "$@" >"$work/last.out" 2>"$work/last.err" ||
+    /usr/bin/time -f '%e %U %S' -o "$work/time" "$@" >"$work/last.out" 2>"$work/last.err" ||
         die "$* failed: $(cat "$work/last.err")"
-    wall=$(cat "$work/time")
+    read -r wall user sys <"$work/time"
+    cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f\n", u + s }')
 }
+# CPU seconds (user + system, every thread) process $1 has used so far.
+cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f\n", ($14 + $15) / hz }' "/proc/$1/stat"; }
+minus() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f\n", a - b }'; }
 mbps() { awk -v b="$image_bytes" -v s="$1" 'BEGIN { printf "%.0f\n", b / 1e6 / s }'; }
 
 # (a) push.
@@ -87,11 +100,13 @@ push_args=(--key "$work/key" --name bench --json)
 dir_store=$work/dir-store
 note "push to a directory store"
 timed "$bin" push "$work/image" --store "$dir_store" "${push_args[@]}"
-dir_push=$wall
+dir_push=$wall dir_cpu=$cpu
 serve --store "$work/served-store" --write-token-file "$work/write.token"
 note "push to $url"
+server_before=$(cpu_of "${servers[-1]}")
 timed "$bin" push "$work/image" --store "$url" --token-file "$work/write.token" "${push_args[@]}"
-http_push=$wall
+http_push=$wall http_cpu=$cpu
+server_cpu=$(minus "$(cpu_of "${servers[-1]}")" "$server_before")
 note "push to $url again"
 timed "$bin" push "$work/image" --store "$url" --token-file "$work/write.token" "${push_args[@]}"
 http_push_again=$wall
@@ -101,6 +116,25 @@ note "push to the directory store again"
 timed "$bin" push "$work/image" --store "$dir_store" "${push_args[@]}"
 dir_push_again=$wall
 stop_last_server
+
+cpu_model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+print_push() {
+    echo "### HTTP chunk server"
+    echo
+    echo "Machine: ${cpu_model:-unknown CPU}, $(nproc) cores${nginx_version:+; $nginx_version}; load average before the run: $load."
+    echo "Image: $image_bytes bytes of random data (every chunk distinct), 512 KiB chunks. Command: \`scripts/bench-http.sh\`."
+    echo
+    echo "| push | time | MB/s | vs directory store | CPU s (client + server) |"
+    echo "|---|---|---|---|---|"
+    printf '| directory store, fresh | %s s | %s | 1 | %s |\n' "$dir_push" "$(mbps "$dir_push")" "$dir_cpu"
+    printf '| http:// on loopback, fresh | %s s | %s | %s | %s + %s |\n' "$http_push" "$(mbps "$http_push")" "$(ratio "$dir_push" "$http_push")" "$http_cpu" "$server_cpu"
+    printf '| directory store, repeated | %s s | %s | 1 | |\n' "$dir_push_again" "$(mbps "$dir_push_again")"
+    printf '| http://, repeated (nothing uploaded; %s missing batches) | %s s | %s | %s | |\n' "$again_requests" "$http_push_again" "$(mbps "$http_push_again")" "$(ratio "$dir_push_again" "$http_push_again")"
+}
+if [[ $only == push ]]; then
+    print_push
+    exit 0
+fi
 
 # (b) serve vs nginx on the same chunk files.
 mapfile -t chunk_files < <(find "$dir_store/chunks" -type f | head -n 512)
@@ -225,18 +259,8 @@ dir_export=$wall
 rm -f "$work/out"
 
 mb() { awk -v r="$1" -v b="$chunk_bytes" 'BEGIN { printf "%.0f\n", r * b / 1e6 }'; }
-cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
-echo "### HTTP chunk server"
-echo
-echo "Machine: ${cpu:-unknown CPU}, $(nproc) cores; $(nginx -v 2>&1 | sed 's/^nginx version: //'); load average before the run: $load."
-echo "Image: $image_bytes bytes of random data (every chunk distinct), 512 KiB chunks. Command: \`scripts/bench-http.sh\`."
-echo
-echo "| push | time | MB/s | vs directory store |"
-echo "|---|---|---|---|"
-printf '| directory store, fresh | %s s | %s | 1 |\n' "$dir_push" "$(mbps "$dir_push")"
-printf '| http:// on loopback, fresh | %s s | %s | %s |\n' "$http_push" "$(mbps "$http_push")" "$(ratio "$dir_push" "$http_push")"
-printf '| directory store, repeated | %s s | %s | 1 |\n' "$dir_push_again" "$(mbps "$dir_push_again")"
-printf '| http://, repeated (nothing uploaded; %s missing batches) | %s s | %s | %s |\n' "$again_requests" "$http_push_again" "$(mbps "$http_push_again")" "$(ratio "$dir_push_again" "$http_push_again")"
+nginx_version=$(nginx -v 2>&1 | sed 's/^nginx version: //')
+print_push
 echo
 echo "| wrk -t2 -c64 -d${seconds}s, ${#chunk_files[@]} chunks of $chunk_bytes bytes round robin | req/s | MB/s | vs nginx |"
 echo "|---|---|---|---|"

@@ -14,6 +14,7 @@ use super::reply::{
     check_length, json, read_body, refuse, reply, store_failure, wanted_range, Handled, Reply,
     RequestBody, Wanted,
 };
+use super::upload::read_envelope;
 use super::State;
 use crate::chunk::ChunkId;
 use crate::net::protocol::{
@@ -114,15 +115,15 @@ pub(super) async fn get(state: &State, id: &str, parts: &Parts, head: bool) -> H
 pub(super) async fn put(state: &State, id: &str, parts: &Parts, body: RequestBody) -> Handled {
     let id = parse_id(id)?;
     state.allow(&parts.headers, Access::Write)?;
-    check_length(&parts.headers, MAX_ENVELOPE_SIZE)?;
-    let envelope = read_body(body, MAX_ENVELOPE_SIZE, state.options.body_timeout).await?;
-    let actual = ChunkId::of_envelope(&envelope);
-    if actual != id {
-        return Err(refuse(
-            StatusCode::BAD_REQUEST,
-            format!("the body's SHA-256 is {actual}, not the chunk id"),
-        ));
-    }
+    let declared = check_length(&parts.headers, MAX_ENVELOPE_SIZE)?;
+    let envelope = read_envelope(
+        body,
+        &id,
+        declared,
+        MAX_ENVELOPE_SIZE,
+        state.options.body_timeout,
+    )
+    .await?;
     state
         .store
         .put(&id, envelope)

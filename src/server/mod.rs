@@ -27,6 +27,7 @@ mod outgoing;
 mod reply;
 mod routes;
 mod shards;
+mod upload;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -353,3 +354,5 @@ mod tests;
 mod tests_tls;
 #[cfg(test)]
 mod tests_unread;
+#[cfg(test)]
+mod tests_upload;

@@ -88,8 +88,8 @@ pub(super) async fn read_body(
 }
 
 /// Refuses a request whose declared length is over `limit` before reading
-/// any of its body.
-pub(super) fn check_length(headers: &http::HeaderMap, limit: usize) -> Result<(), Reply> {
+/// any of its body; the declared length, if any.
+pub(super) fn check_length(headers: &http::HeaderMap, limit: usize) -> Result<Option<u64>, Reply> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -99,7 +99,7 @@ pub(super) fn check_length(headers: &http::HeaderMap, limit: usize) -> Result<()
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("the body is larger than {limit} bytes"),
         )),
-        _ => Ok(()),
+        declared => Ok(declared),
     }
 }
 

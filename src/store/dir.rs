@@ -188,20 +188,27 @@ fn manifest_object(name: &str) -> String {
     format!("manifest {name:?}")
 }
 
-/// Where a chunk read from disk starts in its buffer.
+/// Where a chunk held in memory starts in its buffer.
 const ALIGN: usize = 64;
 
-/// Reads a whole file into a buffer whose data starts on a cache line. The
-/// kernel copies out of the page cache several times slower into a buffer
-/// that does not (16 bytes off, as a large allocation from malloc is), and
-/// so does every later copy of the chunk. The result converts to
+/// An empty buffer for `capacity` bytes that will start on a cache line,
+/// and the index they start at (fill it from there, then slice the bytes
+/// from it). The kernel copies out of the page cache several times slower
+/// into a buffer that does not (16 bytes off, as a large allocation from
+/// malloc is), and so does every later copy of the chunk.
+pub fn aligned_buffer(capacity: usize) -> (Vec<u8>, usize) {
+    let mut data = Vec::with_capacity(capacity + ALIGN);
+    let start = (ALIGN - data.as_ptr() as usize % ALIGN) % ALIGN;
+    data.resize(start, 0);
+    (data, start)
+}
+
+/// Reads a whole file into an [`aligned_buffer`]. The result converts to
 /// `BytesMut` without a copy, for opening in place.
 pub(super) fn read_aligned(path: &Path) -> io::Result<Bytes> {
     let mut file = File::open(path)?;
     let len = usize::try_from(file.metadata()?.len()).unwrap_or(0);
-    let mut data = Vec::with_capacity(len + ALIGN);
-    let start = (ALIGN - data.as_ptr() as usize % ALIGN) % ALIGN;
-    data.resize(start, 0);
+    let (mut data, start) = aligned_buffer(len);
     file.read_to_end(&mut data)?;
     Ok(Bytes::from(data).slice(start..))
 }
