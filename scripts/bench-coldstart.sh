@@ -23,7 +23,8 @@
 #
 # Needs root, FUSE and loop devices, and the corpus (built on first use).
 # LAZYBLK_BENCH_DIR (default a fresh directory under /var/tmp) is the work
-# directory; LAZYBLK_BENCH_ORIGINS picks origins (default "0 10 50 5@200").
+# directory; LAZYBLK_BENCH_ORIGINS picks origins (default "0 10 50 5@200"),
+# LAZYBLK_BENCH_WORKLOADS workloads (default "numpy handler http tally").
 # The lazyblk report figures come from the same run:
 #   lazyblk report --store WORK/store --base python \
 #       --series app-v1,app-v2,app-v3,app-v4,app-v5 --other tally-v1 \
@@ -56,21 +57,34 @@ workloads=(
     "http app-v1 http"
     "tally tally-v1 cmd /opt/venv/bin/python3 /srv/tally/tally.py"
 )
+if [[ -n ${LAZYBLK_BENCH_WORKLOADS:-} ]]; then
+    chosen=()
+    for spec in "${workloads[@]}"; do
+        [[ " $LAZYBLK_BENCH_WORKLOADS " == *" ${spec%% *} "* ]] && chosen+=("$spec")
+    done
+    ((${#chosen[@]} > 0)) || die "LAZYBLK_BENCH_WORKLOADS=$LAZYBLK_BENCH_WORKLOADS names none of: numpy handler http tally"
+    workloads=("${chosen[@]}")
+fi
 
 pids=()
 mounted=()
 cleanup() {
+    # Runs under `set -e` with the script's status: a step that finds
+    # nothing left to undo (the device was removed already) must not turn
+    # a finished run into a failed one, hence every `|| true`.
     local m
     for m in "${mounted[@]}"; do
-        mountpoint -q "$m" && umount "$m" 2>/dev/null
+        if mountpoint -q "$m"; then umount "$m" 2>/dev/null || true; fi
     done
     # Only this run's device: others on the host are not ours to stop.
-    [[ -n ${fuse_mnt:-} ]] && "$bin" del --fuse "$fuse_mnt" >/dev/null 2>&1
+    if [[ -n ${fuse_mnt:-} ]] && mountpoint -q "$fuse_mnt"; then
+        "$bin" del --fuse "$fuse_mnt" >/dev/null 2>&1 || true
+    fi
     for pid in "${pids[@]}"; do
         kill "$pid" 2>/dev/null || true
     done
     wait 2>/dev/null || true
-    [[ -z ${LAZYBLK_BENCH_DIR:-} ]] && rm -rf "$work"
+    if [[ -z ${LAZYBLK_BENCH_DIR:-} ]]; then rm -rf "$work"; fi
     return 0
 }
 trap cleanup EXIT
