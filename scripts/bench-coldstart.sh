@@ -10,7 +10,7 @@
 #   prefetch  the same, prefetching the trace of an earlier run (when the
 #             binary has `add --record-trace`)
 #   warm      the same through a host cache an earlier run filled
-#   probe     cold with readahead off at 0 ms (untimed for the figures):
+#   probe     cold with readahead off at the first origin (untimed for the figures):
 #             the chunks the workload itself reads
 #
 # Each start is timed from `add` (or the pull) to the first answer (for
@@ -253,22 +253,32 @@ lazy_start() {
 }
 
 host_cache=$work/host-cache
+# A recording device stores its trace through the server when it stops:
+# without a write token the server refuses it, and every "prefetch" start
+# would silently be a cold one.
+write_token=$work/write-token
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$write_token"
 for origin_spec in $origins; do
     delay=${origin_spec%@*} rate=
     [[ $origin_spec == *@* ]] && rate=$((${origin_spec#*@} * 1000000 / 8))
-    serve_args=(serve --store "$store" --listen 127.0.0.1:0 --delay "$delay")
+    serve_args=(serve --store "$store" --listen 127.0.0.1:0 --delay "$delay" --write-token-file "$write_token")
     [[ -n $rate ]] && serve_args+=(--rate "$rate")
     start_server "$work/serve-$delay" "$bin" "${serve_args[@]}"
     origin=$url
     serve_pid=${pids[-1]}
     for spec in "${workloads[@]}"; do
         read -r wl image kind rest <<<"$spec"
-        if [[ $origin_spec == 0 ]]; then
+        # The untimed runs once, at the first origin: with
+        # LAZYBLK_BENCH_ORIGINS=10 alone, the trace and the host cache must
+        # still be there for the starts that use them.
+        if [[ $origin_spec == "${origins%% *}" ]]; then
             lazy_start probe "$wl" "$image" "$kind" "$rest" "$origin" "$delay" "$rate" \
                 --readahead-chunks 0 "${no_prefetch[@]}"
             if $can_trace; then
                 lazy_start record "$wl" "$image" "$kind" "$rest" "$origin" "$delay" "$rate" \
-                    --record-trace --no-prefetch
+                    --record-trace --no-prefetch --token-file "$write_token"
+                "$bin" trace show --store "$store" --key "$key" --name "$image.$wl" >/dev/null ||
+                    die "the recorded trace of $image.$wl was not stored (see the device log)"
             fi
             # Fills the host cache for the warm starts.
             rm -rf "$host_cache.$wl"
