@@ -10,6 +10,9 @@
 #   prefetch  the same, prefetching the trace of an earlier run (when the
 #             binary has `add --record-trace`)
 #   warm      the same through a host cache an earlier run filled
+#   floor     the flattened image as a local file on a plain loop device:
+#             what the device path costs on this host without FUSE, the
+#             engine or an origin (a "floor" line, not a start)
 #   probe     cold with readahead off at the first origin (untimed for the figures):
 #             the chunks the workload itself reads
 #
@@ -205,6 +208,34 @@ for spec in "${workloads[@]}"; do
           delay_ms: 0, rate_bytes_per_sec: null, ready_secs: $ready, done_secs: $finished,
           pull_unpack_secs: $unpacked, bytes_moved: $moved, load: $load}'
     rm -rf "$pulled" "$bundle"
+done
+
+# The floor of the device path on this host: the same flattened image as a
+# local file on a plain loop device, page cache dropped. What a lazy start
+# takes beyond it is FUSE + the engine + the origin.
+note "the floor: the flattened image on a local loop device"
+floor_root=$work/floor-root
+mkdir -p "$floor_root"
+mounted+=("$floor_root")
+for spec in "${workloads[@]}"; do
+    read -r wl image kind rest <<<"$spec"
+    flat=$work/flat-$image.ext4
+    [[ -e $flat ]] || "$bin" export --store "$store" --key "$key" --name "$image" --out "$flat" >/dev/null
+    drop_caches
+    t0=$(now)
+    loop_dev=$(losetup -f --show -r "$flat")
+    mount -o ro "$loop_dev" "$floor_root"
+    read -r ready finished < <(run_workload "$floor_root" "$kind" "$rest")
+    umount "$floor_root"
+    losetup -d "$loop_dev" 2>/dev/null || true
+    note "floor $wl: ready ${ready}s, done ${finished}s"
+    emit --arg wl "$wl" --arg image "$image" --argjson ready "$ready" --argjson finished "$finished" \
+        --arg load "$(load)" \
+        '{kind: "floor", workload: $wl, image: $image, ready_secs: $ready, done_secs: $finished, load: $load}'
+done
+for spec in "${workloads[@]}"; do
+    read -r _ image _ <<<"$spec"
+    rm -f "$work/flat-$image.ext4"
 done
 
 fuse_mnt=$work/fuse
