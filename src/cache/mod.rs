@@ -182,6 +182,29 @@ impl CacheDir {
         self.present.set(index)
     }
 
+    /// Whether the `present` file on disk lists chunk `index` (so a
+    /// process that dies now leaves it present for the next one), without
+    /// waiting: `None` while a flush holds that state.
+    pub fn is_present_on_disk_now(&self, index: u64) -> Option<bool> {
+        let persisted = self.persisted.try_lock().ok()?;
+        Some(attach::is_set(&persisted.present, index))
+    }
+
+    /// Makes the `present` file list chunk `index`, which must be present:
+    /// a [`CacheDir::flush`] unless it does already.
+    ///
+    /// Blocks on `fdatasync`; call it from a blocking context.
+    pub fn persist_present(&self, index: u64) -> Result<(), CacheError> {
+        let listed = {
+            let persisted = self.persisted.lock().unwrap_or_else(|e| e.into_inner());
+            attach::is_set(&persisted.present, index)
+        };
+        if listed {
+            return Ok(());
+        }
+        self.flush()
+    }
+
     /// How many chunks the data file holds.
     pub fn present_count(&self) -> u64 {
         self.present.count()

@@ -161,6 +161,7 @@ impl AddArgs {
             metrics: self.metrics,
             trace: self.trace.clone(),
             replaces: None,
+            changes_outlive_process: false,
         }
     }
 
@@ -381,6 +382,8 @@ pub(super) struct DeviceSpec {
     pub trace: TraceArgs,
     /// The record of a process that died, replaced once the device is live.
     pub replaces: Option<u32>,
+    /// [`EngineOptions::changes_outlive_process`].
+    pub changes_outlive_process: bool,
 }
 
 /// A frontend a device process has set up (mounted, bound, started) but
@@ -428,7 +431,10 @@ where
         &spec.image,
         &spec.host_cache,
         &spec.cache_dir,
-        engine_options(spec.read_only, spec.readahead_chunks, spec.fetch_timeout),
+        EngineOptions {
+            changes_outlive_process: spec.changes_outlive_process,
+            ..engine_options(spec.read_only, spec.readahead_chunks, spec.fetch_timeout)
+        },
         &spec.trace,
     )
     .await?;

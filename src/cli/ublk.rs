@@ -41,7 +41,13 @@ pub(super) async fn serve_add(args: &AddArgs) -> anyhow::Result<()> {
         recoverable: args.recoverable,
         zero_copy: !args.no_zero_copy,
     });
-    serve(args.device_spec(), start).await
+    let spec = DeviceSpec {
+        // The kernel hides the death of a recoverable device's process from
+        // its users, so nothing they saw acknowledged may go with it.
+        changes_outlive_process: args.recoverable,
+        ..args.device_spec()
+    };
+    serve(spec, start).await
 }
 
 pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
@@ -123,6 +129,7 @@ pub fn recover(args: RecoverArgs) -> anyhow::Result<()> {
             ..TraceArgs::default()
         },
         replaces: Some(orphan.record.pid),
+        changes_outlive_process: true,
     };
     runtime.block_on(serve(spec, Start::Recover { id: args.id }))
 }

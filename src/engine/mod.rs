@@ -152,6 +152,16 @@ pub struct EngineOptions {
     /// Record the order in which requests first read each chunk
     /// ([`Engine::recorded_trace`]).
     pub record_trace: bool,
+    /// Acknowledge a write, discard or write-zeroes that changes a chunk
+    /// only once the `present` file lists that chunk (a flush of the cache
+    /// first, if it does not yet), so an engine opened on the cache after
+    /// this process dies keeps every acknowledged change rather than
+    /// fetching the chunk again over it. For a device whose users never
+    /// see the process die (ublk user recovery re-issues their requests to
+    /// the next process), where a flush after the death must still cover
+    /// the writes acknowledged before it. Costs one flush for the first
+    /// change of each chunk since it became present.
+    pub changes_outlive_process: bool,
 }
 
 impl Default for EngineOptions {
@@ -163,6 +173,7 @@ impl Default for EngineOptions {
             max_fetches: DEFAULT_MAX_FETCHES,
             prefetch_chunks: DEFAULT_PREFETCH_CHUNKS,
             record_trace: false,
+            changes_outlive_process: false,
         }
     }
 }
@@ -179,6 +190,7 @@ pub struct Engine {
     prefetch_stop: Arc<StopFlag>,
     prefetch_chunks: usize,
     read_only: bool,
+    changes_outlive_process: bool,
 }
 
 impl Drop for Engine {
@@ -242,6 +254,7 @@ impl Engine {
             prefetch_stop: Arc::default(),
             prefetch_chunks: opts.prefetch_chunks,
             read_only: opts.read_only,
+            changes_outlive_process: opts.changes_outlive_process,
         }))
     }
 
@@ -527,6 +540,7 @@ impl Engine {
         loop {
             if self.cache.is_present(piece.index) {
                 self.note_written(piece.index).await?;
+                self.keep_present_across_death(piece.index).await?;
                 return self.write_cache(io, data, piece.offset).await;
             }
             if !whole && !self.layout.is_zero(piece.index) {
@@ -546,6 +560,7 @@ impl Engine {
             };
             if self.cache.is_present(piece.index) {
                 self.note_written(piece.index).await?;
+                self.keep_present_across_death(piece.index).await?;
                 return self.write_cache(io, data, piece.offset).await;
             }
             self.note_written(piece.index).await?;
@@ -574,7 +589,7 @@ impl Engine {
                 }
             }
             self.cache.mark_present(piece.index);
-            return Ok(());
+            return self.keep_present_across_death(piece.index).await;
         }
     }
 
@@ -595,11 +610,13 @@ impl Engine {
                 self.punch_chunk(io, piece.index).await?;
             } else if self.cache.is_present(piece.index) {
                 self.note_written(piece.index).await?;
+                self.keep_present_across_death(piece.index).await?;
                 self.punch(io, piece.offset, piece.len as u64).await?;
             } else if must_zero && !self.layout.is_zero(piece.index) {
                 // The rest of the chunk must keep its bytes: fetch them.
                 self.ensure_present(piece.index).await?;
                 self.note_written(piece.index).await?;
+                self.keep_present_across_death(piece.index).await?;
                 self.punch(io, piece.offset, piece.len as u64).await?;
             }
             // Otherwise the range reads as zeros (a zero chunk) or may keep
@@ -617,6 +634,7 @@ impl Engine {
         loop {
             if self.cache.is_present(index) {
                 self.note_written(index).await?;
+                self.keep_present_across_death(index).await?;
                 self.punch(io, start, len).await?;
                 add(&self.counters.chunks_punched, 1);
                 return Ok(());
@@ -636,7 +654,7 @@ impl Engine {
             self.punch(io, start, len).await?;
             self.cache.mark_present(index);
             add(&self.counters.chunks_punched, 1);
-            return Ok(());
+            return self.keep_present_across_death(index).await;
         }
     }
 
@@ -666,6 +684,29 @@ impl Engine {
                 reason: e.to_string(),
             })?
             .map_err(|source| EngineError::WriteCache {
+                source: Arc::new(source),
+            })
+    }
+
+    /// With [`EngineOptions::changes_outlive_process`], makes sure the
+    /// `present` file lists chunk `index` (present in memory, its bytes in
+    /// the data file) before a change to it is acknowledged. A change to a
+    /// present chunk may be written before or after: a flush persists its
+    /// written bit along with its present bit.
+    async fn keep_present_across_death(&self, index: u64) -> Result<(), EngineError> {
+        if !self.changes_outlive_process || self.cache.is_present_on_disk_now(index) == Some(true) {
+            return Ok(());
+        }
+        let cache = Arc::clone(&self.cache);
+        self.fetcher
+            .runtime()
+            .spawn_blocking(move || cache.persist_present(index))
+            .await
+            .map_err(|e| EngineError::TaskFailed {
+                task: "persist a changed chunk".into(),
+                reason: e.to_string(),
+            })?
+            .map_err(|source| EngineError::Flush {
                 source: Arc::new(source),
             })
     }

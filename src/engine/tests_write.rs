@@ -239,3 +239,84 @@ fn acknowledged_writes_survive_sigkill() {
     });
     assert_eq!(fx.store.gets(), 0, "flushed chunks were fetched again");
 }
+
+const CHANGES_DIR: &str = "LAZYBLK_ENGINE_CHANGES_DIR";
+
+/// The changes `changes_child` makes and never flushes: a partial write to
+/// a fetched chunk, a whole chunk written, a zero chunk written into and a
+/// chunk zeroed; applied to `model` too.
+async fn unflushed_changes(engine: &Arc<Engine>, model: &mut [u8]) {
+    write(engine, model, 3 * CSU + 7, b"acknowledged, never flushed").await;
+    write(engine, model, 6 * CSU, &vec![0xC3; CSU]).await;
+    write(engine, model, 5 * CSU + 1, b"into a zero chunk").await;
+    engine.write_zeroes(7 * CS as u64, CS as u64).await.unwrap();
+    model[7 * CSU..8 * CSU].fill(0);
+}
+
+/// The child half of `acknowledged_changes_outlive_a_killed_process`:
+/// changes chunks with [`EngineOptions::changes_outlive_process`], says so
+/// on stdout without flushing, then waits to be killed.
+#[tokio::test]
+#[ignore = "helper process for acknowledged_changes_outlive_a_killed_process"]
+async fn changes_child() {
+    let Some(dir) = std::env::var_os(CHANGES_DIR) else {
+        return;
+    };
+    let (mut model, fx) = fixture();
+    let opts = EngineOptions {
+        changes_outlive_process: true,
+        ..EngineOptions::default()
+    };
+    let engine = open_engine(&fx, Path::new(&dir), opts).unwrap();
+    unflushed_changes(&engine, &mut model).await;
+    println!("ACKNOWLEDGED");
+    tokio::time::sleep(Duration::from_secs(120)).await;
+}
+
+/// Without a flush, the next engine on the cache would fetch the changed
+/// chunks again over the changes, since their present bits never reached
+/// the disk; a ublk device recovered after its process died would then
+/// lose writes its users saw acknowledged, and flushed later.
+#[test]
+fn acknowledged_changes_outlive_a_killed_process() {
+    let tmp = crate::private::test_dir();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "engine::tests_write::changes_child",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(CHANGES_DIR, tmp.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let acknowledged = stdout
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l == "ACKNOWLEDGED");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(acknowledged, "the child never reported its changes");
+
+    let (mut model, fx) = fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _entered = rt.enter();
+    rt.block_on(async {
+        // What the child did, on a throwaway cache: the expected bytes.
+        let scratch = crate::private::test_dir();
+        unflushed_changes(&open(&fx, scratch.path()), &mut model).await;
+        let gets = fx.store.gets();
+        let engine = open(&fx, tmp.path());
+        assert!(engine.read(0, model.len()).await.unwrap() == model);
+        for changed in [3, 5, 6, 7] {
+            assert!(engine.cache.is_written(changed), "chunk {changed}");
+        }
+        // Only the chunks the child never touched were fetched.
+        assert_eq!(fx.store.gets() - gets, 4, "chunks 0, 2, 4 and 8");
+        let report = crate::cache::check::check_chunks(&*engine.cache, &fx.manifest).unwrap();
+        assert_eq!(report.mismatched, Vec::<u64>::new());
+        assert!(engine.cache.repairs().is_empty());
+    });
+}
