@@ -83,6 +83,8 @@ release_work_dir() {
 bench_work_dir() {
     local dir=$1 prefix=$2
     work=${LAZYBLK_BENCH_DIR:-}
+    # A directory named but not made yet is made, not a failure later on.
+    [[ -n $work ]] && mkdir -p "$work"
     if [[ -z $work ]]; then
         work=$(mktemp -d "$dir/$prefix.XXXXXX")
         # shellcheck disable=SC2064 # expanded now: $work is set
