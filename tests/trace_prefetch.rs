@@ -139,7 +139,16 @@ fn a_recorded_start_is_prefetched_by_the_next_add_and_reads_the_same() {
     make_ext4(&other_tree, &other, 16);
     world.push(&other, "other");
     let manifests = world.store().join("manifests");
-    fs::copy(manifests.join("app.trace"), manifests.join("other.trace")).unwrap();
+    // Each recorded run is an object of its own beside the trace.
+    let app_run = fs::read_dir(&manifests)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| {
+            let name = path.file_name().unwrap().to_string_lossy();
+            name.starts_with("app.trace.") && name.ends_with(".trace")
+        })
+        .expect("the recorded run is stored");
+    fs::copy(app_run, manifests.join("other.trace")).unwrap();
     let mnt = world.path("fuse4");
     fs::create_dir_all(&mnt).unwrap();
     run_failing(

@@ -2,11 +2,16 @@
 //! when the device is removed, `add` prefetches what the stored runs agree
 //! on, `trace merge` and `trace show` look after them.
 //!
-//! A manifest's trace lives in the store beside it, under
-//! [`trace_name`]`(NAME)`, sealed with the tenant key. Each recording
-//! device appends its run (the newest [`MAX_TRACE_RUNS`] are kept); `add`
-//! prefetches the majority merge of all runs, so one recorded start is
-//! enough, and more starts make the plan sturdier.
+//! A manifest's trace lives in the store beside it, sealed with the tenant
+//! key: [`trace_name`]`(NAME)` holds what `trace merge` wrote, and each
+//! recording device stores its run in an object of its own,
+//! [`trace_run_name`]. Stores have no compare-and-swap, so a shared object
+//! that every recorder read, extended and wrote back would lose a run
+//! whenever two devices stopped at once; runs are merged on read instead.
+//! Reading takes the runs recorded after the newest run of `NAME.trace`
+//! (a merge folds the older ones in), the newest [`MAX_TRACE_RUNS`] in
+//! all; `add` prefetches the majority merge of them, so one recorded
+//! start is enough, and more starts make the plan sturdier.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -22,7 +27,7 @@ use crate::chunk::{
     DEFAULT_MERGE_THRESHOLD, MAX_TRACE_RUNS,
 };
 use crate::engine::{Engine, DEFAULT_PREFETCH_CHUNKS};
-use crate::store::{trace_name, ChunkStore, StoreError};
+use crate::store::{trace_name, trace_run_name, trace_run_time, ChunkStore, StoreError};
 
 /// What `add` does with access traces.
 #[derive(Debug, Clone, Default, Args)]
@@ -95,18 +100,87 @@ pub async fn run(command: TraceCommand) -> anyhow::Result<()> {
     }
 }
 
-/// The stored trace of image `name`, if there is one.
+/// The stored trace of image `name` with its recorded runs, if there is
+/// any. An object that does not open (a wrong key, damage) is skipped with
+/// a warning: it holds no other run hostage, and the next merge replaces
+/// it.
 async fn load(
     store: &dyn ChunkStore,
     name: &str,
     tenant: &TenantKey,
 ) -> anyhow::Result<Option<Trace>> {
     let object = trace_name(name);
-    match store.get_manifest(&object).await {
-        Ok(sealed) => Ok(Some(Trace::open(&object, &sealed, tenant)?)),
-        Err(StoreError::ManifestNotFound { .. }) => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("fetch trace {object:?}")),
+    let mut trace = match store.get_manifest(&object).await {
+        Ok(sealed) => match Trace::open(&object, &sealed, tenant) {
+            Ok(trace) => Some(trace),
+            Err(e) => {
+                tracing::warn!(trace = object, "skipping a trace that does not open: {e}");
+                None
+            }
+        },
+        Err(StoreError::ManifestNotFound { .. }) => None,
+        Err(e) => return Err(e).with_context(|| format!("fetch trace {object:?}")),
+    };
+    let merged_at = trace
+        .as_ref()
+        .and_then(|t| t.runs.iter().map(|r| r.recorded_at).max());
+    let mut runs: Vec<(u64, String)> = store
+        .list_manifests()
+        .await
+        .with_context(|| format!("list the runs of trace {object:?}"))?
+        .into_iter()
+        .filter_map(|run| Some((trace_run_time(name, &run)?, run)))
+        .filter(|(at, _)| merged_at.is_none_or(|merged| at / 1_000_000_000 > merged))
+        .collect();
+    runs.sort();
+    let newest = &runs[runs.len().saturating_sub(MAX_TRACE_RUNS)..];
+    for (_, run) in newest {
+        let sealed = match store.get_manifest(run).await {
+            Ok(sealed) => sealed,
+            Err(e) => return Err(e).with_context(|| format!("fetch trace run {run:?}")),
+        };
+        match Trace::open(run, &sealed, tenant) {
+            Ok(recorded) if recorded.image == name => {
+                let trace = trace.get_or_insert_with(|| Trace {
+                    image: name.to_owned(),
+                    runs: Vec::new(),
+                });
+                for one in recorded.runs {
+                    trace.push_run(one);
+                }
+            }
+            Ok(recorded) => tracing::warn!(
+                run,
+                "skipping a trace run recorded for image {:?}",
+                recorded.image
+            ),
+            Err(e) => tracing::warn!(run, "skipping a trace run that does not open: {e}"),
+        }
     }
+    Ok(trace)
+}
+
+/// Stores `run` of image `image` in an object of its own (see the module
+/// docs), so that recorders never overwrite each other.
+pub(super) async fn record_run(
+    store: &dyn ChunkStore,
+    image: &str,
+    tenant: &TenantKey,
+    run: TraceRun,
+) -> anyhow::Result<String> {
+    let stored_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let object = trace_run_name(image, stored_at, rand::random());
+    let trace = Trace {
+        image: image.to_owned(),
+        runs: vec![run],
+    };
+    store
+        .put_manifest(&object, Bytes::from(trace.seal(tenant)))
+        .await
+        .with_context(|| format!("store trace run {object:?}"))?;
+    Ok(object)
 }
 
 async fn save(store: &dyn ChunkStore, trace: &Trace, tenant: &TenantKey) -> anyhow::Result<()> {
@@ -118,7 +192,7 @@ async fn save(store: &dyn ChunkStore, trace: &Trace, tenant: &TenantKey) -> anyh
 }
 
 /// Starts prefetching what the image's stored trace names, unless told
-/// not to. A trace of another image, or one that does not open, is refused
+/// not to. A trace of another image is refused
 /// with an error (`--no-prefetch` attaches without it).
 pub(super) async fn start_prefetch(
     engine: &Arc<Engine>,
@@ -131,7 +205,7 @@ pub(super) async fn start_prefetch(
     if args.no_prefetch {
         return Ok(());
     }
-    let hint = "(--no-prefetch attaches without it; `--no-prefetch --record-trace` records a new one in its place)";
+    let hint = "(--no-prefetch attaches without it; `trace merge` replaces it)";
     let trace = match load(store, &image.name, tenant).await {
         Ok(Some(trace)) => trace,
         Ok(None) => return Ok(()),
@@ -167,8 +241,7 @@ pub(super) struct Recorder {
 }
 
 impl Recorder {
-    /// Adds the engine's recorded run to the image's trace. A stored trace
-    /// that does not open, or belongs to another image, is replaced.
+    /// Stores the engine's recorded run beside the image's trace.
     pub async fn save(&self, engine: &Engine) -> anyhow::Result<()> {
         let Some(ids) = engine.recorded_trace() else {
             return Ok(());
@@ -177,37 +250,14 @@ impl Recorder {
             tracing::info!("nothing was read: no trace run to record");
             return Ok(());
         }
-        let object = trace_name(&self.image);
-        let mut trace = match load(&*self.store, &self.image, &self.tenant).await {
-            Ok(Some(trace)) if trace.image == self.image => trace,
-            Ok(_) => Trace {
-                image: self.image.clone(),
-                runs: Vec::new(),
-            },
-            Err(e) => {
-                tracing::warn!(
-                    trace = object,
-                    "replacing a trace that does not open: {e:#}"
-                );
-                Trace {
-                    image: self.image.clone(),
-                    runs: Vec::new(),
-                }
-            }
-        };
         let chunks = ids.len();
-        trace.push_run(TraceRun {
+        let run = TraceRun {
             manifest_digest: self.digest,
             recorded_at: now(),
             ids,
-        });
-        save(&*self.store, &trace, &self.tenant).await?;
-        tracing::info!(
-            trace = object,
-            chunks,
-            runs = trace.runs.len(),
-            "trace run recorded"
-        );
+        };
+        let object = record_run(&*self.store, &self.image, &self.tenant, run).await?;
+        tracing::info!(trace = object, chunks, "trace run recorded");
         Ok(())
     }
 }
@@ -329,4 +379,77 @@ async fn show(image: ImageArgs, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::dir::DirStore;
+
+    fn run(seed: u8, recorded_at: u64) -> TraceRun {
+        TraceRun {
+            manifest_digest: [7; 32],
+            recorded_at,
+            ids: (0..4)
+                .map(|i| ChunkId([seed.wrapping_add(i); 32]))
+                .collect(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn runs_recorded_at_once_all_survive_and_a_merge_folds_them_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(DirStore::open(dir.path()).unwrap());
+        let tenant = TenantKey([3; 32]);
+        const RECORDERS: u8 = 8;
+        let recorders: Vec<_> = (0..RECORDERS)
+            .map(|seed| {
+                let (store, tenant) = (Arc::clone(&store), tenant.clone());
+                tokio::spawn(async move {
+                    record_run(
+                        &*store,
+                        "app",
+                        &tenant,
+                        run(seed * 16, 1_000 + u64::from(seed)),
+                    )
+                    .await
+                })
+            })
+            .collect();
+        for recorder in recorders {
+            recorder.await.unwrap().unwrap();
+        }
+        let trace = load(&*store, "app", &tenant).await.unwrap().unwrap();
+        let mut got: Vec<TraceRun> = trace.runs.clone();
+        got.sort_by_key(|r| r.recorded_at);
+        let expected: Vec<TraceRun> = (0..RECORDERS)
+            .map(|seed| run(seed * 16, 1_000 + u64::from(seed)))
+            .collect();
+        assert_eq!(got, expected, "a run recorded at the same time was lost");
+        // Gc and verify skip every object a trace uses.
+        let names = store.list_manifests().await.unwrap();
+        assert_eq!(names.len(), usize::from(RECORDERS));
+        assert!(names.iter().all(|name| crate::store::is_trace_name(name)));
+
+        // A merge (stored as NAME.trace) replaces the runs recorded before
+        // it; a run recorded after it joins it.
+        let merged = Trace {
+            image: "app".into(),
+            runs: vec![run(200, now())],
+        };
+        save(&*store, &merged, &tenant).await.unwrap();
+        assert_eq!(
+            load(&*store, "app", &tenant).await.unwrap().unwrap(),
+            merged
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        record_run(&*store, "app", &tenant, run(100, now()))
+            .await
+            .unwrap();
+        let trace = load(&*store, "app", &tenant).await.unwrap().unwrap();
+        assert_eq!(trace.runs.len(), 2, "{trace:?}");
+        assert_eq!(trace.runs[1].ids, run(100, 0).ids);
+        // Another image's runs are not this one's.
+        assert!(load(&*store, "ap", &tenant).await.unwrap().is_none());
+    }
 }

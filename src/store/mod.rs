@@ -296,10 +296,43 @@ pub fn trace_name(manifest: &str) -> String {
     format!("{manifest}{TRACE_SUFFIX}")
 }
 
-/// Whether a name from [`ChunkStore::list_manifests`] is a trace, not a
-/// manifest.
+/// Whether a name from [`ChunkStore::list_manifests`] is a trace (or a
+/// trace run), not a manifest.
 pub fn is_trace_name(name: &str) -> bool {
     name.ends_with(TRACE_SUFFIX)
+}
+
+/// What the names of manifest `manifest`'s trace runs start with. Push
+/// refuses manifest names holding it, so no manifest's trace looks like
+/// another's run.
+const TRACE_RUN_INFIX: &str = ".trace.";
+/// Hex digits of a run's stamp: its time in nanoseconds, then a random tag.
+const RUN_STAMP_LEN: usize = 24;
+
+/// The name a single recorded run of manifest `manifest`'s trace is stored
+/// under: each recorder writes its own object, so two devices recording at
+/// once never overwrite each other's run (stores have no compare-and-swap).
+/// Names of one manifest sort by `unix_nanos`, when the run was stored.
+pub fn trace_run_name(manifest: &str, unix_nanos: u64, tag: u32) -> String {
+    format!("{manifest}{TRACE_RUN_INFIX}{unix_nanos:016x}{tag:08x}{TRACE_SUFFIX}")
+}
+
+/// The time (nanoseconds since the Unix epoch) in a name
+/// [`trace_run_name`] made for `manifest`, or `None` for any other name.
+pub fn trace_run_time(manifest: &str, name: &str) -> Option<u64> {
+    let stamp = name
+        .strip_prefix(manifest)?
+        .strip_prefix(TRACE_RUN_INFIX)?
+        .strip_suffix(TRACE_SUFFIX)?;
+    if stamp.len() != RUN_STAMP_LEN || !stamp.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(&stamp[..16], 16).ok()
+}
+
+/// Whether `name` may not name a manifest because traces use it.
+pub fn is_reserved_for_traces(name: &str) -> bool {
+    is_trace_name(name) || name.contains(TRACE_RUN_INFIX)
 }
 
 /// Checks a manifest name: 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting
@@ -308,7 +341,7 @@ pub fn is_trace_name(name: &str) -> bool {
 /// and object keys alike, and a manifest can move between stores.
 pub fn validate_manifest_name(name: &str) -> Result<(), StoreError> {
     let longest = if is_trace_name(name) {
-        128 + TRACE_SUFFIX.len()
+        128 + TRACE_RUN_INFIX.len() + RUN_STAMP_LEN + TRACE_SUFFIX.len()
     } else {
         128
     };

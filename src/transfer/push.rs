@@ -31,7 +31,9 @@ use crate::chunk::{
     is_zero, seal_chunk_in_place, validate_chunk_size, validate_salt_domain, ChunkId, ChunkKey,
     Manifest, ManifestEntry, Salt, TenantKey,
 };
-use crate::store::{is_trace_name, validate_manifest_name, ChunkStore, StoreError, TRACE_SUFFIX};
+use crate::store::{
+    is_reserved_for_traces, validate_manifest_name, ChunkStore, StoreError, TRACE_SUFFIX,
+};
 
 /// Bytes read and sealed per window: enough chunks to keep every core
 /// busy and to batch the store's `missing` query, few enough to bound memory
@@ -224,9 +226,10 @@ pub(super) fn validate(opts: &PushOptions) -> Result<(), TransferError> {
         }
         other => invalid(other.to_string()),
     })?;
-    if is_trace_name(&opts.name) {
+    if is_reserved_for_traces(&opts.name) {
         return Err(invalid(format!(
-            "manifest name {:?} must not end with {TRACE_SUFFIX:?}: such names hold access traces",
+            "manifest name {:?} must not end with {TRACE_SUFFIX:?} nor hold \".trace.\": \
+             such names hold access traces",
             opts.name
         )));
     }
