@@ -15,6 +15,16 @@ impl ChunkId {
         ChunkId(sha2::Sha256::digest(envelope).into())
     }
 
+    /// [`ChunkId::of_envelope`] for async code: hashing half a megabyte
+    /// takes long enough to hold up every task queued behind it on a
+    /// runtime worker, so it runs on the blocking pool.
+    pub async fn of_envelope_off_runtime(envelope: bytes::Bytes) -> ChunkId {
+        match tokio::task::spawn_blocking(move || ChunkId::of_envelope(&envelope)).await {
+            Ok(id) => id,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
     /// Lowercase hex, as used in store paths and URLs.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)

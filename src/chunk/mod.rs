@@ -21,7 +21,8 @@ pub use keys::{derive_salt, validate_salt_domain, KeyFileError, Salt, TenantKey}
 pub use manifest::{manifest_digest, Manifest, ManifestEntry, ManifestError, PublicManifest};
 pub use seal::{
     chunk_key, open_chunk, open_chunk_in_place, plaintext_matches, seal_chunk, seal_chunk_in_place,
-    verify_envelope, ChunkError, ChunkKey, SealedChunk, ENVELOPE_OVERHEAD,
+    verify_envelope, verify_envelope_off_runtime, ChunkError, ChunkKey, SealedChunk,
+    ENVELOPE_OVERHEAD,
 };
 pub use trace::{
     merge as merge_trace_runs, Trace, TraceError, TraceRun, DEFAULT_MERGE_THRESHOLD, MAX_TRACE_RUNS,

@@ -111,12 +111,3 @@ async fn chunks_of(store: &dyn ChunkStore, name: &str) -> Result<Vec<ChunkId>, R
         .filter(|id| seen.insert(*id))
         .collect())
 }
-
-/// Hashes on rayon's pool, off the runtime's workers.
-async fn id_of(envelope: bytes::Bytes) -> ChunkId {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    rayon::spawn(move || {
-        let _ = tx.send(ChunkId::of_envelope(&envelope));
-    });
-    rx.await.expect("rayon runs every spawned job")
-}

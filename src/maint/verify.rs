@@ -15,7 +15,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use super::{
-    chunks_of, id_of, manifest_names, referenced_chunks, Progress, ReadManifestError, CONCURRENCY,
+    chunks_of, manifest_names, referenced_chunks, Progress, ReadManifestError, CONCURRENCY,
 };
 use crate::chunk::ChunkId;
 use crate::error::ErrorKind;
@@ -180,7 +180,7 @@ async fn check(store: &dyn ChunkStore, id: ChunkId) -> Result<Checked, VerifyErr
     match store.get(&id).await {
         Ok(envelope) => {
             let len = envelope.len() as u64;
-            Ok(if id_of(envelope).await == id {
+            Ok(if ChunkId::of_envelope_off_runtime(envelope).await == id {
                 Checked::Good(len)
             } else {
                 Checked::Bad
@@ -207,7 +207,7 @@ async fn repair(
         Ok(envelope) => envelope,
         Err(e) => return Ok(Err(error_chain(&e))),
     };
-    if id_of(envelope.clone()).await != id {
+    if ChunkId::of_envelope_off_runtime(envelope.clone()).await != id {
         return Ok(Err(format!(
             "the copy in {} is damaged as well",
             source.describe()

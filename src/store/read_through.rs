@@ -22,7 +22,7 @@ use tokio::sync::OnceCell;
 use super::bounded::BoundedCache;
 use super::tiered::{BackgroundFills, TierStats};
 use super::{ChunkStore, HostCache, ListedChunk, StoreError, TierSnapshot};
-use crate::chunk::{verify_envelope, ChunkError, ChunkId};
+use crate::chunk::{verify_envelope_off_runtime, ChunkError, ChunkId};
 
 /// Memory's share of the cache size, and its most.
 const MEMORY_SHARE: u64 = 8;
@@ -73,7 +73,7 @@ impl ReadThrough {
         let started = Instant::now();
         let stats = &self.stats[1];
         match self.disk.get(id).await {
-            Ok(envelope) => match verify_envelope(id, &envelope) {
+            Ok(envelope) => match verify_envelope_off_runtime(id, &envelope).await {
                 Ok(()) => {
                     stats.hit(envelope.len(), started.elapsed());
                     Some(envelope)
@@ -116,7 +116,7 @@ impl ReadThrough {
             }
             Arc::new(e)
         })?;
-        if let Err(source) = verify_envelope(id, &envelope) {
+        if let Err(source) = verify_envelope_off_runtime(id, &envelope).await {
             stats.integrity_failure();
             tracing::warn!(id = %id, error = %source, "corrupt chunk from the origin refused");
             return Err(Arc::new(StoreError::CorruptChunk {

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use super::{ChunkStore, ListedChunk, StoreError};
-use crate::chunk::{verify_envelope, ChunkId};
+use crate::chunk::{verify_envelope_off_runtime, ChunkId};
 use crate::error::ErrorKind;
 
 /// How long an upper tier may take to answer before the read moves on.
@@ -200,7 +200,7 @@ impl ChunkStore for TieredStore {
             let started = Instant::now();
             let answer = self.get_from(tier, id).await;
             let error = match answer {
-                Ok(envelope) => match verify_envelope(id, &envelope) {
+                Ok(envelope) => match verify_envelope_off_runtime(id, &envelope).await {
                     Ok(()) => {
                         stats.hit(envelope.len(), started.elapsed());
                         self.fill(passed, *id, &envelope);

@@ -291,7 +291,7 @@ impl Shared {
                 return None;
             }
         };
-        if ChunkId::of_envelope(&envelope) != *id {
+        if ChunkId::of_envelope_off_runtime(envelope.clone()).await != *id {
             tracing::warn!(%id, "shards rebuilt an envelope that does not match the chunk id");
             self.stats.add_integrity_failure();
             return None;
