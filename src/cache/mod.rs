@@ -187,7 +187,7 @@ impl CacheDir {
     /// waiting: `None` while a flush holds that state.
     pub fn is_present_on_disk_now(&self, index: u64) -> Option<bool> {
         let persisted = self.persisted.try_lock().ok()?;
-        Some(attach::is_set(&persisted.present, index))
+        Some(bitmap::is_set(&persisted.present, index))
     }
 
     /// Makes the `present` file list chunk `index`, which must be present:
@@ -197,7 +197,7 @@ impl CacheDir {
     pub fn persist_present(&self, index: u64) -> Result<(), CacheError> {
         let listed = {
             let persisted = self.persisted.lock().unwrap_or_else(|e| e.into_inner());
-            attach::is_set(&persisted.present, index)
+            bitmap::is_set(&persisted.present, index)
         };
         if listed {
             return Ok(());
