@@ -6,7 +6,8 @@
 #
 # The VM runs under TCG emulation: absolute figures mean little, ratios
 # between targets measured in the same run do. Everything lives in the
-# guest's tmpfs: the image, the store and the cache directories.
+# guest's tmpfs: the image, the store and (unless BENCH_CACHE_FS says
+# otherwise) the cache directories.
 #   rand: 4 KiB random reads, queue depth 32, for BENCH_RUNTIME seconds;
 #   seq:  1 MiB sequential reads of the whole device, queue depth 8.
 # fio uses io_uring and O_DIRECT on the block device. Cold: a fresh cache
@@ -18,10 +19,16 @@
 # AUTO_BUF_REG, else copy) and, where that is zero copy, once more with
 # `--no-zero-copy`, so both data paths are measured on the same kernel.
 #
+# BENCH_CACHE_FS=ext4 puts lazyblk's cache directories on an ext4 file
+# system (a file in the guest's tmpfs, loop-mounted) instead of tmpfs.
+# tmpfs has no non-blocking buffered reads, so io_uring hands each cache
+# read to an io-wq worker thread; on ext4 (as on a real host's cache disk) a
+# read the page cache holds completes inline (kernel-notes/ublk.md).
+#
 # Environment: BENCH_IMAGE_MIB (default 128), BENCH_RUNTIME (default 10),
-# BENCH_FUSE (default 1; 0 skips FUSE + loop), LAZYBLK_VM_RUN (default
-# scripts/vm-run.sh), LAZYBLK_VM_SUITE (the kernel: trixie, the default,
-# or trixie-backports).
+# BENCH_FUSE (default 1; 0 skips FUSE + loop), BENCH_CACHE_FS (tmpfs, the
+# default, or ext4), LAZYBLK_VM_RUN (default scripts/vm-run.sh),
+# LAZYBLK_VM_SUITE (the kernel: trixie, the default, or trixie-backports).
 set -euo pipefail
 # shellcheck source=scripts/lib/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
@@ -29,11 +36,13 @@ set -euo pipefail
 image_mib=${BENCH_IMAGE_MIB:-128}
 runtime=${BENCH_RUNTIME:-10}
 fuse=${BENCH_FUSE:-1}
+cache_fs=${BENCH_CACHE_FS:-tmpfs}
 vm_run=${LAZYBLK_VM_RUN:-$REPO_ROOT/scripts/vm-run.sh}
 [[ -x $vm_run ]] || die "no VM runner at $vm_run"
 [[ $image_mib =~ ^[1-9][0-9]*$ ]] || die "BENCH_IMAGE_MIB wants a number of MiB, not '$image_mib'"
 [[ $runtime =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNTIME wants a number of seconds, not '$runtime'"
 [[ $fuse == [01] ]] || die "BENCH_FUSE wants 0 or 1, not '$fuse'"
+[[ $cache_fs == tmpfs || $cache_fs == ext4 ]] || die "BENCH_CACHE_FS wants tmpfs or ext4, not '$cache_fs'"
 
 note "cargo build --release"
 built=$(build_release)
@@ -49,8 +58,18 @@ cat >"$work/bench-guest" <<'EOF'
 # In the guest: prints "BENCH target temp job iops kib_per_s" lines, and
 # "BENCH-MODE target mode" for each ublk target.
 set -eu
-image_mib=$1 runtime=$2 fuse=$3
+image_mib=$1 runtime=$2 fuse=$3 cache_fs=$4
 cd /tmp
+if [ "$cache_fs" = ext4 ]; then
+    # Room for one full cache at a time (each is removed after its job).
+    truncate -s $((image_mib * 2 + 64))M cachefs.img
+    mkfs.ext4 -q cachefs.img
+    mkdir -p /cachefs
+    mount -o loop cachefs.img /cachefs
+    ln -s /cachefs caches
+else
+    mkdir caches
+fi
 dd if=/dev/urandom of=image bs=1M count="$image_mib" 2>/dev/null
 lazyblk keygen --out key >/dev/null
 echo "bench: pushing a $image_mib MiB random image" >&2
@@ -86,7 +105,7 @@ for t in $targets; do
         extra=
         [ "$t" = ublkcopy ] && extra=--no-zero-copy
         # shellcheck disable=SC2086
-        out=$(lazyblk add --store store --key key --name bench --cache-dir "cache-$t-$j" --read-only $extra)
+        out=$(lazyblk add --store store --key key --name bench --cache-dir "caches/cache-$t-$j" --read-only $extra)
         dev=${out%% *}
         id=$(echo "$out" | cut -d' ' -f3)
         mode=$(lazyblk list --json | sed -n 's/.*"copy_mode": "\([a-z-]*\)".*/\1/p' | head -n 1)
@@ -95,14 +114,14 @@ for t in $targets; do
         read_all "$dev"
         job "$t" warm $j "$dev"
         lazyblk del -n "$id" >/dev/null
-        rm -rf "cache-$t-$j"
+        rm -rf "caches/cache-$t-$j"
     done
 done
 
 [ "$fuse" = 1 ] || { echo "BENCH-FIO $(fio --version)"; echo "BENCH-KERNEL $(uname -r)"; exit 0; }
 mkdir -p mnt
 for j in rand seq; do
-    lazyblk add --store store --key key --name bench --cache-dir "cache-fuse-$j" --read-only --fuse mnt >/dev/null
+    lazyblk add --store store --key key --name bench --cache-dir "caches/cache-fuse-$j" --read-only --fuse mnt >/dev/null
     loop=$(losetup -f)
     losetup -r "$loop" mnt/disk
     drop_caches
@@ -111,7 +130,7 @@ for j in rand seq; do
     job fuse warm $j "$loop"
     losetup -d "$loop"
     lazyblk del --fuse mnt >/dev/null
-    rm -rf "cache-fuse-$j"
+    rm -rf "caches/cache-fuse-$j"
 done
 echo "BENCH-FIO $(fio --version)"
 echo "BENCH-KERNEL $(uname -r)"
@@ -121,7 +140,7 @@ chmod 755 "$work/bench-guest"
 note "running the benchmark in the VM (${image_mib} MiB image, ${runtime} s random jobs)"
 "$vm_run" --timeout 1800 --mem $((image_mib * 5 + 1024)) \
     --add "$bin:/vm/lazyblk" --add "$work/bench-guest:/vm/bench-guest" \
-    -- bench-guest "$image_mib" "$runtime" "$fuse" >"$work/console.log" ||
+    -- bench-guest "$image_mib" "$runtime" "$fuse" "$cache_fs" >"$work/console.log" ||
     die "the benchmark failed in the VM: $(tail -n 20 "$work/console.log")"
 
 declare -A iops kib mode
@@ -174,7 +193,7 @@ row() { # label, temp, job, unit
 
 echo "### ublk vs FUSE + loop vs loop, in the VM (kernel $kernel)"
 echo
-echo "Command: \`LAZYBLK_VM_SUITE=${LAZYBLK_VM_SUITE:-trixie} scripts/bench-vm.sh\` (BENCH_IMAGE_MIB=$image_mib, BENCH_RUNTIME=$runtime, BENCH_FUSE=$fuse): kernel $kernel under qemu TCG (2 vCPUs), $fio_version with \`--ioengine=io_uring --direct=1\` on the block device; rand = \`--rw=randread --bs=4k --iodepth=32 --runtime=$runtime --time_based\`, seq = \`--rw=read --bs=1M --iodepth=8\` over the whole device. Image, store and caches in the guest's tmpfs. The baseline is \`losetup -r\` over the image file (in memory, so always warm). lazyblk ublk: \`add --read-only\` with the default queues (one per vCPU) and depth 128, in the mode \`add\` picks and, where that is zero copy, also with \`--no-zero-copy\`. FUSE + loop: \`add --fuse --read-only\` and \`losetup -r\` over \`MNT/disk\`. Cold = fresh cache directory; warm = after one full read of the device."
+echo "Command: \`LAZYBLK_VM_SUITE=${LAZYBLK_VM_SUITE:-trixie} scripts/bench-vm.sh\` (BENCH_IMAGE_MIB=$image_mib, BENCH_RUNTIME=$runtime, BENCH_FUSE=$fuse, BENCH_CACHE_FS=$cache_fs): kernel $kernel under qemu TCG (2 vCPUs), $fio_version with \`--ioengine=io_uring --direct=1\` on the block device; rand = \`--rw=randread --bs=4k --iodepth=32 --runtime=$runtime --time_based\`, seq = \`--rw=read --bs=1M --iodepth=8\` over the whole device. Image and store in the guest's tmpfs, caches on $cache_fs. The baseline is \`losetup -r\` over the image file (in memory, so always warm). lazyblk ublk: \`add --read-only\` with the default queues (one per vCPU) and depth 128, in the mode \`add\` picks and, where that is zero copy, also with \`--no-zero-copy\`. FUSE + loop: \`add --fuse --read-only\` and \`losetup -r\` over \`MNT/disk\`. Cold = fresh cache directory; warm = after one full read of the device."
 echo
 header="| job | loop"
 rule="| --- | ---:"
