@@ -266,3 +266,165 @@ fn with_tls_clients_must_starttls_and_then_read_the_image() {
     assert!(client.is_closed());
     assert!(device.is_alive());
 }
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    run(Command::new("openssl").current_dir(dir).args(args));
+}
+
+/// A key and a certificate signed by `ca` (its `ca-cert.pem` and
+/// `ca-key.pem` in `dir`), written as `NAME-key.pem` and `NAME-cert.pem`.
+fn signed(dir: &Path, name: &str, subject: &str, extensions: &str, ca: &str) {
+    let (key, csr, cert) = (
+        format!("{name}-key.pem"),
+        format!("{name}.csr"),
+        format!("{name}-cert.pem"),
+    );
+    openssl(
+        dir,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &key,
+        ],
+    );
+    openssl(
+        dir,
+        &["req", "-new", "-key", &key, "-subj", subject, "-out", &csr],
+    );
+    fs::write(dir.join(format!("{name}.ext")), extensions).unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-days",
+            "2",
+            "-CA",
+            &format!("{ca}-cert.pem"),
+            "-CAkey",
+            &format!("{ca}-key.pem"),
+            "-CAcreateserial",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &cert,
+        ],
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate it
+/// signed, in `dir`; and a client certificate from another CA in
+/// `dir/rogue`, laid out as libnbd looks for them (`ca-cert.pem`,
+/// `client-cert.pem`, `client-key.pem`).
+fn client_pki(dir: &Path) {
+    let rogue = dir.join("rogue");
+    fs::create_dir_all(&rogue).unwrap();
+    for ca_dir in [dir, &rogue] {
+        openssl(
+            ca_dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=test CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+                "-keyout",
+                "ca-key.pem",
+                "-out",
+                "ca-cert.pem",
+            ],
+        );
+    }
+    signed(
+        dir,
+        "server",
+        "/CN=localhost",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        "ca",
+    );
+    for client_dir in [dir, &rogue] {
+        signed(
+            client_dir,
+            "client",
+            "/CN=client",
+            "extendedKeyUsage=clientAuth\n",
+            "ca",
+        );
+    }
+    // The rogue client trusts the real server; its own certificate is what
+    // the server must refuse.
+    fs::copy(dir.join("ca-cert.pem"), rogue.join("ca-cert.pem")).unwrap();
+}
+
+#[test]
+fn with_a_client_ca_only_clients_it_signed_are_served() {
+    let world = World::new();
+    pushed_image(&world, "mtls");
+    let pki = world.path("pki");
+    fs::create_dir_all(&pki).unwrap();
+    client_pki(&pki);
+    let path = |name: &str| pki.join(name).to_str().unwrap().to_owned();
+    let device = NbdDevice::add(
+        &world,
+        "mtls",
+        "cache",
+        "tcp:127.0.0.1:0",
+        &[
+            "--tls-cert",
+            &path("server-cert.pem"),
+            "--tls-key",
+            &path("server-key.pem"),
+            "--tls-client-ca",
+            &path("ca-cert.pem"),
+        ],
+    );
+    let served = |certificates: &Path| {
+        Command::new("nbdinfo")
+            .arg(format!(
+                "{}?tls-certificates={}",
+                device.uri,
+                certificates.display()
+            ))
+            .output()
+            .unwrap()
+    };
+    let signed_client = served(&pki);
+    assert!(signed_client.status.success(), "{signed_client:?}");
+    assert!(String::from_utf8_lossy(&signed_client.stdout).contains("with TLS"));
+    let rogue = served(&pki.join("rogue"));
+    assert!(
+        !rogue.status.success(),
+        "a client the CA did not sign was served"
+    );
+    // No client certificate at all.
+    let anonymous = world.path("anonymous");
+    fs::create_dir_all(&anonymous).unwrap();
+    fs::copy(pki.join("ca-cert.pem"), anonymous.join("ca-cert.pem")).unwrap();
+    let anonymous = served(&anonymous);
+    assert!(
+        !anonymous.status.success(),
+        "a client without a certificate was served"
+    );
+    // Before STARTTLS, options are still refused.
+    let mut client = RawClient::tcp(&device.addr());
+    client.client_flags();
+    assert_eq!(client.go("mtls"), Err(REP_ERR_TLS_REQD));
+    assert!(device.is_alive());
+}

@@ -69,6 +69,11 @@ pub struct AddArgs {
     /// With --nbd: the TLS certificate's private key (PEM).
     #[arg(long, value_name = "PEM", requires_all = ["nbd", "tls_cert"])]
     pub tls_key: Option<PathBuf>,
+    /// With --nbd and --tls-cert: clients must present a certificate that
+    /// chains to a CA certificate in this file (PEM), or the handshake
+    /// fails. (--tls-ca is the CA of an https:// store.)
+    #[arg(long, value_name = "PEM", requires_all = ["nbd", "tls_cert"])]
+    pub tls_client_ca: Option<PathBuf>,
     /// The ublk device number wanted (/dev/ublkbID); by default the driver picks.
     #[arg(
         short = 'n',

@@ -69,7 +69,7 @@ pub(super) async fn serve(args: &AddArgs) -> anyhow::Result<()> {
     };
     let listen = absolute(listen)?;
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key, args.tls_client_ca.as_deref())?),
         _ => None,
     };
     let claims = PathBuf::from(listen.to_string());

@@ -46,6 +46,12 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
+    #[error("TLS client CA file {} cannot verify clients", path.display())]
+    ClientCa {
+        path: PathBuf,
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
     #[error(transparent)]
     Private(#[from] PrivacyError),
 }
@@ -64,6 +70,16 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// first) and its private key in `key` (PEM; refused if group or others
 /// may read it, as tenant keys are).
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_verifying_clients(cert, key, None)
+}
+
+/// [`server_config`], and with `client_ca`, every client must present a
+/// certificate that chains to a CA certificate in that file (PEM).
+pub fn server_config_verifying_clients(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = read_certificates(cert, "TLS certificate file")?;
     private::check(key, TLS_KEY)?;
     let key_pem = zeroize::Zeroizing::new(read(key, TLS_KEY.what)?);
@@ -84,10 +100,14 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
         path: cert.to_owned(),
         source,
     };
-    let mut config = ServerConfig::builder_with_provider(provider())
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(refused)?
-        .with_no_client_auth()
+        .map_err(refused)?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => builder.with_client_cert_verifier(client_verifier(ca)?),
+    };
+    let mut config = builder
         .with_single_cert(chain, private_key)
         .map_err(refused)?;
     config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
@@ -115,6 +135,27 @@ pub fn client_config_trusting(ca: &Path) -> Result<ClientConfig, TlsError> {
         })?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+/// Accepts clients whose certificate chains to a CA in `ca`, and no other.
+fn client_verifier(
+    ca: &Path,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    const WHAT: &str = "TLS client CA file";
+    let mut roots = RootCertStore::empty();
+    for cert in read_certificates(ca, WHAT)? {
+        roots.add(cert).map_err(|source| TlsError::Refused {
+            what: WHAT,
+            path: ca.to_owned(),
+            source,
+        })?;
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|source| TlsError::ClientCa {
+            path: ca.to_owned(),
+            source,
+        })
 }
 
 fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {

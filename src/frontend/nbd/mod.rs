@@ -130,8 +130,16 @@ impl Export {
 /// A TLS acceptor for the certificate chain and key in `cert` and `key`
 /// (PEM; the key refused if others may read it), loaded as the chunk
 /// server loads them. NBD names no ALPN protocol, so none is offered.
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
-    let mut config = crate::net::tls::server_config(cert, key)?.as_ref().clone();
+/// With `client_ca`, a client must present a certificate that chains to it
+/// (NBD has no other client authentication).
+pub fn tls_acceptor(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<TlsAcceptor, TlsError> {
+    let mut config = crate::net::tls::server_config_verifying_clients(cert, key, client_ca)?
+        .as_ref()
+        .clone();
     config.alpn_protocols.clear();
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
