@@ -48,6 +48,15 @@ fn category_label(categories: &[String], x: f64) -> String {
     categories.get(index as usize).cloned().unwrap_or_default()
 }
 
+/// How a plot draws its series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// A line per series over the categories.
+    Lines,
+    /// A group of bars per category, a bar per series.
+    Bars,
+}
+
 /// Writes a line per series over `categories` (evenly spaced) to `path`.
 pub fn lines(
     path: &Path,
@@ -56,54 +65,7 @@ pub fn lines(
     y_desc: &str,
     series: &[Series],
 ) -> Result<(), PlotError> {
-    let error = plot_error(path);
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(&error)?;
-    let n = categories.len().max(1) as f64;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(64)
-        .build_cartesian_2d(-0.5f64..n - 0.5, 0f64..y_top(series))
-        .map_err(&error)?;
-    chart
-        .configure_mesh()
-        .x_labels(categories.len() + 1)
-        .x_label_formatter(&|x| category_label(categories, *x))
-        .y_desc(y_desc)
-        .draw()
-        .map_err(&error)?;
-    for (index, (name, values)) in series.iter().enumerate() {
-        let color = Palette99::pick(index).to_rgba();
-        let points: Vec<(f64, f64)> = values
-            .iter()
-            .enumerate()
-            .filter_map(|(x, v)| v.map(|v| (x as f64, v)))
-            .collect();
-        chart
-            .draw_series(
-                points
-                    .iter()
-                    .map(|&point| Circle::new(point, 4, color.filled())),
-            )
-            .map_err(&error)?;
-        chart
-            .draw_series(LineSeries::new(points, color.stroke_width(2)))
-            .map_err(&error)?
-            .label(name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(&error)?;
-    root.present().map_err(&error)
+    plot(Shape::Lines, path, title, categories, y_desc, series)
 }
 
 /// Writes grouped bars, a group per category and a bar per series, to `path`.
@@ -114,6 +76,17 @@ pub fn bars(
     y_desc: &str,
     series: &[Series],
 ) -> Result<(), PlotError> {
+    plot(Shape::Bars, path, title, categories, y_desc, series)
+}
+
+fn plot(
+    shape: Shape,
+    path: &Path,
+    title: &str,
+    categories: &[String],
+    y_desc: &str,
+    series: &[Series],
+) -> Result<(), PlotError> {
     let error = plot_error(path);
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(&error)?;
@@ -125,27 +98,60 @@ pub fn bars(
         .y_label_area_size(64)
         .build_cartesian_2d(-0.5f64..n - 0.5, 0f64..y_top(series))
         .map_err(&error)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(categories.len() + 1)
+    let mut mesh = chart.configure_mesh();
+    if shape == Shape::Bars {
+        mesh.disable_x_mesh();
+    }
+    mesh.x_labels(categories.len() + 1)
         .x_label_formatter(&|x| category_label(categories, *x))
         .y_desc(y_desc)
         .draw()
         .map_err(&error)?;
-    // The group spans 0.8 of a category; each bar an equal part of it.
-    let width = 0.8 / series.len().max(1) as f64;
+    // A group of bars spans 0.8 of a category; each bar an equal part of it.
+    let bar_width = 0.8 / series.len().max(1) as f64;
     for (index, (name, values)) in series.iter().enumerate() {
         let color = Palette99::pick(index).to_rgba();
-        let offset = -0.4 + width * index as f64;
-        chart
-            .draw_series(values.iter().enumerate().filter_map(|(x, v)| {
-                let left = x as f64 + offset;
-                v.map(|v| Rectangle::new([(left, 0.0), (left + width * 0.9, v)], color.filled()))
-            }))
-            .map_err(&error)?
-            .label(name.as_str())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+        match shape {
+            Shape::Lines => {
+                let points: Vec<(f64, f64)> = values
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(x, v)| v.map(|v| (x as f64, v)))
+                    .collect();
+                chart
+                    .draw_series(
+                        points
+                            .iter()
+                            .map(|&point| Circle::new(point, 4, color.filled())),
+                    )
+                    .map_err(&error)?;
+                chart
+                    .draw_series(LineSeries::new(points, color.stroke_width(2)))
+                    .map_err(&error)?
+                    .label(name.as_str())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                    });
+            }
+            Shape::Bars => {
+                let offset = -0.4 + bar_width * index as f64;
+                chart
+                    .draw_series(values.iter().enumerate().filter_map(|(x, v)| {
+                        let left = x as f64 + offset;
+                        v.map(|v| {
+                            Rectangle::new(
+                                [(left, 0.0), (left + bar_width * 0.9, v)],
+                                color.filled(),
+                            )
+                        })
+                    }))
+                    .map_err(&error)?
+                    .label(name.as_str())
+                    .legend(move |(x, y)| {
+                        Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
+                    });
+            }
+        }
     }
     chart
         .configure_series_labels()
