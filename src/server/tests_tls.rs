@@ -43,6 +43,22 @@ pub(super) fn private_ca(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
     paths
 }
 
+/// A server over TLS with a certificate from [`private_ca`] in `dir`;
+/// returns it and the CA's PEM file.
+async fn tls_server(dir: &tempfile::TempDir) -> (Running, std::path::PathBuf) {
+    let [ca, cert, key] = private_ca(dir.path());
+    let server = Running::start(
+        dir_store(dir),
+        "127.0.0.1:0".parse().unwrap(),
+        super::ServerOptions {
+            tls: Some(server_config(&cert, &key).unwrap()),
+            ..options(None, None)
+        },
+    )
+    .await;
+    (server, ca)
+}
+
 async fn get_metrics(client: &HttpClient, url: &str) -> Result<crate::net::Response, HttpError> {
     let request = Request::builder()
         .method(Method::GET)
@@ -55,16 +71,7 @@ async fn get_metrics(client: &HttpClient, url: &str) -> Result<crate::net::Respo
 #[tokio::test]
 async fn tls_serves_h2_through_alpn_to_a_client_trusting_its_ca_and_refuses_others() {
     let dir = crate::private::test_dir();
-    let [ca, cert, key] = private_ca(dir.path());
-    let server = Running::start(
-        dir_store(&dir),
-        "127.0.0.1:0".parse().unwrap(),
-        super::ServerOptions {
-            tls: Some(server_config(&cert, &key).unwrap()),
-            ..options(None, None)
-        },
-    )
-    .await;
+    let (server, ca) = tls_server(&dir).await;
     let url = format!("https://{}", server.addr);
 
     let trusting = HttpClient::with_tls(false, client_config_trusting(&ca).unwrap());
@@ -104,16 +111,7 @@ async fn tls_serves_h2_through_alpn_to_a_client_trusting_its_ca_and_refuses_othe
 #[tokio::test]
 async fn a_handshake_that_never_finishes_is_cut_off() {
     let dir = crate::private::test_dir();
-    let [_, cert, key] = private_ca(dir.path());
-    let server = Running::start(
-        dir_store(&dir),
-        "127.0.0.1:0".parse().unwrap(),
-        super::ServerOptions {
-            tls: Some(server_config(&cert, &key).unwrap()),
-            ..options(None, None)
-        },
-    )
-    .await;
+    let (server, _) = tls_server(&dir).await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     // The first bytes of a ClientHello, then nothing.
     stream.write_all(&[0x16, 0x03, 0x01, 0x02]).await.unwrap();
