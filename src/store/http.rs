@@ -229,6 +229,15 @@ impl HttpStore {
         }
     }
 
+    /// A 404 where a chunk server has a route: the URL names something else.
+    fn no_route(&self, op: &'static str, object: String) -> StoreError {
+        self.protocol_error(
+            op,
+            object,
+            "no such route (404): is the URL a chunk server?".into(),
+        )
+    }
+
     fn parse_id(&self, op: &'static str, hex: &str) -> Result<ChunkId, StoreError> {
         hex.parse::<ChunkId>().map_err(|e| {
             self.protocol_error(
@@ -256,13 +265,7 @@ impl HttpStore {
                 MAX_JSON_BODY,
             )
             .await?
-            .ok_or_else(|| {
-                self.protocol_error(
-                    op,
-                    object.to_owned(),
-                    "no such route (404): is the URL a chunk server?".into(),
-                )
-            })?;
+            .ok_or_else(|| self.no_route(op, object.to_owned()))?;
         serde_json::from_slice(&body)
             .map_err(|e| self.protocol_error(op, object.to_owned(), format!("bad answer: {e}")))
     }
@@ -309,11 +312,7 @@ impl ChunkStore for HttpStore {
             .await?
         {
             Some(_) => Ok(()),
-            None => Err(self.protocol_error(
-                "write",
-                chunk_object(id),
-                "the server has no chunk route (404): is the URL a chunk server?".into(),
-            )),
+            None => Err(self.no_route("write", chunk_object(id))),
         }
     }
 
@@ -329,9 +328,7 @@ impl ChunkStore for HttpStore {
             let answer = self
                 .exchange("check", object, Method::POST, &url, body, MAX_JSON_BODY)
                 .await?
-                .ok_or_else(|| {
-                    self.protocol_error("check", object(), "no missing route (404)".into())
-                })?;
+                .ok_or_else(|| self.no_route("check", object()))?;
             let answer: MissingResponse = serde_json::from_slice(&answer)
                 .map_err(|e| self.protocol_error("check", object(), format!("bad answer: {e}")))?;
             for hex in &answer.missing {
@@ -428,11 +425,7 @@ impl ChunkStore for HttpStore {
             .await?
         {
             Some(_) => Ok(()),
-            None => Err(self.protocol_error(
-                "write",
-                manifest_object(name),
-                "the server has no manifest route (404): is the URL a chunk server?".into(),
-            )),
+            None => Err(self.no_route("write", manifest_object(name))),
         }
     }
 
