@@ -36,7 +36,7 @@ static WAITING_REQUESTS: Semaphore = Semaphore::const_new(MAX_WAITING_REQUESTS);
 
 /// A slot for one request on the blocking pool, held until the request is
 /// done (see [`MAX_WAITING_REQUESTS`]).
-pub(crate) async fn waiting_request_slot() -> SemaphorePermit<'static> {
+async fn waiting_request_slot() -> SemaphorePermit<'static> {
     WAITING_REQUESTS
         .acquire()
         .await
@@ -58,15 +58,31 @@ pub(crate) fn run_inline_or_blocking(
 ) {
     let mut request = Box::pin(request);
     if request.as_mut().now_or_never().is_none() {
-        let blocking = runtime.clone();
-        runtime.spawn(async move {
-            let slot = waiting_request_slot().await;
-            blocking.spawn_blocking(move || {
-                futures::executor::block_on(request);
-                drop(slot);
-            });
-        });
+        runtime.spawn(finish_on_blocking_pool(request));
     }
+}
+
+/// As [`run_inline_or_blocking`], from an async task that reads requests:
+/// a request that completes at once does so on that task, and one that
+/// must wait makes the task wait for its slot, so the reader stops taking
+/// requests while every slot is held.
+pub(crate) async fn run_inline_or_wait_for_slot(
+    request: impl Future<Output = ()> + Send + 'static,
+) {
+    let mut request = Box::pin(request);
+    if request.as_mut().now_or_never().is_none() {
+        finish_on_blocking_pool(request).await;
+    }
+}
+
+/// Waits for one of the [`MAX_WAITING_REQUESTS`] slots, then finishes
+/// `request` on the blocking pool, which holds the slot until it is done.
+pub(crate) async fn finish_on_blocking_pool(request: impl Future<Output = ()> + Send + 'static) {
+    let slot = waiting_request_slot().await;
+    tokio::task::spawn_blocking(move || {
+        futures::executor::block_on(request);
+        drop(slot);
+    });
 }
 
 /// The errno a failed request is answered with, after logging the failure

@@ -1,12 +1,15 @@
 //! The transmission phase: requests in, replies out, many in flight.
 //!
-//! One task reads requests. Each valid one runs on the blocking pool (the
-//! engine's [`SyncIo`] does its cache I/O on the calling thread) and hands
-//! its reply to the connection's one writer task, so replies leave in the
-//! order requests complete. What requests in flight may hold is bounded by
-//! a byte budget: the reader waits for room before it reads a write's
-//! payload or starts a read, which pushes back on a client that sends
-//! faster than the engine serves.
+//! One task reads requests. A read whose chunks the cache holds completes
+//! on that task (the engine's [`SyncIo`] does its cache I/O on the calling
+//! thread and finishes such a request in its first poll); every other
+//! valid request runs on the blocking pool, within the process's cap on
+//! requests that wait ([`crate::frontend::MAX_WAITING_REQUESTS`]). Each
+//! hands its reply to the connection's one writer task, so replies leave
+//! in the order requests complete. What requests in flight may hold is
+//! bounded by a byte budget: the reader waits for room before it reads a
+//! write's payload or starts a read, which pushes back on a client that
+//! sends faster than the engine serves.
 //!
 //! A request the protocol forbids gets its error reply and the connection
 //! goes on, except where the stream cannot be trusted afterwards (a bad
@@ -108,17 +111,24 @@ async fn read_requests<R: AsyncRead + Unpin>(
         let mut data = vec![0u8; payload as usize];
         reader.read_exact(&mut data).await?;
         let (engine, replies) = (export.engine.clone(), replies.clone());
-        let slot = crate::frontend::waiting_request_slot().await;
-        tokio::task::spawn_blocking(move || {
-            let (error, data) = futures::executor::block_on(execute(&engine, &request, data));
-            drop(slot);
+        let is_read = request.command == Command::Read;
+        let serve = async move {
+            let (error, data) = execute(&engine, &request, data).await;
             let _ = replies.send(Reply {
                 handle: request.handle,
                 error,
                 data,
                 _budget: Some(permit),
             });
-        });
+        };
+        // A read the cache holds is a copy out of the page cache: done here
+        // at once, it saves two thread hand-offs. Writes and flushes may
+        // sync, so they always leave this task.
+        if is_read {
+            crate::frontend::run_inline_or_wait_for_slot(serve).await;
+        } else {
+            crate::frontend::finish_on_blocking_pool(serve).await;
+        }
     }
 }
 
