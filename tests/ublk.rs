@@ -7,6 +7,9 @@
 //! kernel with ublk. There, a missing tool fails the test.
 
 mod common;
+// The SIGKILL and recover rounds under writes, in their own file.
+#[path = "ublk/crash.rs"]
+mod crash;
 
 use std::collections::BTreeMap;
 use std::fs;
