@@ -118,14 +118,7 @@ pub fn server_config_verifying_clients(
 /// only those: a private CA or a self-signed server certificate.
 pub fn client_config_trusting(ca: &Path) -> Result<ClientConfig, TlsError> {
     const WHAT: &str = "TLS CA file";
-    let mut roots = RootCertStore::empty();
-    for cert in read_certificates(ca, WHAT)? {
-        roots.add(cert).map_err(|source| TlsError::Refused {
-            what: WHAT,
-            path: ca.to_owned(),
-            source,
-        })?;
-    }
+    let roots = roots_from(ca, WHAT)?;
     Ok(ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|source| TlsError::Refused {
@@ -137,19 +130,25 @@ pub fn client_config_trusting(ca: &Path) -> Result<ClientConfig, TlsError> {
         .with_no_client_auth())
 }
 
+/// The CA certificates in `ca` (PEM, the `what` of errors), as trust roots.
+fn roots_from(ca: &Path, what: &'static str) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certificates(ca, what)? {
+        roots.add(cert).map_err(|source| TlsError::Refused {
+            what,
+            path: ca.to_owned(),
+            source,
+        })?;
+    }
+    Ok(roots)
+}
+
 /// Accepts clients whose certificate chains to a CA in `ca`, and no other.
 fn client_verifier(
     ca: &Path,
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
     const WHAT: &str = "TLS client CA file";
-    let mut roots = RootCertStore::empty();
-    for cert in read_certificates(ca, WHAT)? {
-        roots.add(cert).map_err(|source| TlsError::Refused {
-            what: WHAT,
-            path: ca.to_owned(),
-            source,
-        })?;
-    }
+    let roots = roots_from(ca, WHAT)?;
     rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
         .map_err(|source| TlsError::ClientCa {

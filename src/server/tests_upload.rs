@@ -74,16 +74,23 @@ fn chunked(body: &[u8], piece: usize) -> Vec<u8> {
     out
 }
 
-#[tokio::test]
-async fn a_body_in_many_pieces_is_stored_whole_with_or_without_a_length() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir_store(&dir);
+/// A server over a directory store in `dir` that takes writes with
+/// [`WRITE`], and that store.
+async fn writable_server(dir: &tempfile::TempDir) -> (Arc<dyn ChunkStore>, Running) {
+    let store = dir_store(dir);
     let server = Running::start(
         Arc::clone(&store),
         "127.0.0.1:0".parse().unwrap(),
         options(None, Some(WRITE)),
     )
     .await;
+    (store, server)
+}
+
+#[tokio::test]
+async fn a_body_in_many_pieces_is_stored_whole_with_or_without_a_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, server) = writable_server(&dir).await;
     let with_length = envelope(300_001);
     let id = ChunkId::of_envelope(&with_length);
     let head = put_head(&id, &format!("content-length: {}\r\n", with_length.len()));
@@ -110,13 +117,7 @@ async fn a_body_in_many_pieces_is_stored_whole_with_or_without_a_length() {
 #[tokio::test]
 async fn a_body_that_is_not_its_name_or_not_whole_is_refused_and_not_stored() {
     let dir = tempfile::tempdir().unwrap();
-    let store = dir_store(&dir);
-    let server = Running::start(
-        Arc::clone(&store),
-        "127.0.0.1:0".parse().unwrap(),
-        options(None, Some(WRITE)),
-    )
-    .await;
+    let (store, server) = writable_server(&dir).await;
     let body = envelope(100_000);
     let id = ChunkId::of_envelope(&body);
 
