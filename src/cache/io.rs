@@ -7,6 +7,10 @@
 //! * [`SyncIo`] does the syscall inside the future's first poll: a warm
 //!   request completes on the caller's thread without any runtime (the FUSE
 //!   session thread; tests);
+//! * [`NowaitReadIo`] is [`SyncIo`] for a caller on an async runtime's
+//!   worker (NBD's connection task): a read the page cache holds completes
+//!   in the first poll, one that would wait for the disk stays pending so
+//!   the caller can finish it off the worker;
 //! * the ublk frontend's ring implementation (`frontend/ublk/ring_io.rs`)
 //!   submits the same operations to its queue's own io_uring, so a queue
 //!   thread never blocks in a syscall and other tags run meanwhile. It lives
@@ -157,6 +161,74 @@ impl CacheIo for SyncIo {
     }
 }
 
+/// [`SyncIo`], except that a read's first poll only takes what the page
+/// cache holds (`preadv2` with `RWF_NOWAIT`): a read that would wait for
+/// the disk is pending once (waking itself at once) and does the plain
+/// read when polled again, by then where blocking is allowed. Writes and
+/// punches are [`SyncIo`]'s: callers run those off the worker anyway. A
+/// filesystem that offers no non-blocking reads (tmpfs, which never waits
+/// for a disk) gets the plain read in the first poll, as with [`SyncIo`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NowaitReadIo;
+
+impl CacheIo for NowaitReadIo {
+    fn read_at(
+        &self,
+        file: &File,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> impl Future<Output = io::Result<()>> {
+        let mut may_block = false;
+        std::future::poll_fn(move |cx| {
+            if !may_block {
+                if let Some(done) = read_from_page_cache(file, buf, offset) {
+                    return std::task::Poll::Ready(done);
+                }
+                may_block = true;
+                cx.waker().wake_by_ref();
+                return std::task::Poll::Pending;
+            }
+            std::task::Poll::Ready(file.read_exact_at(buf, offset))
+        })
+    }
+
+    fn write_at(
+        &self,
+        file: &File,
+        data: &[u8],
+        offset: u64,
+    ) -> impl Future<Output = io::Result<()>> {
+        SyncIo.write_at(file, data, offset)
+    }
+
+    fn punch_hole(
+        &self,
+        file: &File,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = io::Result<()>> {
+        SyncIo.punch_hole(file, offset, len)
+    }
+}
+
+/// The whole read done without waiting for a disk, or `None` if it would
+/// have to wait (a page not cached: nothing read, or a short read).
+fn read_from_page_cache(file: &File, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+    use rustix::io::{preadv2, Errno, ReadWriteFlags};
+    let len = buf.len();
+    match preadv2(
+        file,
+        &mut [io::IoSliceMut::new(buf)],
+        offset,
+        ReadWriteFlags::NOWAIT,
+    ) {
+        Ok(read) if read == len => Some(Ok(())),
+        Ok(_) | Err(Errno::AGAIN) => None,
+        Err(Errno::OPNOTSUPP) => Some(file.read_exact_at(buf, offset)),
+        Err(e) => Some(Err(e.into())),
+    }
+}
+
 /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`: the filesystem frees whole blocks
 /// and zeroes the partial ones at either end.
 pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
@@ -176,6 +248,55 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
 mod tests {
     use super::*;
     use futures::FutureExt;
+
+    #[test]
+    fn nowait_reads_complete_at_once_from_the_page_cache_and_wait_only_for_the_disk() {
+        use std::task::{Context, Poll};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = File::open(&path).unwrap();
+        let mut back = vec![0; data.len()];
+        NowaitReadIo
+            .read_at(&file, &mut back, 0)
+            .now_or_never()
+            .expect("cached pages are read in the first poll")
+            .unwrap();
+        assert!(back == data);
+
+        // Written back and dropped: the bytes are on the disk only.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .sync_all()
+            .unwrap();
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        let on_disk_only = rustix::fs::fstatfs(&file).unwrap().f_type == 0xEF53; // ext4
+        back.fill(0);
+        {
+            let mut read = std::pin::pin!(NowaitReadIo.read_at(&file, &mut back, 0));
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+            let first = read.as_mut().poll(&mut cx);
+            if on_disk_only {
+                assert!(
+                    first.is_pending(),
+                    "a read from the disk was done in the first poll"
+                );
+            }
+            match first {
+                Poll::Ready(done) => done.unwrap(),
+                Poll::Pending => match read.as_mut().poll(&mut cx) {
+                    Poll::Ready(done) => done.unwrap(),
+                    Poll::Pending => panic!("the second poll must read, blocking"),
+                },
+            }
+        }
+        assert!(back == data);
+        let past_end = NowaitReadIo.read_at(&file, &mut back, 1).now_or_never();
+        assert!(matches!(past_end, Some(Err(_)) | None));
+    }
 
     #[test]
     fn sync_io_completes_in_the_first_poll_and_punched_ranges_read_as_zeros() {

@@ -104,7 +104,7 @@ mod tests_registered;
 mod tests_write;
 
 pub use crate::cache::io::FixedBuf;
-pub use crate::cache::io::SyncIo;
+pub use crate::cache::io::{NowaitReadIo, SyncIo};
 pub use error::EngineError;
 pub use request::{ReadBuf, Request, WriteBuf};
 pub use retrieve::{get_envelope, open_envelope, FetchPolicy, DEFAULT_FETCH_TIMEOUT};

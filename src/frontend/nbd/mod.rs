@@ -4,9 +4,10 @@
 //!
 //! The protocol code is ours (`protocol.rs`: the wire format; `handshake.rs`:
 //! fixed newstyle option haggling and STARTTLS; `transmission.rs`: the
-//! request loop). Each request becomes one engine [`Request`](crate::engine::Request)
-//! run on the blocking pool with [`SyncIo`](crate::engine::SyncIo), as the FUSE
-//! frontend does, so a cold chunk holds up only the requests that need it;
+//! request loop). Each request becomes one engine [`Request`](crate::engine::Request),
+//! completed on the connection's task when the cache and the page cache
+//! hold its bytes, else on the blocking pool, so a cold chunk holds up only
+//! the requests that need it;
 //! replies go out in the order requests complete, through one writer per
 //! connection. All connections share the engine, so a flush on any of them
 //! covers writes completed on every one (`NBD_FLAG_CAN_MULTI_CONN`).

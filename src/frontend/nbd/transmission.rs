@@ -1,9 +1,10 @@
 //! The transmission phase: requests in, replies out, many in flight.
 //!
-//! One task reads requests. A read whose chunks the cache holds completes
-//! on that task (the engine's [`SyncIo`] does its cache I/O on the calling
-//! thread and finishes such a request in its first poll); every other
-//! valid request runs on the blocking pool, within the process's cap on
+//! One task reads requests. A read whose chunks the cache holds, in pages
+//! the page cache holds, completes on that task ([`NowaitReadIo`] reads
+//! without waiting for a disk and finishes such a request in its first
+//! poll, so the runtime's worker never blocks on one); every other valid
+//! request runs on the blocking pool, within the process's cap on
 //! requests that wait ([`crate::frontend::MAX_WAITING_REQUESTS`]). Each
 //! hands its reply to the connection's one writer task, so replies leave
 //! in the order requests complete. What requests in flight may hold is
@@ -24,7 +25,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::protocol::*;
 use super::{ConnectionError, Export, MAX_REQUEST_BYTES};
-use crate::engine::{Engine, Request, SyncIo};
+use crate::engine::{Engine, NowaitReadIo, Request};
 
 /// Bytes of read data and write payloads one connection may hold at once.
 const IN_FLIGHT_BYTES: usize = 64 << 20;
@@ -206,9 +207,9 @@ async fn execute(
             block_request,
             Request::Write { .. } | Request::Discard { .. } | Request::WriteZeroes { .. }
         );
-    let mut result = engine.submit(&SyncIo, block_request).await;
+    let mut result = engine.submit(&NowaitReadIo, block_request).await;
     if result.is_ok() && flush_after {
-        result = engine.submit(&SyncIo, Request::Flush).await;
+        result = engine.submit(&NowaitReadIo, Request::Flush).await;
     }
     match result {
         Ok(()) if is_read => (0, Some(read)),
