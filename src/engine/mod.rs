@@ -674,18 +674,13 @@ impl Engine {
         if self.cache.is_written(index) {
             return Ok(());
         }
-        let cache = Arc::clone(&self.cache);
-        self.fetcher
-            .runtime()
-            .spawn_blocking(move || cache.record_written(index))
-            .await
-            .map_err(|e| EngineError::TaskFailed {
-                task: "record a written chunk".into(),
-                reason: e.to_string(),
-            })?
-            .map_err(|source| EngineError::WriteCache {
-                source: Arc::new(source),
-            })
+        self.on_blocking_pool("record a written chunk", move |cache| {
+            cache.record_written(index)
+        })
+        .await?
+        .map_err(|source| EngineError::WriteCache {
+            source: Arc::new(source),
+        })
     }
 
     /// With [`EngineOptions::changes_outlive_process`], makes sure the
@@ -697,34 +692,40 @@ impl Engine {
         if !self.changes_outlive_process || self.cache.is_present_on_disk_now(index) == Some(true) {
             return Ok(());
         }
-        let cache = Arc::clone(&self.cache);
-        self.fetcher
-            .runtime()
-            .spawn_blocking(move || cache.persist_present(index))
-            .await
-            .map_err(|e| EngineError::TaskFailed {
-                task: "persist a changed chunk".into(),
-                reason: e.to_string(),
-            })?
-            .map_err(|source| EngineError::Flush {
-                source: Arc::new(source),
-            })
+        self.on_blocking_pool("persist a changed chunk", move |cache| {
+            cache.persist_present(index)
+        })
+        .await?
+        .map_err(|source| EngineError::Flush {
+            source: Arc::new(source),
+        })
     }
 
     /// `fdatasync` of the data file, then the present-bitmap, on the
     /// blocking pool.
     async fn persist(&self) -> Result<(), EngineError> {
+        self.on_blocking_pool("flush", |cache| cache.flush())
+            .await?
+            .map_err(|source| EngineError::Flush {
+                source: Arc::new(source),
+            })
+    }
+
+    /// Runs `work` on the cache on the blocking pool, as anything that may
+    /// `fdatasync` must; `task` names it should the task itself fail.
+    async fn on_blocking_pool<T: Send + 'static>(
+        &self,
+        task: &str,
+        work: impl FnOnce(&CacheDir) -> T + Send + 'static,
+    ) -> Result<T, EngineError> {
         let cache = Arc::clone(&self.cache);
         self.fetcher
             .runtime()
-            .spawn_blocking(move || cache.flush())
+            .spawn_blocking(move || work(&cache))
             .await
             .map_err(|e| EngineError::TaskFailed {
-                task: "flush".into(),
+                task: task.into(),
                 reason: e.to_string(),
-            })?
-            .map_err(|source| EngineError::Flush {
-                source: Arc::new(source),
             })
     }
 
