@@ -21,11 +21,21 @@
 //! protects; the other processes notice the new inode and replay it. A line
 //! torn by a crash fails to parse and is skipped; a chunk file whose `I`
 //! line was lost is picked up by the next compaction, which lists the files.
+//!
+//! No line is lost to a compaction: an appender holds a shared `flock` on
+//! the log while it checks that the log is still the one under the path and
+//! writes its line, and the compactor holds it exclusively from reading the
+//! old log's last lines (copied after the compacted ones) to the rename. A
+//! line is thus either in the old log before that read, or in the new log.
+//! Appenders wait only for that short tail (the bulk of the new log is
+//! written and synced before it), never for an eviction.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use rustix::fs::FlockOperation;
 
 use crate::chunk::ChunkId;
 use crate::store::policy::{default_policy, DefaultPolicy, EvictionPolicy};
@@ -111,10 +121,14 @@ impl AccessLog {
     /// Appends one record; after another process compacted the log, to the
     /// new one.
     pub(super) fn append(&mut self, record: Record) -> io::Result<()> {
-        if fs::metadata(&self.path)?.ino() != self.inode {
+        loop {
+            let shared = Flock::take(&self.file, FlockOperation::LockShared)?;
+            if fs::metadata(&self.path)?.ino() == self.inode {
+                return (&self.file).write_all(record.line().as_bytes());
+            }
+            drop(shared);
             self.reload()?;
         }
-        self.file.write_all(record.line().as_bytes())
     }
 
     /// Replays what was appended since the last replay, by any process.
@@ -122,15 +136,11 @@ impl AccessLog {
         if fs::metadata(&self.path)?.ino() != self.inode {
             return self.reload();
         }
-        let len = self.file.metadata()?.len();
-        if len <= self.offset {
+        let text = self.unreplayed_lines()?;
+        if text.is_empty() {
             return Ok(());
         }
-        let mut text = vec![0; usize::try_from(len - self.offset).unwrap_or(usize::MAX)];
-        self.file.read_exact_at(&mut text, self.offset)?;
-        // A line still being written is left for the next replay.
-        let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        for line in text[..complete].split(|&b| b == b'\n') {
+        for line in text[..text.len() - 1].split(|&b| b == b'\n') {
             match Record::parse(line) {
                 Some(Record::Insert(id, bytes)) => self.policy.insert(id, bytes),
                 Some(Record::Hit(id)) => {
@@ -143,8 +153,22 @@ impl AccessLog {
             }
             self.replayed += 1;
         }
-        self.offset += complete as u64;
+        self.offset += text.len() as u64;
         Ok(())
+    }
+
+    /// The whole lines appended after the last replay.
+    fn unreplayed_lines(&self) -> io::Result<Vec<u8>> {
+        let len = self.file.metadata()?.len();
+        if len <= self.offset {
+            return Ok(Vec::new());
+        }
+        let mut text = vec![0; usize::try_from(len - self.offset).unwrap_or(usize::MAX)];
+        self.file.read_exact_at(&mut text, self.offset)?;
+        // A line still being written is left for the next replay.
+        let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        text.truncate(complete);
+        Ok(text)
     }
 
     /// Starts over on the log now under the path.
@@ -225,8 +249,38 @@ impl AccessLog {
             }
         }
         text.push_str(&protected);
-        crate::durable::write_with_mode(&self.path, text.as_bytes(), 0o600)?;
+        let (temp, mut file) = crate::durable::TempFile::create_with_mode(&self.path, 0o600)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        {
+            // Only the holder of the directory's lock compacts, so the log
+            // under the path is still `self.file`. What other processes
+            // appended since the replay above follows the compacted lines,
+            // in the order every replica replayed it.
+            let _exclusive = Flock::take(&self.file, FlockOperation::LockExclusive)?;
+            file.write_all(&self.unreplayed_lines()?)?;
+            temp.commit(&file)?;
+        }
         self.reload()
+    }
+}
+
+/// An `flock` on an open file, released when dropped (or when the file is
+/// closed, should the release fail).
+struct Flock<'a> {
+    file: &'a File,
+}
+
+impl<'a> Flock<'a> {
+    fn take(file: &'a File, operation: FlockOperation) -> io::Result<Flock<'a>> {
+        rustix::fs::flock(file, operation)?;
+        Ok(Flock { file })
+    }
+}
+
+impl Drop for Flock<'_> {
+    fn drop(&mut self) {
+        let _ = rustix::fs::flock(self.file, FlockOperation::Unlock);
     }
 }
 
@@ -245,7 +299,7 @@ pub(super) fn lock_dir(root: &Path) -> io::Result<DirLock> {
         .write(true)
         .mode(0o600)
         .open(root.join(LOCK))?;
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
+    rustix::fs::flock(&lock, FlockOperation::LockExclusive)?;
     Ok(DirLock { _file: lock })
 }
 

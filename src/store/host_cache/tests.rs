@@ -202,3 +202,64 @@ async fn reads_go_on_while_another_process_holds_the_eviction_lock() {
     putting.await.unwrap().unwrap();
     assert!(on_disk(&cache).1 <= 2 * SIZE as u64);
 }
+
+/// One process logs a read of every chunk while another compacts the log
+/// over and over: each read must still protect its chunk afterwards (a lost
+/// `H` line is never put back, unlike an `I` line a later listing finds).
+#[test]
+fn no_line_is_lost_to_a_compaction_running_at_the_same_time() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use super::log::{lock_dir, AccessLog, Record};
+    use crate::store::policy::EvictionPolicy;
+
+    const CHUNKS: u32 = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let capacity = 1 << 40;
+    let present: Vec<(ChunkId, u64)> = (0..CHUNKS)
+        .map(|n| (ChunkId::of_envelope(&n.to_le_bytes()), SIZE as u64))
+        .collect();
+    let mut reader = AccessLog::open(root, capacity).unwrap();
+    for &(id, bytes) in &present {
+        reader.append(Record::Insert(id, bytes)).unwrap();
+    }
+
+    let stop = AtomicBool::new(false);
+    let compactions = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        let compactor = scope.spawn(|| {
+            let mut log = AccessLog::open(root, capacity).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                let held = lock_dir(root).unwrap();
+                let evicted = log
+                    .evict_and_compact(&held, true, |_| Ok(()), || Ok(present.clone()))
+                    .unwrap();
+                assert!(evicted.is_empty());
+                compactions.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        while compactions.load(Ordering::Relaxed) == 0 {
+            assert!(!compactor.is_finished(), "the compactor stopped");
+            std::thread::yield_now();
+        }
+        for &(id, _) in &present {
+            reader.append(Record::Hit(id)).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+
+    let replayed = AccessLog::open(root, capacity).unwrap();
+    let policy = replayed.policy();
+    assert_eq!(policy.len(), present.len());
+    let lost = present
+        .iter()
+        .filter(|(id, _)| !policy.is_protected(id))
+        .count();
+    assert_eq!(
+        lost,
+        0,
+        "reads lost with {} compactions running",
+        compactions.load(Ordering::Relaxed)
+    );
+}
