@@ -191,6 +191,7 @@ pub(super) async fn missing(state: &State, parts: &Parts, body: RequestBody) -> 
 
 /// One page of the listing, in id order, after the id `after` if given.
 pub(super) async fn list(state: &State, parts: &Parts) -> Handled {
+    let asked = Instant::now();
     state.allow(&parts.headers, Access::Read)?;
     let after = query(parts, "after")
         .map(|hex| parse_id(&hex))
@@ -207,7 +208,20 @@ pub(super) async fn list(state: &State, parts: &Parts) -> Handled {
             }
         },
     };
-    let all = state.listing.get(state, after.is_none()).await?;
+    let oldest = match after {
+        Some(_) => LISTING_TTL,
+        // Whoever may write sees the store as it was when they asked (a
+        // walk after a push or a gc shows it); a reader gets a listing just
+        // as recent, or one at most a little older than that.
+        None if (state.options.tokens)
+            .check(&parts.headers, Access::Write)
+            .is_ok() =>
+        {
+            Duration::ZERO
+        }
+        None => state.options.listing_reuse,
+    };
+    let all = state.listing.get(state, asked, oldest).await?;
     let from = after.map_or(0, |after| all.partition_point(|chunk| chunk.id <= after));
     let chunks = &all[from..];
     let next = (chunks.len() > limit).then(|| chunks[limit - 1].id.to_hex());
@@ -225,33 +239,48 @@ pub(super) async fn list(state: &State, parts: &Parts) -> Handled {
     }))
 }
 
-/// The store's whole listing, sorted by id, kept between the pages of one
-/// walk: a store lists all its chunks at once, and listing them again for
-/// every page would make a walk cost the square of the store's size. A
-/// first page (no `after`) always lists afresh; later pages reuse a listing
-/// younger than [`LISTING_TTL`]. Chunks written meanwhile are missed by that
-/// walk and chunks deleted meanwhile still appear, which garbage collection
-/// tolerates: it re-checks each chunk when it deletes it.
+/// The store's whole listing, sorted by id, shared between the pages of
+/// one walk and between callers: a store lists all its chunks at once, and
+/// listing them again for every page would make a walk cost the square of
+/// the store's size, or let any reader make the server list its whole store
+/// with every request. A caller is given the last listing if it began at
+/// most a given age before the caller asked, else a new one: pages after the
+/// first reuse a listing younger than [`LISTING_TTL`], a reader's first page
+/// one younger than `ServerOptions::listing_reuse`, and a first page asked
+/// with the write token only one begun after it was asked (one listing in
+/// flight serves every caller waiting for it). Chunks written since that
+/// listing began are missed by the walk and chunks deleted since still
+/// appear, which garbage collection tolerates: it lists chunks before it
+/// reads the manifests, so a chunk it missed is not a candidate, and it
+/// re-checks each chunk's time when it deletes it.
 #[derive(Debug, Default)]
 pub(super) struct ListingSnapshot {
+    /// When the listing began, and its chunks.
     taken: tokio::sync::Mutex<Option<(Instant, Arc<Vec<ListedChunk>>)>>,
 }
 
 const LISTING_TTL: Duration = Duration::from_secs(60);
 
 impl ListingSnapshot {
-    async fn get(&self, state: &State, fresh: bool) -> Result<Arc<Vec<ListedChunk>>, Reply> {
-        // One listing at a time: concurrent walks share it.
+    /// A listing begun at most `oldest` before `asked`.
+    async fn get(
+        &self,
+        state: &State,
+        asked: Instant,
+        oldest: Duration,
+    ) -> Result<Arc<Vec<ListedChunk>>, Reply> {
+        // One listing at a time: callers waiting here share the one in flight.
         let mut taken = self.taken.lock().await;
-        if let Some((at, listing)) = &*taken {
-            if !fresh && at.elapsed() < LISTING_TTL {
+        if let Some((began, listing)) = &*taken {
+            if asked.saturating_duration_since(*began) <= oldest {
                 return Ok(Arc::clone(listing));
             }
         }
+        let began = Instant::now();
         let mut listing = state.store.list().await.map_err(store_failure)?;
         listing.sort_unstable_by_key(|chunk| chunk.id);
         let listing = Arc::new(listing);
-        *taken = Some((Instant::now(), Arc::clone(&listing)));
+        *taken = Some((began, Arc::clone(&listing)));
         Ok(listing)
     }
 }

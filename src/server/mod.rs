@@ -78,6 +78,11 @@ pub struct ServerOptions {
     /// Serve HTTPS with these settings (see [`crate::net::tls`]) instead
     /// of plain HTTP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// A first listing page asked without the write token is cut from a
+    /// listing of the store begun at most this long before it was asked,
+    /// so readers cost the store at most one whole listing per this long
+    /// (see `chunks::ListingSnapshot`).
+    pub listing_reuse: Duration,
 }
 
 impl Default for ServerOptions {
@@ -94,6 +99,7 @@ impl Default for ServerOptions {
             h2_max_streams: 128,
             send_timeout: Duration::from_secs(60),
             tls: None,
+            listing_reuse: Duration::from_secs(5),
         }
     }
 }
@@ -350,6 +356,8 @@ async fn preface_arrives(stream: &TcpStream, limit: Duration) -> bool {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_listing;
 #[cfg(test)]
 mod tests_tls;
 #[cfg(test)]
