@@ -76,6 +76,7 @@ mod access;
 mod error;
 mod fetcher;
 mod layout;
+mod neighbourhood;
 mod prefetch;
 mod readahead;
 mod request;

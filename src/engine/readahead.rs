@@ -44,6 +44,10 @@
 //!   any fetch, and its fill tells waiters only to look again, so a request
 //!   that needs the chunk fetches it itself.
 //!
+//! **Neighbourhoods.** A miss no stream takes may pair with a recent one
+//! nearby; the region around them is then fetched too (see
+//! [`super::neighbourhood`]), under the same in-flight bound and counters.
+//!
 //! # Cancel safety
 //! Readahead fetches run in their own tasks, holding the fetcher (and so the
 //! cache); nothing awaits them but requests for their chunks. Dropping a
@@ -57,6 +61,7 @@ use tokio::sync::Semaphore;
 
 use super::fetcher::{Fetcher, Filled};
 use super::layout::Layout;
+use super::neighbourhood::{Neighbourhood, Neighbourhoods};
 use super::slots::Priority;
 use super::stats::{add, Counters};
 
@@ -100,6 +105,7 @@ struct Stream {
 struct Streams {
     streams: Vec<Stream>,
     tick: u64,
+    neighbourhoods: Neighbourhoods,
 }
 
 /// Readahead state of one engine.
@@ -212,10 +218,15 @@ impl Readahead {
             return;
         }
         let mut streams = self.lock();
-        let Some(i) = streams.access(first, last, missed, self.max) else {
-            return;
-        };
-        self.fill_window(&mut streams.streams[i]);
+        match streams.access(first, last, missed, self.max) {
+            Some(i) => self.fill_window(&mut streams.streams[i]),
+            None if missed => {
+                if let Some(n) = streams.neighbourhoods.note_miss(first, last) {
+                    self.fill_neighbourhood(streams.neighbourhoods.get_mut(n));
+                }
+            }
+            None => {}
+        }
     }
 
     /// Called by a readahead fetch that succeeded, once its permit is free:
@@ -224,6 +235,26 @@ impl Readahead {
         let mut streams = self.lock();
         for stream in streams.streams.iter_mut().filter(|s| s.window > 0) {
             self.fill_window(stream);
+        }
+        let end = self.layout.chunk_count();
+        for neighbourhood in streams.neighbourhoods.iter_mut() {
+            if !neighbourhood.is_done(end) {
+                self.fill_neighbourhood(neighbourhood);
+            }
+        }
+    }
+
+    /// Starts fetches of the chunks `neighbourhood` covers, nearest its
+    /// latest miss first, until the permits run out.
+    fn fill_neighbourhood(self: &Arc<Self>, neighbourhood: &mut Neighbourhood) {
+        let todo: Vec<u64> = neighbourhood.unstarted(self.layout.chunk_count()).collect();
+        for index in todo {
+            if !self.layout.is_zero(index) {
+                if let Outcome::NoPermit = self.start(index) {
+                    return;
+                }
+            }
+            neighbourhood.mark_started(index);
         }
     }
 

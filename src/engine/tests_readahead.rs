@@ -124,11 +124,11 @@ async fn readahead_precision_counts_what_the_reader_then_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_reads_fetch_nothing_ahead() {
-    let (image, fx) = image(32, 0, &[]);
+    let (image, fx) = image(128, 0, &[]);
     let tmp = crate::private::test_dir();
     let engine = open(&fx, tmp.path(), 8);
-    // No read lands within three chunks of an earlier one.
-    let order = [20, 3, 27, 9, 14, 0, 31, 24, 6, 17];
+    // No read lands within a neighbourhood's reach of an earlier one.
+    let order = [80, 12, 108, 36, 56, 0, 124, 96, 24, 68];
     for index in order {
         let at = index * CSU + 1000;
         let got = engine.read(at as u64, 4096).await.unwrap();
@@ -137,6 +137,31 @@ async fn random_reads_fetch_nothing_ahead() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(readahead(&engine), 0);
     assert_eq!(fx.store.gets(), order.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_jumping_about_a_region_fetch_the_region() {
+    let (image, fx) = image(128, 0, &[]);
+    let tmp = crate::private::test_dir();
+    let engine = open(&fx, tmp.path(), 8);
+    // A loader's pattern: out of order, no two reads adjacent and rising.
+    // 70 and 64 pair up and cover 62..=72, so 66 and 68 are fetched ahead.
+    for index in [70, 64] {
+        read_chunk(&engine, &image, index).await;
+        idle(&engine).await;
+    }
+    assert_eq!(readahead(&engine), 9, "{:?}", engine.stats());
+    let gets = fx.store.gets();
+    for index in [66, 68] {
+        read_chunk(&engine, &image, index).await;
+    }
+    assert_eq!(fx.store.gets(), gets, "66 and 68 were fetched ahead");
+    assert_eq!(engine.stats().readahead_chunks_read, 2);
+    // A third miss near them (74) doubles the margin: 60..=78, so 60, 61,
+    // 73 and 75..=78 are fetched too.
+    read_chunk(&engine, &image, 74).await;
+    idle(&engine).await;
+    assert_eq!(readahead(&engine), 9 + 7, "{:?}", engine.stats());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

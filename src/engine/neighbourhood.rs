@@ -1,0 +1,237 @@
+//! Neighbourhoods: readahead for readers that jump about within a region.
+//!
+//! A program loading a large shared library, or a database walking an index,
+//! reads one region of the image out of order: chunk 630, then 629, 631,
+//! 659, 649… Sequential readahead sees no stream there, so with the origin a
+//! round trip away each of those misses waits for a fetch of its own, one
+//! after another. Two misses close together say the region around them will
+//! be read; a neighbourhood fetches it.
+//!
+//! **Detection.** The last [`RECENT`] misses that belonged to no stream and
+//! no neighbourhood are remembered. A miss within [`NEAR`] chunks of one of
+//! them makes a neighbourhood of the two, reaching [`FIRST_MARGIN`] chunks
+//! beyond them on either side. Each further miss within [`NEAR`] of a
+//! neighbourhood joins it and doubles its margin, so a region earns its
+//! reach by being read, as a stream earns its window; a neighbourhood never
+//! spans more than [`MAX_SPAN`] chunks. Misses far apart (random reads over
+//! a large image) seldom pair up and so seldom fetch anything extra.
+//!
+//! This module only decides which chunks a neighbourhood covers and which of
+//! them it already started; [`super::readahead`] starts the fetches, under
+//! the same in-flight bound as streams, so a chunk a neighbourhood fetched
+//! and a reader then read counts toward readahead's precision.
+
+use std::collections::BTreeSet;
+use std::ops::RangeInclusive;
+
+/// Misses remembered for pairing with the next one.
+pub(super) const RECENT: usize = 8;
+/// Two misses this many chunks apart, or closer, make a neighbourhood.
+pub(super) const NEAR: u64 = 8;
+/// How far a new neighbourhood reaches beyond its two misses, in chunks.
+pub(super) const FIRST_MARGIN: u64 = 2;
+/// The most chunks one neighbourhood covers: 32 MiB of 512 KiB chunks, a
+/// large library; it bounds what a region that stops being read has cost.
+pub(super) const MAX_SPAN: u64 = 64;
+/// Neighbourhoods remembered at once; the least recently used is forgotten.
+const NEIGHBOURHOODS: usize = 8;
+
+#[derive(Debug)]
+pub(super) struct Neighbourhood {
+    /// The first and last chunk a miss in it touched.
+    lo: u64,
+    hi: u64,
+    margin: u64,
+    /// The chunk of its latest miss: fetches start nearest it.
+    latest: u64,
+    /// Chunks it started, or found present, already: each is started at
+    /// most once, so a chunk whose fetch failed is left to the readers.
+    started: BTreeSet<u64>,
+    used: u64,
+}
+
+impl Neighbourhood {
+    /// The chunks it covers, within an image of `end` chunks.
+    pub fn span(&self, end: u64) -> RangeInclusive<u64> {
+        let lo = self.lo.saturating_sub(self.margin);
+        let hi = (self.hi + self.margin).min(end.saturating_sub(1));
+        lo..=hi
+    }
+
+    /// The chunks of its span not started yet, nearest its latest miss
+    /// first.
+    pub fn unstarted(&self, end: u64) -> impl Iterator<Item = u64> + '_ {
+        let span = self.span(end);
+        let (lo, hi, from) = (*span.start(), *span.end(), self.latest);
+        let reach = (from - lo).max(hi.saturating_sub(from));
+        (1..=reach)
+            .flat_map(move |d| [from.checked_add(d), from.checked_sub(d)])
+            .flatten()
+            .filter(move |i| (lo..=hi).contains(i))
+            .filter(|i| !self.started.contains(i))
+    }
+
+    pub fn mark_started(&mut self, index: u64) {
+        self.started.insert(index);
+    }
+
+    /// Whether every chunk of its span was started.
+    pub fn is_done(&self, end: u64) -> bool {
+        let span = self.span(end);
+        span.end() + 1 - span.start() <= self.started.len() as u64
+    }
+
+    /// Takes in a miss at `first..=last` if it lies within [`NEAR`] and the
+    /// span stays within [`MAX_SPAN`].
+    fn join(&mut self, first: u64, last: u64, tick: u64) -> bool {
+        if last + NEAR < self.lo || first > self.hi + NEAR {
+            return false;
+        }
+        let (lo, hi) = (self.lo.min(first), self.hi.max(last));
+        if hi - lo + 1 > MAX_SPAN {
+            return false;
+        }
+        self.lo = lo;
+        self.hi = hi;
+        // The margin never takes the span past MAX_SPAN.
+        let room = (MAX_SPAN - (hi - lo + 1)) / 2;
+        self.margin = (self.margin * 2).min(room);
+        self.latest = first;
+        self.used = tick;
+        self.started.extend(first..=last);
+        true
+    }
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Neighbourhoods {
+    recent: Vec<u64>,
+    all: Vec<Neighbourhood>,
+    tick: u64,
+}
+
+impl Neighbourhoods {
+    /// Records a miss of chunks `first..=last` that no stream took; the
+    /// neighbourhood it joined or made, if any.
+    pub fn note_miss(&mut self, first: u64, last: u64) -> Option<usize> {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(i) = self.all.iter_mut().position(|n| n.join(first, last, tick)) {
+            return Some(i);
+        }
+        let paired = self.recent.iter().position(|&m| {
+            m != first && last + NEAR >= m && first <= m + NEAR && last - first < MAX_SPAN - NEAR
+        });
+        let Some(r) = paired else {
+            if self.recent.len() == RECENT {
+                self.recent.remove(0);
+            }
+            self.recent.push(first);
+            return None;
+        };
+        let m = self.recent.remove(r);
+        let lo = m.min(first);
+        let hi = m.max(last);
+        let neighbourhood = Neighbourhood {
+            lo,
+            hi,
+            margin: FIRST_MARGIN.min((MAX_SPAN - (hi - lo + 1)) / 2),
+            latest: first,
+            // Their own fetches are the readers'.
+            started: (first..=last).chain([m]).collect(),
+            used: tick,
+        };
+        if self.all.len() < NEIGHBOURHOODS {
+            self.all.push(neighbourhood);
+            return Some(self.all.len() - 1);
+        }
+        let oldest = (0..self.all.len()).min_by_key(|&i| self.all[i].used)?;
+        self.all[oldest] = neighbourhood;
+        Some(oldest)
+    }
+
+    pub fn get_mut(&mut self, i: usize) -> &mut Neighbourhood {
+        &mut self.all[i]
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Neighbourhood> {
+        self.all.iter_mut()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const END: u64 = 10_000;
+
+    #[test]
+    fn misses_far_apart_make_no_neighbourhood() {
+        let mut n = Neighbourhoods::default();
+        for miss in [100, 300, 120, 500, 700, 900, 140, 1100, 1300] {
+            assert_eq!(n.note_miss(miss, miss), None, "{miss}");
+        }
+    }
+
+    #[test]
+    fn two_near_misses_cover_the_region_between_and_a_margin() {
+        let mut n = Neighbourhoods::default();
+        assert_eq!(n.note_miss(630, 630), None);
+        let i = n.note_miss(626, 626).unwrap();
+        assert_eq!(n.get_mut(i).span(END), 624..=632);
+        // Nearest the latest miss first.
+        let order: Vec<u64> = n.get_mut(i).unstarted(END).take(4).collect();
+        assert_eq!(order, [627, 625, 628, 624]);
+    }
+
+    #[test]
+    fn each_miss_that_joins_doubles_the_reach_up_to_the_largest_span() {
+        let mut n = Neighbourhoods::default();
+        n.note_miss(630, 630);
+        let i = n.note_miss(629, 629).unwrap();
+        assert_eq!(n.get_mut(i).span(END), 627..=632);
+        assert_eq!(n.note_miss(636, 636), Some(i));
+        assert_eq!(n.get_mut(i).span(END), 625..=640);
+        assert_eq!(n.note_miss(622, 622), Some(i));
+        assert_eq!(n.get_mut(i).span(END), 614..=644);
+        // Near the misses' extent (622..=636), not its margin, is what joins.
+        assert_eq!(n.note_miss(646, 646), None);
+        for miss in [644, 652, 614, 660, 668, 606] {
+            assert_eq!(n.note_miss(miss, miss), Some(i), "{miss}");
+            let span = n.get_mut(i).span(END);
+            assert!(span.end() + 1 - span.start() <= MAX_SPAN, "{span:?}");
+        }
+        assert_eq!(n.get_mut(i).span(END), 606..=668);
+        // 676 is near, but would take it past the largest span.
+        assert_ne!(n.note_miss(676, 676), Some(i));
+    }
+
+    #[test]
+    fn a_span_ends_at_the_image_and_is_done_once_all_started() {
+        let mut n = Neighbourhoods::default();
+        n.note_miss(9, 9);
+        let i = n.note_miss(8, 8).unwrap();
+        assert_eq!(n.get_mut(i).span(10), 6..=9);
+        // The two misses are their readers' to fetch.
+        let todo: Vec<u64> = n.get_mut(i).unstarted(10).collect();
+        assert_eq!(todo, [7, 6]);
+        for index in todo {
+            assert!(!n.get_mut(i).is_done(10));
+            n.get_mut(i).mark_started(index);
+        }
+        assert!(n.get_mut(i).is_done(10));
+        assert_eq!(n.get_mut(i).unstarted(10).count(), 0);
+    }
+
+    #[test]
+    fn the_least_recently_used_neighbourhood_is_forgotten() {
+        let mut n = Neighbourhoods::default();
+        for k in 0..NEIGHBOURHOODS as u64 + 1 {
+            n.note_miss(k * 1000, k * 1000);
+            assert!(n.note_miss(k * 1000 + 1, k * 1000 + 1).is_some());
+        }
+        // The first one (around 0) was replaced by the last.
+        assert_eq!(n.note_miss(3, 3), None);
+        assert!(n.note_miss(1003, 1003).is_some());
+    }
+}
