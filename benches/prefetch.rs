@@ -103,6 +103,9 @@ impl ChunkStore for SlowStore {
     async fn list_manifests(&self) -> Result<Vec<String>, StoreError> {
         Ok(Vec::new())
     }
+    async fn delete_manifest(&self, _: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
     fn describe(&self) -> String {
         format!("memory store with {:?} per get", self.latency)
     }

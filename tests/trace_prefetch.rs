@@ -231,3 +231,110 @@ fn trace_merge_keeps_what_most_runs_read() {
         "image \"nothing\" has no trace",
     );
 }
+
+/// `lazyblk trace SUB --store URL --token-file TOKEN --key KEY --name app`.
+fn trace_on(world: &World, sub: &str, url: &str, token: &Path) -> std::process::Command {
+    let mut cmd = world.lazyblk();
+    cmd.args(["trace", sub, "--store", url, "--token-file"])
+        .arg(token)
+        .arg("--key")
+        .arg(world.key())
+        .args(["--name", "app"]);
+    cmd
+}
+
+/// The names in the directory store's manifest folder, sorted.
+fn manifest_files(world: &World) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(world.store().join("manifests"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_merge_through_a_chunk_server_folds_twenty_runs_and_removes_their_objects() {
+    use lazyblk::chunk::{ChunkId, RunStamp, TenantKey, Trace, TraceRun};
+
+    let world = World::new();
+    let image = world.path("image");
+    fs::write(&image, pseudo_random(3, 1 << 20)).unwrap();
+    world.push(&image, "app");
+    // Twenty recorded starts, stored as devices store them: all read
+    // chunks 1 to 4 (in one of two orders), each one of its own besides.
+    let tenant = TenantKey::parse(&fs::read(world.key()).unwrap()).unwrap();
+    let id = |n: u8| ChunkId([n; 32]);
+    for n in 0..20u8 {
+        let ids = if n % 2 == 0 {
+            vec![id(1), id(2), id(3), id(100 + n), id(4)]
+        } else {
+            vec![id(2), id(1), id(3), id(4), id(100 + n)]
+        };
+        let run = Trace {
+            image: "app".into(),
+            runs: vec![TraceRun {
+                manifest_digest: [0; 32],
+                recorded_at: 1_700_000_000 + u64::from(n),
+                ids,
+            }],
+            folded: None,
+        };
+        let stamp = RunStamp::new(1_700_000_000_000_000_000 + u64::from(n), 7);
+        let name = lazyblk::store::trace_run_name("app", stamp);
+        fs::write(
+            world.store().join("manifests").join(name),
+            run.seal(&tenant),
+        )
+        .unwrap();
+    }
+    let token = world.path("token");
+    fs::write(&token, "trace-writer").unwrap();
+    let server = serve::Served::start([
+        "--store".as_ref(),
+        world.store().as_os_str(),
+        "--write-token-file".as_ref(),
+        token.as_os_str(),
+    ]);
+
+    let show = |world: &World| -> serde_json::Value {
+        let out = run(trace_on(world, "show", &server.url, &token).arg("--json"));
+        serde_json::from_slice(&out.stdout).expect("trace show --json prints JSON")
+    };
+    let before = show(&world);
+    assert_eq!(before["runs"].as_array().unwrap().len(), 16, "{before}");
+    assert_eq!(before["run_objects"], 16, "{before}");
+    assert_eq!(before["stale_run_objects"], 4, "{before}");
+    let hex = |n: u8| serde_json::Value::from(id(n).to_hex());
+    assert_eq!(
+        before["prefetch"],
+        serde_json::Value::Array(vec![hex(1), hex(2), hex(3), hex(4)])
+    );
+
+    let out = run(&mut trace_on(&world, "merge", &server.url, &token));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("removed 20 of 20 run objects folded"),
+        "{said}"
+    );
+    assert_eq!(manifest_files(&world), ["app", "app.trace"]);
+    let after = show(&world);
+    assert_eq!(after["runs"].as_array().unwrap().len(), 1, "{after}");
+    assert_eq!(after["prefetch"], before["prefetch"], "the plan changed");
+    assert_eq!(after["stale_run_objects"], 0, "{after}");
+
+    // Gc and verify take the merged trace for no manifest.
+    let gc = run(world
+        .lazyblk()
+        .args(["gc", "--json", "--store"])
+        .arg(world.store()));
+    let gc: serde_json::Value = serde_json::from_slice(&gc.stdout).unwrap();
+    assert_eq!(gc["manifests"], 1, "{gc}");
+    let verified = run(world
+        .lazyblk()
+        .args(["verify", "--json", "--store"])
+        .arg(world.store()));
+    let verified: serde_json::Value = serde_json::from_slice(&verified.stdout).unwrap();
+    assert_eq!(verified["chunks_checked"], 2, "{verified}");
+}

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 
 use lazyblk::cache::bitmap::{encode, Geometry};
 use lazyblk::chunk::{
-    derive_salt, seal_chunk, ChunkId, Manifest, ManifestEntry, Trace, TraceRun, MIN_CHUNK_SIZE,
+    derive_salt, seal_chunk, ChunkId, Manifest, ManifestEntry, RunStamp, Trace, TraceRun,
+    MIN_CHUNK_SIZE,
 };
 use lazyblk::daemon::{ControlRequest, ControlResponse, DeviceRecord, FrontendKind};
 use lazyblk::engine::EngineStats;
@@ -39,7 +40,12 @@ fn main() -> std::io::Result<()> {
         )?;
     }
 
-    for (name, runs) in [("empty", 0u8), ("two-runs", 2)] {
+    let folded = Some(vec![RunStamp::new(1_700_000_000_000_000_000, 7)]);
+    for (name, runs, folded) in [
+        ("empty", 0u8, None),
+        ("two-runs", 2, None),
+        ("merged", 1, folded),
+    ] {
         let trace = Trace {
             image: "app".into(),
             runs: (0..runs)
@@ -49,6 +55,7 @@ fn main() -> std::io::Result<()> {
                     ids: (0..4).map(|i| ChunkId([i + run; 32])).collect(),
                 })
                 .collect(),
+            folded,
         };
         write("trace_open", name, &trace.seal(&tenant()))?;
     }

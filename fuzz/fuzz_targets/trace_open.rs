@@ -11,7 +11,7 @@
 use std::collections::HashSet;
 
 use arbitrary::{Arbitrary, Unstructured};
-use lazyblk::chunk::{merge_trace_runs, ChunkId, Trace, TraceRun};
+use lazyblk::chunk::{merge_trace_runs, ChunkId, RunStamp, Trace, TraceRun};
 use lazyblk_fuzz::tenant;
 use libfuzzer_sys::fuzz_target;
 
@@ -72,5 +72,18 @@ fn built(u: &mut Unstructured<'_>) -> arbitrary::Result<Trace> {
             ids,
         });
     }
-    Ok(Trace { image, runs })
+    let folded = if bool::arbitrary(u)? {
+        let count = u.int_in_range(0..=8)?;
+        let stamps = (0..count)
+            .map(|_| <[u8; 12]>::arbitrary(u).map(RunStamp))
+            .collect::<arbitrary::Result<_>>()?;
+        Some(stamps)
+    } else {
+        None
+    };
+    Ok(Trace {
+        image,
+        runs,
+        folded,
+    })
 }

@@ -25,7 +25,8 @@ pub use seal::{
     ENVELOPE_OVERHEAD,
 };
 pub use trace::{
-    merge as merge_trace_runs, Trace, TraceError, TraceRun, DEFAULT_MERGE_THRESHOLD, MAX_TRACE_RUNS,
+    merge as merge_trace_runs, RunStamp, Trace, TraceError, TraceRun, DEFAULT_MERGE_THRESHOLD,
+    MAX_TRACE_RUNS,
 };
 
 /// The default chunk size: 512 KiB, as in the paper.

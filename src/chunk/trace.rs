@@ -7,7 +7,9 @@
 //! happened to touch. Runs are keyed by [`ChunkId`], not chunk index: a
 //! rebuild that shifts unrelated data moves indices but keeps the ids of
 //! unchanged chunks, so the trace of the previous version still helps.
-//! The byte layout is specified in docs/FORMAT.md.
+//! A merged trace also names the stored runs it folded ([`RunStamp`]), so
+//! that a reader skips those runs even where their objects are still
+//! there. The byte layout is specified in docs/FORMAT.md.
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use std::collections::HashMap;
@@ -16,7 +18,11 @@ use super::keys::hmac_sha256;
 use super::{ChunkId, TenantKey};
 
 const MAGIC: &[u8; 4] = b"LZBT";
-const VERSION: u8 = 1;
+/// Traces without a list of folded runs (every recorded run) are written
+/// in version 1, which readers of before the list still take; a merged
+/// trace, with the list, in version 2.
+const VERSION_RUNS: u8 = 1;
+const VERSION_FOLDED: u8 = 2;
 const HEADER_LEN: usize = 8;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
@@ -39,6 +45,26 @@ pub struct TraceRun {
     pub ids: Vec<ChunkId>,
 }
 
+/// Names one stored run object among an image's runs: when it was stored
+/// (nanoseconds since the Unix epoch, big-endian) and a random tag, so
+/// stamps sort by time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunStamp(pub [u8; 12]);
+
+impl RunStamp {
+    pub fn new(unix_nanos: u64, tag: u32) -> RunStamp {
+        let mut stamp = [0; 12];
+        stamp[..8].copy_from_slice(&unix_nanos.to_be_bytes());
+        stamp[8..].copy_from_slice(&tag.to_be_bytes());
+        RunStamp(stamp)
+    }
+
+    /// When the run was stored, in nanoseconds since the Unix epoch.
+    pub fn unix_nanos(&self) -> u64 {
+        u64::from_be_bytes(self.0[..8].try_into().expect("8 bytes"))
+    }
+}
+
 /// The runs recorded for one image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trace {
@@ -48,6 +74,11 @@ pub struct Trace {
     pub image: String,
     /// Oldest first.
     pub runs: Vec<TraceRun>,
+    /// The stored runs a merge folded into this trace (and those it dropped
+    /// as older than the runs it kept): a reader skips them. `None` in a
+    /// recorded run, and in a merged trace written before the list
+    /// existed.
+    pub folded: Option<Vec<RunStamp>>,
 }
 
 /// Why a trace could not be read. Every message names the trace.
@@ -55,7 +86,7 @@ pub struct Trace {
 pub enum TraceError {
     #[error("trace {name:?}: not a lazyblk trace (bad magic)")]
     BadMagic { name: String },
-    #[error("trace {name:?}: format version {version} is not supported (this build reads version {VERSION})")]
+    #[error("trace {name:?}: format version {version} is not supported (this build reads versions {VERSION_RUNS} and {VERSION_FOLDED})")]
     UnsupportedVersion { name: String, version: u8 },
     #[error("trace {name:?}: authentication failed: wrong tenant key, or the trace was altered")]
     Authentication { name: String },
@@ -114,8 +145,18 @@ impl Trace {
                 body.extend_from_slice(&id.0);
             }
         }
+        if let Some(folded) = &self.folded {
+            body.extend_from_slice(&(folded.len() as u32).to_le_bytes());
+            for stamp in folded {
+                body.extend_from_slice(&stamp.0);
+            }
+        }
         let key = tenant.subkey(TRACE_KEY_LABEL);
-        let header = header();
+        let header = header(if self.folded.is_some() {
+            VERSION_FOLDED
+        } else {
+            VERSION_RUNS
+        });
         let nonce: [u8; NONCE_LEN] = hmac_sha256(&key, &body)[..NONCE_LEN]
             .try_into()
             .expect("HMAC output is longer than a nonce");
@@ -148,10 +189,11 @@ impl Trace {
         if sealed.len() < HEADER_LEN + NONCE_LEN + TAG_LEN {
             return Err(malformed("shorter than its header"));
         }
-        if sealed[4] != VERSION {
+        let version = sealed[4];
+        if version != VERSION_RUNS && version != VERSION_FOLDED {
             return Err(TraceError::UnsupportedVersion {
                 name: name.to_owned(),
-                version: sealed[4],
+                version,
             });
         }
         if sealed[5..HEADER_LEN] != [0; 3] {
@@ -172,14 +214,15 @@ impl Trace {
             })?
             .len();
         body.truncate(plain_len);
-        parse_body(&body).ok_or_else(|| malformed("its tables do not match its length"))
+        parse_body(&body, version == VERSION_FOLDED)
+            .ok_or_else(|| malformed("its tables do not match its length"))
     }
 }
 
-fn header() -> [u8; HEADER_LEN] {
+fn header(version: u8) -> [u8; HEADER_LEN] {
     let mut header = [0; HEADER_LEN];
     header[..4].copy_from_slice(MAGIC);
-    header[4] = VERSION;
+    header[4] = version;
     header
 }
 
@@ -187,9 +230,9 @@ fn aead(key: &[u8; 32]) -> LessSafeKey {
     LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("AES-256 key is 32 bytes"))
 }
 
-/// Parses an authenticated body; `None` if any count overruns it or bytes
-/// are left over.
-fn parse_body(body: &[u8]) -> Option<Trace> {
+/// Parses an authenticated body (with its list of folded runs if
+/// `has_folded`); `None` if any count overruns it or bytes are left over.
+fn parse_body(body: &[u8], has_folded: bool) -> Option<Trace> {
     let mut rest = body;
     let mut take = |n: usize| -> Option<&[u8]> {
         let (head, tail) = rest.split_at_checked(n)?;
@@ -214,7 +257,21 @@ fn parse_body(body: &[u8]) -> Option<Trace> {
             ids,
         });
     }
-    rest.is_empty().then_some(Trace { image, runs })
+    let folded = if has_folded {
+        let count = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+        let stamps = take(count.checked_mul(12)?)?
+            .chunks_exact(12)
+            .map(|stamp| RunStamp(stamp.try_into().expect("chunks_exact yields 12")))
+            .collect();
+        Some(stamps)
+    } else {
+        None
+    };
+    rest.is_empty().then_some(Trace {
+        image,
+        runs,
+        folded,
+    })
 }
 
 /// Combines runs into one order: a chunk is kept when more than `threshold`
@@ -276,6 +333,7 @@ mod tests {
                     ids: vec![],
                 },
             ],
+            folded: None,
         }
     }
 
@@ -283,8 +341,30 @@ mod tests {
     fn seal_open_round_trip() {
         let tenant = TenantKey([5; 32]);
         let sealed = trace().seal(&tenant);
+        assert_eq!(sealed[4], 1, "a trace without a folded list is version 1");
         assert_eq!(Trace::open("app.trace", &sealed, &tenant).unwrap(), trace());
         assert_eq!(sealed, trace().seal(&tenant), "sealing is deterministic");
+        for folded in [vec![], vec![RunStamp::new(7, 1), RunStamp::new(9, 2)]] {
+            let merged = Trace {
+                folded: Some(folded),
+                ..trace()
+            };
+            let sealed = merged.seal(&tenant);
+            assert_eq!(sealed[4], 2, "a merged trace is version 2");
+            assert_eq!(Trace::open("app.trace", &sealed, &tenant).unwrap(), merged);
+        }
+    }
+
+    #[test]
+    fn stamps_sort_by_time_then_tag() {
+        let stamps = [
+            RunStamp::new(1, u32::MAX),
+            RunStamp::new(2, 0),
+            RunStamp::new(2, 1),
+            RunStamp::new(u64::MAX - 1, 0),
+        ];
+        assert!(stamps.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(stamps[3].unix_nanos(), u64::MAX - 1);
     }
 
     #[test]
@@ -301,9 +381,14 @@ mod tests {
         let err = Trace::open("t", b"LZBM\x01\0\0\0", &tenant).unwrap_err();
         assert!(matches!(err, TraceError::BadMagic { .. }), "{err}");
         let mut newer = sealed.clone();
-        newer[4] = 2;
+        newer[4] = 3;
         let err = Trace::open("t", &newer, &tenant).unwrap_err();
-        assert!(err.to_string().contains("version 2"), "{err}");
+        assert!(err.to_string().contains("version 3"), "{err}");
+        // The version is authenticated: a version 1 trace relabelled 2 (so
+        // read as having a folded list) does not open.
+        let mut relabelled = sealed.clone();
+        relabelled[4] = 2;
+        assert!(Trace::open("t", &relabelled, &tenant).is_err());
         assert!(Trace::open("t", &sealed[..20], &tenant).is_err());
     }
 
@@ -333,6 +418,7 @@ mod tests {
         let mut trace = Trace {
             image: "app".into(),
             runs: vec![],
+            folded: None,
         };
         for n in 0..MAX_TRACE_RUNS as u64 + 3 {
             trace.push_run(TraceRun {

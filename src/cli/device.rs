@@ -343,7 +343,7 @@ async fn open_engine(
     })
     .await?
     .with_context(|| format!("open cache {}", cache_dir.display()))?;
-    start_prefetch(&engine, &*store, image, &tenant, &digest, trace).await?;
+    start_prefetch(&engine, &store, image, &tenant, &digest, trace).await?;
     let recorder = trace.record_trace.then(|| Recorder {
         store: store.clone(),
         image: name.clone(),

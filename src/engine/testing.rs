@@ -228,6 +228,11 @@ impl ChunkStore for MemStore {
         Ok(lock(&self.manifests).keys().cloned().collect())
     }
 
+    async fn delete_manifest(&self, name: &str) -> Result<(), StoreError> {
+        lock(&self.manifests).remove(name);
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         "memory store".into()
     }

@@ -118,14 +118,25 @@ async fn a_trace_beside_a_manifest_is_no_manifest() {
             recorded_at: 0,
             ids: kept.clone(),
         }],
+        folded: None,
     };
-    store
-        .put_manifest(
-            &crate::store::trace_name("app"),
-            Bytes::from(trace.seal(&crate::chunk::TenantKey([4; 32]))),
-        )
-        .await
-        .unwrap();
+    // A recorded run (version 1) and a merge that lists the runs it folded
+    // (version 2): neither is a manifest.
+    let stamp = crate::chunk::RunStamp::new(5, 6);
+    let merged = crate::chunk::Trace {
+        folded: Some(vec![stamp]),
+        ..trace.clone()
+    };
+    let tenant = crate::chunk::TenantKey([4; 32]);
+    for (name, trace) in [
+        (crate::store::trace_name("app"), merged),
+        (crate::store::trace_run_name("app", stamp), trace),
+    ] {
+        store
+            .put_manifest(&name, Bytes::from(trace.seal(&tenant)))
+            .await
+            .unwrap();
+    }
     age_all(&store, 2 * HOUR).await;
     let report = collect_garbage(&store, &opts(HOUR, false), &no_progress)
         .await

@@ -44,6 +44,19 @@ pub(super) async fn put(state: &State, name: &str, parts: &Parts, body: RequestB
     Ok(reply(StatusCode::NO_CONTENT, Bytes::new()))
 }
 
+/// Removing an absent manifest succeeds, as in every store: a retried
+/// delete whose first answer was lost must not fail.
+pub(super) async fn delete(state: &State, name: &str, parts: &Parts) -> Handled {
+    validate_manifest_name(name).map_err(store_failure)?;
+    state.allow(&parts.headers, Access::Write)?;
+    state
+        .store
+        .delete_manifest(name)
+        .await
+        .map_err(store_failure)?;
+    Ok(reply(StatusCode::NO_CONTENT, Bytes::new()))
+}
+
 pub(super) async fn list(state: &State, parts: &Parts) -> Handled {
     state.allow(&parts.headers, Access::Read)?;
     let mut manifests = state.store.list_manifests().await.map_err(store_failure)?;

@@ -4,7 +4,7 @@
 //!
 //! Routes (see [`crate::net::protocol`]): `GET`/`HEAD /v1/chunks/{id}` (single Range),
 //! `PUT`/`DELETE /v1/chunks/{id}`, `POST /v1/chunks/missing`,
-//! `GET /v1/chunks?after=ID&limit=N`, `GET`/`PUT /v1/manifests/{name}`,
+//! `GET /v1/chunks?after=ID&limit=N`, `GET`/`PUT`/`DELETE /v1/manifests/{name}`,
 //! `GET /v1/manifests`, `GET`/`PUT /v1/shards/{id}/{index}` (a cache
 //! fleet node's shards, see `shards.rs`), and `GET /metrics`.
 //!

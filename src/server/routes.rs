@@ -80,7 +80,11 @@ async fn dispatch(state: &State, request: Request<RequestBody>) -> (&'static str
                 "manifest_put",
                 manifests::put(state, name, &parts, body).await,
             ),
-            _ => ("manifest", Err(not_allowed("GET, HEAD, PUT"))),
+            Method::DELETE => (
+                "manifest_delete",
+                manifests::delete(state, name, &parts).await,
+            ),
+            _ => ("manifest", Err(not_allowed("GET, HEAD, PUT, DELETE"))),
         },
         ["v1", "shards", id, index] => match *method {
             Method::GET => ("shard_get", shards::get(state, id, index, &parts).await),

@@ -399,6 +399,20 @@ async fn writes_need_the_write_token_and_reads_the_read_token() {
             .unwrap(),
         envelope
     );
+    // Removing a manifest is a write.
+    let manifests = http_store(&server.url(), Some(WRITE));
+    manifests
+        .put_manifest("app", Bytes::from_static(b"m"))
+        .await
+        .unwrap();
+    let error = http_store(&server.url(), Some(READ))
+        .delete_manifest("app")
+        .await
+        .unwrap_err();
+    assert!(crate::error::chain(&error).contains("401"), "{error}");
+    assert_eq!(manifests.list_manifests().await.unwrap(), ["app"]);
+    manifests.delete_manifest("app").await.unwrap();
+    assert!(manifests.list_manifests().await.unwrap().is_empty());
 
     // A server without a write token takes no writes at all.
     let read_only = start(&dir, options(None, None)).await;

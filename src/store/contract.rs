@@ -1,6 +1,6 @@
 //! Checks every store engine runs in its tests: the promises of
-//! [`ChunkStore`] that callers other than reads depend on (listing, and the
-//! garbage collection contract).
+//! [`ChunkStore`] that callers other than reads depend on (listing, the
+//! garbage collection contract, and removing manifests).
 
 use std::time::{Duration, SystemTime};
 
@@ -47,4 +47,14 @@ pub(crate) async fn check_gc_contract(store: &dyn ChunkStore, resolution: Durati
     assert!(!store.delete_if_older(&id(1), cutoff).await.unwrap());
     let left = store.missing(&[id(1), id(2), id(3)]).await.unwrap();
     assert_eq!(left, [id(1)]);
+
+    // A deleted manifest is gone; deleting it again is no error.
+    store.delete_manifest("gc-contract").await.unwrap();
+    assert!(store.list_manifests().await.unwrap().is_empty());
+    let gone = store.get_manifest("gc-contract").await.unwrap_err();
+    assert!(
+        matches!(gone, super::StoreError::ManifestNotFound { .. }),
+        "{gone}"
+    );
+    store.delete_manifest("gc-contract").await.unwrap();
 }

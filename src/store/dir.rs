@@ -495,6 +495,21 @@ impl ChunkStore for DirStore {
         .await
     }
 
+    async fn delete_manifest(&self, name: &str) -> Result<(), StoreError> {
+        validate_manifest_name(name)?;
+        let name = name.to_owned();
+        self.blocking(move |inner| {
+            let dir = inner.root.join(MANIFESTS);
+            match fs::remove_file(dir.join(&name)) {
+                Ok(()) => durable::sync_dir(&dir),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            }
+            .map_err(inner.io("delete", manifest_object(&name)))
+        })
+        .await
+    }
+
     fn describe(&self) -> String {
         self.inner.name.clone()
     }

@@ -448,6 +448,26 @@ impl ChunkStore for HttpStore {
         })
     }
 
+    async fn delete_manifest(&self, name: &str) -> Result<(), StoreError> {
+        validate_manifest_name(name)?;
+        let url = self.manifest_url(name);
+        let object = || manifest_object(name);
+        match self
+            .exchange(
+                "delete",
+                object,
+                Method::DELETE,
+                &url,
+                Bytes::new(),
+                MAX_JSON_BODY,
+            )
+            .await?
+        {
+            Some(_) => Ok(()),
+            None => Err(self.no_route("delete", manifest_object(name))),
+        }
+    }
+
     async fn list_manifests(&self) -> Result<Vec<String>, StoreError> {
         let url = format!("{}/v1/manifests", self.base);
         let list: ManifestList = self.get_json("list", "manifest list", &url).await?;

@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::chunk::{ChunkError, ChunkId, ENVELOPE_OVERHEAD, MAX_CHUNK_SIZE};
+use crate::chunk::{ChunkError, ChunkId, RunStamp, ENVELOPE_OVERHEAD, MAX_CHUNK_SIZE};
 use crate::error::ErrorKind;
 use crate::net::HttpClient;
 
@@ -188,6 +188,9 @@ pub trait ChunkStore: Send + Sync + std::fmt::Debug {
     async fn get_manifest(&self, name: &str) -> Result<Bytes, StoreError>;
     /// The name of every manifest in the store, in no particular order.
     async fn list_manifests(&self) -> Result<Vec<String>, StoreError>;
+    /// Removes the manifest stored under `name`; removing an absent one is
+    /// not an error. (`trace merge` removes the trace runs it folded.)
+    async fn delete_manifest(&self, name: &str) -> Result<(), StoreError>;
     /// How the store was named by the user, for messages.
     fn describe(&self) -> String;
     /// Whether the store retries its own transient failures (on the
@@ -312,22 +315,25 @@ const RUN_STAMP_LEN: usize = 24;
 /// The name a single recorded run of manifest `manifest`'s trace is stored
 /// under: each recorder writes its own object, so two devices recording at
 /// once never overwrite each other's run (stores have no compare-and-swap).
-/// Names of one manifest sort by `unix_nanos`, when the run was stored.
-pub fn trace_run_name(manifest: &str, unix_nanos: u64, tag: u32) -> String {
-    format!("{manifest}{TRACE_RUN_INFIX}{unix_nanos:016x}{tag:08x}{TRACE_SUFFIX}")
+/// Names of one manifest sort by `stamp`, by when the run was stored.
+pub fn trace_run_name(manifest: &str, stamp: RunStamp) -> String {
+    format!(
+        "{manifest}{TRACE_RUN_INFIX}{}{TRACE_SUFFIX}",
+        hex::encode(stamp.0)
+    )
 }
 
-/// The time (nanoseconds since the Unix epoch) in a name
-/// [`trace_run_name`] made for `manifest`, or `None` for any other name.
-pub fn trace_run_time(manifest: &str, name: &str) -> Option<u64> {
+/// The stamp in a name [`trace_run_name`] made for `manifest`, or `None`
+/// for any other name.
+pub fn trace_run_stamp(manifest: &str, name: &str) -> Option<RunStamp> {
     let stamp = name
         .strip_prefix(manifest)?
         .strip_prefix(TRACE_RUN_INFIX)?
         .strip_suffix(TRACE_SUFFIX)?;
-    if stamp.len() != RUN_STAMP_LEN || !stamp.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if stamp.len() != RUN_STAMP_LEN {
         return None;
     }
-    u64::from_str_radix(&stamp[..16], 16).ok()
+    Some(RunStamp(hex::decode(stamp).ok()?.try_into().ok()?))
 }
 
 /// Whether `name` may not name a manifest because traces use it.

@@ -237,6 +237,10 @@ impl ChunkStore for ReadThrough {
         self.origin.get_manifest(name).await
     }
 
+    async fn delete_manifest(&self, name: &str) -> Result<(), StoreError> {
+        self.origin.delete_manifest(name).await
+    }
+
     async fn list_manifests(&self) -> Result<Vec<String>, StoreError> {
         self.origin.list_manifests().await
     }

@@ -267,6 +267,10 @@ impl ChunkStore for TieredStore {
         self.origin().get_manifest(name).await
     }
 
+    async fn delete_manifest(&self, name: &str) -> Result<(), StoreError> {
+        self.origin().delete_manifest(name).await
+    }
+
     fn describe(&self) -> String {
         let names: Vec<String> = self.tiers.iter().map(|t| t.store.describe()).collect();
         names.join(" > ")

@@ -367,6 +367,9 @@ impl ChunkStore for Spy {
     async fn list_manifests(&self) -> Result<Vec<String>, StoreError> {
         self.inner.list_manifests().await
     }
+    async fn delete_manifest(&self, name: &str) -> Result<(), StoreError> {
+        self.inner.delete_manifest(name).await
+    }
     fn describe(&self) -> String {
         self.inner.describe()
     }

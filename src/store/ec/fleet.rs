@@ -416,6 +416,11 @@ impl ChunkStore for EcFleetStore {
         Ok(Vec::new())
     }
 
+    /// Nothing to remove: the fleet never holds manifests.
+    async fn delete_manifest(&self, _name: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         let urls: Vec<&str> = self.shared.nodes.iter().map(|n| n.url()).collect();
         format!("ec-cache {} ({})", urls.join(","), self.shared.scheme)

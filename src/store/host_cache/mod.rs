@@ -386,6 +386,11 @@ impl ChunkStore for HostCache {
         Ok(Vec::new())
     }
 
+    /// Nothing to remove: a host cache keeps chunks only.
+    async fn delete_manifest(&self, _name: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         self.inner.name.clone()
     }

@@ -258,6 +258,15 @@ impl ChunkStore for S3Store {
             .collect())
     }
 
+    /// S3's DELETE of an absent key succeeds, as the contract asks.
+    async fn delete_manifest(&self, name: &str) -> Result<(), StoreError> {
+        validate_manifest_name(name)?;
+        self.objects
+            .delete_object(&self.key(MANIFESTS, name))
+            .await
+            .map_err(self.manifest_error("delete", name))
+    }
+
     fn describe(&self) -> String {
         self.spec.clone()
     }
