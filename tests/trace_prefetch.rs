@@ -338,3 +338,79 @@ fn a_merge_through_a_chunk_server_folds_twenty_runs_and_removes_their_objects() 
     let verified: serde_json::Value = serde_json::from_slice(&verified.stdout).unwrap();
     assert_eq!(verified["chunks_checked"], 2, "{verified}");
 }
+
+#[test]
+fn del_reports_a_trace_run_the_store_refused() {
+    let world = World::new();
+    let image = world.path("image");
+    fs::write(&image, pseudo_random(4, 2 << 20)).unwrap();
+    world.push(&image, "app");
+    // The device reads with the read token; writes need the other one.
+    let (read_token, write_token) = (world.path("read-token"), world.path("write-token"));
+    fs::write(&read_token, "reader").unwrap();
+    fs::write(&write_token, "writer").unwrap();
+    let server = serve::Served::start([
+        "--store".as_ref(),
+        world.store().as_os_str(),
+        "--read-token-file".as_ref(),
+        read_token.as_os_str(),
+        "--write-token-file".as_ref(),
+        write_token.as_os_str(),
+    ]);
+    world.use_store(&server.url);
+    let mnt = world.add_with(
+        "app",
+        "cache",
+        "fuse",
+        true,
+        &[
+            "--record-trace",
+            "--token-file",
+            read_token.to_str().unwrap(),
+        ],
+    );
+    let mut first = vec![0; 4096];
+    use std::io::Read;
+    fs::File::open(mnt.join("disk"))
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    assert_eq!(first, pseudo_random(4, 4096));
+    let pid = world.device(&mnt)["pid"].as_u64().unwrap();
+
+    let out = world
+        .lazyblk()
+        .arg("del")
+        .arg("--fuse")
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!("stopped device {pid}")),
+        "{stdout}"
+    );
+    for needle in [
+        "the trace run it recorded for image \"app\" was not stored",
+        "store trace run \"app.trace.",
+        "401",
+        "the token does not grant writes",
+    ] {
+        assert!(stderr.contains(needle), "no {needle:?} in: {stderr}");
+    }
+    // The device is gone all the same, and the report with it: nothing is
+    // left in the run directory, and no run in the store.
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    let left: Vec<_> = fs::read_dir(world.run_dir()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(manifest_files(&world), ["app"]);
+    // A second del finds no device; the report was told once.
+    run_failing(
+        world.lazyblk().arg("del").arg("--fuse").arg(&mnt),
+        "no lazyblk device is mounted",
+    );
+}

@@ -22,7 +22,8 @@ use super::trace::{start_prefetch, Recorder, TraceArgs};
 use super::{tiers, HostCacheArgs, ImageArgs};
 use crate::chunk::{manifest_digest, Manifest};
 use crate::daemon::{
-    self, ControlRequest, ControlResponse, DeviceRecord, DeviceState, FrontendKind, UblkRecord,
+    self, ControlRequest, ControlResponse, DeviceRecord, DeviceState, FrontendKind, StopReport,
+    UblkRecord,
 };
 use crate::engine::{
     Engine, EngineOptions, EngineStats, FetchPolicy, DEFAULT_FETCH_TIMEOUT,
@@ -491,6 +492,8 @@ where
         metrics,
         ublk: frontend.ublk_record(),
     };
+    // A report left by an earlier process with this pid is not ours.
+    StopReport::clear(&run_dir, pid);
     if let Err(e) = record.publish(&run_dir) {
         frontend.abandon().await;
         DeviceRecord::remove(&run_dir, pid);
@@ -561,8 +564,9 @@ impl<F: Detach> daemon::DeviceControl for EngineControl<F> {
 /// Serves until `device` (the frontend's session) ends, checkpointing
 /// meanwhile. SIGTERM or Ctrl-C asks `control` to stop the device, which it
 /// may refuse while the device is in use (it then keeps serving). Afterwards
-/// the control socket and checkpoints end, the engine is flushed and the
-/// device record removed, and a recording device stores its trace run.
+/// the control socket and checkpoints end, the engine is flushed, a
+/// recording device stores its trace run (a failure is left in a
+/// [`StopReport`] for `del`), and the device record is removed.
 /// Returns what `device` returned and the final flush's result.
 async fn serve_until_stopped<T>(
     engine: &Arc<Engine>,
@@ -592,9 +596,17 @@ async fn serve_until_stopped<T>(
     let flushed = engine.checkpoint().await;
     if let Some(recorder) = recorder {
         // A lost run costs a later start its prefetch, never data: say so
-        // and carry on stopping.
+        // (the user asked for the run, so to `del` too) and carry on
+        // stopping.
         if let Err(e) = recorder.save(engine).await {
             tracing::error!("record the trace run: {e:#}");
+            let report = StopReport {
+                name: recorder.image.clone(),
+                trace_error: format!("{e:#}"),
+            };
+            if let Err(e) = report.publish(run_dir, std::process::id()) {
+                tracing::error!("leave the stop report in {}: {e}", run_dir.display());
+            }
         }
     }
     DeviceRecord::remove(run_dir, std::process::id());
@@ -624,7 +636,10 @@ pub async fn del(args: DelArgs) -> anyhow::Result<()> {
             }
         }
         if !failed.is_empty() {
-            bail!("some devices were not removed:\n{}", failed.join("\n"));
+            bail!(
+                "some devices were not removed, or not cleanly:\n{}",
+                failed.join("\n")
+            );
         }
         return Ok(());
     }
@@ -710,6 +725,16 @@ async fn del_one(run_dir: &Path, device: &daemon::DeviceStatus, force: bool) -> 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     outln!("stopped device {pid} at {target}");
+    let report = StopReport::take(run_dir, pid)
+        .with_context(|| format!("read what device {pid} left in {}", run_dir.display()))?;
+    if let Some(report) = report {
+        bail!(
+            "device {pid} at {target} was removed, but the trace run it recorded for image {:?} \
+             was not stored: {}",
+            report.name,
+            report.trace_error
+        );
+    }
     Ok(())
 }
 

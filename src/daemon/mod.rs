@@ -12,10 +12,12 @@
 
 mod control;
 pub mod metrics;
+mod stop_report;
 
 pub use control::{
     request, serve_control, ControlError, ControlRequest, ControlResponse, DeviceControl,
 };
+pub use stop_report::StopReport;
 
 use std::path::{Path, PathBuf};
 

@@ -33,7 +33,8 @@ pub struct TraceArgs {
     /// Record the order in which readers first read each chunk and, when
     /// the device is removed (`del`, SIGTERM), add that run to the image's
     /// trace in the store (NAME.trace, sealed with the tenant key), where
-    /// the next `add` finds it.
+    /// the next `add` finds it. Should the store refuse the run, `del`
+    /// says so and fails once the device is gone.
     #[arg(long)]
     pub record_trace: bool,
     /// Do not prefetch the chunks the image's trace names.
