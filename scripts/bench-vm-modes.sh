@@ -13,7 +13,8 @@
 # binary's zero-copy cache file on that ext4. Jobs: rand = 4 KiB random
 # reads at QD32, seq = 1 MiB sequential reads at QD8, both BENCH_RUNTIME
 # seconds, fio with io_uring and O_DIRECT. Output: "RES target job round
-# iops=N kib=N ios=N" lines on stdout, then the histograms.
+# iops=N kib=N ios=N busy_us=N" lines on stdout (busy_us: guest CPU time,
+# all vCPUs, not idle during the job, per request), then the histograms.
 #
 # Environment: BENCH_BINS (lazyblk binaries to compare, space-separated,
 # default the release build; each must have a distinct file name),
@@ -88,10 +89,19 @@ loop_cache=$(losetup -f)
 losetup -r "$loop_cache" "/cachefs/$first-zc/data"
 targets="$targets loopcache:$loop_cache:"
 
+busy_ticks() { # guest CPU time not idle, in USER_HZ ticks (all CPUs)
+    awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat
+}
 run() { # name dev rw bs iodepth
-    fio --name=r --filename="$2" --readonly --direct=1 --ioengine=io_uring --rw="$3" --bs="$4" \
-        --iodepth="$5" --runtime="$runtime" --time_based --output-format=terse --terse-version=3 |
-        awk -F';' -v n="$1" '{ printf "RES %s iops=%d kib=%d ios=%d\n", n, $8, $7, $6 / 4 }'
+    before=$(busy_ticks)
+    result=$(fio --name=r --filename="$2" --readonly --direct=1 --ioengine=io_uring --rw="$3" --bs="$4" \
+        --iodepth="$5" --runtime="$runtime" --time_based --output-format=terse --terse-version=3)
+    busy=$(($(busy_ticks) - before))
+    # $6: KiB read; busy_us: guest CPU time per request (10 ms ticks).
+    echo "$result" | awk -F';' -v n="$1" -v busy="$busy" -v kib_per_io="${4%[kM]}" -v unit="${4#"${4%?}"}" '{
+        ios = $6 / (unit == "M" ? kib_per_io * 1024 : kib_per_io)
+        printf "RES %s iops=%d kib=%d ios=%d busy_us=%.0f\n", n, $8, $7, ios, ios ? busy * 10000 / ios : 0
+    }'
 }
 r=1
 while [ "$r" -le "$rounds" ]; do
