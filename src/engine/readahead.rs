@@ -44,6 +44,11 @@
 //!   any fetch, and its fill tells waiters only to look again, so a request
 //!   that needs the chunk fetches it itself.
 //!
+//! **Prefetch first.** While a trace's prefetch runs, readahead starts
+//! nothing and learns nothing: the trace already names the chunks this start
+//! reads, and at an origin short of bandwidth guessed chunks would delay
+//! them. Readahead resumes when the prefetch ends.
+//!
 //! **Neighbourhoods.** A miss no stream takes may pair with a recent one
 //! nearby; the region around them is then fetched too (see
 //! [`super::neighbourhood`]), under the same in-flight bound and counters.
@@ -209,7 +214,10 @@ impl Readahead {
     /// `missed` when some of them were neither present nor zero. Starts the
     /// fetches the request's stream calls for; never waits for one.
     pub fn note_read(self: &Arc<Self>, first: u64, last: u64, missed: bool) {
-        if self.max == 0 {
+        // While a trace's prefetch runs, the trace names what this start
+        // reads: chunks guessed beside it would only take the origin's
+        // bandwidth from the named ones.
+        if self.max == 0 || self.counters.prefetch_remaining.load(Ordering::Relaxed) > 0 {
             return;
         }
         if missed {

@@ -243,3 +243,33 @@ async fn a_demand_read_is_served_before_a_prefetch_of_ten_thousand_chunks_drains
         eventually(|| engine.stats().prefetch_remaining == 0).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readahead_waits_while_a_prefetch_runs_and_resumes_after() {
+    let image = sample_image(64, 0, CS, 0);
+    let fx = seal_image(&image, CS);
+    let dir = crate::private::test_dir();
+    let opts = EngineOptions {
+        readahead_chunks: 8,
+        prefetch_chunks: 1,
+        ..EngineOptions::default()
+    };
+    let engine = open_engine(&fx, dir.path(), opts).unwrap();
+    // The prefetch's one chunk hangs until the test lets it through.
+    let gate = fx.store.gate(fx.id(60));
+    assert_eq!(engine.prefetch(&[fx.id(60)]), 1);
+    eventually(|| fx.store.gets_of(&fx.id(60)) == 1).await;
+    // A sequential stream and two misses close together: each would
+    // fetch ahead without a prefetch running.
+    for index in [10, 11, 12, 13, 30, 34] {
+        read_chunk(&engine, &image, index).await;
+    }
+    assert_eq!(engine.stats().chunks_readahead, 0, "{:?}", engine.stats());
+    gate.notify_one();
+    prefetch_done(&engine).await;
+    for index in [40, 41, 42] {
+        read_chunk(&engine, &image, index).await;
+    }
+    idle(&engine).await;
+    assert!(engine.stats().chunks_readahead > 0, "{:?}", engine.stats());
+}
