@@ -3,7 +3,7 @@
 //! for good; the server checks that name on every write.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -21,7 +21,8 @@ use crate::net::protocol::{
     from_unix_ns, unix_ns, ChunkEntry, ChunkPage, Deleted, MissingRequest, MissingResponse,
     MAX_LIST_PAGE, MAX_MISSING_IDS,
 };
-use crate::store::{ListedChunk, MAX_ENVELOPE_SIZE};
+use crate::store::{ChunkStore, ListedChunk, StoreError, MAX_ENVELOPE_SIZE};
+use tokio::time::Instant;
 
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 /// A `missing` request of the most ids, each 64 hex digits in quotes.
@@ -208,20 +209,20 @@ pub(super) async fn list(state: &State, parts: &Parts) -> Handled {
             }
         },
     };
-    let oldest = match after {
-        Some(_) => LISTING_TTL,
+    let recency = match after {
+        Some(_) => Recency::FinishedWithin(LISTING_TTL),
         // Whoever may write sees the store as it was when they asked (a
         // walk after a push or a gc shows it); a reader gets a listing just
-        // as recent, or one at most a little older than that.
+        // as recent, or one finished at most a little before that.
         None if (state.options.tokens)
             .check(&parts.headers, Access::Write)
             .is_ok() =>
         {
-            Duration::ZERO
+            Recency::BegunAfterAsked
         }
-        None => state.options.listing_reuse,
+        None => Recency::FinishedWithin(state.options.listing_reuse),
     };
-    let all = state.listing.get(state, asked, oldest).await?;
+    let all = state.listing.get(&state.store, asked, recency).await?;
     let from = after.map_or(0, |after| all.partition_point(|chunk| chunk.id <= after));
     let chunks = &all[from..];
     let next = (chunks.len() > limit).then(|| chunks[limit - 1].id.to_hex());
@@ -243,45 +244,92 @@ pub(super) async fn list(state: &State, parts: &Parts) -> Handled {
 /// one walk and between callers: a store lists all its chunks at once, and
 /// listing them again for every page would make a walk cost the square of
 /// the store's size, or let any reader make the server list its whole store
-/// with every request. A caller is given the last listing if it began at
-/// most a given age before the caller asked, else a new one: pages after the
-/// first reuse a listing younger than [`LISTING_TTL`], a reader's first page
-/// one younger than `ServerOptions::listing_reuse`, and a first page asked
-/// with the write token only one begun after it was asked (one listing in
-/// flight serves every caller waiting for it). Chunks written since that
-/// listing began are missed by the walk and chunks deleted since still
-/// appear, which garbage collection tolerates: it lists chunks before it
-/// reads the manifests, so a chunk it missed is not a candidate, and it
+/// with every request. A caller is given the last listing if it is recent
+/// enough (see [`Recency`]), else a new one: pages after the first reuse a
+/// listing finished less than [`LISTING_TTL`] before, a reader's first page
+/// one finished less than `ServerOptions::listing_reuse` before, and a first
+/// page asked with the write token only one begun after it was asked (one
+/// listing in flight serves every caller waiting for it). Ages count from
+/// when a listing finished, so a store that takes longer than those ages to
+/// list is still listed once per walk, not once per page. Chunks written
+/// since that listing began are missed by the walk and chunks deleted since
+/// still appear, which garbage collection tolerates: it lists chunks before
+/// it reads the manifests, so a chunk it missed is not a candidate, and it
 /// re-checks each chunk's time when it deletes it.
 #[derive(Debug, Default)]
 pub(super) struct ListingSnapshot {
-    /// When the listing began, and its chunks.
-    taken: tokio::sync::Mutex<Option<(Instant, Arc<Vec<ListedChunk>>)>>,
+    /// The last listing. Held while a listing is in flight, so that callers
+    /// waiting for it share it.
+    last: Arc<tokio::sync::Mutex<Option<Listing>>>,
+}
+
+#[derive(Debug)]
+struct Listing {
+    began: Instant,
+    finished: Instant,
+    chunks: Arc<Vec<ListedChunk>>,
+}
+
+/// How recent a listing a caller takes.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Recency {
+    /// One begun after the caller asked, so it holds every chunk whose
+    /// write finished before the caller asked.
+    BegunAfterAsked,
+    /// One finished at most this long before the caller asked.
+    FinishedWithin(Duration),
+}
+
+impl Listing {
+    fn serves(&self, asked: Instant, recency: Recency) -> bool {
+        match recency {
+            Recency::BegunAfterAsked => self.began >= asked,
+            Recency::FinishedWithin(age) => asked.saturating_duration_since(self.finished) <= age,
+        }
+    }
 }
 
 const LISTING_TTL: Duration = Duration::from_secs(60);
 
 impl ListingSnapshot {
-    /// A listing begun at most `oldest` before `asked`.
-    async fn get(
+    /// A listing of `store` as recent as `recency` asks of a caller that
+    /// asked at `asked`.
+    pub(super) async fn get(
         &self,
-        state: &State,
+        store: &Arc<dyn ChunkStore>,
         asked: Instant,
-        oldest: Duration,
+        recency: Recency,
     ) -> Result<Arc<Vec<ListedChunk>>, Reply> {
         // One listing at a time: callers waiting here share the one in flight.
-        let mut taken = self.taken.lock().await;
-        if let Some((began, listing)) = &*taken {
-            if asked.saturating_duration_since(*began) <= oldest {
-                return Ok(Arc::clone(listing));
+        let mut last = Arc::clone(&self.last).lock_owned().await;
+        if let Some(listing) = &*last {
+            if listing.serves(asked, recency) {
+                return Ok(Arc::clone(&listing.chunks));
             }
         }
-        let began = Instant::now();
-        let mut listing = state.store.list().await.map_err(store_failure)?;
-        listing.sort_unstable_by_key(|chunk| chunk.id);
-        let listing = Arc::new(listing);
-        *taken = Some((began, Arc::clone(&listing)));
-        Ok(listing)
+        // The listing runs as a task of its own, holding the lock, so a
+        // caller that hangs up does not abandon it: the callers waiting
+        // behind it take it when it finishes.
+        let store = Arc::clone(store);
+        let listing = tokio::spawn(async move {
+            let began = Instant::now();
+            let mut chunks = store.list().await?;
+            chunks.sort_unstable_by_key(|chunk| chunk.id);
+            let chunks = Arc::new(chunks);
+            *last = Some(Listing {
+                began,
+                finished: Instant::now(),
+                chunks: Arc::clone(&chunks),
+            });
+            Ok::<_, StoreError>(chunks)
+        });
+        match listing.await {
+            Ok(listed) => listed.map_err(store_failure),
+            Err(failed) => Err(refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("listing the store failed: {failed}"),
+            )),
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 
+use super::chunks::{ListingSnapshot, Recency};
 use super::tests::{dir_store, options, Running};
 use super::ServerOptions;
 use crate::chunk::ChunkId;
@@ -24,6 +25,8 @@ const WRITE: &str = "write-secret";
 struct CountedListings {
     inner: Arc<dyn ChunkStore>,
     listings: AtomicUsize,
+    /// How long each listing takes.
+    list_delay: Duration,
 }
 
 #[async_trait]
@@ -39,6 +42,7 @@ impl ChunkStore for CountedListings {
     }
     async fn list(&self) -> Result<Vec<ListedChunk>, StoreError> {
         self.listings.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.list_delay).await;
         self.inner.list().await
     }
     async fn delete(&self, id: &ChunkId) -> Result<(), StoreError> {
@@ -91,6 +95,7 @@ async fn readers_share_one_listing_and_a_writer_gets_one_begun_after_it_asked() 
     let store = Arc::new(CountedListings {
         inner: dir_store(&dir),
         listings: AtomicUsize::new(0),
+        list_delay: Duration::ZERO,
     });
     for n in 0..3 {
         let (id, envelope) = chunk(n);
@@ -160,4 +165,90 @@ async fn readers_share_one_listing_and_a_writer_gets_one_begun_after_it_asked() 
     assert_eq!(first_page(&client, &server).await, 4);
     assert_eq!(listings(), 2);
     server.stop().await;
+}
+
+/// A store that takes longer to list than the reuse age is still listed
+/// once per walk and once per reuse age, counted from when its listing
+/// finished. The times asked are given, not read off the clock: a caller
+/// that asked when the listing's time had passed since the first one asked
+/// has asked no earlier than the listing finished, however slow this machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_listing_is_aged_from_when_it_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let list_delay = Duration::from_millis(600);
+    let counted = Arc::new(CountedListings {
+        inner: dir_store(&dir),
+        listings: AtomicUsize::new(0),
+        list_delay,
+    });
+    let (id, envelope) = chunk(0);
+    counted.put(&id, envelope).await.unwrap();
+    let store: Arc<dyn ChunkStore> = counted.clone();
+    let listings = || counted.listings.load(Ordering::SeqCst);
+    let snapshot = ListingSnapshot::default();
+    let reuse = list_delay / 2;
+
+    let asked = tokio::time::Instant::now();
+    let first = snapshot
+        .get(&store, asked, Recency::BegunAfterAsked)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(listings(), 1);
+    // The walk's later pages, and readers' first pages, asked once the
+    // listing's time has passed, take that listing.
+    let after_it = asked + list_delay;
+    for _ in 0..2 {
+        snapshot
+            .get(&store, after_it, Recency::FinishedWithin(reuse))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        listings(),
+        1,
+        "a listing longer than the reuse age was taken anew"
+    );
+    // A writer's first page asks for a listing begun after it asked.
+    let (id, envelope) = chunk(1);
+    counted.put(&id, envelope).await.unwrap();
+    let listed = snapshot
+        .get(
+            &store,
+            tokio::time::Instant::now(),
+            Recency::BegunAfterAsked,
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listings(), 2);
+}
+
+/// A caller that hangs up while the store is listed does not abandon the
+/// listing: the next caller takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_outlives_the_caller_that_began_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let counted = Arc::new(CountedListings {
+        inner: dir_store(&dir),
+        listings: AtomicUsize::new(0),
+        list_delay: Duration::from_millis(500),
+    });
+    let store: Arc<dyn ChunkStore> = counted.clone();
+    let snapshot = ListingSnapshot::default();
+    let asked = tokio::time::Instant::now();
+    let hung_up = tokio::time::timeout(
+        Duration::from_millis(50),
+        snapshot.get(&store, asked, Recency::BegunAfterAsked),
+    )
+    .await;
+    assert!(
+        hung_up.is_err(),
+        "the listing finished before its caller hung up"
+    );
+    snapshot
+        .get(&store, asked, Recency::BegunAfterAsked)
+        .await
+        .unwrap();
+    assert_eq!(counted.listings.load(Ordering::SeqCst), 1);
 }
