@@ -149,5 +149,5 @@ note "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
     "${adds[@]}" --add "$work/bench-guest:/vm/bench-guest" \
     -- bench-guest "$image_mib" "$runtime" "$rounds" "$seq_job" "$trace" "${names[@]}" >"$work/console.log" ||
     die "the benchmark failed in the VM: $(tail -n 20 "$work/console.log")"
-sed -n '/^RES /p; /^=== TRACE/,/^LAZYBLK-VM-EXIT/p' "$work/console.log" | grep -v '^LAZYBLK-VM-EXIT'
+awk '/^LAZYBLK-VM-EXIT/ { exit } /^=== TRACE/ { traced = 1 } traced || /^RES /' "$work/console.log"
 note "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
