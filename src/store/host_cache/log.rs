@@ -142,14 +142,21 @@ impl AccessLog {
         }
         for line in text[..text.len() - 1].split(|&b| b == b'\n') {
             match Record::parse(line) {
-                Some(Record::Insert(id, bytes)) => self.policy.insert(id, bytes),
+                // A chunk put again, or named twice by a compaction (a file
+                // listed that another process put after the replay before
+                // it, and that process's line copied after), is no read:
+                // reads are `H` lines. The policy's insert would count it
+                // as one and protect a chunk nobody read.
+                Some(Record::Insert(id, bytes)) if !self.policy.contains(&id) => {
+                    self.policy.insert(id, bytes);
+                }
                 Some(Record::Hit(id)) => {
                     self.policy.touch(&id);
                 }
                 Some(Record::Evict(id)) => {
                     self.policy.remove(&id);
                 }
-                None => {}
+                Some(Record::Insert(..)) | None => {}
             }
             self.replayed += 1;
         }
@@ -340,5 +347,28 @@ mod tests {
             Record::parse(format!("I {id} {}", u64::MAX).as_bytes()),
             None
         );
+    }
+
+    /// An `I` line for a chunk the replica already tracks (put again, or
+    /// named twice by a compaction that raced with a put) is no read: the
+    /// chunk stays unprotected until an `H` line says it was read.
+    #[test]
+    fn a_repeated_insert_is_not_a_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let unread = ChunkId::of_envelope(b"unread");
+        let read = ChunkId::of_envelope(b"read");
+        let mut log = AccessLog::open(dir.path(), 1 << 30).unwrap();
+        for record in [
+            Record::Insert(unread, 10),
+            Record::Insert(read, 10),
+            Record::Insert(unread, 10),
+            Record::Hit(read),
+        ] {
+            log.append(record).unwrap();
+        }
+        let replica = AccessLog::open(dir.path(), 1 << 30).unwrap();
+        assert!(!replica.policy().is_protected(&unread));
+        assert!(replica.policy().is_protected(&read));
+        assert_eq!(replica.policy().len(), 2);
     }
 }
