@@ -98,6 +98,19 @@ impl TempFile {
     }
 }
 
+impl TempFile {
+    /// Renames the file over the target and syncs nothing, for a caller
+    /// that must not hold others up through the syncs: it syncs what must
+    /// survive a crash before, and the rest and the directory
+    /// ([`sync_dir`]) after, and accepts that a crash in between keeps the
+    /// old target, or the new one without what was not synced yet.
+    pub fn rename_unsynced(mut self) -> io::Result<()> {
+        fs::rename(self.path(), &self.target)?;
+        self.temp = None;
+        Ok(())
+    }
+}
+
 impl Drop for TempFile {
     fn drop(&mut self) {
         if let Some(temp) = self.temp.take() {

@@ -28,7 +28,8 @@
 //! old log's last lines (copied after the compacted ones) to the rename. A
 //! line is thus either in the old log before that read, or in the new log.
 //! Appenders wait only for that short tail (the bulk of the new log is
-//! written and synced before it), never for an eviction.
+//! written and synced before it, the tail and the rename synced after),
+//! never for an eviction or an fsync.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -264,10 +265,17 @@ impl AccessLog {
             // under the path is still `self.file`. What other processes
             // appended since the replay above follows the compacted lines,
             // in the order every replica replayed it.
+            // Appenders wait for this block, so it syncs nothing.
             let _exclusive = Flock::take(&self.file, FlockOperation::LockExclusive)?;
             file.write_all(&self.unreplayed_lines()?)?;
-            temp.commit(&file)?;
+            temp.rename_unsynced()?;
         }
+        // A crash before these syncs leaves the old log, or the new one with
+        // its synced bulk and maybe not the copied tail: at most those last
+        // lines are lost, as any line not yet synced may be, and the next
+        // compaction adopts the files they named.
+        file.sync_all()?;
+        crate::durable::sync_dir(&crate::durable::parent_dir(&self.path))?;
         self.reload()
     }
 }
