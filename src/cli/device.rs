@@ -39,6 +39,11 @@ const LOG_FILE_NAME: &str = "daemon.log";
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
 /// How long `del` waits for a device process to exit after it agreed to stop.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a stopping device tries to store its recorded trace run. Well
+/// under [`EXIT_TIMEOUT`]: the store's own retries may take minutes, and
+/// `del` must still see the device exit and pass on why the run was lost,
+/// not give up waiting with the store's error unsaid.
+const TRACE_SAVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Args)]
 pub struct AddArgs {
@@ -598,7 +603,15 @@ async fn serve_until_stopped<T>(
         // A lost run costs a later start its prefetch, never data: say so
         // (the user asked for the run, so to `del` too) and carry on
         // stopping.
-        if let Err(e) = recorder.save(engine).await {
+        let saved = tokio::time::timeout(TRACE_SAVE_TIMEOUT, recorder.save(engine))
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "the store did not take it within {} s",
+                    TRACE_SAVE_TIMEOUT.as_secs()
+                ))
+            });
+        if let Err(e) = saved {
             tracing::error!("record the trace run: {e:#}");
             let report = StopReport {
                 name: recorder.image.clone(),
@@ -720,7 +733,10 @@ async fn del_one(run_dir: &Path, device: &daemon::DeviceStatus, force: bool) -> 
     let deadline = Instant::now() + EXIT_TIMEOUT;
     while Path::new(&format!("/proc/{pid}")).exists() {
         if Instant::now() > deadline {
-            bail!("device {pid} at {target} agreed to stop but has not exited after 60 s");
+            bail!(
+                "device {pid} at {target} agreed to stop but has not exited after {} s",
+                EXIT_TIMEOUT.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
