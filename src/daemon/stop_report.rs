@@ -3,9 +3,11 @@
 //! the process exits, read and removed by `del` once the process has.
 //!
 //! Only failures `del` must pass on are written (today: a recorded trace
-//! run the store did not take), so a device stopped without trouble, or by
-//! a signal with no `del` waiting, leaves nothing behind; a device removes
-//! any report left under its pid by an earlier process when it starts.
+//! run the store did not take), so a device stopped without trouble leaves
+//! nothing behind. One stopped by a signal, with no `del` waiting, writes
+//! its report all the same (it cannot tell who stopped it) and nobody reads
+//! it; a device removes any report left under its pid by an earlier process
+//! when it starts.
 
 use std::path::{Path, PathBuf};
 
