@@ -70,9 +70,19 @@ pub(super) async fn load(
         .filter_map(|run| Some((trace_run_stamp(name, &run)?, run)))
         .collect();
     runs.sort();
-    let (mut stale, mut fresh): (Vec<RunObject>, Vec<RunObject>) = runs
-        .into_iter()
-        .partition(|(stamp, _)| covered.covers(stamp));
+    let (mut stale, mut fresh) = (Vec::new(), Vec::new());
+    for run in runs {
+        match covered.covers(&run.0) {
+            Cover::Listed => stale.push(run),
+            // A `NAME.trace` of version 1 (which names no runs) seems to
+            // hold it, judged by its time: it is not read, but never
+            // removed on the strength of that guess, which a merging host
+            // with a fast clock makes wrong. A merge does not name it, so
+            // the merge after that one reads and folds it.
+            Cover::ByTime => {}
+            Cover::No => fresh.push(run),
+        }
+    }
     let too_old = fresh.len().saturating_sub(MAX_TRACE_RUNS);
     stale.extend(fresh.drain(..too_old));
 
@@ -136,13 +146,22 @@ impl Covered {
         }
     }
 
-    fn covers(&self, stamp: &RunStamp) -> bool {
+    fn covers(&self, stamp: &RunStamp) -> Cover {
         match self {
-            Covered::Nothing => false,
-            Covered::Listed(folded) => folded.contains(stamp),
-            Covered::UpTo(secs) => stamp.unix_nanos() / 1_000_000_000 <= *secs,
+            Covered::Listed(folded) if folded.contains(stamp) => Cover::Listed,
+            Covered::UpTo(secs) if stamp.unix_nanos() / 1_000_000_000 <= *secs => Cover::ByTime,
+            _ => Cover::No,
         }
     }
+}
+
+/// Whether a stored merge stands for a run object, and how it is known.
+enum Cover {
+    No,
+    /// The merge names it.
+    Listed,
+    /// The merge is of version 1 and its newest run is no older.
+    ByTime,
 }
 
 /// Stores `run` of image `image` in an object of its own (see the module
