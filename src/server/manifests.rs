@@ -6,10 +6,12 @@ use http::request::Parts;
 use http::{header, HeaderValue, StatusCode};
 
 use super::auth::Access;
-use super::reply::{check_length, json, read_body, reply, store_failure, Handled, RequestBody};
+use super::reply::{
+    check_length, json, read_body, refuse, reply, store_failure, Handled, RequestBody,
+};
 use super::State;
 use crate::net::protocol::ManifestList;
-use crate::store::{validate_manifest_name, MAX_MANIFEST_SIZE};
+use crate::store::{is_trace_name, validate_manifest_name, MAX_MANIFEST_SIZE};
 
 pub(super) async fn get(state: &State, name: &str, parts: &Parts, head: bool) -> Handled {
     validate_manifest_name(name).map_err(store_failure)?;
@@ -45,10 +47,18 @@ pub(super) async fn put(state: &State, name: &str, parts: &Parts, body: RequestB
 }
 
 /// Removing an absent manifest succeeds, as in every store: a retried
-/// delete whose first answer was lost must not fail.
+/// delete whose first answer was lost must not fail. Only traces and trace
+/// runs are removed (a merge folds runs away): an image's manifest is what
+/// its devices and `gc` stand on, and no client removes one over HTTP.
 pub(super) async fn delete(state: &State, name: &str, parts: &Parts) -> Handled {
     validate_manifest_name(name).map_err(store_failure)?;
     state.allow(&parts.headers, Access::Write)?;
+    if !is_trace_name(name) {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            format!("{name:?} is not a trace or trace run: only those are removed over HTTP"),
+        ));
+    }
     state
         .store
         .delete_manifest(name)

@@ -399,20 +399,29 @@ async fn writes_need_the_write_token_and_reads_the_read_token() {
             .unwrap(),
         envelope
     );
-    // Removing a manifest is a write.
+    // Removing a trace is a write, and an image's manifest is never removed.
     let manifests = http_store(&server.url(), Some(WRITE));
-    manifests
-        .put_manifest("app", Bytes::from_static(b"m"))
-        .await
-        .unwrap();
+    let trace = crate::store::trace_name("app");
+    for name in ["app", trace.as_str()] {
+        manifests
+            .put_manifest(name, Bytes::from_static(b"m"))
+            .await
+            .unwrap();
+    }
     let error = http_store(&server.url(), Some(READ))
-        .delete_manifest("app")
+        .delete_manifest(&trace)
         .await
         .unwrap_err();
     assert!(crate::error::chain(&error).contains("401"), "{error}");
+    let error = manifests.delete_manifest("app").await.unwrap_err();
+    let message = crate::error::chain(&error);
+    assert!(
+        message.contains("403") && message.contains("not a trace or trace run"),
+        "{message}"
+    );
+    assert_eq!(manifests.list_manifests().await.unwrap(), ["app", &trace]);
+    manifests.delete_manifest(&trace).await.unwrap();
     assert_eq!(manifests.list_manifests().await.unwrap(), ["app"]);
-    manifests.delete_manifest("app").await.unwrap();
-    assert!(manifests.list_manifests().await.unwrap().is_empty());
 
     // A server without a write token takes no writes at all.
     let read_only = start(&dir, options(None, None)).await;
