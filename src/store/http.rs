@@ -461,10 +461,21 @@ impl ChunkStore for HttpStore {
                 Bytes::new(),
                 MAX_JSON_BODY,
             )
-            .await?
+            .await
         {
-            Some(_) => Ok(()),
-            None => Err(self.no_route("delete", manifest_object(name))),
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(self.no_route("delete", manifest_object(name))),
+            Err(e) if refused_method(&e) => Err(StoreError::Io {
+                op: "delete",
+                store: self.base.clone(),
+                object: manifest_object(name),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "the chunk server does not support removing manifests (405): it is older \
+                     than this client",
+                ),
+            }),
+            Err(e) => Err(e),
         }
     }
 
@@ -484,4 +495,18 @@ impl ChunkStore for HttpStore {
     fn retries_transient_failures(&self) -> bool {
         true
     }
+}
+
+/// Whether the server answered that it has no such method for the route
+/// (405): a server older than the route.
+fn refused_method(error: &StoreError) -> bool {
+    let StoreError::Io { source, .. } = error else {
+        return false;
+    };
+    source
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<HttpError>())
+        .is_some_and(|http| {
+            matches!(http, HttpError::Status { status, .. } if *status == StatusCode::METHOD_NOT_ALLOWED)
+        })
 }

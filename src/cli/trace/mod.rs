@@ -227,10 +227,19 @@ async fn merge(args: MergeArgs) -> anyhow::Result<()> {
         folded.objects
     );
     if let Some(first) = folded.failed.into_iter().next() {
+        let left = folded.objects - folded.removed;
+        let unsupported = first.chain().any(|cause| {
+            cause
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::Unsupported)
+        });
+        let after = if unsupported {
+            "the store does not support removing manifests, so they stay"
+        } else {
+            "the next merge removes them"
+        };
         return Err(first.context(format!(
-            "{} folded run objects are left in the store; readers skip them and the \
-             next merge removes them",
-            folded.objects - folded.removed
+            "{left} folded run objects are left in the store; readers skip them and {after}"
         )));
     }
     Ok(())
