@@ -11,7 +11,7 @@
 //! | `GET /v1/chunks?after=ID&limit=N` | | [`ChunkPage`] |
 //! | `GET`/`HEAD /v1/manifests/{name}` | | the sealed manifest |
 //! | `PUT /v1/manifests/{name}` (write) | the sealed manifest | 204 |
-//! | `DELETE /v1/manifests/{name}` (write) | | 204, also when absent |
+//! | `DELETE /v1/manifests/{name}` (write), traces and trace runs only | | 204, also when absent; 403 for any other name |
 //! | `GET /v1/manifests` | | [`ManifestList`] |
 //! | `GET /v1/shards/{id}/{index}` | | a shard object (docs/FORMAT.md); 404 when not held |
 //! | `PUT /v1/shards/{id}/{index}` (write) | a shard object, checked against `id` and `index` | 204 |
