@@ -227,22 +227,27 @@ async fn merge(args: MergeArgs) -> anyhow::Result<()> {
         folded.objects
     );
     if let Some(first) = folded.failed.into_iter().next() {
-        let left = folded.objects - folded.removed;
-        let unsupported = first.chain().any(|cause| {
-            cause
-                .downcast_ref::<std::io::Error>()
-                .is_some_and(|e| e.kind() == std::io::ErrorKind::Unsupported)
-        });
-        let after = if unsupported {
-            "the store does not support removing manifests, so they stay"
-        } else {
-            "the next merge removes them"
-        };
-        return Err(first.context(format!(
-            "{left} folded run objects are left in the store; readers skip them and {after}"
-        )));
+        return Err(left_behind(folded.objects - folded.removed, first));
     }
     Ok(())
+}
+
+/// The error of a merge that left `left` folded run objects in the store,
+/// the first failure to remove one being `first`.
+fn left_behind(left: usize, first: anyhow::Error) -> anyhow::Error {
+    let unsupported = first.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::Unsupported)
+    });
+    let after = if unsupported {
+        "the store does not support removing manifests, so they stay"
+    } else {
+        "the next merge removes them"
+    };
+    first.context(format!(
+        "{left} folded run objects are left in the store; readers skip them and {after}"
+    ))
 }
 
 /// What [`fold`] did.

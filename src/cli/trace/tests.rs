@@ -434,3 +434,48 @@ fn load_stale(names: &[String]) -> Vec<stored::RunObject> {
         })
         .collect()
 }
+
+/// A chunk server older than the route answers a manifest DELETE with 405:
+/// the merge says the store does not remove manifests, not that the next
+/// merge will.
+#[tokio::test]
+async fn a_server_without_manifest_removal_is_named_as_such() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut connection, _) = listener.accept().await.unwrap();
+            let mut request = [0; 4096];
+            let _ = connection.read(&mut request).await;
+            let _ = connection
+                .write_all(
+                    b"HTTP/1.1 405 Method Not Allowed\r\nallow: GET, HEAD, PUT\r\n\
+                      content-length: 0\r\nconnection: close\r\n\r\n",
+                )
+                .await;
+        }
+    });
+    let store = crate::store::http::HttpStore::new(
+        &url,
+        crate::net::HttpClient::shared(false),
+        Some("write-secret".to_owned()),
+        crate::store::http::HttpStoreTiming::default(),
+    )
+    .unwrap();
+    let stamp = RunStamp::new(1, 2);
+    let runs = [(stamp, trace_run_name(IMAGE, stamp))];
+    let (removed, mut failed) = remove_runs(&store, &runs).await;
+    assert_eq!((removed, failed.len()), (0, 1));
+    let message = format!("{:#}", left_behind(1, failed.remove(0)));
+    assert!(
+        message.contains("the store does not support removing manifests")
+            && message.contains("405"),
+        "{message}"
+    );
+    // Any other failure leaves them to the next merge.
+    let message = format!("{:#}", left_behind(1, anyhow::anyhow!("refused")));
+    assert!(message.contains("the next merge removes them"), "{message}");
+    server.abort();
+}
