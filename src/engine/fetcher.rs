@@ -34,6 +34,7 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
 use super::access::Access;
+use super::budget::Budget;
 use super::layout::{Content, Layout};
 use super::retrieve::{get_envelope, open_envelope, FetchPolicy};
 use super::slots::{Priority, Slot, Slots, Ticket};
@@ -86,6 +87,8 @@ pub(super) struct Fetcher {
     inflight: DashMap<u64, Flight>,
     counters: Arc<Counters>,
     access: Arc<Access>,
+    /// Speculative fetches allowed at once, told how long each get took.
+    budget: Arc<Budget>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -146,7 +149,12 @@ impl Fetcher {
             inflight: DashMap::new(),
             counters,
             access,
+            budget: Budget::new(u64::from(opts.readahead_chunks), opts.adaptive_readahead),
         }
+    }
+
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     pub fn runtime(&self) -> &Handle {
@@ -295,6 +303,10 @@ impl Fetcher {
         .await;
         // The slot bounds requests to the store; decrypting needs none.
         drop(slot);
+        if fetched.is_ok() {
+            let whole = self.layout.chunk_len(index) as u64 == self.layout.chunk_size();
+            self.budget.note_get(started.elapsed(), whole);
+        }
         let envelope = match fetched {
             Ok(envelope) => envelope,
             Err(error) => {

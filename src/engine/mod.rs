@@ -73,6 +73,7 @@ use crate::chunk::{ChunkId, Manifest};
 use crate::store::ChunkStore;
 
 mod access;
+mod budget;
 mod error;
 mod fetcher;
 mod layout;
@@ -141,6 +142,10 @@ pub struct EngineOptions {
     /// w²/2 non-zero chunks ahead (never fewer than w nor more than 2w).
     /// 0 turns readahead off.
     pub readahead_chunks: u32,
+    /// Lower that bound while speculative fetches slow the store's answers
+    /// (a link short of bandwidth), and raise it back as they keep pace
+    /// (budget.rs); off, it stays at `readahead_chunks`.
+    pub adaptive_readahead: bool,
     /// Deadline and retries of each fetch.
     pub fetch: FetchPolicy,
     /// Most requests to the store at once; more wait in line, demand
@@ -170,6 +175,7 @@ impl Default for EngineOptions {
         EngineOptions {
             read_only: false,
             readahead_chunks: DEFAULT_READAHEAD_CHUNKS,
+            adaptive_readahead: true,
             fetch: FetchPolicy::default(),
             max_fetches: DEFAULT_MAX_FETCHES,
             prefetch_chunks: DEFAULT_PREFETCH_CHUNKS,

@@ -35,7 +35,8 @@
 //!   flight, the fill lock against whole-chunk writes, verification, and the
 //!   present bit only after the bytes, all as for a demand fetch;
 //! * at most `readahead_chunks` readahead fetches are in flight at once over
-//!   all streams (a semaphore); readahead that finds no permit leaves the
+//!   all streams, fewer while they slow the store (the fetcher's
+//!   [`Budget`](super::budget)); readahead that finds no permit leaves the
 //!   chunk for a later scan. Demand fetches take no permit, so readahead
 //!   never holds one up beyond the one chunk it may be fetching already;
 //! * a stream starts each chunk at most once (`Stream::until`), so a chunk
@@ -61,8 +62,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-
-use tokio::sync::Semaphore;
 
 use super::fetcher::{Fetcher, Filled};
 use super::layout::Layout;
@@ -119,10 +118,10 @@ pub(super) struct Readahead {
     fetcher: Arc<Fetcher>,
     layout: Arc<Layout>,
     counters: Arc<Counters>,
-    /// Largest window, and the bound on readahead fetches in flight over all
-    /// streams; 0 turns readahead off.
+    /// Largest window, and the most readahead fetches in flight over all
+    /// streams (the fetcher's budget may allow fewer); 0 turns readahead
+    /// off.
     max: u64,
-    permits: Arc<Semaphore>,
     streams: Mutex<Streams>,
     /// Whether any read ever missed: until then there is no stream for a
     /// hit to move on, and hits skip the lock.
@@ -150,7 +149,6 @@ impl Readahead {
             layout,
             counters,
             max: u64::from(max_chunks),
-            permits: Arc::new(Semaphore::new(max_chunks as usize)),
             streams: Mutex::new(Streams::default()),
             tracking: AtomicBool::new(false),
         }
@@ -300,7 +298,7 @@ impl Readahead {
         if self.fetcher.is_busy(index) {
             return Outcome::Busy;
         }
-        let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+        let Some(permit) = self.fetcher.budget().try_acquire() else {
             return Outcome::NoPermit;
         };
         let Some(fill) = self.fetcher.fetch(index, Priority::Readahead) else {

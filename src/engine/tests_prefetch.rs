@@ -251,6 +251,7 @@ async fn readahead_waits_while_a_prefetch_runs_and_resumes_after() {
     let dir = crate::private::test_dir();
     let opts = EngineOptions {
         readahead_chunks: 8,
+        adaptive_readahead: false,
         prefetch_chunks: 1,
         ..EngineOptions::default()
     };

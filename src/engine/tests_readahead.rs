@@ -28,6 +28,8 @@ fn image(chunks: usize, tail: usize, zeros: &[usize]) -> (Vec<u8>, Fixture) {
 fn open(fx: &Fixture, dir: &Path, readahead_chunks: u32) -> Arc<Engine> {
     let opts = EngineOptions {
         readahead_chunks,
+        // A fixed bound: the counts below must not follow the host's load.
+        adaptive_readahead: false,
         ..EngineOptions::default()
     };
     open_engine(fx, dir, opts).unwrap()
