@@ -71,6 +71,7 @@ impl Budget {
             .map(|_| Permit(Arc::clone(self)))
     }
 
+    #[cfg(test)]
     pub fn limit(&self) -> u64 {
         self.limit.load(Ordering::Acquire)
     }
