@@ -108,7 +108,15 @@ async fn four_plus_one_keeps_every_hit_when_a_node_stops() {
     read_all(&store, &chunks, 4).await;
     let stats = store.stats();
     assert_eq!((stats.hits, stats.misses), (48, 0), "{stats:?}");
-    assert!(stats.node_errors > 0 && stats.replacements > 0, "{stats:?}");
+    // The stopped node was asked and its shards rebuilt from the others.
+    // Which request brought the extra shard depends on timing: a
+    // replacement after the failure, or a hedge sent before it (a busy
+    // host makes reads slow enough to hedge).
+    assert!(
+        stats.node_errors > 0 && stats.reconstructed > 0,
+        "{stats:?}"
+    );
+    assert!(stats.replacements + stats.hedges > 0, "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
