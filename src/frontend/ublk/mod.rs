@@ -397,9 +397,13 @@ where
     drop(tids);
     let (configuring, configuring_dev) = (ctrl.clone(), dev.clone());
     bounded("GET_QUEUE_AFFINITY", CONTROL_TIMEOUT, move || {
-        // Each queue thread's tid, for its CPU affinity and libublk's export.
+        // Each queue thread's tid, for libublk's export. The threads are
+        // not pinned to their queue's CPUs: the kernel maps a submitter's
+        // CPU to the queue of that CPU, so a pinned queue thread shares its
+        // CPU with the submitter, and each batch waits until the submitter
+        // sleeps; unpinned, the scheduler runs it on an idle CPU alongside
+        // (kernel-notes/ublk.md, "Queue threads and CPUs").
         for (qid, tid) in thread_ids.iter().take(usize::from(queues)) {
-            configuring.set_thread_affinity(qid, tid);
             configuring
                 .configure_queue(&configuring_dev, qid, tid)
                 .map_err(run_error)?;
