@@ -7,8 +7,8 @@
 //! that answered.
 //!
 //! A workload's chunks are a model, not a recording: the measured fraction
-//! of the image it reads, taken as the chunks whose ids hash below that
-//! fraction. A chunk shared by two images (the same id) is thus read by
+//! of the image it reads, taken as that share of its chunks whose ids hash
+//! lowest. A chunk shared by two images (the same id) is thus read by
 //! both, as a shared library would be.
 
 use std::collections::HashSet;
@@ -54,21 +54,32 @@ impl TierTable {
 }
 
 /// The chunks a start of `image` reads when it reads `fraction` of them:
-/// the distinct stored chunks whose ids hash below the fraction, in image
-/// order.
+/// of its distinct stored chunks, that fraction (rounded, and at least one
+/// when the fraction is not zero) whose ids hash lowest, in image order.
+/// Taking the lowest rather than those below a threshold keeps a small
+/// image's set from coming out empty by chance.
 pub fn read_set(image: &Image, fraction: f64) -> Vec<ChunkId> {
-    let threshold = fraction.clamp(0.0, 1.0) * u64::MAX as f64;
+    let position = |id: &ChunkId| u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes"));
     let mut seen = HashSet::new();
-    image
+    let distinct: Vec<ChunkId> = image
         .chunk_ids
         .iter()
         .flatten()
-        .filter(|id| {
-            let position = u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes"));
-            (position as f64) < threshold
-        })
         .filter(|id| seen.insert(**id))
         .copied()
+        .collect();
+    let fraction = fraction.clamp(0.0, 1.0);
+    let count = ((fraction * distinct.len() as f64).round() as usize)
+        .max(usize::from(fraction > 0.0))
+        .min(distinct.len());
+    let mut by_position: Vec<u64> = distinct.iter().map(position).collect();
+    by_position.sort_unstable();
+    let Some(&cut) = count.checked_sub(1).and_then(|last| by_position.get(last)) else {
+        return Vec::new();
+    };
+    distinct
+        .into_iter()
+        .filter(|id| position(id) <= cut)
         .collect()
 }
 
@@ -158,7 +169,7 @@ mod tests {
     }
 
     #[test]
-    fn the_read_set_takes_the_ids_below_the_fraction_once_each() {
+    fn the_read_set_takes_the_lowest_ids_once_each() {
         // First id bytes 0, 64, 128, 192, and 64 again.
         let image = image([0u8, 64, 128, 192, 64].into_iter());
         assert_eq!(read_set(&image, 0.0).len(), 0);
