@@ -108,7 +108,8 @@ pub struct AddArgs {
     #[arg(long, conflicts_with_all = ["fuse", "vhost_user_blk", "nbd"])]
     pub no_zero_copy: bool,
     /// Most chunks fetched ahead of a sequential reader at once; 0 turns
-    /// readahead off (random-access workloads then fetch only what they read).
+    /// readahead off, the file-system-guided kind too (random-access
+    /// workloads then fetch only what they read).
     #[arg(long, default_value_t = DEFAULT_READAHEAD_CHUNKS)]
     pub readahead_chunks: u32,
     #[command(flatten)]

@@ -76,6 +76,13 @@ impl Budget {
         self.limit.load(Ordering::Acquire)
     }
 
+    /// Whether the store has kept pace with every guess so far: the limit
+    /// stands at its most. Guesses of the widest kind (what a file system
+    /// says a program may read next) wait for that.
+    pub fn has_room(&self) -> bool {
+        self.limit.load(Ordering::Acquire) >= self.max
+    }
+
     /// A store get of a whole chunk (`whole`: not the image's short last
     /// one) took `took`.
     pub fn note_get(&self, took: Duration, whole: bool) {

@@ -23,7 +23,7 @@
 //! waiting in a lower line, the fetch is raised to demand and its outcome,
 //! error included, is theirs.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -35,7 +35,9 @@ use tokio::sync::oneshot;
 
 use super::access::Access;
 use super::budget::Budget;
+use super::files::Files;
 use super::layout::{Content, Layout};
+use super::readahead::Readahead;
 use super::retrieve::{get_envelope, open_envelope, FetchPolicy};
 use super::slots::{Priority, Slot, Slots, Ticket};
 use super::stats::{add, Counters};
@@ -89,6 +91,10 @@ pub(super) struct Fetcher {
     access: Arc<Access>,
     /// Speculative fetches allowed at once, told how long each get took.
     budget: Arc<Budget>,
+    /// Told of every chunk filled, to learn where files lie.
+    files: Arc<Files>,
+    /// Woken when a fill taught `files` of metadata worth fetching.
+    readahead: OnceLock<Weak<Readahead>>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -142,6 +148,8 @@ impl Fetcher {
         Fetcher {
             store,
             cache,
+            files: Arc::new(Files::new(Arc::clone(&layout))),
+            readahead: OnceLock::new(),
             layout,
             runtime,
             policy: opts.fetch,
@@ -151,6 +159,19 @@ impl Fetcher {
             access,
             budget: Budget::new(u64::from(opts.readahead_chunks), opts.adaptive_readahead),
         }
+    }
+
+    /// Where the image's files lie, learnt from the chunks this fetcher
+    /// filled.
+    pub fn files(&self) -> &Arc<Files> {
+        &self.files
+    }
+
+    /// Names the readahead that fetches the metadata fills teach of, so it
+    /// starts as soon as it is known rather than at the next read.
+    pub fn set_readahead(&self, readahead: &Arc<Readahead>) {
+        // Set once, when the engine is made.
+        let _ = self.readahead.set(Arc::downgrade(readahead));
     }
 
     pub fn budget(&self) -> &Arc<Budget> {
@@ -254,6 +275,8 @@ impl Fetcher {
         let (tx, rx) = oneshot::channel();
         let reply: Reply = Arc::new(Mutex::new(Some(tx)));
         let fetcher = Arc::clone(self);
+        let files = Arc::clone(&self.files);
+        let readahead = self.readahead.get().cloned();
         let origin = ticket.priority();
         self.runtime.spawn(async move {
             let fetched = {
@@ -269,6 +292,11 @@ impl Fetcher {
                 fetched => fetched,
             };
             send(&reply, outcome);
+            if files.has_wanted() {
+                if let Some(readahead) = readahead.as_ref().and_then(Weak::upgrade) {
+                    readahead.fetch_metadata();
+                }
+            }
         });
         rx.map(move |sent| {
             sent.unwrap_or_else(|_| {
@@ -325,6 +353,9 @@ impl Fetcher {
         let waiters = Arc::clone(reply);
         let counters = Arc::clone(&self.counters);
         let access = Arc::clone(&self.access);
+        let files = Arc::clone(&self.files);
+        let got_after = started.elapsed();
+        let place = Arc::clone(ticket);
         // SHA-256 and AES-GCM of a whole chunk take a few hundred
         // microseconds, and the cache write may block: a blocking thread,
         // never an async worker. It also hands the plaintext to the
@@ -342,6 +373,19 @@ impl Fetcher {
             // Counted before the waiters wake, so what they see includes it.
             add(&counters.chunks_fetched, 1);
             counters.record_fetch_latency(started.elapsed());
+            tracing::debug!(
+                chunk = index,
+                ?origin,
+                priority = ?place.priority(),
+                get_ms = got_after.as_secs_f64() * 1e3,
+                filled_ms = started.elapsed().as_secs_f64() * 1e3,
+                "chunk filled"
+            );
+            // Before the waiters wake: what the chunk teaches (where files
+            // lie, which metadata to fetch next) is then there for the
+            // readahead their reads start. Reading an inode table takes
+            // microseconds; a round trip, milliseconds.
+            files.note_filled(index, &plaintext, &cache);
             send(&waiters, Ok(Filled::Plaintext(plaintext.clone())));
             Ok(plaintext)
         })

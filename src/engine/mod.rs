@@ -76,6 +76,7 @@ mod access;
 mod budget;
 mod error;
 mod fetcher;
+mod files;
 mod layout;
 mod neighbourhood;
 mod prefetch;
@@ -94,6 +95,8 @@ mod tests;
 mod tests_discard;
 #[cfg(test)]
 mod tests_faults;
+#[cfg(test)]
+mod tests_files;
 #[cfg(test)]
 mod tests_model;
 #[cfg(test)]
@@ -251,6 +254,10 @@ impl Engine {
             Arc::clone(&layout),
             Arc::clone(&counters),
         ));
+        fetcher.set_readahead(&readahead);
+        if opts.readahead_chunks > 0 {
+            fetcher.files().learn_from_cache(&cache);
+        }
         Ok(Arc::new(Engine {
             layout,
             cache,
@@ -818,6 +825,12 @@ impl Engine {
     #[cfg(test)]
     pub(crate) fn fetches_waiting(&self, priority: Priority) -> usize {
         self.fetcher.waiting(priority)
+    }
+
+    /// The run of one file's chunks known to hold chunk `index`.
+    #[cfg(test)]
+    pub(crate) fn file_run_of(&self, index: u64) -> Option<std::ops::RangeInclusive<u64>> {
+        self.fetcher.files().span_of(index)
     }
 
     /// Whether no fetch, readahead included, still holds the cache: a test

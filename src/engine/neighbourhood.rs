@@ -33,6 +33,10 @@ pub(super) const FIRST_MARGIN: u64 = 2;
 /// The most chunks one neighbourhood covers: 32 MiB of 512 KiB chunks, a
 /// large library; it bounds what a region that stops being read has cost.
 pub(super) const MAX_SPAN: u64 = 64;
+/// A run of a file's chunks this long or shorter is fetched whole on its
+/// first miss: 8 MiB of 512 KiB chunks, a large shared library. A longer
+/// one needs a second miss within half of [`MAX_SPAN`] first.
+pub(super) const WHOLE_RUN: u64 = 16;
 /// Neighbourhoods remembered at once; the least recently used is forgotten.
 const NEIGHBOURHOODS: usize = 8;
 
@@ -81,6 +85,11 @@ impl Neighbourhood {
         self.unstarted(end).next().is_none()
     }
 
+    /// Whether its span holds `lo..=hi`.
+    fn covers(&self, lo: u64, hi: u64) -> bool {
+        self.lo.saturating_sub(self.margin) <= lo && self.hi.saturating_add(self.margin) >= hi
+    }
+
     /// Takes in a miss at `first..=last` if it lies within [`NEAR`] and the
     /// span stays within [`MAX_SPAN`].
     fn join(&mut self, first: u64, last: u64, tick: u64) -> bool {
@@ -103,10 +112,37 @@ impl Neighbourhood {
     }
 }
 
+/// At most [`MAX_SPAN`] chunks of `file` holding the miss `first..=last`:
+/// as many after the miss as before it, and where the file ends on one
+/// side, more on the other.
+fn around(first: u64, last: u64, file: &RangeInclusive<u64>) -> (u64, u64) {
+    let (start, end) = (*file.start(), *file.end());
+    let lo = start.max(first.saturating_sub(MAX_SPAN / 2));
+    let hi = end.min(lo + MAX_SPAN - 1);
+    let lo = start.max((hi + 1).saturating_sub(MAX_SPAN));
+    (lo.min(first), hi.max(last))
+}
+
+/// Keeps `neighbourhood` in `list`, forgetting the least recently used one
+/// if there are [`NEIGHBOURHOODS`] already; its index.
+fn keep(list: &mut Vec<Neighbourhood>, neighbourhood: Neighbourhood) -> usize {
+    if list.len() < NEIGHBOURHOODS {
+        list.push(neighbourhood);
+        return list.len() - 1;
+    }
+    let oldest = (0..list.len()).min_by_key(|&i| list[i].used).unwrap_or(0);
+    list[oldest] = neighbourhood;
+    oldest
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Neighbourhoods {
     recent: Vec<u64>,
     all: Vec<Neighbourhood>,
+    /// Made from files' extents ([`Neighbourhoods::note_file_miss`]).
+    files: Vec<Neighbourhood>,
+    /// The last misses in runs of files longer than [`WHOLE_RUN`].
+    file_misses: Vec<u64>,
     tick: u64,
 }
 
@@ -132,30 +168,91 @@ impl Neighbourhoods {
         let m = self.recent.remove(r);
         let lo = m.min(first);
         let hi = m.max(last);
-        let neighbourhood = Neighbourhood {
-            lo,
-            hi,
-            margin: FIRST_MARGIN.min((MAX_SPAN - (hi - lo + 1)) / 2),
-            latest: first,
-            // Their own fetches are the readers'.
-            started: (first..=last).chain([m]).collect(),
-            used: tick,
-        };
-        if self.all.len() < NEIGHBOURHOODS {
-            self.all.push(neighbourhood);
-            return Some(self.all.len() - 1);
+        Some(keep(
+            &mut self.all,
+            Neighbourhood {
+                lo,
+                hi,
+                margin: FIRST_MARGIN.min((MAX_SPAN - (hi - lo + 1)) / 2),
+                latest: first,
+                // Their own fetches are the readers'.
+                started: (first..=last).chain([m]).collect(),
+                used: tick,
+            },
+        ))
+    }
+
+    /// Records a miss of chunks `first..=last` inside `file`, the chunks of
+    /// one run of one file's data; the file neighbourhood it made or moved,
+    /// if any ([`Neighbourhoods::get_file_mut`]).
+    ///
+    /// A file's run of up to [`WHOLE_RUN`] chunks needs no second miss to
+    /// prove it: it becomes a neighbourhood at once; of a longer run, up to
+    /// [`MAX_SPAN`] chunks around the miss do on a second miss in it nearby.
+    /// Not if one already covers them (a file neighbourhood that does
+    /// then fetches nearest this miss first). File neighbourhoods are kept
+    /// apart from those misses make: they never grow, and they take no
+    /// miss that could have paired with another.
+    pub fn note_file_miss(
+        &mut self,
+        first: u64,
+        last: u64,
+        file: RangeInclusive<u64>,
+    ) -> Option<usize> {
+        self.tick += 1;
+        let tick = self.tick;
+        let (lo, hi) = around(first, last, &file);
+        if let Some(i) = self.files.iter().position(|n| n.covers(lo, hi)) {
+            // The reader moved within the file: fetch nearest it from now.
+            let n = &mut self.files[i];
+            n.used = tick;
+            n.latest = first;
+            n.started.extend(first..=last);
+            return Some(i);
         }
-        let oldest = (0..self.all.len()).min_by_key(|&i| self.all[i].used)?;
-        self.all[oldest] = neighbourhood;
-        Some(oldest)
+        if self.all.iter().any(|n| n.covers(lo, hi)) {
+            return None;
+        }
+        if file.end() - file.start() + 1 > WHOLE_RUN {
+            // A large file read at random (a database, a disk image) would
+            // cost a whole span per read: a second miss nearby in the same
+            // run proves it is being loaded.
+            let paired = self
+                .file_misses
+                .iter()
+                .any(|&m| m != first && file.contains(&m) && m.abs_diff(first) <= MAX_SPAN / 2);
+            if self.file_misses.len() == RECENT {
+                self.file_misses.remove(0);
+            }
+            self.file_misses.push(first);
+            if !paired {
+                return None;
+            }
+        }
+        Some(keep(
+            &mut self.files,
+            Neighbourhood {
+                lo,
+                hi,
+                margin: 0,
+                latest: first,
+                started: (first..=last).collect(),
+                used: tick,
+            },
+        ))
+    }
+
+    pub fn get_file_mut(&mut self, i: usize) -> &mut Neighbourhood {
+        &mut self.files[i]
     }
 
     pub fn get_mut(&mut self, i: usize) -> &mut Neighbourhood {
         &mut self.all[i]
     }
 
+    /// Every neighbourhood, those misses made before those of files.
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Neighbourhood> {
-        self.all.iter_mut()
+        self.all.iter_mut().chain(self.files.iter_mut())
     }
 }
 
@@ -241,5 +338,46 @@ mod tests {
         // The first one (around 0) was replaced by the last.
         assert_eq!(n.note_miss(3, 3), None);
         assert!(n.note_miss(1003, 1003).is_some());
+    }
+
+    #[test]
+    fn a_miss_in_a_known_file_covers_the_file_at_once() {
+        let mut n = Neighbourhoods::default();
+        let i = n.note_file_miss(284, 284, 280..=293).unwrap();
+        assert_eq!(n.get_file_mut(i).span(END), 280..=293);
+        let order: Vec<u64> = n.get_file_mut(i).unstarted(END).take(4).collect();
+        assert_eq!(order, [285, 283, 286, 282]);
+        // Another miss in the same file makes nothing new, but moves where
+        // its fetches go next...
+        assert_eq!(n.note_file_miss(290, 290, 280..=293), Some(i));
+        let order: Vec<u64> = n.get_file_mut(i).unstarted(END).take(3).collect();
+        assert_eq!(order, [291, 289, 292]);
+        // ...and is still free to pair with a miss outside the file.
+        assert_eq!(n.note_miss(290, 290), None);
+        let paired = n.note_miss(296, 296).unwrap();
+        assert_eq!(n.get_mut(paired).span(END), 288..=298);
+        // A file already inside a neighbourhood of misses needs none.
+        assert_eq!(n.note_file_miss(296, 296, 295..=297), None);
+    }
+
+    #[test]
+    fn a_large_file_is_covered_up_to_the_largest_span_around_the_miss() {
+        let mut n = Neighbourhoods::default();
+        // One miss in a long run fetches nothing: it may be read at random.
+        assert_eq!(n.note_file_miss(629, 629, 562..=629), None);
+        assert_eq!(n.note_file_miss(562, 562, 562..=629), None);
+        // A second one nearby proves it is being loaded. A miss at the end
+        // reaches back; one at the start reaches forward.
+        let end = n.note_file_miss(627, 627, 562..=629).unwrap();
+        assert_eq!(n.get_file_mut(end).span(END), 566..=629);
+        let start = n.note_file_miss(563, 563, 562..=629).unwrap();
+        assert_ne!(start, end);
+        assert_eq!(n.get_file_mut(start).span(END), 562..=625);
+        assert_eq!(n.note_file_miss(1100, 1100, 1000..=1300), None);
+        assert_eq!(n.note_file_miss(1200, 1200, 1000..=1300), None, "too far");
+        let middle = n.note_file_miss(1110, 1110, 1000..=1300).unwrap();
+        let span = n.get_file_mut(middle).span(END);
+        assert_eq!(span.end() + 1 - span.start(), MAX_SPAN);
+        assert_eq!(span, 1078..=1141);
     }
 }

@@ -54,12 +54,19 @@
 //! nearby; the region around them is then fetched too (see
 //! [`super::neighbourhood`]), under the same in-flight bound and counters.
 //!
+//! **Files and metadata.** Once the image's superblock is filled, the
+//! fetcher learns where its inode tables, directories and files lie
+//! ([`super::files`]). The inode tables and directories are fetched here
+//! ahead of the lookups that will read them, and a miss inside a run of a
+//! file's chunks makes a neighbourhood of that run at once.
+//!
 //! # Cancel safety
 //! Readahead fetches run in their own tasks, holding the fetcher (and so the
 //! cache); nothing awaits them but requests for their chunks. Dropping a
 //! request does not stop them, and dropping the last handle to the engine
 //! leaves the cache locked until they end.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -110,6 +117,9 @@ struct Streams {
     streams: Vec<Stream>,
     tick: u64,
     neighbourhoods: Neighbourhoods,
+    /// Chunks of the file system's metadata to fetch, in the order they
+    /// were learnt of (`Files::take_wanted`).
+    metadata: VecDeque<u64>,
 }
 
 /// Readahead state of one engine.
@@ -227,12 +237,26 @@ impl Readahead {
         match streams.access(first, last, missed, self.max) {
             Some(i) => self.fill_window(&mut streams.streams[i]),
             None if missed => {
-                if let Some(n) = streams.neighbourhoods.note_miss(first, last) {
-                    self.fill_neighbourhood(streams.neighbourhoods.get_mut(n));
+                let neighbourhoods = &mut streams.neighbourhoods;
+                if let Some(n) = neighbourhoods.note_miss(first, last) {
+                    self.fill_neighbourhood(neighbourhoods.get_mut(n));
+                }
+                let file = if self.fetcher.budget().has_room() {
+                    self.fetcher.files().span_of(first)
+                } else {
+                    None
+                };
+                if let Some(file) = file {
+                    if let Some(n) = neighbourhoods.note_file_miss(first, last, file) {
+                        self.fill_neighbourhood(neighbourhoods.get_file_mut(n));
+                    }
                 }
             }
             None => {}
         }
+        // After the request's own stream or neighbourhood: metadata is a
+        // guess about later lookups, they about this reader's next chunk.
+        self.fill_metadata(&mut streams);
     }
 
     /// Called by a readahead fetch that succeeded, once its permit is free:
@@ -246,6 +270,42 @@ impl Readahead {
         for neighbourhood in streams.neighbourhoods.iter_mut() {
             if !neighbourhood.is_done(end) {
                 self.fill_neighbourhood(neighbourhood);
+            }
+        }
+        self.fill_metadata(&mut streams);
+    }
+
+    /// Starts fetches of the file system's metadata learnt of since the
+    /// last read (see `Fetcher::set_readahead`).
+    pub fn fetch_metadata(self: &Arc<Self>) {
+        if self.max == 0 || self.counters.prefetch_remaining.load(Ordering::Relaxed) > 0 {
+            return;
+        }
+        self.fill_metadata(&mut self.lock());
+    }
+
+    /// Starts fetches of the file system's metadata learnt of so far, in
+    /// order, until the permits run out.
+    fn fill_metadata(self: &Arc<Self>, streams: &mut Streams) {
+        let wanted = self.fetcher.files().take_wanted();
+        // A trace names the metadata its start reads: once one is
+        // prefetched, the rest would be guesses beside it.
+        if self.counters.prefetch_planned.load(Ordering::Relaxed) > 0 {
+            streams.metadata.clear();
+            return;
+        }
+        streams.metadata.extend(wanted);
+        // On a link short of bandwidth, later lookups can wait their turn.
+        if !self.fetcher.budget().has_room() {
+            return;
+        }
+        while let Some(index) = streams.metadata.pop_front() {
+            if self.layout.is_zero(index) {
+                continue;
+            }
+            if let Outcome::NoPermit = self.start(index) {
+                streams.metadata.push_front(index);
+                return;
             }
         }
     }

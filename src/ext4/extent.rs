@@ -4,7 +4,8 @@
 
 use super::{put16, put32, BLOCK_SIZE};
 
-const MAGIC: u16 = 0xF30A;
+/// `eh_magic`: every extent tree node starts with it.
+pub const MAGIC: u16 = 0xF30A;
 /// Extents or index entries per tree block: (4096 - 12) / 12.
 const PER_BLOCK: usize = (BLOCK_SIZE - 12) / 12;
 const IN_ROOT: usize = 4;

@@ -20,6 +20,7 @@ pub mod extent;
 pub mod hash;
 pub mod inode;
 pub mod layout;
+pub mod scan;
 pub mod superblock;
 pub mod xattr;
 

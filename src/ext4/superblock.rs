@@ -7,6 +7,8 @@ use super::{put16, put32, BLOCKS_PER_GROUP, BLOCK_SIZE, INODES_PER_GROUP, INODE_
 const COMPAT_EXT_ATTR: u32 = 0x0008;
 const COMPAT_DIR_INDEX: u32 = 0x0020;
 const COMPAT_SPARSE_SUPER2: u32 = 0x0200;
+/// `s_magic`.
+pub const MAGIC: u16 = 0xEF53;
 const INCOMPAT_FILETYPE: u32 = 0x0002;
 const INCOMPAT_EXTENTS: u32 = 0x0040;
 const RO_COMPAT_SPARSE_SUPER: u32 = 0x0001;
@@ -44,7 +46,7 @@ pub fn encode_superblock(s: &Summary) -> Vec<u8> {
     put32(&mut b, 40, INODES_PER_GROUP);
     put32(&mut b, 48, s.time); // s_wtime
     put16(&mut b, 54, 0xFFFF); // s_max_mnt_count: no forced checks
-    put16(&mut b, 56, 0xEF53);
+    put16(&mut b, 56, MAGIC);
     put16(&mut b, 58, 1); // clean
     put16(&mut b, 60, 1); // errors: continue
     put32(&mut b, 64, s.time); // s_lastcheck
