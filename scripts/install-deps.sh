@@ -42,6 +42,8 @@ tools=(
     "nbdinfo libnbd-bin"     # NBD clients in the NBD tests (nbdinfo, nbdcopy)
     "nbdcopy libnbd-bin"
     "nbdkit nbdkit"          # the NBD benchmark's baseline (curl plugin, cache filter)
+    "debootstrap debootstrap" # the image corpus and the VM boot benchmark's rootfs
+    "pip3 python3-pip"       # the corpus's Python packages (make-corpus.sh)
 )
 # Packages with no command of their own, checked through dpkg.
 libraries=(
