@@ -201,6 +201,12 @@ impl Files {
             .store(!state.wanted.is_empty(), Ordering::Relaxed);
     }
 
+    /// Whether the image's superblock was read: its files are then learnt
+    /// as their inodes are filled.
+    pub fn knows_layout(&self) -> bool {
+        self.lock().geometry.is_some()
+    }
+
     /// Whether [`Files::take_wanted`] has chunks to give.
     pub fn has_wanted(&self) -> bool {
         self.any_wanted.load(Ordering::Relaxed)

@@ -8,13 +8,23 @@
 //! be read; a neighbourhood fetches it.
 //!
 //! **Detection.** The last [`RECENT`] misses that belonged to no stream and
-//! no neighbourhood are remembered. A miss within [`NEAR`] chunks of one of
-//! them makes a neighbourhood of the two, reaching [`FIRST_MARGIN`] chunks
-//! beyond them on either side. Each further miss within [`NEAR`] of a
-//! neighbourhood joins it and doubles its margin, so a region earns its
-//! reach by being read, as a stream earns its window; a neighbourhood never
-//! spans more than [`MAX_SPAN`] chunks. Misses far apart (random reads over
-//! a large image) seldom pair up and so seldom fetch anything extra.
+//! no neighbourhood are remembered. A miss near one of them makes a
+//! neighbourhood of the two, reaching a margin beyond them on either side.
+//! Each further miss near a neighbourhood joins it and doubles its margin,
+//! so a region earns its reach by being read, as a stream earns its window;
+//! a neighbourhood never spans more than [`MAX_SPAN`] chunks. Misses far
+//! apart (random reads over a large image) seldom pair up and so seldom
+//! fetch anything extra.
+//!
+//! **Reach.** How near is near depends on what the chunks hold ([`Reach`]).
+//! Where nothing says, [`NEAR`] chunks, with a first margin of
+//! [`FIRST_MARGIN`]. Among the small files of a file system it is four times
+//! that: a program loading its modules and libraries reads one file, then
+//! another a few MiB on, then one between, across a region that its package
+//! manager wrote in one go (a cold `import numpy` misses all over 60
+//! chunks of the standard library's modules, and 90 of numpy's). Pairing
+//! them only when they fall within 4 MiB of each other left most of those
+//! misses to wait a round trip each.
 //!
 //! This module only decides which chunks a neighbourhood covers and which of
 //! them it already started; [`super::readahead`] starts the fetches, under
@@ -26,10 +36,16 @@ use std::ops::RangeInclusive;
 
 /// Misses remembered for pairing with the next one.
 pub(super) const RECENT: usize = 8;
-/// Two misses this many chunks apart, or closer, make a neighbourhood.
+/// Two misses this many chunks apart, or closer, make a neighbourhood
+/// ([`Reach::Narrow`]).
 pub(super) const NEAR: u64 = 8;
-/// How far a new neighbourhood reaches beyond its two misses, in chunks.
+/// How far a new neighbourhood reaches beyond its two misses, in chunks
+/// ([`Reach::Narrow`]).
 pub(super) const FIRST_MARGIN: u64 = 2;
+/// [`NEAR`] among a file system's small files ([`Reach::AmongFiles`]).
+pub(super) const NEAR_AMONG_FILES: u64 = 32;
+/// [`FIRST_MARGIN`] among a file system's small files.
+pub(super) const FIRST_MARGIN_AMONG_FILES: u64 = 8;
 /// The most chunks one neighbourhood covers: 32 MiB of 512 KiB chunks, a
 /// large library; it bounds what a region that stops being read has cost.
 pub(super) const MAX_SPAN: u64 = 64;
@@ -39,6 +55,34 @@ pub(super) const MAX_SPAN: u64 = 64;
 pub(super) const WHOLE_RUN: u64 = 16;
 /// Neighbourhoods remembered at once; the least recently used is forgotten.
 const NEIGHBOURHOODS: usize = 8;
+
+/// How far apart two misses may lie and still make a neighbourhood.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reach {
+    /// Nothing says what the chunks hold (an image that is not a file
+    /// system known here, or one not learnt yet): [`NEAR`].
+    Narrow,
+    /// The miss is in a file system whose files are known, outside any
+    /// large file (those are [`Neighbourhoods::note_file_miss`]'s):
+    /// [`NEAR_AMONG_FILES`].
+    AmongFiles,
+}
+
+impl Reach {
+    fn near(self) -> u64 {
+        match self {
+            Reach::Narrow => NEAR,
+            Reach::AmongFiles => NEAR_AMONG_FILES,
+        }
+    }
+
+    fn first_margin(self) -> u64 {
+        match self {
+            Reach::Narrow => FIRST_MARGIN,
+            Reach::AmongFiles => FIRST_MARGIN_AMONG_FILES,
+        }
+    }
+}
 
 #[derive(Debug)]
 pub(super) struct Neighbourhood {
@@ -90,10 +134,10 @@ impl Neighbourhood {
         self.lo.saturating_sub(self.margin) <= lo && self.hi.saturating_add(self.margin) >= hi
     }
 
-    /// Takes in a miss at `first..=last` if it lies within [`NEAR`] and the
-    /// span stays within [`MAX_SPAN`].
-    fn join(&mut self, first: u64, last: u64, tick: u64) -> bool {
-        if last + NEAR < self.lo || first > self.hi + NEAR {
+    /// Takes in a miss at `first..=last` if it lies within `near` chunks
+    /// and the span stays within [`MAX_SPAN`].
+    fn join(&mut self, first: u64, last: u64, near: u64, tick: u64) -> bool {
+        if last + near < self.lo || first > self.hi + near {
             return false;
         }
         let (lo, hi) = (self.lo.min(first), self.hi.max(last));
@@ -149,14 +193,19 @@ pub(super) struct Neighbourhoods {
 impl Neighbourhoods {
     /// Records a miss of chunks `first..=last` that no stream took; the
     /// neighbourhood it joined or made, if any.
-    pub fn note_miss(&mut self, first: u64, last: u64) -> Option<usize> {
+    pub fn note_miss(&mut self, first: u64, last: u64, reach: Reach) -> Option<usize> {
         self.tick += 1;
         let tick = self.tick;
-        if let Some(i) = self.all.iter_mut().position(|n| n.join(first, last, tick)) {
+        let near = reach.near();
+        if let Some(i) = self
+            .all
+            .iter_mut()
+            .position(|n| n.join(first, last, near, tick))
+        {
             return Some(i);
         }
         let paired = self.recent.iter().position(|&m| {
-            m != first && last + NEAR >= m && first <= m + NEAR && last - first < MAX_SPAN - NEAR
+            m != first && last + near >= m && first <= m + near && last - first < MAX_SPAN - near
         });
         let Some(r) = paired else {
             if self.recent.len() == RECENT {
@@ -173,7 +222,7 @@ impl Neighbourhoods {
             Neighbourhood {
                 lo,
                 hi,
-                margin: FIRST_MARGIN.min((MAX_SPAN - (hi - lo + 1)) / 2),
+                margin: reach.first_margin().min((MAX_SPAN - (hi - lo + 1)) / 2),
                 latest: first,
                 // Their own fetches are the readers'.
                 started: (first..=last).chain([m]).collect(),
@@ -266,15 +315,15 @@ mod tests {
     fn misses_far_apart_make_no_neighbourhood() {
         let mut n = Neighbourhoods::default();
         for miss in [100, 300, 120, 500, 700, 900, 140, 1100, 1300] {
-            assert_eq!(n.note_miss(miss, miss), None, "{miss}");
+            assert_eq!(n.note_miss(miss, miss, Reach::Narrow), None, "{miss}");
         }
     }
 
     #[test]
     fn two_near_misses_cover_the_region_between_and_a_margin() {
         let mut n = Neighbourhoods::default();
-        assert_eq!(n.note_miss(630, 630), None);
-        let i = n.note_miss(626, 626).unwrap();
+        assert_eq!(n.note_miss(630, 630, Reach::Narrow), None);
+        let i = n.note_miss(626, 626, Reach::Narrow).unwrap();
         assert_eq!(n.get_mut(i).span(END), 624..=632);
         // Nearest the latest miss first.
         let order: Vec<u64> = n.get_mut(i).unstarted(END).take(4).collect();
@@ -284,17 +333,17 @@ mod tests {
     #[test]
     fn each_miss_that_joins_doubles_the_reach_up_to_the_largest_span() {
         let mut n = Neighbourhoods::default();
-        n.note_miss(630, 630);
-        let i = n.note_miss(629, 629).unwrap();
+        n.note_miss(630, 630, Reach::Narrow);
+        let i = n.note_miss(629, 629, Reach::Narrow).unwrap();
         assert_eq!(n.get_mut(i).span(END), 627..=632);
-        assert_eq!(n.note_miss(636, 636), Some(i));
+        assert_eq!(n.note_miss(636, 636, Reach::Narrow), Some(i));
         assert_eq!(n.get_mut(i).span(END), 625..=640);
-        assert_eq!(n.note_miss(622, 622), Some(i));
+        assert_eq!(n.note_miss(622, 622, Reach::Narrow), Some(i));
         assert_eq!(n.get_mut(i).span(END), 614..=644);
         // Near the misses' extent (622..=636), not its margin, is what joins.
-        assert_eq!(n.note_miss(646, 646), None);
+        assert_eq!(n.note_miss(646, 646, Reach::Narrow), None);
         for miss in [644, 652, 614, 660, 668, 606] {
-            assert_eq!(n.note_miss(miss, miss), Some(i), "{miss}");
+            assert_eq!(n.note_miss(miss, miss, Reach::Narrow), Some(i), "{miss}");
             let span = n.get_mut(i).span(END);
             assert!(span.end() + 1 - span.start() <= MAX_SPAN, "{span:?}");
         }
@@ -308,14 +357,29 @@ mod tests {
         n.get_mut(i).mark_started(640);
         assert!(n.get_mut(i).is_done(END));
         // 676 is near, but would take it past the largest span.
-        assert_ne!(n.note_miss(676, 676), Some(i));
+        assert_ne!(n.note_miss(676, 676, Reach::Narrow), Some(i));
+    }
+
+    #[test]
+    fn among_files_misses_pair_from_further_and_reach_further() {
+        let mut n = Neighbourhoods::default();
+        // 20 chunks apart: too far where nothing says what the chunks hold...
+        assert_eq!(n.note_miss(600, 600, Reach::Narrow), None);
+        assert_eq!(n.note_miss(620, 620, Reach::Narrow), None);
+        // ...near among a file system's small files.
+        let i = n.note_miss(640, 640, Reach::AmongFiles).unwrap();
+        assert_eq!(n.get_mut(i).span(END), 612..=648);
+        // Joining takes the same reach.
+        assert_eq!(n.note_miss(670, 670, Reach::Narrow), None);
+        assert_eq!(n.note_miss(671, 671, Reach::AmongFiles), Some(i));
+        assert_eq!(n.get_mut(i).span(END), 614..=677);
     }
 
     #[test]
     fn a_span_ends_at_the_image_and_is_done_once_all_started() {
         let mut n = Neighbourhoods::default();
-        n.note_miss(9, 9);
-        let i = n.note_miss(8, 8).unwrap();
+        n.note_miss(9, 9, Reach::Narrow);
+        let i = n.note_miss(8, 8, Reach::Narrow).unwrap();
         assert_eq!(n.get_mut(i).span(10), 6..=9);
         // The two misses are their readers' to fetch.
         let todo: Vec<u64> = n.get_mut(i).unstarted(10).collect();
@@ -332,12 +396,14 @@ mod tests {
     fn the_least_recently_used_neighbourhood_is_forgotten() {
         let mut n = Neighbourhoods::default();
         for k in 0..NEIGHBOURHOODS as u64 + 1 {
-            n.note_miss(k * 1000, k * 1000);
-            assert!(n.note_miss(k * 1000 + 1, k * 1000 + 1).is_some());
+            n.note_miss(k * 1000, k * 1000, Reach::Narrow);
+            assert!(n
+                .note_miss(k * 1000 + 1, k * 1000 + 1, Reach::Narrow)
+                .is_some());
         }
         // The first one (around 0) was replaced by the last.
-        assert_eq!(n.note_miss(3, 3), None);
-        assert!(n.note_miss(1003, 1003).is_some());
+        assert_eq!(n.note_miss(3, 3, Reach::Narrow), None);
+        assert!(n.note_miss(1003, 1003, Reach::Narrow).is_some());
     }
 
     #[test]
@@ -353,8 +419,8 @@ mod tests {
         let order: Vec<u64> = n.get_file_mut(i).unstarted(END).take(3).collect();
         assert_eq!(order, [291, 289, 292]);
         // ...and is still free to pair with a miss outside the file.
-        assert_eq!(n.note_miss(290, 290), None);
-        let paired = n.note_miss(296, 296).unwrap();
+        assert_eq!(n.note_miss(290, 290, Reach::Narrow), None);
+        let paired = n.note_miss(296, 296, Reach::Narrow).unwrap();
         assert_eq!(n.get_mut(paired).span(END), 288..=298);
         // A file already inside a neighbourhood of misses needs none.
         assert_eq!(n.note_file_miss(296, 296, 295..=297), None);

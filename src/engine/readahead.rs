@@ -72,7 +72,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::fetcher::{Fetcher, Filled};
 use super::layout::Layout;
-use super::neighbourhood::{Neighbourhood, Neighbourhoods};
+use super::neighbourhood::{Neighbourhood, Neighbourhoods, Reach};
 use super::slots::Priority;
 use super::stats::{add, Counters};
 
@@ -238,14 +238,18 @@ impl Readahead {
             Some(i) => self.fill_window(&mut streams.streams[i]),
             None if missed => {
                 let neighbourhoods = &mut streams.neighbourhoods;
-                if let Some(n) = neighbourhoods.note_miss(first, last) {
+                // What the file system says is a guess like any other: not
+                // on a link short of bandwidth.
+                let files = Some(self.fetcher.files())
+                    .filter(|files| files.knows_layout() && self.fetcher.budget().has_room());
+                let reach = match files {
+                    Some(_) => Reach::AmongFiles,
+                    None => Reach::Narrow,
+                };
+                if let Some(n) = neighbourhoods.note_miss(first, last, reach) {
                     self.fill_neighbourhood(neighbourhoods.get_mut(n));
                 }
-                let file = if self.fetcher.budget().has_room() {
-                    self.fetcher.files().span_of(first)
-                } else {
-                    None
-                };
+                let file = files.and_then(|files| files.span_of(first));
                 if let Some(file) = file {
                     if let Some(n) = neighbourhoods.note_file_miss(first, last, file) {
                         self.fill_neighbourhood(neighbourhoods.get_file_mut(n));

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 
+use super::neighbourhood::{NEAR, NEAR_AMONG_FILES};
 use super::testing::{idle, open_engine, seal_image, within, EngineExt, Fixture, CS, CSU};
 use super::*;
 use crate::flatten::{FlattenOptions, Flattener};
@@ -41,6 +42,42 @@ fn sparse_file(rng: &mut impl Rng) -> Vec<u8> {
     data
 }
 
+/// An ext4 image of `dirs` and `files` in one layer, as `flatten` writes
+/// it.
+fn flatten(dirs: &[&str], files: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let mut flattener =
+        Flattener::new(Cursor::new(&mut bytes), FlattenOptions { free_space: 0 }).unwrap();
+    flattener.begin_layer("layer").unwrap();
+    for dir in dirs {
+        let entry = LayerEntry {
+            path: EntryPath::parse(dir.as_bytes()).unwrap(),
+            kind: EntryKind::Directory,
+            meta: EntryMeta {
+                mode: 0o755,
+                ..EntryMeta::default()
+            },
+        };
+        flattener.apply(entry, &mut &[][..]).unwrap();
+    }
+    for (path, data) in files {
+        let entry = LayerEntry {
+            path: EntryPath::parse(path.as_bytes()).unwrap(),
+            kind: EntryKind::Regular {
+                size: data.len() as u64,
+            },
+            meta: EntryMeta {
+                mode: 0o644,
+                ..EntryMeta::default()
+            },
+        };
+        flattener.apply(entry, &mut &data[..]).unwrap();
+    }
+    flattener.end_layer().unwrap();
+    flattener.finish().unwrap();
+    bytes
+}
+
 /// An ext4 image of a few small files and three large ones of random bytes,
 /// as `flatten` writes it.
 fn image() -> Image {
@@ -58,36 +95,7 @@ fn image() -> Image {
     }
     let sparse = sparse_file(&mut rng);
     files.push(("lib/sparse.so".into(), sparse.clone()));
-    let mut bytes = Vec::new();
-    let mut flattener =
-        Flattener::new(Cursor::new(&mut bytes), FlattenOptions { free_space: 0 }).unwrap();
-    flattener.begin_layer("layer").unwrap();
-    for dir in ["etc", "lib"] {
-        let entry = LayerEntry {
-            path: EntryPath::parse(dir.as_bytes()).unwrap(),
-            kind: EntryKind::Directory,
-            meta: EntryMeta {
-                mode: 0o755,
-                ..EntryMeta::default()
-            },
-        };
-        flattener.apply(entry, &mut &[][..]).unwrap();
-    }
-    for (path, data) in &files {
-        let entry = LayerEntry {
-            path: EntryPath::parse(path.as_bytes()).unwrap(),
-            kind: EntryKind::Regular {
-                size: data.len() as u64,
-            },
-            meta: EntryMeta {
-                mode: 0o644,
-                ..EntryMeta::default()
-            },
-        };
-        flattener.apply(entry, &mut &data[..]).unwrap();
-    }
-    flattener.end_layer().unwrap();
-    flattener.finish().unwrap();
+    let bytes = flatten(&["etc", "lib"], &files);
     // Where each large file landed: its random bytes are found nowhere else.
     let large = large
         .iter()
@@ -356,4 +364,57 @@ async fn a_forged_superblock_costs_nothing_and_changes_no_byte() {
     for index in 0..(bytes.len() / CSU) as u64 {
         read_chunk(&engine, &bytes, index).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misses_among_small_files_pair_from_further_once_the_files_are_known() {
+    // A package of modules: 80 small files of random bytes, 40 chunks of
+    // data, none a run long enough to be fetched whole.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    let files: Vec<(String, Vec<u8>)> = (0..80)
+        .map(|i| {
+            let mut data = vec![0u8; CSU / 2];
+            rng.fill(&mut data[..]);
+            (format!("pkg/mod{i:02}.pyc"), data)
+        })
+        .collect();
+    let bytes = flatten(&["pkg"], &files);
+    let chunk_of = |data: &[u8]| {
+        let at = bytes.windows(64).position(|w| w == &data[..64]).unwrap();
+        (at / CSU) as u64
+    };
+    // Two modules 20 chunks apart, and one between them.
+    let (a, b, between) = (
+        chunk_of(&files[10].1),
+        chunk_of(&files[50].1),
+        chunk_of(&files[30].1),
+    );
+    assert!(b - a > NEAR && b - a <= NEAR_AMONG_FILES, "{a} {b}");
+    let fx = seal_image(&bytes, CS);
+    let gets_between = || fx.store.gets_of(&fx.id(between as usize));
+
+    // Before the superblock is read, nothing says these are files: two
+    // misses that far apart fetch nothing between them.
+    let tmp = crate::private::test_dir();
+    let engine = open(&fx, tmp.path());
+    for index in [a, b] {
+        read_chunk(&engine, &bytes, index).await;
+        idle(&engine).await;
+    }
+    assert_eq!(gets_between(), 0);
+    drop(engine);
+
+    // Once it is (as mounting reads it), they make a neighbourhood.
+    let tmp = crate::private::test_dir();
+    let engine = open(&fx, tmp.path());
+    for index in [0, inode_chunk(), a, b] {
+        read_chunk(&engine, &bytes, index).await;
+        idle(&engine).await;
+    }
+    assert_eq!(gets_between(), 1, "{:?}", engine.stats());
+    let gets = fx.store.gets();
+    for index in a..=b {
+        read_chunk(&engine, &bytes, index).await;
+    }
+    assert_eq!(fx.store.gets(), gets, "{a}..={b} was fetched");
 }
