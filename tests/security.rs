@@ -12,6 +12,7 @@ use std::process::{Command, Output, Stdio};
 
 use base64::Engine as _;
 use common::serve::{http_get, Served};
+use common::tls::private_ca;
 use common::*;
 
 fn mode(path: &Path) -> u32 {
@@ -271,30 +272,6 @@ fn rand_bytes() -> [u8; 16] {
         .as_nanos() as u64;
     bytes.copy_from_slice(&pseudo_random(seed, 16));
     bytes
-}
-
-/// A private CA and a certificate it issued for 127.0.0.1, as PEM files in
-/// `dir`: (ca.pem, server.pem, server.key).
-fn private_ca(dir: &Path) -> [PathBuf; 3] {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "lazyblk test CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let server_key = KeyPair::generate().unwrap();
-    let server_cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&server_key, &issuer)
-        .unwrap();
-    let paths = ["ca.pem", "server.pem", "server.key"].map(|name| dir.join(name));
-    fs::write(&paths[0], ca_cert.pem()).unwrap();
-    fs::write(&paths[1], server_cert.pem()).unwrap();
-    write_secret_file(&paths[2], &server_key.serialize_pem());
-    paths
 }
 
 #[test]

@@ -15,33 +15,9 @@ use super::tests::{dir_store, options, Running};
 use crate::net::tls::{client_config_trusting, server_config};
 use crate::net::{HttpClient, HttpError};
 
-/// A private CA and a certificate it issued for 127.0.0.1, as PEM files in
-/// `dir`: (ca.pem, server.pem, server.key).
-pub(super) fn private_ca(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "lazyblk test CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let server_key = KeyPair::generate().unwrap();
-    let server_params =
-        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
-    let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
-    let paths = ["ca.pem", "server.pem", "server.key"].map(|name| dir.join(name));
-    std::fs::write(&paths[0], ca_cert.pem()).unwrap();
-    std::fs::write(&paths[1], server_cert.pem()).unwrap();
-    crate::private::file_options()
-        .create_new(true)
-        .write(true)
-        .open(&paths[2])
-        .and_then(|mut f| std::io::Write::write_all(&mut f, server_key.serialize_pem().as_bytes()))
-        .unwrap();
-    paths
-}
+#[path = "../../tests/common/tls.rs"]
+mod tls;
+use tls::private_ca;
 
 /// A server over TLS with a certificate from [`private_ca`] in `dir`;
 /// returns it and the CA's PEM file.

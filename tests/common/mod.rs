@@ -18,6 +18,7 @@ pub mod layout;
 pub mod nbd;
 pub mod seaweedfs;
 pub mod serve;
+pub mod tls;
 
 pub const MARKER: &str = "LAZYBLK-PLAINTEXT-MARKER-6b1f0c2e";
 
