@@ -10,8 +10,9 @@
 # and both go to the guest on a virtio disk. In the guest, `lazyblk serve`
 # answers on 127.0.0.1 with BENCH_DELAY ms added to every chunk request
 # (default 10). Each round, in this order, page caches dropped before each:
-#   floor     the flat image on a loop device: the same start, nothing to
-#             fetch;
+#   floor     the flat image on a loop device over a file in the guest's
+#             memory (where the device caches are too): the same start,
+#             nothing to fetch;
 #   cold      `add --no-prefetch`, a fresh device cache;
 #   prefetch  `add`, a fresh device cache, prefetching the trace a first,
 #             untimed `add --record-trace` start stored;
@@ -73,6 +74,10 @@ delay=$1 rounds=$2
 mkdir -p /data /tmp/root
 mount -o noatime /dev/vda /data
 cd /tmp
+# The floor's image in memory, as the device caches are: a drop of the
+# page cache then leaves what a local disk would give, not a virtio disk
+# under emulation.
+cp /data/flat.ext4 /tmp/flat.ext4
 now() { read -r up _ </proc/uptime; echo "$up"; }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 stat_of() { # json field
@@ -122,7 +127,7 @@ while [ "$r" -le "$rounds" ]; do
     echo "coldstart: round $r" >&2
     drop_caches
     t0=$(now)
-    mount -o loop,ro /data/flat.ext4 /tmp/root
+    mount -o loop,ro /tmp/flat.ext4 /tmp/root
     workload
     t1=$(now)
     umount /tmp/root
@@ -138,7 +143,7 @@ EOF
 chmod 755 "$work/coldstart-guest"
 
 note "running the starts in the VM (${delay} ms origin, $rounds rounds)"
-"$REPO_ROOT/scripts/vm-run.sh" --timeout 3000 --mem 3072 \
+"$REPO_ROOT/scripts/vm-run.sh" --timeout 3000 --mem 4096 \
     --add "$bin:/vm/lazyblk" --add "$work/coldstart-guest:/vm/coldstart-guest" \
     --qemu-arg -drive --qemu-arg "file=$work/data.img,if=virtio,format=raw" \
     -- coldstart-guest "$delay" "$rounds" >"$work/console.log" ||
