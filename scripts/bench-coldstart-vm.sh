@@ -152,11 +152,12 @@ note "running the starts in the VM (${delay} ms origin, $rounds rounds)"
 declare -A secs chunks waits bytes
 while read -r _ variant round s c w b; do
     secs[$variant.$round]=$s chunks[$variant.$round]=$c waits[$variant.$round]=$w bytes[$variant.$round]=$b
-done < <(grep -E '^COLDSTART [a-z]+ [0-9]+ [0-9.]+ [0-9]* [0-9]* [0-9]*$' "$work/console.log")
+done < <(grep -E '^COLDSTART [a-z]+ [0-9]+ [0-9.]+ [0-9]+ [0-9]+ [0-9]+$' "$work/console.log")
 kernel=$(sed -n 's/^COLDSTART-KERNEL //p' "$work/console.log")
 mode=$(sed -n 's/^COLDSTART-MODE //p' "$work/console.log")
 median() { # numbers...
-    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+    printf '%s\n' "$@" | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.10g\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 column() { # variant array-name
     local -n values=$2
@@ -177,8 +178,11 @@ echo
 echo "| start | seconds | / floor | chunks fetched | waits (demand fetches) | MB from the origin |"
 echo "|---|---:|---:|---:|---:|---:|"
 for variant in floor cold prefetch warm; do
+    # Each in the script's own shell, so a missing figure ends the script.
     s=$(column "$variant" secs)
-    printf '| %s | %s | %s | %s | %s | %s |\n' "$variant" "$s" "$(ratio "$s" "$floor")" \
-        "$(column "$variant" chunks)" "$(column "$variant" waits)" \
-        "$(awk -v b="$(column "$variant" bytes)" 'BEGIN { printf "%.1f", b / 1e6 }')"
+    c=$(column "$variant" chunks)
+    w=$(column "$variant" waits)
+    b=$(column "$variant" bytes)
+    printf '| %s | %s | %s | %s | %s | %s |\n' "$variant" "$s" "$(ratio "$s" "$floor")" "$c" "$w" \
+        "$(awk -v b="$b" 'BEGIN { printf "%.1f", b / 1e6 }')"
 done

@@ -77,6 +77,8 @@ pub(super) struct Files {
     state: Mutex<State>,
     /// Whether `wanted` holds any chunk: every read asks, few need the lock.
     any_wanted: AtomicBool,
+    /// Whether `geometry` is known: every miss asks.
+    knows_layout: AtomicBool,
 }
 
 impl Files {
@@ -85,6 +87,7 @@ impl Files {
             layout,
             state: Mutex::new(State::default()),
             any_wanted: AtomicBool::new(false),
+            knows_layout: AtomicBool::new(false),
         }
     }
 
@@ -109,6 +112,7 @@ impl Files {
             {
                 let mut state = self.lock();
                 state.geometry = Some(Arc::clone(&geometry));
+                self.knows_layout.store(true, Ordering::Relaxed);
                 // Every lookup of a path reads inode tables.
                 self.want(&mut state, tables.iter().copied());
             }
@@ -204,7 +208,7 @@ impl Files {
     /// Whether the image's superblock was read: its files are then learnt
     /// as their inodes are filled.
     pub fn knows_layout(&self) -> bool {
-        self.lock().geometry.is_some()
+        self.knows_layout.load(Ordering::Relaxed)
     }
 
     /// Whether [`Files::take_wanted`] has chunks to give.

@@ -21,10 +21,14 @@
 //! [`FIRST_MARGIN`]. Among the small files of a file system it is four times
 //! that: a program loading its modules and libraries reads one file, then
 //! another a few MiB on, then one between, across a region that its package
-//! manager wrote in one go (a cold `import numpy` misses all over 60
-//! chunks of the standard library's modules, and 90 of numpy's). Pairing
+//! manager wrote in one go (a cold `import numpy` misses all over 55
+//! chunks of the standard library's modules, and 86 of numpy's). Pairing
 //! them only when they fall within 4 MiB of each other left most of those
-//! misses to wait a round trip each.
+//! misses to wait a round trip each. Not inside a large file, which may be
+//! read at random (a database), and not while the link is short of
+//! bandwidth: a wider reach is a wider guess. A neighbourhood made wide
+//! keeps its margin when the link slows, but its fetches then get fewer
+//! permits, like every other guess.
 //!
 //! This module only decides which chunks a neighbourhood covers and which of
 //! them it already started; [`super::readahead`] starts the fetches, under
@@ -59,14 +63,19 @@ const NEIGHBOURHOODS: usize = 8;
 /// How far apart two misses may lie and still make a neighbourhood.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Reach {
-    /// Nothing says what the chunks hold (an image that is not a file
-    /// system known here, or one not learnt yet): [`NEAR`].
+    /// [`NEAR`]: nothing says what the chunks hold (an image that is not a
+    /// file system known here, or one not learnt yet), the miss is inside
+    /// a file longer than [`WHOLE_RUN`] (read at random, it may be), or the
+    /// link is short of bandwidth (the guessing budget stands below its
+    /// most).
     Narrow,
-    /// The miss is in a file system whose files are known, outside any
-    /// large file (those are [`Neighbourhoods::note_file_miss`]'s):
-    /// [`NEAR_AMONG_FILES`].
+    /// [`NEAR_AMONG_FILES`]: the miss is in a file system whose layout is
+    /// known, outside any file longer than [`WHOLE_RUN`].
     AmongFiles,
 }
+
+// A pair of misses `near` apart must leave room in a span.
+const _: () = assert!(NEAR_AMONG_FILES < MAX_SPAN && NEAR < MAX_SPAN);
 
 impl Reach {
     fn near(self) -> u64 {
@@ -373,6 +382,14 @@ mod tests {
         assert_eq!(n.note_miss(670, 670, Reach::Narrow), None);
         assert_eq!(n.note_miss(671, 671, Reach::AmongFiles), Some(i));
         assert_eq!(n.get_mut(i).span(END), 614..=677);
+    }
+
+    #[test]
+    fn among_files_misses_further_apart_than_their_reach_make_nothing() {
+        let mut n = Neighbourhoods::default();
+        assert_eq!(n.note_miss(600, 600, Reach::AmongFiles), None);
+        assert_eq!(n.note_miss(633, 633, Reach::AmongFiles), None);
+        assert_eq!(n.note_miss(567, 567, Reach::AmongFiles), None);
     }
 
     #[test]

@@ -72,7 +72,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::fetcher::{Fetcher, Filled};
 use super::layout::Layout;
-use super::neighbourhood::{Neighbourhood, Neighbourhoods, Reach};
+use super::neighbourhood::{Neighbourhood, Neighbourhoods, Reach, WHOLE_RUN};
 use super::slots::Priority;
 use super::stats::{add, Counters};
 
@@ -242,14 +242,19 @@ impl Readahead {
                 // on a link short of bandwidth.
                 let files = Some(self.fetcher.files())
                     .filter(|files| files.knows_layout() && self.fetcher.budget().has_room());
-                let reach = match files {
-                    Some(_) => Reach::AmongFiles,
-                    None => Reach::Narrow,
+                let file = files.and_then(|files| files.span_of(first));
+                // A large file read at random (a database) must not pair
+                // misses from as far as a program's modules do.
+                let reach = match (files, &file) {
+                    (Some(_), Some(run)) if run.end() - run.start() + 1 > WHOLE_RUN => {
+                        Reach::Narrow
+                    }
+                    (Some(_), _) => Reach::AmongFiles,
+                    (None, _) => Reach::Narrow,
                 };
                 if let Some(n) = neighbourhoods.note_miss(first, last, reach) {
                     self.fill_neighbourhood(neighbourhoods.get_mut(n));
                 }
-                let file = files.and_then(|files| files.span_of(first));
                 if let Some(file) = file {
                     if let Some(n) = neighbourhoods.note_file_miss(first, last, file) {
                         self.fill_neighbourhood(neighbourhoods.get_file_mut(n));

@@ -367,7 +367,7 @@ async fn a_forged_superblock_costs_nothing_and_changes_no_byte() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn misses_among_small_files_pair_from_further_once_the_files_are_known() {
+async fn misses_among_small_files_pair_from_further_once_the_superblock_is_read() {
     // A package of modules: 80 small files of random bytes, 40 chunks of
     // data, none a run long enough to be fetched whole.
     let mut rng = rand::rngs::StdRng::seed_from_u64(12);
