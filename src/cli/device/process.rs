@@ -11,11 +11,11 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use async_trait::async_trait;
 
-use super::super::keys::load_key;
-use super::super::trace::{start_prefetch, Recorder, TraceArgs};
-use super::super::{tiers, HostCacheArgs, ImageArgs};
 use super::{ensure_run_dir, list_devices, READY_WORD};
 use crate::chunk::{manifest_digest, Manifest};
+use crate::cli::keys::load_key;
+use crate::cli::trace::{start_prefetch, Recorder, TraceArgs};
+use crate::cli::{tiers, HostCacheArgs, ImageArgs};
 use crate::daemon::{self, DeviceRecord, FrontendKind, StopReport, UblkRecord};
 use crate::engine::{Engine, EngineOptions, EngineStats, FetchPolicy};
 use crate::store::ChunkStore;
